@@ -1,0 +1,35 @@
+# dsfast: `make demo` and `make test` work from a clean clone (they install what they need).
+PY      ?= .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.dsfast-installed
+
+.PHONY: install test test-gpu bench bench-gpu demo clean
+
+install: $(STAMP)
+
+# torch==2.13.0 only where no torch is present (a CUDA torch a user brought is kept).
+$(STAMP): setup.py requirements/base.txt requirements/test.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q -U pip wheel 'setuptools<81'
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements/base.txt -r requirements/test.txt "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(PIP) install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests -q
+
+test-gpu: install
+	$(PY) -m pytest tests -q -m "gpu or not gpu"
+
+bench: install
+	$(PY) -m bench.run --suite cpu
+
+bench-gpu: install
+	$(PY) -m bench.run --suite gpu
+
+demo: install
+	$(PY) -m dsfast.demo
+
+clean:
+	rm -rf build *.egg-info dsfast/*.so .pytest_cache
