@@ -1,0 +1,72 @@
+// Shared helpers of the dsfast C++/CUDA kernels: argument checks, output allocation with
+// debug poisoning, and the 2x2 stencil weights. See docs/KERNELS.md for the contract.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/ArrayRef.h>
+
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace dsfast {
+
+// True when DSFAST_POISON_OUTPUTS=1. Read on every call (cheap) so tests can flip it at run time.
+inline bool poison_outputs() {
+  const char* v = std::getenv("DSFAST_POISON_OUTPUTS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// Allocate an output; when poisoning is on, fill it with NaN so unwritten elements show.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+  if (poison_outputs() && out.numel() > 0) {
+    out.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return out;
+}
+
+// Accumulation dtype: float64 stays float64, everything else computes in float32.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor (float16, bfloat16, float32, float64), got ",
+              t.scalar_type());
+}
+
+// (N, C, H, W) with H and W even.
+inline void check_image(const at::Tensor& x, const char* op, const char* name = "x") {
+  check_float(x, op, name);
+  TORCH_CHECK(x.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.size(2) % 2 == 0 && x.size(3) % 2 == 0, op, ": ", name,
+              " must have even H and W, got shape ", x.sizes());
+}
+
+// Four stencil weights (wa, wb, wc, wd) for the block [[a, b], [c, d]].
+inline std::array<double, 4> check_weights(c10::ArrayRef<double> w, const char* op) {
+  TORCH_CHECK(w.size() == 4, op, ": weights must hold 4 floats (wa, wb, wc, wd), got ", w.size());
+  return {w[0], w[1], w[2], w[3]};
+}
+
+inline void check_grad_gram(const at::Tensor& g, int64_t n, const at::Tensor& x, const char* op) {
+  check_float(g, op, "grad_gram");
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == n && g.size(1) == n, op,
+              ": grad_gram must have shape (N, N) = (", n, ", ", n, "), got ", g.sizes());
+  TORCH_CHECK(g.device() == x.device(), op, ": grad_gram and x must be on the same device, got ",
+              g.device(), " and ", x.device());
+}
+
+// Number of hf-map rows (of width w = W/2) per chunk for the hf_gram kernels: the N x L panel
+// (L = rows * w) holds about `target_bytes`, at least one row, at most all rows.
+inline int64_t rows_per_chunk(int64_t n, int64_t w, int64_t total_rows, int64_t elem_bytes,
+                              int64_t target_bytes) {
+  int64_t per_row = std::max<int64_t>(1, n * w * elem_bytes);
+  int64_t rows = std::max<int64_t>(1, target_bytes / per_row);
+  return std::min<int64_t>(rows, std::max<int64_t>(1, total_rows));
+}
+
+}  // namespace dsfast

@@ -1,0 +1,69 @@
+"""Argument checks shared by every op, so every backend rejects bad input with the same message."""
+from __future__ import annotations
+
+import torch
+
+from dsfast.reference import DIRECTIONS, REDUCTIONS, STENCILS
+
+
+def check_image_batch(op: str, name: str, x, *, levels: int = 1) -> None:
+    """A non-empty floating ``(N, C, H, W)`` tensor whose H and W are divisible by ``2**levels``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: `{name}` must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: `{name}` must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: `{name}` is empty, shape {tuple(x.shape)}")
+    factor = 2**levels
+    if x.shape[-2] % factor or x.shape[-1] % factor:
+        raise ValueError(
+            f"{op}: `{name}` height and width must be divisible by {factor} for {levels} Haar level(s), "
+            f"got {x.shape[-2]}x{x.shape[-1]} (dsfast does not pad odd sizes; crop or resize first)"
+        )
+
+
+def check_same(op: str, source, adapted, names=("source", "adapted")) -> None:
+    a, b = names
+    if source.shape != adapted.shape:
+        raise ValueError(f"{op}: `{a}` and `{b}` must have the same shape, got {tuple(source.shape)} and {tuple(adapted.shape)}")
+    if source.device != adapted.device:
+        raise ValueError(f"{op}: `{a}` and `{b}` must be on the same device, got {source.device} and {adapted.device}")
+    if source.dtype != adapted.dtype:
+        raise TypeError(f"{op}: `{a}` and `{b}` must have the same dtype, got {source.dtype} and {adapted.dtype}")
+
+
+def check_pairwise(op: str, source, adapted, *, tau: float, direction: str, reduction: str, anchors) -> None:
+    """Everything a pairwise-similarity loss needs: at least 3 samples and known options."""
+    for name, x in (("source", source), ("adapted", adapted)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{op}: `{name}` must be a floating-point tensor, got {x.dtype}")
+        if x.dim() < 2 or x.numel() == 0:
+            raise ValueError(f"{op}: `{name}` must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+    check_same(op, source, adapted)
+    n = source.shape[0]
+    if n < 3:
+        raise ValueError(f"{op}: the pairwise-similarity loss needs N >= 3 samples per batch, got N={n}")
+    if not (isinstance(tau, (int, float)) and tau > 0 and tau != float("inf")):
+        raise ValueError(f"{op}: `tau` must be a positive finite number, got {tau!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(anchors, int) and not 1 <= anchors <= n:
+        raise ValueError(f"{op}: `anchors` (a count) must be in [1, N={n}], got {anchors}")
+
+
+def stencil_weights(op: str, stencil: str) -> list[float]:
+    if stencil not in STENCILS:
+        raise ValueError(f"{op}: `stencil` must be one of {tuple(STENCILS)}, got {stencil!r}")
+    return list(STENCILS[stencil])
+
+
+def check_finite_gram(op: str, name: str, g: torch.Tensor) -> None:
+    """NaN/Inf anywhere in a sample reaches its Gram row; checking the N x N Gram is cheap."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(g).all()):
+        raise ValueError(f"{op}: `{name}` contains NaN or Inf values")

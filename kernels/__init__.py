@@ -1,0 +1,14 @@
+"""Triton kernels of dsfast (installed as ``dsfast.kernels``).
+
+One module per op file of the kernel contract (docs/KERNELS.md):
+
+- :mod:`.haar_dwt2`: ``haar_dwt2``, ``haar_idwt2``
+- :mod:`.high_frequency`: ``high_frequency``, ``high_frequency_backward``
+- :mod:`.pairwise_similarity_kl`: ``gram``, ``gram_backward``
+- :mod:`.hf_pairwise_similarity_kl`: ``hf_gram``, ``hf_gram_backward``
+
+Each module holds the ``@triton.jit`` kernels and thin Python launchers that take torch tensors,
+allocate the outputs (NaN-filled when ``DSFAST_POISON_OUTPUTS=1``), launch and return. On a machine
+without a GPU they run through the Triton interpreter (``TRITON_INTERPRET=1`` set before import).
+Nothing heavy is imported here; import the op modules themselves.
+"""
