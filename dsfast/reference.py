@@ -154,3 +154,35 @@ def hf_pairwise_similarity_kl(source, adapted, *, stencil: str = "domainstudio",
 def hf_mse(adapted: torch.Tensor, target: torch.Tensor, *, stencil: str = "domainstudio") -> torch.Tensor:
     """``mean((hf(adapted) - hf(target))²)``."""
     return (high_frequency(adapted, stencil) - high_frequency(target, stencil)).pow(2).mean()
+
+
+# -- The official code's forms, kept as an independent check of the vectorised reference above and as
+# -- the "official" peer in bench/. Written from DESIGN.md's description of the DomainStudio/CDC code.
+def official_high_frequency(x: torch.Tensor) -> torch.Tensor:
+    """LH + HL + HH by stride-2 cross-correlation with filters built from L=[1,1]/√2, H=[-1,1]/√2."""
+    low = torch.tensor([1.0, 1.0], dtype=x.dtype, device=x.device) / 2**0.5
+    high = torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device) / 2**0.5
+    filters = [torch.outer(low, high), torch.outer(high, low), torch.outer(high, high)]  # LH, HL, HH
+    channels = x.shape[1]
+    bands = [
+        F.conv2d(x, f.expand(channels, 1, 2, 2), stride=2, groups=channels) for f in filters
+    ]
+    return bands[0] + bands[1] + bands[2]
+
+
+def official_pairwise_similarity_kl(source: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
+    """The official double loop: CosineSimilarity per pair into an N x (N-1) matrix, Softmax, KLDivLoss('mean')."""
+    n = source.shape[0]
+    sim = torch.nn.CosineSimilarity()
+    sfm = torch.nn.Softmax(dim=1)
+    kl = torch.nn.KLDivLoss(reduction="mean")
+    dist_source = torch.zeros(n, n - 1, dtype=source.dtype, device=source.device)
+    dist_adapted = torch.zeros(n, n - 1, dtype=adapted.dtype, device=adapted.device)
+    for i in range(n):
+        column = 0
+        for j in range(n):
+            if i != j:
+                dist_source[i, column] = sim(source[j].reshape(1, -1), source[i].reshape(1, -1))
+                dist_adapted[i, column] = sim(adapted[j].reshape(1, -1), adapted[i].reshape(1, -1))
+                column += 1
+    return kl(torch.log(sfm(dist_adapted)), sfm(dist_source.detach()))

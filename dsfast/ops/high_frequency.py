@@ -70,5 +70,5 @@ def hf_mse(adapted: torch.Tensor, target: torch.Tensor, *, stencil: str = "domai
     check_image_batch("hf_mse", "adapted", adapted)
     check_image_batch("hf_mse", "target", target)
     check_same("hf_mse", adapted, target, names=("adapted", "target"))
-    detail = high_frequency(adapted - target.detach(), stencil, backend=backend)
+    detail = high_frequency(adapted - target, stencil, backend=backend)
     return detail.to(torch.promote_types(detail.dtype, torch.float32)).pow(2).mean()

@@ -1,0 +1,119 @@
+"""Checkpoints: every rank saves, ``latest`` moves (atomic rename) only after a checkpoint is complete.
+
+Layout: ``<run>/checkpoints/step_00000100/`` holds DeepSpeed's files (weights, optimizer,
+LR schedule: every rank writes its shard), ``rng_rank<r>.pt`` per rank, ``ema.pt`` (rank 0)
+and ``COMPLETE`` (written last). ``<run>/checkpoints/latest`` names the newest complete tag;
+it is replaced with ``os.replace`` so it is never half-written. A save killed half-way leaves an
+incomplete folder that resume ignores and a later save of the same step overwrites.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+
+COMPLETE = "COMPLETE"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _maybe_kill(point: str) -> None:
+    """Test hook: ``DSFAST_TEST_KILL=<point>`` SIGKILLs this process (rank 0 only) at that point."""
+    want = os.environ.get("DSFAST_TEST_KILL")
+    if want and want == point and D.rank() == 0:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def latest(self) -> Path | None:
+        f = self.root / "latest"
+        if not f.is_file():
+            return None
+        tag = f.read_text().strip()
+        d = self.root / tag
+        if not (d / COMPLETE).is_file():
+            raise RuntimeError(f"checkpoint {d} named by {f} is incomplete")
+        return d
+
+    def complete_tags(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+
+    def save(self, engine, step: int, *, ema=None, extra: dict | None = None) -> Path:
+        tag = tag_of(step)
+        d = self.root / tag
+        if D.rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if d.exists():  # a half-written save of this step from a killed run
+                shutil.rmtree(d)
+        D.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step, **(extra or {})},
+                               save_latest=False)
+        torch.save(rng_state(), d / f"rng_rank{D.rank()}.pt")
+        _maybe_kill(f"save:{step}")
+        if D.rank() == 0 and ema is not None:
+            tmp = d / "ema.pt.tmp"
+            torch.save(ema.state_dict(), tmp)
+            os.replace(tmp, d / "ema.pt")
+        D.barrier()
+        if D.rank() == 0:
+            (d / COMPLETE).write_text(str(step))
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.root / "latest")
+            self._prune(keep=tag)
+        D.barrier()
+        return d
+
+    def _prune(self, keep: str) -> None:
+        tags = self.complete_tags()
+        # incomplete folders older than the newest complete one are debris of killed saves
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name != keep and not (p / COMPLETE).is_file() and p.name < keep:
+                shutil.rmtree(p, ignore_errors=True)
+        if self.keep_last > 0:
+            for t in tags[:-self.keep_last]:
+                if t != keep:
+                    shutil.rmtree(self.root / t, ignore_errors=True)
+
+    def load(self, engine, ckpt_dir: Path, *, ema=None) -> int:
+        ckpt_dir = Path(ckpt_dir)
+        if not (ckpt_dir / COMPLETE).is_file():
+            raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete (no {COMPLETE} marker)")
+        _, client = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
+        rng = ckpt_dir / f"rng_rank{D.rank()}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        if ema is not None and (ckpt_dir / "ema.pt").is_file():
+            ema.load_state_dict(torch.load(ckpt_dir / "ema.pt", weights_only=False))
+        return int(client["step"])

@@ -1,0 +1,92 @@
+"""Process-group helpers: launcher-less single process setup, gathers with correct gradients."""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_env() -> None:
+    """Make DeepSpeed work without a launcher (world size 1) and on CPU-only machines."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["LOCAL_RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dsfast", "torch_extensions"))
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of all ranks along dim 0 (rank order), no gradient."""
+    if world() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherOwnGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.n = x.shape[0]
+        ctx.rank = rank()
+        return all_gather_cat(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank computes the same loss of the whole gathered batch, so the gradient of
+        # that loss w.r.t. this rank's own slice is already exact: take it, no all-reduce.
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0; the gradient flows back to this rank's own slice."""
+    if world() == 1:
+        return x
+    return _GatherOwnGrad.apply(x)
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    if world() == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= world()
+    return {k: float(v) for k, v in zip(keys, t)}
+
+
+def any_flag(flag: bool) -> bool:
+    if world() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

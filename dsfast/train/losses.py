@@ -1,0 +1,89 @@
+"""The loss functions the trainer uses: dsfast.ops when present, else the plain-torch reference."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _ops():
+    try:
+        import dsfast.ops as ops  # noqa: F401
+
+        if hasattr(ops, "pairwise_similarity_kl"):
+            return ops, True
+    except ImportError:
+        pass
+    from dsfast import reference
+
+    return reference, False
+
+
+def pairwise_kl(source, adapted, *, hf: bool, stencil: str, tau: float, direction: str, reduction: str,
+                anchors=None, backend: str = "auto") -> torch.Tensor:
+    ops, has_backend = _ops()
+    kw = dict(tau=tau, direction=direction, reduction=reduction, anchors=anchors, detach_source=True)
+    if has_backend:
+        kw["backend"] = backend
+    if hf:
+        return ops.hf_pairwise_similarity_kl(source, adapted, stencil=stencil, **kw)
+    return ops.pairwise_similarity_kl(source, adapted, **kw)
+
+
+def hf_mse(adapted, target, *, stencil: str) -> torch.Tensor:
+    ops, _ = _ops()
+    return ops.hf_mse(adapted, target, stencil=stencil)
+
+
+# ----------------------------------------------------------------------------- L_vlb (learned sigma)
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """Log-likelihood of 8-bit images in [-1, 1] under a discretised Gaussian (Ho et al. 2020)."""
+    centered = x - mean
+    inv_stdv = torch.exp(-log_scale)
+    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vlb_term(scheduler, eps_detached, var_out, x0, x_t, t, variance_type: str) -> torch.Tensor:
+    """L_vlb of improved DDPM for models that learn sigma: mean per sample (bits/dim), averaged, x T/1000.
+
+    The mean of p(x_{t-1}|x_t) uses the stop-gradient epsilon, so L_vlb only trains the variance
+    (Nichol & Dhariwal 2021). Epsilon-prediction models only.
+    """
+    ac = scheduler.alphas_cumprod.to(x0.device, torch.float64)
+    betas = scheduler.betas.to(x0.device, torch.float64)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64, device=x0.device), ac[:-1]])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    coef1 = betas * ac_prev.sqrt() / (1 - ac)
+    coef2 = (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)
+
+    def g(v):
+        return v[t].float().view(-1, 1, 1, 1)
+
+    a = g(ac)
+    x0_pred = (x_t - (1 - a).sqrt() * eps_detached) / a.sqrt()
+    true_mean = g(coef1) * x0 + g(coef2) * x_t
+    pred_mean = g(coef1) * x0_pred + g(coef2) * x_t
+    if variance_type == "learned_range":
+        frac = (var_out + 1) / 2
+        model_logvar = frac * g(torch.log(betas)) + (1 - frac) * g(post_logvar)
+    else:  # "learned": the log variance itself
+        model_logvar = var_out
+    kl = normal_kl(true_mean, g(post_logvar), pred_mean, model_logvar).flatten(1).mean(1) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, pred_mean, 0.5 * model_logvar).flatten(1).mean(1) / math.log(2.0)
+    vb = torch.where(t == 0, nll, kl)
+    return vb.mean() * (len(betas) / 1000.0)

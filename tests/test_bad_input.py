@@ -1,0 +1,146 @@
+"""Bad input gets one clear error, the same from every backend, before any kernel runs."""
+import pytest
+import torch
+
+from dsfast import ops
+from dsfast.ops import available_backends, resolve_backend
+
+BACKENDS = available_backends("cpu")
+
+
+def batch(n=4, c=3, h=8, w=8, dtype=torch.float32):
+    return torch.randn(n, c, h, w, dtype=dtype)
+
+
+PAIRWISE_OPS = [ops.pairwise_similarity_kl, ops.hf_pairwise_similarity_kl]
+IMAGE_OPS = [
+    lambda x, b: ops.haar_dwt2(x, backend=b),
+    lambda x, b: ops.haar_wavedec2(x, 1, backend=b),
+    lambda x, b: ops.high_frequency(x, backend=b),
+    lambda x, b: ops.hf_mse(x, x, backend=b),
+    lambda x, b: ops.hf_pairwise_similarity_kl(x, x, backend=b),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", PAIRWISE_OPS)
+@pytest.mark.parametrize("n", [1, 2])
+def test_pairwise_needs_three_samples(op, backend, n):
+    with pytest.raises(ValueError, match=r"N >= 3 .*got N=%d" % n):
+        op(batch(n), batch(n), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", PAIRWISE_OPS)
+def test_pairwise_shape_mismatch(op, backend):
+    with pytest.raises(ValueError, match="`source` and `adapted` must have the same shape"):
+        op(batch(4), batch(5), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", PAIRWISE_OPS)
+def test_pairwise_device_mismatch(op, backend):
+    with pytest.raises(ValueError, match="same device"):
+        op(batch().to("meta"), batch(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", PAIRWISE_OPS)
+def test_pairwise_dtype_mismatch(op, backend):
+    with pytest.raises(TypeError, match="same dtype"):
+        op(batch(dtype=torch.float64), batch(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", PAIRWISE_OPS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("side", ["source", "adapted"])
+def test_pairwise_non_finite(op, backend, bad, side):
+    source, adapted = batch(), batch()
+    (source if side == "source" else adapted)[2, 1, 3, 3] = bad
+    with pytest.raises(ValueError, match=f"`{side}` contains NaN or Inf"):
+        op(source, adapted, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", IMAGE_OPS)
+@pytest.mark.parametrize("shape", [(4, 3, 7, 8), (4, 3, 8, 9)])
+def test_odd_sizes(op, backend, shape):
+    with pytest.raises(ValueError, match="height and width must be divisible by 2"):
+        op(torch.randn(shape), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", IMAGE_OPS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_integer_dtype(op, backend, dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        op(torch.zeros(4, 3, 8, 8, dtype=dtype), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", IMAGE_OPS)
+def test_empty(op, backend):
+    with pytest.raises(ValueError, match="empty"):
+        op(torch.zeros(0, 3, 8, 8), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", IMAGE_OPS)
+def test_wrong_rank(op, backend):
+    with pytest.raises(ValueError, match=r"shape \(N, C, H, W\)"):
+        op(torch.zeros(3, 8, 8), backend)
+
+
+def test_wavedec_levels_need_divisible_sizes():
+    with pytest.raises(ValueError, match="divisible by 8 for 3 Haar level"):
+        ops.haar_wavedec2(batch(h=12, w=16), 3)
+    with pytest.raises(ValueError, match="positive int"):
+        ops.haar_wavedec2(batch(), 0)
+
+
+def test_idwt_band_mismatch():
+    ll, (h, v, d) = ops.haar_dwt2(batch())
+    with pytest.raises(ValueError, match="band `V` must match LL"):
+        ops.haar_idwt2(ll, (h, v[:, :2], d))
+    with pytest.raises(ValueError, match="three bands"):
+        ops.haar_idwt2(ll, (h, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(stencil="sobel"), "`stencil` must be one of"),
+        (dict(direction="forward"), "`direction` must be one of"),
+        (dict(reduction="max"), "`reduction` must be one of"),
+        (dict(tau=0.0), "`tau` must be a positive finite number"),
+        (dict(tau=float("inf")), "`tau` must be a positive finite number"),
+        (dict(anchors=5), r"`anchors` \(a count\) must be in \[1, N=4\]"),
+    ],
+)
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ops.hf_pairwise_similarity_kl(batch(), batch(), **kwargs)
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        ops.high_frequency([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        ops.pairwise_similarity_kl(batch().numpy(), batch())
+
+
+def test_unknown_and_unavailable_backends(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("numpy", "cpu")
+    with pytest.raises(RuntimeError, match="'cuda' is not available for cpu tensors"):
+        ops.high_frequency(batch(), backend="cuda")
+    monkeypatch.setenv("DSFAST_BACKEND", "torch")
+    assert resolve_backend("auto", "cpu") == "torch"
+    monkeypatch.setenv("DSFAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("auto", "cpu")
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu():
+    assert resolve_backend("auto", "cpu") in ("cpp", "torch")

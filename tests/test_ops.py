@@ -1,0 +1,261 @@
+"""Every public op on every available backend against the float64 reference, forward and backward.
+
+Inputs are fresh random draws each run (the seed is in every failure message); outputs of the
+compiled backends are poisoned with NaN before the kernels write them (DSFAST_POISON_OUTPUTS=1,
+set in conftest), so an unwritten element fails the comparison.
+"""
+import secrets
+
+import numpy as np
+import pytest
+import pywt
+import torch
+
+from dsfast import ops, reference
+from tests.conftest import BACKEND_CASES
+
+
+def fresh_generator():
+    seed = secrets.randbits(31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def flatten(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in flatten(item)]
+
+
+def forward_backward(fn, inputs, seed):
+    """Outputs of ``fn`` and the input gradients for a fixed random cotangent."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    outs = flatten(fn(*inputs))
+    gen = torch.Generator().manual_seed(seed + 1)
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, cotangents, allow_unused=True)
+    return outs, grads
+
+
+def assert_gradcheck(fn, inputs, seed):
+    """gradcheck w.r.t. every input the op differentiates (a detached source is a constant)."""
+    inputs = [x[:4, :1].clone() for x in inputs]
+    _, grads = forward_backward(fn, inputs, seed)
+    inputs = [x.requires_grad_(g is not None) for x, g in zip(inputs, grads)]
+    assert torch.autograd.gradcheck(lambda *xs: tuple(flatten(fn(*xs))), inputs, fast_mode=True), f"seed={seed}"
+
+
+IMAGE = (5, 3, 8, 12)  # N, C, H, W: small enough for the Triton interpreter
+
+
+def images(count, shape=IMAGE):
+    return lambda gen: [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(count)]
+
+
+PAIRWISE_OPTIONS = [
+    dict(),
+    dict(direction="adapted||source", reduction="batchmean", tau=0.5),
+    dict(reduction="sum", detach_source=False),
+    dict(anchors=torch.tensor([0, 2, 3])),
+]
+
+# name -> (callable taking the backend, input builder)
+OP_CASES = {
+    "haar_dwt2": (lambda b: lambda x: ops.haar_dwt2(x, backend=b), images(1)),
+    "haar_idwt2": (lambda b: lambda ll, h, v, d: ops.haar_idwt2(ll, (h, v, d), backend=b), images(4, (5, 3, 4, 6))),
+    "haar_wavedec2": (lambda b: lambda x: ops.haar_wavedec2(x, 2, backend=b), images(1)),
+    "haar_waverec2": (
+        lambda b: lambda ll, h2, v2, d2, h1, v1, d1: ops.haar_waverec2([ll, (h2, v2, d2), (h1, v1, d1)], backend=b),
+        lambda gen: images(4, (5, 3, 2, 3))(gen) + images(3, (5, 3, 4, 6))(gen),
+    ),
+    "high_frequency[domainstudio]": (lambda b: lambda x: ops.high_frequency(x, "domainstudio", backend=b), images(1)),
+    "high_frequency[pywt]": (lambda b: lambda x: ops.high_frequency(x, "pywt", backend=b), images(1)),
+    "hf_mse": (lambda b: lambda a, t: ops.hf_mse(a, t, backend=b), images(2)),
+    **{
+        f"pairwise_similarity_kl[{i}]": (
+            lambda b, o=o: lambda s, a: ops.pairwise_similarity_kl(s, a, backend=b, **o), images(2)
+        )
+        for i, o in enumerate(PAIRWISE_OPTIONS)
+    },
+    **{
+        f"hf_pairwise_similarity_kl[{i}]": (
+            lambda b, o=o: lambda s, a: ops.hf_pairwise_similarity_kl(s, a, backend=b, **o), images(2)
+        )
+        for i, o in enumerate(PAIRWISE_OPTIONS)
+    },
+    "hf_pairwise_similarity_kl[pywt]": (
+        lambda b: lambda s, a: ops.hf_pairwise_similarity_kl(s, a, stencil="pywt", backend=b), images(2)
+    ),
+}
+
+LAYOUTS = ["contiguous", "transposed"]
+
+
+def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Same values, non-contiguous memory for ``transposed``."""
+    return x if layout == "contiguous" else x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+# -- the reference itself --------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 1, 4, 10), (3, 2, 16, 6)])
+def test_reference_dwt_matches_pywt(shape):
+    gen, seed = fresh_generator()
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    ll, (h, v, d) = reference.haar_dwt2(x)
+    p_ll, (p_h, p_v, p_d) = pywt.dwt2(x.numpy(), "haar")
+    for ours, theirs in zip((ll, h, v, d), (p_ll, p_h, p_v, p_d)):
+        np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-12, atol=1e-12, err_msg=f"seed={seed}")
+    np.testing.assert_allclose(reference.haar_idwt2(ll, (h, v, d)).numpy(), x.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        reference.haar_idwt2(ll, (h, v, d)).numpy(), pywt.idwt2((p_ll, (p_h, p_v, p_d)), "haar"), rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_reference_wavedec_matches_pywt(levels):
+    gen, seed = fresh_generator()
+    x = torch.randn((2, 3, 16, 24), generator=gen, dtype=torch.float64)
+    ours = reference.haar_wavedec2(x, levels)
+    theirs = pywt.wavedec2(x.numpy(), "haar", level=levels)
+    assert len(ours) == len(theirs) == levels + 1
+    np.testing.assert_allclose(ours[0].numpy(), theirs[0], rtol=1e-12, atol=1e-12, err_msg=f"seed={seed}")
+    for ours_level, theirs_level in zip(ours[1:], theirs[1:]):
+        for a, b in zip(ours_level, theirs_level):
+            np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-12, err_msg=f"seed={seed}")
+    np.testing.assert_allclose(reference.haar_waverec2(ours).numpy(), x.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_stencils_are_sums_of_bands():
+    gen, _ = fresh_generator()
+    x = torch.randn((2, 3, 8, 8), generator=gen, dtype=torch.float64)
+    _, (h, v, d) = reference.haar_dwt2(x)
+    torch.testing.assert_close(reference.high_frequency(x, "pywt"), h + v + d)
+    torch.testing.assert_close(reference.high_frequency(x, "domainstudio"), -v - h + d)
+    torch.testing.assert_close(reference.high_frequency(x, "domainstudio"), reference.official_high_frequency(x))
+
+
+@pytest.mark.parametrize("n", [3, 4, 9])
+def test_reference_pairwise_matches_official_double_loop(n):
+    gen, seed = fresh_generator()
+    s = torch.randn((n, 3, 4, 4), generator=gen, dtype=torch.float64)
+    a = torch.randn((n, 3, 4, 4), generator=gen, dtype=torch.float64, requires_grad=True)
+    ours = reference.pairwise_similarity_kl(s, a)
+    theirs = reference.official_pairwise_similarity_kl(s, a)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15, msg=f"seed={seed}")
+    (g_ours,) = torch.autograd.grad(ours, a)
+    (g_theirs,) = torch.autograd.grad(theirs, a)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-15)
+
+
+def test_reference_direction_and_reductions():
+    gen, _ = fresh_generator()
+    s, a = (torch.randn((6, 10), generator=gen, dtype=torch.float64) for _ in range(2))
+    p = torch.softmax(reference.similarity_logits(reference.gram(s)), 1)
+    q = torch.softmax(reference.similarity_logits(reference.gram(a)), 1)
+    kl_pq = (p * (p.log() - q.log())).sum()
+    kl_qp = (q * (q.log() - p.log())).sum()
+    torch.testing.assert_close(reference.pairwise_similarity_kl(s, a, reduction="sum"), kl_pq)
+    torch.testing.assert_close(reference.pairwise_similarity_kl(s, a, reduction="mean"), kl_pq / 30)
+    torch.testing.assert_close(reference.pairwise_similarity_kl(s, a, reduction="batchmean"), kl_pq / 6)
+    torch.testing.assert_close(
+        reference.pairwise_similarity_kl(s, a, reduction="sum", direction="adapted||source"), kl_qp
+    )
+
+
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+def test_reference_gradcheck(name):
+    make, build = OP_CASES[name]
+    gen, seed = fresh_generator()
+    assert_gradcheck(make("torch"), build(gen), seed)
+
+
+# -- every compiled backend against the reference ----------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_backend_matches_reference_fp32(device, backend, name, layout):
+    make, build = OP_CASES[name]
+    gen, seed = fresh_generator()
+    inputs64 = build(gen)
+    inputs32 = [with_layout(x.float().to(device), layout) for x in inputs64]
+    outs, grads = forward_backward(make(backend), inputs32, seed)
+    ref_outs, ref_grads = forward_backward(make("torch"), inputs64, seed)
+    assert len(outs) == len(ref_outs)
+    for out, ref in zip(outs, ref_outs):
+        assert out.dtype == torch.float32 and out.device.type == device
+        assert rel_err(out, ref) <= 1e-5, f"{name} forward on {backend}: {rel_err(out, ref):.2e}, seed={seed}"
+    for grad, ref in zip(grads, ref_grads):
+        assert (grad is None) == (ref is None)
+        if grad is not None:
+            assert rel_err(grad, ref) <= 1e-5, f"{name} backward on {backend}: {rel_err(grad, ref):.2e}, seed={seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["haar_dwt2", "high_frequency[domainstudio]", "pairwise_similarity_kl[0]", "hf_pairwise_similarity_kl[0]", "hf_mse"])
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_backend_half_precision(device, backend, name, dtype):
+    make, build = OP_CASES[name]
+    gen, seed = fresh_generator()
+    inputs64 = build(gen)
+    inputs = [x.to(device=device, dtype=dtype) for x in inputs64]
+    outs, grads = forward_backward(make(backend), inputs, seed)
+    # the reference sees the same rounded inputs, so only the kernel's own rounding is measured
+    ref_outs, ref_grads = forward_backward(make("torch"), [x.double().cpu() for x in inputs], seed)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for out, ref in zip(outs + list(grads), ref_outs + list(ref_grads)):
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) <= tol, f"{name} {dtype} on {backend}: {rel_err(out, ref):.2e}, seed={seed}"
+
+
+@pytest.mark.parametrize("device,backend", [c for c in BACKEND_CASES if c[1] == "cpp"])
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+def test_cpp_float64_gradcheck(device, backend, name):
+    make, build = OP_CASES[name]
+    gen, seed = fresh_generator()
+    assert_gradcheck(make(backend), build(gen), seed)
+
+
+@pytest.mark.parametrize("n", [3, 64, 300])
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_pairwise_many_samples(device, backend, n):
+    if backend == "triton" and device == "cpu" and n > 64:
+        pytest.skip("too slow for the Triton interpreter")
+    gen, seed = fresh_generator()
+    s, a = (torch.randn((n, 2, 4, 4), generator=gen, dtype=torch.float64) for _ in range(2))
+    for op in (ops.pairwise_similarity_kl, ops.hf_pairwise_similarity_kl):
+        ref = op(s, a, backend="torch")
+        out = op(s.float().to(device), a.float().to(device), backend=backend)
+        assert rel_err(out, ref) <= 1e-5, f"{op.__name__} N={n} on {backend}, seed={seed}"
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES + [("cpu", "torch")])
+def test_torch_compile_fullgraph(device, backend):
+    """fullgraph=True fails on any graph break; aot_eager runs the fake impls and the autograd formulas."""
+    gen, seed = fresh_generator()
+    s, a = (torch.randn((4, 3, 8, 8), generator=gen).to(device) for _ in range(2))
+
+    def loss(s, a):
+        return (
+            ops.hf_pairwise_similarity_kl(s, a, backend=backend)
+            + ops.pairwise_similarity_kl(s, a, backend=backend)
+            + ops.hf_mse(a, s, backend=backend)
+        )
+
+    (eager_out,), eager_grads = forward_backward(loss, [s, a], seed)
+    (out,), grads = forward_backward(torch.compile(loss, fullgraph=True, backend="aot_eager"), [s, a], seed)
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], eager_grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_torch_compile_inductor_domainstudio_loss():
+    import dsfast
+
+    gen, _ = fresh_generator()
+    s, a, x0 = (torch.randn((4, 3, 8, 8), generator=gen) for _ in range(3))
+    module = dsfast.DomainStudioLoss()
+    compiled = torch.compile(lambda s, a, x0: module(s, a, x0).total, fullgraph=True)
+    torch.testing.assert_close(compiled(s, a, x0), module(s, a, x0).total, rtol=1e-5, atol=1e-6)
