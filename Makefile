@@ -4,7 +4,7 @@ PY      ?= .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(dir $(PY)).dsfast-installed
 
-.PHONY: install test test-gpu bench bench-gpu demo clean
+.PHONY: install test bench bench-gpu demo clean
 
 install: $(STAMP)
 
@@ -22,9 +22,6 @@ $(STAMP): setup.py requirements/base.txt requirements/test.txt $(wildcard csrc/*
 
 test: install
 	$(PY) -m pytest tests -q
-
-test-gpu: install
-	$(PY) -m pytest tests -q -m "gpu or not gpu"
 
 bench: install
 	$(PY) -m bench.run --suite cpu

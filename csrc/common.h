@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/ArrayRef.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>

@@ -272,7 +272,7 @@ DEFAULTS = {
 }
 
 
-def resolve_defaults(cfg: RunConfig, family: str, model_resolution: int | None) -> RunConfig:
+def resolve_defaults(cfg: RunConfig, family: str) -> RunConfig:
     """Fill every ``None`` with the official default of (method, model family)."""
     d = DEFAULTS[(cfg.method, family)]
     if d is None:
@@ -285,10 +285,7 @@ def resolve_defaults(cfg: RunConfig, family: str, model_resolution: int | None) 
     for key in ("lr", "ema", "batch_size"):
         if getattr(cfg.train, key) is None:
             setattr(cfg.train, key, d[key])
-    if cfg.data.resolution is None:
-        cfg.data.resolution = model_resolution or d.get("resolution", 256)
-    if cfg.data.resolution is not None:
-        cfg.data.resolution = int(cfg.data.resolution)
+    # data.resolution None: filled from the model's sample size once it is loaded
     if cfg.data.class_dir is None:
         cfg.data.class_dir = str(Path(cfg.output_dir) / "class_images")
     if cfg.sample.prompt is None:

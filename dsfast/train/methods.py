@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
-from .data import generator
+from .data import generator, make_batch
 from .step import MicroOut
 
 
@@ -110,3 +110,23 @@ class UnconditionalMethod(PairwiseMixin):
                 s = self.source(x_t.to(self.dtype), t).sample.float()[:, :c]
                 x0_src = predicted_x0(self.scheduler, s, x_t, t)
         return MicroOut(loss=loss, terms=terms, adapted=x0_ada, source=x0_src)
+
+    # ------------------------------------------------------------------ data
+    def noise_shape(self, resolution: int):
+        return (self.channels, resolution, resolution)
+
+    def make_micro_batch(self, images, step, ks, noise_shape, num_timesteps):
+        x0, t, noise, _ = make_batch(images, seed=self.cfg.train.seed, step=step, ks=ks,
+                                     batch_size=self.cfg.train.batch_size, noise_shape=noise_shape,
+                                     num_timesteps=num_timesteps, random_flip=self.cfg.data.random_flip)
+        return {"x0": x0, "t": t, "noise": noise}
+
+
+def build_method(cfg, bundle, engine, dtype, extras):
+    if bundle.family == "unconditional":
+        m = UnconditionalMethod(cfg, engine, bundle.source, bundle.scheduler, dtype)
+        m.channels = bundle.channels
+        return m
+    from .text2image import Text2ImageMethod
+
+    return Text2ImageMethod(cfg, bundle, engine, dtype, extras)
