@@ -21,6 +21,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interpreter_tiles() -> bool:
+    """Large tiles (few programs) under the interpreter, whose cost is per program, not per element.
+
+    ``DSFAST_TRITON_GPU_TILES=1`` keeps the GPU block sizes under the interpreter (the tests use it so
+    the configurations a GPU runs are the ones checked).
+    """
+    return interpreting() and os.environ.get("DSFAST_TRITON_GPU_TILES", "0") != "1"
+
+
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """A fresh contiguous output; NaN-filled under ``DSFAST_POISON_OUTPUTS=1`` so unwritten elements show."""
     if poison_enabled():
@@ -39,7 +48,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def as_weights(weights) -> tuple[float, float, float, float]:
-    """The four stencil weights ``(wa, wb, wc, wd)`` as Python floats (kernel scalar arguments)."""
+    """The four stencil weights ``(wa, wb, wc, wd)`` as a tuple of Python floats (list, tuple or tensor in)."""
     w = [float(v) for v in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
     if len(w) != 4:
         raise ValueError(f"weights: expected 4 floats (wa, wb, wc, wd), got {len(w)}")
@@ -71,43 +80,62 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def elementwise_tile(h: int, w: int, target: int = 1024) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_W) of a 2-D output tile of a stride-2 stencil: wide rows for coalescing, ~target elements."""
+def elementwise_tile(total_rows: int, w: int, target: int = 1024) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_W) of a stencil tile over the row space (N*C*h rows, w columns).
+
+    Wide rows for coalescing (up to 128 outputs = 256 input pixels per row segment), about ``target``
+    outputs per program (4x as many input pixels: enough bytes in flight per SM on an H100).
+    """
+    if interpreter_tiles():
+        target = 16384
     block_w = min(next_pow2(w), 128)
-    block_h = min(next_pow2(h), max(1, target // block_w))
+    block_h = min(next_pow2(total_rows), max(1, target // block_w))
     return block_h, block_w
+
+
+def stencil_grid(total_rows: int, w: int, block_h: int, block_w: int) -> tuple[int]:
+    return (triton.cdiv(total_rows, block_h) * triton.cdiv(w, block_w),)
 
 
 # --------------------------------------------------------------------------------------------------
 # Device helpers shared by the stencil kernels (2x2 stride-2 blocks [[a, b], [c, d]]).
+#
+# The output positions of all N*C planes are one "row space" of N*C*h rows by w columns (global row
+# R = plane * h + y): a tile is BLOCK_H rows x BLOCK_W columns of it, so small planes (latents, tests)
+# still fill whole tiles and big ones get wide, coalesced rows.
 # --------------------------------------------------------------------------------------------------
-
-
 @triton.jit
-def tile_coords(pid, h, w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Split a flat program id into (plane, first output row, first output col) of a BLOCK_H x BLOCK_W tile."""
+def tile_coords(pid, total_rows, w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(global rows [BLOCK_H], row mask, first column) of the tile of a flat program id."""
     tiles_w = tl.cdiv(w, BLOCK_W)
-    tiles_h = tl.cdiv(h, BLOCK_H)
-    tiles = tiles_w * tiles_h
-    plane = pid // tiles
-    rest = pid - plane * tiles
-    ty = rest // tiles_w
-    tx = rest - ty * tiles_w
-    return plane, ty * BLOCK_H, tx * BLOCK_W
+    ty = pid // tiles_w
+    tx = pid - ty * tiles_w
+    rows = ty * BLOCK_H + tl.arange(0, BLOCK_H)
+    return rows, rows < total_rows, tx * BLOCK_W
 
 
 @triton.jit
-def load_blocks(base, row0, col0, h, w, s_h, s_w, COMPUTE: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Load the 2x2 blocks of output rows row0 + [0, BLOCK_H) x cols col0 + [0, BLOCK_W) of one plane as (a, b, c, d), each [BLOCK_H, BLOCK_W].
+def row_offsets(rows, h, C, s_n, s_c, s_h):
+    """int64 offset of row y of plane (n, c) for global rows R = (n*C + c)*h + y: n*s_n + c*s_c + y*s_h."""
+    plane = rows // h
+    y = rows - plane * h
+    n = plane // C
+    c = plane - n * C
+    return n.to(tl.int64) * s_n + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h
 
-    Each input row segment is read as one contiguous run of 2*BLOCK_W pixels and de-interleaved
-    in registers (reshape + split), so the loads stay coalesced.
+
+@triton.jit
+def load_blocks(ptr, row_off, row_mask, col0, w, s_h, s_w, COMPUTE: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Load the 2x2 blocks of output columns col0 + [0, BLOCK_W) as (a, b, c, d), each [BLOCK_H, BLOCK_W].
+
+    row_off [BLOCK_H] (int64): offset of the top input row of each block row. Each input row segment
+    is read as one contiguous run of 2*BLOCK_W pixels and de-interleaved in registers (reshape +
+    split), so the loads stay coalesced.
     """
-    rows = row0 + tl.arange(0, BLOCK_H)
     in_cols = col0 * 2 + tl.arange(0, 2 * BLOCK_W)
-    mask = (rows[:, None] < h) & (in_cols[None, :] < 2 * w)
-    top_ptr = base + (2 * rows)[:, None] * s_h + in_cols[None, :] * s_w
+    mask = row_mask[:, None] & (in_cols[None, :] < 2 * w)
+    top_ptr = ptr + row_off[:, None] + (in_cols * s_w)[None, :]
     top = tl.load(top_ptr, mask=mask, other=0.0).to(COMPUTE)
     bottom = tl.load(top_ptr + s_h, mask=mask, other=0.0).to(COMPUTE)
     a, b = tl.split(tl.reshape(top, (BLOCK_H, BLOCK_W, 2)))
@@ -116,18 +144,18 @@ def load_blocks(base, row0, col0, h, w, s_h, s_w, COMPUTE: tl.constexpr,
 
 
 @triton.jit
-def store_blocks(base, row0, col0, h, w, row_stride, a, b, c, d,
-                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Store (a, b, c, d) [BLOCK_H, BLOCK_W] as the 2x2 blocks of a contiguous-row output plane.
+def store_blocks(ptr, rows, row_mask, col0, w, a, b, c, d, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Store (a, b, c, d) [BLOCK_H, BLOCK_W] as the 2x2 blocks of a contiguous (planes, 2h, 2w) output.
 
-    Pixels are interleaved in registers (join + reshape) so each output row is one contiguous store.
+    Block row R = plane*h + y has its top pixel row at plane*2h + 2y = 2R. Pixels are interleaved in
+    registers (join + reshape) so each output row segment is one contiguous store.
     """
-    rows = row0 + tl.arange(0, BLOCK_H)
     out_cols = col0 * 2 + tl.arange(0, 2 * BLOCK_W)
-    mask = (rows[:, None] < h) & (out_cols[None, :] < 2 * w)
-    dtype = base.dtype.element_ty
+    mask = row_mask[:, None] & (out_cols[None, :] < 2 * w)
+    dtype = ptr.dtype.element_ty
     top = tl.reshape(tl.join(a, b), (BLOCK_H, 2 * BLOCK_W)).to(dtype)
     bottom = tl.reshape(tl.join(c, d), (BLOCK_H, 2 * BLOCK_W)).to(dtype)
-    top_ptr = base + (2 * rows)[:, None] * row_stride + out_cols[None, :]
+    row_stride = 2 * w
+    top_ptr = ptr + (2 * rows.to(tl.int64) * row_stride)[:, None] + out_cols[None, :]
     tl.store(top_ptr, top, mask=mask)
     tl.store(top_ptr + row_stride, bottom, mask=mask)

@@ -63,6 +63,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     return found + ["torch"]
 
 
+@torch.compiler.assume_constant_result  # decided once at trace time, not traced into
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend for ``backend`` (or ``DSFAST_BACKEND`` when ``auto``) on ``device``."""
     if backend == "auto":

@@ -87,14 +87,17 @@ def similarity_kl(
     g_adapted = gram_fn(adapted)
     check_finite_gram(op, "source", g_source)
     check_finite_gram(op, "adapted", g_adapted)
-    return reference.similarity_kl_from_gram(
-        g_source,
-        g_adapted,
+    # The KL of two close softmaxes is a small difference of large terms: float32 would lose
+    # ~1e-4 of it, so the N x N part runs in float64 (negligible next to the Gram).
+    loss = reference.similarity_kl_from_gram(
+        g_source.double(),
+        g_adapted.double(),
         tau=tau,
         direction=direction,
         reduction=reduction,
         anchors=sample_anchors(anchors, source.shape[0], source.device),
     )
+    return loss.to(g_adapted.dtype)
 
 
 def pairwise_similarity_kl(

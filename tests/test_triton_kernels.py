@@ -1,0 +1,368 @@
+"""The Triton kernels (dsfast.kernels) against the float64 reference, kernel by kernel.
+
+On a CUDA machine the kernels run on the GPU; elsewhere through the Triton interpreter on CPU tensors
+(TRITON_INTERPRET=1 must be set before triton is imported, hence at the very top). Every test runs with
+DSFAST_POISON_OUTPUTS=1, so an output element a kernel forgets to write shows up as NaN.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from dsfast import reference as R  # noqa: E402
+
+
+def _load_kernels():
+    """``dsfast.kernels`` when installed; else the repository's kernels/ folder under that name."""
+    try:
+        return importlib.import_module("dsfast.kernels")
+    except ModuleNotFoundError:
+        root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "dsfast.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["dsfast.kernels"] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+_load_kernels()
+from dsfast.kernels import _launch  # noqa: E402
+from dsfast.kernels import haar_dwt2 as K_haar  # noqa: E402
+from dsfast.kernels import hf_pairwise_similarity_kl as K_hfgram  # noqa: E402
+from dsfast.kernels import high_frequency as K_hf  # noqa: E402
+from dsfast.kernels import pairwise_similarity_kl as K_gram  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+# N in {3, 5, 17}, C in {1, 3}, (H, W) in {4x6, 8x8, 16x10}: a covering subset of the full grid.
+SHAPES = [(3, 1, 4, 6), (5, 3, 8, 8), (17, 3, 16, 10), (17, 1, 4, 6), (3, 3, 16, 10), (5, 1, 16, 10)]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# max |error| / max |reference|; 16-bit outputs are limited by their own rounding.
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+STENCILS = list(R.STENCILS)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("DSFAST_POISON_OUTPUTS", "1")
+    # Under the interpreter, check the block sizes a GPU would run (not the interpreter's big tiles).
+    monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")
+
+
+def _seed(*key) -> torch.Generator:
+    """A generator seeded from the test's key (reproducible: no Python hash randomisation)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _rand(shape, dtype, gen, noncontig=False):
+    """Values exactly representable in ``dtype``; optionally laid out with non-trivial strides."""
+    if noncontig:
+        # last two dims swapped in memory, and a strided slice along dim 1
+        n, c, *rest = shape
+        big = torch.randn((n, 2 * c, *rest[::-1]), generator=gen, dtype=torch.float64)
+        x = big[:, ::2].transpose(-1, -2)
+    else:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x.to(dtype)
+    assert x.shape == tuple(shape)
+    return x.to(DEVICE)
+
+
+def _check(out, ref, dtype, out_dtype=None):
+    out_dtype = out_dtype or dtype
+    assert out.dtype == out_dtype, (out.dtype, out_dtype)
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
+    assert out.device.type == DEVICE
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output elements"
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    scale = ref64.abs().max().clamp_min(1e-30)
+    err = ((out64 - ref64).abs().max() / scale).item()
+    assert err <= TOL[dtype], f"relative error {err:.3e} > {TOL[dtype]:.1e} ({dtype})"
+
+
+def _gram_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gram_tol_dtype(dtype):
+    # Grams of 16-bit inputs are fp32 and exact up to fp32 accumulation.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# haar_dwt2 / haar_idwt2
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_haar_dwt2(shape, dtype):
+    x = _rand(shape, dtype, _seed("dwt", shape, str(dtype)), noncontig=shape[0] == 5)
+    ll, (h, v, d) = R.haar_dwt2(x.double())
+    _check(K_haar.haar_dwt2(x), torch.stack((ll, h, v, d)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_haar_idwt2(shape, dtype):
+    n, c, hh, ww = shape
+    gen = _seed("idwt", shape, str(dtype))
+    bands = torch.randn((4, n, c, hh // 2, ww // 2), generator=gen, dtype=torch.float64).to(dtype)
+    if n == 5:  # non-contiguous bands: band axis innermost in memory
+        bands = bands.permute(1, 2, 3, 4, 0).contiguous().permute(4, 0, 1, 2, 3)
+    bands = bands.to(DEVICE)
+    b64 = bands.double()
+    ref = R.haar_idwt2(b64[0], (b64[1], b64[2], b64[3]))
+    _check(K_haar.haar_idwt2(bands), ref, dtype)
+
+
+def test_haar_roundtrip():
+    x = _rand((3, 2, 8, 6), torch.float64, _seed("roundtrip"))
+    _check(K_haar.haar_idwt2(K_haar.haar_dwt2(x)), x, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# high_frequency / high_frequency_backward
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_high_frequency(shape, dtype, stencil):
+    x = _rand(shape, dtype, _seed("hf", shape, str(dtype), stencil), noncontig=shape[0] == 5)
+    _check(K_hf.high_frequency(x, R.STENCILS[stencil]), R.high_frequency(x.double(), stencil), dtype)
+
+
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_high_frequency_backward(shape, dtype, stencil):
+    n, c, hh, ww = shape
+    grad = _rand((n, c, hh // 2, ww // 2), dtype, _seed("hfb", shape, str(dtype), stencil),
+                 noncontig=n == 5)
+    x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    R.high_frequency(x, stencil).backward(grad.double().cpu())
+    _check(K_hf.high_frequency_backward(grad, R.STENCILS[stencil]), x.grad, dtype)
+
+
+def test_stencils_wide_rows():
+    """Rows wider than one tile (several column tiles, partial last one) with a channels-last layout."""
+    x = _rand((2, 3, 6, 300), torch.float32, _seed("wide")).contiguous(memory_format=torch.channels_last)
+    w = R.STENCILS["pywt"]
+    _check(K_hf.high_frequency(x, w), R.high_frequency(x.double(), "pywt"), torch.float32)
+    ll, (h, v, d) = R.haar_dwt2(x.double())
+    bands = K_haar.haar_dwt2(x)
+    _check(bands, torch.stack((ll, h, v, d)), torch.float32)
+    _check(K_haar.haar_idwt2(bands), x, torch.float32)
+    g = _rand((2, 3, 3, 150), torch.float32, _seed("wide-g"), noncontig=True)
+    xg = torch.zeros((2, 3, 6, 300), dtype=torch.float64, requires_grad=True)
+    R.high_frequency(xg, "pywt").backward(g.double().cpu())
+    _check(K_hf.high_frequency_backward(g, w), xg.grad, torch.float32)
+
+
+def test_high_frequency_float64_weights():
+    """Weights reach float64 kernels unrounded (Triton would pass Python floats as float32)."""
+    w = (2**-0.5, -(2**-0.5), 1 / 3, 0.1)
+    x = _rand((3, 1, 4, 6), torch.float64, _seed("w64"))
+    a, b, c, d = R._blocks(x)
+    _check(K_hf.high_frequency(x, w), w[0] * a + w[1] * b + w[2] * c + w[3] * d, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# gram / gram_backward
+# --------------------------------------------------------------------------------------------------
+def _flat_input(n, d, dtype, gen, noncontig):
+    if noncontig:  # column-major (N, D) and a strided column slice
+        big = torch.randn((2 * d, n), generator=gen, dtype=torch.float64).to(dtype)
+        x = big[::2].T
+    else:
+        x = torch.randn((n, d), generator=gen, dtype=torch.float64).to(dtype)
+    return x.to(DEVICE)
+
+
+GRAM_SHAPES = [(3, 24), (5, 192), (17, 480), (17, 7), (5, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", GRAM_SHAPES)
+def test_gram(n, d, dtype):
+    x = _flat_input(n, d, dtype, _seed("gram", n, d, str(dtype)), noncontig=n == 5)
+    out = K_gram.gram(x)
+    _check(out, R.gram(x.double()), _gram_tol_dtype(dtype), _gram_dtype(dtype))
+
+
+def test_gram_of_images_flattens_per_sample():
+    x = _rand((5, 3, 8, 8), torch.float32, _seed("gram4d"), noncontig=True)
+    _check(K_gram.gram(x), R.gram(x.double()), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", GRAM_SHAPES)
+def test_gram_backward(n, d, dtype):
+    gen = _seed("gramb", n, d, str(dtype))
+    x = _flat_input(n, d, dtype, gen, noncontig=n == 5)
+    g = torch.randn((n, n), generator=gen, dtype=torch.float64)
+    ref = (g + g.T) @ x.double().cpu()
+    g = g.to(_gram_dtype(dtype)).to(DEVICE)
+    if n == 17:
+        g = g.T.contiguous().T  # non-contiguous grad_gram
+    _check(K_gram.gram_backward(g, x), ref, dtype)
+
+
+def _forced_gram_config(block_n, block_k, splits):
+    def config(n, d, dtype, device):
+        k_blocks = -(-d // block_k)
+        per = -(-k_blocks // splits)
+        return K_gram.GramConfig(block_n, block_k, -(-k_blocks // per), per, 4)
+    return config
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
+@pytest.mark.parametrize("n", [17, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gram_multi_tile(monkeypatch, n, splits, dtype):
+    """Several 16x16 tiles: off-diagonal tile pairs, the mirrored lower half, split-K and direct writes."""
+    monkeypatch.setattr(K_gram, "gram_config", _forced_gram_config(16, 16, splits))
+    x = _flat_input(n, 100, dtype, _seed("gram-mt", n, splits, str(dtype)), noncontig=True)
+    _check(K_gram.gram(x), R.gram(x.double()), dtype)
+
+
+@pytest.mark.parametrize("n", [17, 33])
+def test_gram_backward_multi_tile(monkeypatch, n):
+    monkeypatch.setattr(K_gram, "gram_backward_config", lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4))
+    gen = _seed("gramb-mt", n)
+    x = _flat_input(n, 40, torch.float32, gen, noncontig=False)
+    g = torch.randn((n, n), generator=gen, dtype=torch.float64)
+    ref = (g + g.T) @ x.double().cpu()
+    _check(K_gram.gram_backward(g.float().to(DEVICE), x), ref, torch.float32)
+
+
+def test_split_k_heuristic(monkeypatch):
+    """GPU-sized heuristics: every K block in exactly one split, no empty split, enough programs."""
+    monkeypatch.setattr(K_gram, "multiprocessor_count", lambda device: 132)
+    for pairs, k_blocks in [(1, 1), (1, 7), (1, 3072), (10, 512), (1, 100000), (300, 64)]:
+        splits, per = K_gram.split_k(pairs, k_blocks, torch.device(DEVICE), min_k_blocks=2)
+        assert splits >= 1 and per >= 1
+        assert (splits - 1) * per < k_blocks <= splits * per
+    cfg = K_gram.gram_config(8, 3 * 256 * 256, torch.float32, torch.device(DEVICE))
+    assert cfg.block_n == 16 and cfg.splits >= 132
+
+
+# --------------------------------------------------------------------------------------------------
+# hf_gram / hf_gram_backward
+# --------------------------------------------------------------------------------------------------
+def _hf_flat(x, stencil):
+    return R.high_frequency(x.double().cpu(), stencil).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_hf_gram(shape, dtype, stencil):
+    x = _rand(shape, dtype, _seed("hfgram", shape, str(dtype), stencil), noncontig=shape[0] == 5)
+    hf = _hf_flat(x, stencil)
+    out = K_hfgram.hf_gram(x, R.STENCILS[stencil])
+    _check(out, hf @ hf.T, _gram_tol_dtype(dtype), _gram_dtype(dtype))
+
+
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_hf_gram_backward(shape, dtype, stencil):
+    n = shape[0]
+    gen = _seed("hfgramb", shape, str(dtype), stencil)
+    x = _rand(shape, dtype, gen, noncontig=n == 5)
+    g = torch.randn((n, n), generator=gen, dtype=torch.float64)
+    x64 = x.double().cpu().requires_grad_(True)
+    hf = R.high_frequency(x64, stencil).reshape(n, -1)
+    (hf @ hf.T).backward(g)
+    g = g.to(_gram_dtype(dtype)).to(DEVICE)
+    if n == 17:
+        g = g.T.contiguous().T
+    _check(K_hfgram.hf_gram_backward(g, x, R.STENCILS[stencil]), x64.grad, dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
+@pytest.mark.parametrize("n", [17, 33])
+def test_hf_gram_multi_tile(monkeypatch, n, splits):
+    monkeypatch.setattr(K_hfgram, "hf_gram_config", _forced_gram_config(16, 16, splits))
+    x = _rand((n, 3, 8, 6), torch.float32, _seed("hfgram-mt", n, splits), noncontig=True)
+    hf = _hf_flat(x, "domainstudio")
+    _check(K_hfgram.hf_gram(x, R.STENCILS["domainstudio"]), hf @ hf.T, torch.float32)
+
+
+@pytest.mark.parametrize("n", [17, 33])
+def test_hf_gram_backward_multi_tile(monkeypatch, n):
+    monkeypatch.setattr(K_hfgram, "hf_gram_backward_config",
+                        lambda *a: K_hfgram.HFGramBackwardConfig(16, 16, 16, 4))
+    gen = _seed("hfgramb-mt", n)
+    x = _rand((n, 3, 8, 6), torch.float32, gen, noncontig=True)
+    g = torch.randn((n, n), generator=gen, dtype=torch.float64)
+    x64 = x.double().cpu().requires_grad_(True)
+    hf = R.high_frequency(x64, "pywt").reshape(n, -1)
+    (hf @ hf.T).backward(g)
+    _check(K_hfgram.hf_gram_backward(g.float().to(DEVICE), x, R.STENCILS["pywt"]), x64.grad, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The interpreter's own block sizes (few big programs), all eight kernels
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5, 3, 16, 10), (3, 2, 8, 300)], ids=["5x3x16x10", "3x2x8x300"])
+def test_interpreter_tiles(monkeypatch, shape):
+    monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "0")
+    gen = _seed("interp-tiles", shape)
+    n, c, hh, ww = shape
+    x = _rand(shape, torch.float32, gen, noncontig=True)
+    w, st = R.STENCILS["domainstudio"], "domainstudio"
+    ll, (h, v, d) = R.haar_dwt2(x.double())
+    bands = K_haar.haar_dwt2(x)
+    _check(bands, torch.stack((ll, h, v, d)), torch.float32)
+    _check(K_haar.haar_idwt2(bands), x, torch.float32)
+    _check(K_hf.high_frequency(x, w), R.high_frequency(x.double(), st), torch.float32)
+    grad = _rand((n, c, hh // 2, ww // 2), torch.float32, gen)
+    xg = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    R.high_frequency(xg, st).backward(grad.double().cpu())
+    _check(K_hf.high_frequency_backward(grad, w), xg.grad, torch.float32)
+    flat = x.reshape(n, -1)
+    _check(K_gram.gram(flat), R.gram(flat.double()), torch.float32)
+    g = torch.randn((n, n), generator=gen, dtype=torch.float64)
+    _check(K_gram.gram_backward(g.float().to(DEVICE), flat), (g + g.T) @ flat.double().cpu(), torch.float32)
+    x64 = x.double().cpu().requires_grad_(True)
+    hf = R.high_frequency(x64, st).reshape(n, -1)
+    _check(K_hfgram.hf_gram(x, w), hf.detach() @ hf.detach().T, torch.float32)
+    (hf @ hf.T).backward(g)
+    _check(K_hfgram.hf_gram_backward(g.float().to(DEVICE), x, w), x64.grad, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Poisoning and bad input
+# --------------------------------------------------------------------------------------------------
+def test_poisoning_switch(monkeypatch):
+    assert torch.isnan(_launch.new_output((2, 3), torch.float32, DEVICE)).all()
+    monkeypatch.setenv("DSFAST_POISON_OUTPUTS", "0")
+    assert _launch.new_output((2, 3), torch.float32, DEVICE).shape == (2, 3)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        K_haar.haar_dwt2(torch.zeros((1, 1, 3, 4), device=DEVICE))
+    with pytest.raises(ValueError):
+        K_hf.high_frequency(torch.zeros((1, 1, 4, 4), device=DEVICE), (1.0, 2.0))
+    with pytest.raises(TypeError):
+        K_gram.gram(torch.zeros((3, 4), dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError):
+        K_hfgram.hf_gram_backward(torch.zeros((2, 2), device=DEVICE), torch.zeros((3, 1, 4, 4), device=DEVICE),
+                                  R.STENCILS["pywt"])
