@@ -2,7 +2,9 @@
 // debug poisoning, and the 2x2 stencil weights. See docs/KERNELS.md for the contract.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 
 #include <algorithm>
@@ -12,6 +14,11 @@
 #include <limits>
 
 namespace dsfast {
+
+// Every kernel entry point opens one of these: the kernels are leaf ops whose autograd (if any)
+// lives in the Python layer, so ATen calls inside them (contiguous, to, mm, ...) must not record
+// autograd history even when an input requires grad.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // True when DSFAST_POISON_OUTPUTS=1. Read on every call (cheap) so tests can flip it at run time.
 inline bool poison_outputs() {

@@ -1,8 +1,8 @@
 """``dsfast pretrain``: train the demo's small *source* model from scratch on CPU.
 
-A diffusers ``UNet2DModel`` (32x32, block_out_channels (32, 64, 64), one layer per block,
-one attention block — the mid block's, at 8x8) and a ``DDPMScheduler`` (1000 steps, cosine
-schedule, epsilon prediction), trained with the plain DDPM objective L_simple
+A diffusers ``UNet2DModel`` (32x32, block_out_channels (16, 32, 64), one layer per block,
+one attention block — the mid block's, at 8x8) and a ``DDPMScheduler`` (1000 steps, linear
+beta schedule 1e-4..0.02 as in DDPM and the official DomainStudio code, epsilon prediction), trained with the plain DDPM objective L_simple
 ``‖ε − ε̂(x_t, t)‖²`` on the procedural *source* domain of :mod:`dsfast.demo_data`
 (flat shapes on smooth backgrounds), with plain ``torch.optim.AdamW``, linear warm-up then
 cosine decay, and an EMA of the weights (the EMA weights are saved).
@@ -45,10 +45,10 @@ def build_unet(resolution: int = 32):
         in_channels=3,
         out_channels=3,
         layers_per_block=1,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        norm_num_groups=16,
+        norm_num_groups=8,
         attention_head_dim=32,
         add_attention=True,  # the single attention block: in the mid block (8x8)
     )
@@ -57,7 +57,7 @@ def build_unet(resolution: int = 32):
 def build_scheduler():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                          prediction_type="epsilon", clip_sample=True)
 
 
@@ -212,7 +212,7 @@ Made with exactly:
 |---|---|
 {settings}
 
-Objective: DDPM L_simple (epsilon MSE, uniform t over 1000 steps, cosine beta schedule), AdamW,
+Objective: DDPM L_simple (epsilon MSE, uniform t over 1000 steps, linear beta schedule), AdamW,
 linear warm-up then cosine decay to {args.min_lr_ratio}x lr, grad-norm clip 1.0, random horizontal flips;
 the saved weights are the EMA (decay {args.ema}, warm-up `min(decay, (1+step)/(10+step))`).
 Trained in {train_s / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) ({platform.processor() or platform.machine()},

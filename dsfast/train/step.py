@@ -67,6 +67,8 @@ def run_step(method, micro_batches, backward, *, step: int) -> dict[str, float]:
 
     if accum == 1:
         out = method.forward(micro_batches[0], need_source=True)
+        _check(out.adapted, "x0 prediction", step)
+        _check(out.source, "source x0 prediction", step)
         src = D.all_gather_cat(out.source.detach())
         ada = D.gather_with_grad(out.adapted)
         pair, pair_terms = method.pairwise(src, ada, step)
@@ -84,6 +86,8 @@ def run_step(method, micro_batches, backward, *, step: int) -> dict[str, float]:
         outs = [method.forward(mb, need_source=True) for mb in micro_batches]
         src_local = torch.cat([o.source for o in outs])
         ada_local = torch.cat([o.adapted for o in outs])
+    _check(ada_local, "x0 prediction", step)
+    _check(src_local, "source x0 prediction", step)
     sizes = [o.adapted.shape[0] for o in outs]
     del outs
     src_all = D.all_gather_cat(src_local)

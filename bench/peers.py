@@ -1,0 +1,327 @@
+"""What is compared: the benchmarked ops, their inputs, and the providers that implement each op.
+
+A *provider* turns the canonical inputs of an op into a zero-argument ``call`` (one forward) plus the
+leaf tensors it differentiates with respect to (``None`` when it has no autograd, e.g. pywt). Anything a
+provider needs to convert (numpy arrays, another library's coefficient layout) is converted in
+:func:`build`, outside the timed region.
+
+Providers
+---------
+``reference``          the eager plain-PyTorch reference (:mod:`dsfast.reference`): the speed-up baseline.
+``official``           the official DomainStudio/CDC code form (``reference.official_high_frequency``: three
+                       stride-2 convolutions; ``reference.official_pairwise_similarity_kl``: the Python double
+                       loop of CosineSimilarity calls). Pairwise ops only for N <= ``OFFICIAL_MAX_N``.
+``compile``            ``torch.compile(reference)`` (default options; one compiled function per op, so
+                       shapes after the first recompile with automatic dynamic shapes). Compile time is in
+                       the row's ``warmup_s``, never in the timings.
+``pywt``               PyWavelets on numpy arrays (CPU, float32/64, forward only; DWT ops only).
+``pytorch_wavelets``   ``DWTForward``/``DWTInverse`` (``mode='zero'``: equal to pywt for even sizes with Haar);
+                       also its band sum as a high-frequency map.
+``ptwt``               ``ptwt.wavedec2``/``waverec2`` (``mode='zero'``).
+``dsfast-<backend>``   the public ``dsfast.ops`` API with ``backend=<backend>`` for every available backend
+                       (``dsfast-torch`` is the reference behind dsfast's dispatch and float64 N x N KL).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsfast import reference
+
+# The official double loop launches O(N^2) tiny kernels: slow by design, so only small batches.
+OFFICIAL_MAX_N = 16
+
+# DomainStudio's official weights (lambda_img, lambda_hf, lambda_hfmse).
+LAMBDAS = (4.0, 4.0, 1.0)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    inputs: tuple[str, ...]  # canonical input names (see make_inputs)
+    levels: int = 0  # Haar levels for the DWT ops
+    pairwise: bool = False  # has an O(N^2) official form
+    # Ideal bytes moved, as multiples of one input tensor's bytes E: each input read once and each
+    # output written once per pass (fwd+bwd = fwd + bwd). Used for GB/s and % of copy bandwidth.
+    fwd_bytes: float = 2.0
+    bwd_bytes: float = 2.0
+    doc: str = ""
+
+
+OPS: dict[str, OpSpec] = {
+    s.name: s
+    for s in (
+        OpSpec("haar_dwt2", ("x",), levels=1, doc="one-level Haar DWT (LL, H, V, D)"),
+        OpSpec("haar_wavedec2_l3", ("x",), levels=3, doc="three-level Haar DWT"),
+        OpSpec("haar_idwt2", ("coeffs1",), levels=1, doc="one-level inverse Haar DWT"),
+        OpSpec("haar_waverec2_l3", ("coeffs3",), levels=3, doc="three-level inverse Haar DWT"),
+        OpSpec("high_frequency", ("x",), fwd_bytes=1.25, bwd_bytes=1.25, doc="hf map (N, C, H/2, W/2)"),
+        OpSpec("pairwise_similarity_kl", ("source", "adapted"), pairwise=True, fwd_bytes=2, bwd_bytes=2,
+               doc="image-level pairwise-similarity KL"),
+        OpSpec("hf_pairwise_similarity_kl", ("source", "adapted"), pairwise=True, fwd_bytes=2, bwd_bytes=2,
+               doc="pairwise-similarity KL of the hf maps (fused in dsfast)"),
+        OpSpec("hf_mse", ("adapted", "target"), fwd_bytes=2, bwd_bytes=3, doc="mean((hf(a) - hf(t))^2)"),
+        OpSpec("domainstudio_loss", ("source", "adapted", "real"), pairwise=True, fwd_bytes=3, bwd_bytes=3,
+               doc="DomainStudioLoss: 4*KL_img + 4*KL_hf + 1*hfMSE"),
+    )
+}
+
+# Which canonical inputs get gradients (the source branch never does; targets/real images never do).
+GRAD_INPUTS = {"x", "coeffs1", "coeffs3", "adapted"}
+
+
+def make_inputs(n: int, c: int, h: int, w: int, dtype: torch.dtype, device, seed: int = 0) -> dict:
+    """The canonical inputs of every op for one (N, C, H, W, dtype): plain detached tensors."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand():
+        return torch.randn(n, c, h, w, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    source = rand()
+    adapted = (source + 0.5 * rand()).to(dtype)  # correlated, as a fine-tuned model's predictions
+    target = rand()
+    out = {"source": source, "adapted": adapted, "target": target, "real": target, "x": adapted}
+    out["coeffs1"] = _detach_coeffs(reference.haar_wavedec2(adapted, 1))
+    if h % 8 == 0 and w % 8 == 0:
+        out["coeffs3"] = _detach_coeffs(reference.haar_wavedec2(adapted, 3))
+    return out
+
+
+def _detach_coeffs(coeffs):
+    return [coeffs[0].detach().contiguous()] + [tuple(b.detach().contiguous() for b in d) for d in coeffs[1:]]
+
+
+def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
+    return t.detach().requires_grad_(grad)  # a new leaf sharing the storage (no copy)
+
+
+def _coeff_leaves(coeffs):
+    ll = _leaf(coeffs[0], True)
+    details = [tuple(_leaf(b, True) for b in d) for d in coeffs[1:]]
+    return [ll] + details, [ll] + [b for d in details for b in d]
+
+
+class Unsupported(Exception):
+    """This provider does not implement this op / dtype / device / size (recorded as a skip)."""
+
+
+# -- the reference forms of every op (also what torch.compile compiles) -------------------------
+def _ref_domainstudio(source, adapted, real):
+    li, lh, lm = LAMBDAS
+    return (li * reference.pairwise_similarity_kl(source, adapted)
+            + lh * reference.hf_pairwise_similarity_kl(source, adapted)
+            + lm * reference.hf_mse(adapted, real))
+
+
+REFERENCE_FNS = {
+    "haar_dwt2": reference.haar_dwt2,
+    "haar_wavedec2_l3": lambda x: reference.haar_wavedec2(x, 3),
+    "haar_idwt2": reference.haar_waverec2,
+    "haar_waverec2_l3": reference.haar_waverec2,
+    "high_frequency": reference.high_frequency,
+    "pairwise_similarity_kl": reference.pairwise_similarity_kl,
+    "hf_pairwise_similarity_kl": reference.hf_pairwise_similarity_kl,
+    "hf_mse": reference.hf_mse,
+    "domainstudio_loss": _ref_domainstudio,
+}
+
+
+# -- the official code's forms ------------------------------------------------------------------
+def _official_hf_pairwise(source, adapted):
+    return reference.official_pairwise_similarity_kl(
+        reference.official_high_frequency(source), reference.official_high_frequency(adapted))
+
+
+def _official_hf_mse(adapted, target):
+    return F.mse_loss(reference.official_high_frequency(adapted), reference.official_high_frequency(target))
+
+
+def _official_domainstudio(source, adapted, real):
+    li, lh, lm = LAMBDAS
+    return (li * reference.official_pairwise_similarity_kl(source, adapted)
+            + lh * _official_hf_pairwise(source, adapted)
+            + lm * _official_hf_mse(adapted, real))
+
+
+OFFICIAL_FNS = {
+    "high_frequency": reference.official_high_frequency,
+    "pairwise_similarity_kl": reference.official_pairwise_similarity_kl,
+    "hf_pairwise_similarity_kl": _official_hf_pairwise,
+    "hf_mse": _official_hf_mse,
+    "domainstudio_loss": _official_domainstudio,
+}
+
+
+@functools.cache
+def _compiled(op: str):
+    return torch.compile(REFERENCE_FNS[op])
+
+
+def configure_compile() -> None:
+    """Let the sweep's many shapes recompile instead of silently falling back to eager."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = 4096
+
+
+# -- dsfast -------------------------------------------------------------------------------------
+def _dsfast_fn(op: str, backend: str):
+    from dsfast import ops
+    from dsfast.losses import DomainStudioLoss
+
+    fns = {
+        "haar_dwt2": lambda x: ops.haar_dwt2(x, backend=backend),
+        "haar_wavedec2_l3": lambda x: ops.haar_wavedec2(x, 3, backend=backend),
+        "haar_idwt2": lambda c: ops.haar_waverec2(c, backend=backend),
+        "haar_waverec2_l3": lambda c: ops.haar_waverec2(c, backend=backend),
+        "high_frequency": lambda x: ops.high_frequency(x, backend=backend),
+        "pairwise_similarity_kl": lambda s, a: ops.pairwise_similarity_kl(s, a, backend=backend),
+        "hf_pairwise_similarity_kl": lambda s, a: ops.hf_pairwise_similarity_kl(s, a, backend=backend),
+        "hf_mse": lambda a, t: ops.hf_mse(a, t, backend=backend),
+    }
+    if op == "domainstudio_loss":
+        li, lh, lm = LAMBDAS
+        loss = DomainStudioLoss(lambda_img=li, lambda_hf=lh, lambda_hfmse=lm, backend=backend)
+        return lambda s, a, r: loss(s, a, r).total
+    return fns[op]
+
+
+# -- wavelet libraries --------------------------------------------------------------------------
+def _pywt_call(op: str, inputs: dict):
+    import numpy as np
+    import pywt
+
+    if inputs["x"].dtype not in (torch.float32, torch.float64):
+        raise Unsupported("numpy has no bfloat16/float16 path in pywt")
+    if op in ("haar_dwt2", "haar_wavedec2_l3"):
+        arr = inputs["x"].cpu().numpy()
+        level = OPS[op].levels
+        if level == 1:
+            return lambda: pywt.dwt2(arr, "haar", axes=(-2, -1))
+        return lambda: pywt.wavedec2(arr, "haar", level=level, axes=(-2, -1))
+    if op in ("haar_idwt2", "haar_waverec2_l3"):
+        coeffs = inputs["coeffs1" if op == "haar_idwt2" else "coeffs3"]
+        arrs = [coeffs[0].cpu().numpy()] + [tuple(np.ascontiguousarray(b.cpu().numpy()) for b in d) for d in coeffs[1:]]
+        if op == "haar_idwt2":
+            return lambda: pywt.idwt2((arrs[0], arrs[1]), "haar", axes=(-2, -1))
+        return lambda: pywt.waverec2(arrs, "haar", axes=(-2, -1))
+    raise Unsupported(f"pywt has no {op}")
+
+
+def _pytorch_wavelets_build(op: str, inputs: dict, dtype, device):
+    from pytorch_wavelets import DWTForward, DWTInverse
+
+    if op in ("haar_dwt2", "haar_wavedec2_l3", "high_frequency"):
+        level = 1 if op == "high_frequency" else OPS[op].levels
+        mod = DWTForward(J=level, wave="haar", mode="zero").to(device=device, dtype=dtype)
+        x = _leaf(inputs["x"], True)
+        if op == "high_frequency":  # its three detail bands summed (pywt-type stencil: same cost)
+            return (lambda: mod(x)[1][0].sum(2)), [x]
+        return (lambda: mod(x)), [x]
+    if op in ("haar_idwt2", "haar_waverec2_l3"):
+        coeffs = inputs["coeffs1" if op == "haar_idwt2" else "coeffs3"]
+        mod = DWTInverse(wave="haar", mode="zero").to(device=device, dtype=dtype)
+        yl = _leaf(coeffs[0], True)
+        # pytorch_wavelets: finest level first, bands stacked as (N, C, 3, h, w).
+        yh = [_leaf(torch.stack(d, dim=2), True) for d in reversed(coeffs[1:])]
+        return (lambda: mod((yl, yh))), [yl, *yh]
+    raise Unsupported(f"pytorch_wavelets has no {op}")
+
+
+def _ptwt_build(op: str, inputs: dict):
+    import ptwt
+
+    if op in ("haar_dwt2", "haar_wavedec2_l3"):
+        x = _leaf(inputs["x"], True)
+        level = OPS[op].levels
+        return (lambda: ptwt.wavedec2(x, "haar", mode="zero", level=level)), [x]
+    if op in ("haar_idwt2", "haar_waverec2_l3"):
+        coeffs, leaves = _coeff_leaves(inputs["coeffs1" if op == "haar_idwt2" else "coeffs3"])
+        return (lambda: ptwt.waverec2(coeffs, "haar")), leaves
+    raise Unsupported(f"ptwt has no {op}")
+
+
+# -- the registry -------------------------------------------------------------------------------
+def providers_for(device: torch.device) -> list[str]:
+    """Every provider that can run on ``device``, the reference first (it is the speed-up baseline)."""
+    from dsfast.ops import available_backends
+
+    names = ["reference", "official", "compile"]
+    if device.type == "cpu":
+        names.append("pywt")
+    names += ["pytorch_wavelets", "ptwt"]
+    for b in available_backends(device):
+        if device.type == "cpu" and b == "triton":
+            continue  # the Triton interpreter is a test tool, not a CPU backend
+        names.append(f"dsfast-{b}")
+    return names
+
+
+def supports(provider: str, op: str, n: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """``None`` when ``provider`` runs ``op`` for this case, else the reason it is skipped."""
+    spec = OPS[op]
+    if provider == "official":
+        if op not in OFFICIAL_FNS:
+            return "the official code has no standalone form of this op"
+        if spec.pairwise and n > OFFICIAL_MAX_N:
+            return f"official double loop restricted to N <= {OFFICIAL_MAX_N}"
+    if provider == "pywt":
+        if device.type != "cpu" or not op.startswith("haar_"):
+            return "pywt: DWT ops on CPU only"
+        if dtype not in (torch.float32, torch.float64):
+            return "pywt: no bfloat16"
+    if provider == "pytorch_wavelets" and not (op.startswith("haar_") or op == "high_frequency"):
+        return "pytorch_wavelets: DWT ops only"
+    if provider == "ptwt" and not op.startswith("haar_"):
+        return "ptwt: DWT ops only"
+    return None
+
+
+def build(provider: str, op: str, inputs: dict):
+    """``(call, leaves)``: ``call()`` runs one forward; ``leaves`` are the tensors it differentiates
+    with respect to (``None``: no autograd). Raises :class:`Unsupported`."""
+    x = inputs["x"]
+    dtype, device = x.dtype, x.device
+    reason = supports(provider, op, x.shape[0], dtype, device)
+    if reason:
+        raise Unsupported(reason)
+    if provider == "pywt":
+        return _pywt_call(op, inputs), None
+    if provider == "pytorch_wavelets":
+        return _pytorch_wavelets_build(op, inputs, dtype, device)
+    if provider == "ptwt":
+        return _ptwt_build(op, inputs)
+    if provider == "reference":
+        fn = REFERENCE_FNS[op]
+    elif provider == "official":
+        fn = OFFICIAL_FNS[op]
+    elif provider == "compile":
+        fn = _compiled(op)
+    elif provider.startswith("dsfast-"):
+        fn = _dsfast_fn(op, provider.removeprefix("dsfast-"))
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+
+    names = OPS[op].inputs
+    if names[0].startswith("coeffs"):
+        coeffs, leaves = _coeff_leaves(inputs[names[0]])
+        return (lambda: fn(coeffs)), leaves
+    args = [_leaf(inputs[k], k in GRAD_INPUTS) for k in names]
+    leaves = [a for k, a in zip(names, args) if k in GRAD_INPUTS]
+    return (lambda: fn(*args)), leaves
+
+
+def flatten_tensors(out) -> list[torch.Tensor]:
+    """All tensors of a (nested) op output, in a fixed order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in flatten_tensors(o)]
+    return []  # numpy arrays (pywt)

@@ -1,0 +1,47 @@
+// Gram matrix of a flattened batch and its backward on CPU.
+// gram(x) = x @ x.T for x (N, D); gram_backward(g, x) = (g + g.T) @ x.
+// These are plain GEMMs: at::mm (MKL/OpenBLAS through ATen) on a float32 view (float64 for
+// float64 input) is the right tool; hand-written loops would only be slower. fp16/bf16 inputs
+// are upcast once so that accumulation happens in float32, as the contract requires.
+#include <ATen/ops/mm.h>
+
+#include "../common.h"
+#include "ops.h"
+
+namespace dsfast::cpu {
+
+namespace {
+void check_2d(const at::Tensor& x, const char* op) {
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, D), got shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor");
+}
+}  // namespace
+
+at::Tensor gram(const at::Tensor& x) {
+  const BelowAutograd below_autograd;
+  check_2d(x, "gram");
+  const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor xf = x.to(acc);  // a no-op view for float32 / float64
+  at::Tensor out = new_output({x.size(0), x.size(0)}, x.options().dtype(acc));
+  at::mm_out(out, xf, xf.t());
+  return out;
+}
+
+at::Tensor gram_backward(const at::Tensor& grad_gram, const at::Tensor& x) {
+  const BelowAutograd below_autograd;
+  check_2d(x, "gram_backward");
+  check_grad_gram(grad_gram, x.size(0), x, "gram_backward");
+  const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor g = grad_gram.to(acc);
+  const at::Tensor m = g.add(g.t());
+  at::Tensor out = new_output(x.sizes(), x.options());
+  if (x.scalar_type() == acc) {
+    at::mm_out(out, m, x);
+  } else {
+    out.copy_(at::mm(m, x.to(acc)));
+  }
+  return out;
+}
+
+}  // namespace dsfast::cpu

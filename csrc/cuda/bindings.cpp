@@ -1,0 +1,17 @@
+// Registers the CUDA implementations of the dsfast ops (schemas: csrc/bindings.cpp). Compiled by
+// the host compiler, and only into CUDA builds of dsfast._C; the kernels live in csrc/cuda/*.cu,
+// which stay free of torch/library.h (nvcc compiles them much faster that way).
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY_IMPL(dsfast, CUDA, m) {
+  m.impl("haar_dwt2", &dsfast::cuda::haar_dwt2);
+  m.impl("haar_idwt2", &dsfast::cuda::haar_idwt2);
+  m.impl("high_frequency", &dsfast::cuda::high_frequency);
+  m.impl("high_frequency_backward", &dsfast::cuda::high_frequency_backward);
+  m.impl("gram", &dsfast::cuda::gram);
+  m.impl("gram_backward", &dsfast::cuda::gram_backward);
+  m.impl("hf_gram", &dsfast::cuda::hf_gram);
+  m.impl("hf_gram_backward", &dsfast::cuda::hf_gram_backward);
+}

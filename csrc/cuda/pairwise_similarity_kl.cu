@@ -1,0 +1,51 @@
+// Gram matrix of a flattened batch and its backward on CUDA.
+// gram(x) = x @ x.T for x (N, D); gram_backward(g, x) = (g + g.T) @ x.
+// Both are GEMMs, so they go to cuBLAS through at::mm on a float32 view (float64 for float64
+// input); fp16/bf16 inputs are upcast so accumulation is float32 as the contract requires.
+// Exactness note: float32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default);
+// with TF32 enabled by the user the Gram is TF32-accurate, like any torch matmul.
+#include <ATen/ops/mm.h>
+
+#include "../common.h"
+#include "launch.cuh"
+#include "ops.h"
+
+namespace dsfast::cuda {
+
+namespace {
+void check_2d(const at::Tensor& x, const char* op) {
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, D), got shape ", x.sizes());
+  check_cuda(x, op);
+}
+}  // namespace
+
+at::Tensor gram(const at::Tensor& x) {
+  const BelowAutograd below_autograd;
+  check_2d(x, "gram");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor xf = x.to(acc);
+  at::Tensor out = new_output({x.size(0), x.size(0)}, x.options().dtype(acc));
+  at::mm_out(out, xf, xf.t());
+  return out;
+}
+
+at::Tensor gram_backward(const at::Tensor& grad_gram, const at::Tensor& x) {
+  const BelowAutograd below_autograd;
+  check_2d(x, "gram_backward");
+  check_grad_gram(grad_gram, x.size(0), x, "gram_backward");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor g = grad_gram.to(acc);
+  const at::Tensor m = g.add(g.t());
+  at::Tensor out = new_output(x.sizes(), x.options());
+  if (x.scalar_type() == acc) {
+    at::mm_out(out, m, x);
+  } else {
+    out.copy_(at::mm(m, x.to(acc)));
+  }
+  return out;
+}
+
+}  // namespace dsfast::cuda

@@ -1,0 +1,171 @@
+"""Image distances for the diversity metrics: a weight-free *fallback* and real LPIPS.
+
+**Fallback (``"fallback"``, label ``fallback-haar``)** — a multi-scale Haar-wavelet distance
+that needs no pretrained network, so it works offline and on CI. Images in [0, 1] are
+decomposed with a ``J``-level orthonormal 2-D Haar transform (``dsfast.reference.haar_wavedec2``,
+equal to ``pywt.wavedec2(x, 'haar')``; default ``J = 3``). The coefficients of level ``j``
+are divided by ``2**j`` so every scale is in pixel units (the level-``J`` approximation then
+is the local mean colour). With ``B_j`` = the three detail bands of level ``j`` (all colour
+channels) and ``B_{J+1}`` = the approximation band,
+
+    d(x, y) = 1/(J+1) · Σ_{s=1..J+1}  RMS( B_s(x) − B_s(y) )
+
+i.e. the mean over scales of the root-mean-square coefficient difference. Each scale —
+fine texture, edges, coarse layout/colour — weighs the same, which, like LPIPS and unlike
+pixel MSE, makes the distance sensitive to high-frequency detail. It is a metric (a sum of
+norms of an invertible linear map), 0 only for identical images, symmetric, and in [0, 1]
+for images in [0, 1] (in practice ≪ 1). It is **not** LPIPS: its values are not comparable
+with published Intra-LPIPS numbers, and every output that uses it says "fallback".
+Height and width are padded (edge replication) to a multiple of ``2**J``.
+
+**LPIPS (``"lpips"``)** — the ``lpips`` package (AlexNet, v0.1), used only when the package
+is installed *and* the AlexNet weights are already on disk (nothing is downloaded):
+``$DSFAST_LPIPS_ALEXNET`` (a path to ``alexnet-owt-7be5be79.pth``) or torchvision's cache,
+``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth`` (``TORCH_HOME`` defaults to
+``~/.cache/torch``). Otherwise :class:`MetricUnavailable` explains how to provide them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsfast.reference import haar_wavedec2
+
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric needs a package or weights that are not present locally."""
+
+
+def _hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+class HaarDistance:
+    """The weight-free fallback distance (see the module docstring)."""
+
+    name = "fallback-haar"
+    label = "fallback (multi-scale Haar distance, not LPIPS)"
+
+    def __init__(self, levels: int = 3):
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        self.levels = levels
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-scale flattened coefficients ``[(N, D_s)]``, finest detail level first, approximation last."""
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected images (N, 3, H, W), got shape {tuple(x.shape)}")
+        x = x.to(torch.float64)
+        m = 2 ** self.levels
+        ph, pw = (-x.shape[-2]) % m, (-x.shape[-1]) % m
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        coeffs = haar_wavedec2(x, self.levels)  # [LL_J, (H_J, V_J, D_J), ..., (H_1, V_1, D_1)]
+        n = x.shape[0]
+        feats = []
+        for k, details in enumerate(coeffs[:0:-1]):  # level 1 (finest) ... level J
+            level = k + 1
+            feats.append(torch.cat([b.reshape(n, -1) for b in details], dim=1) / 2 ** level)
+        feats.append(coeffs[0].reshape(n, -1) / 2 ** self.levels)
+        return feats
+
+    def pairwise(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, M)`` distances between the images of ``a`` and ``b`` (``b = a`` when omitted)."""
+        fa = self.features(a)
+        fb = fa if b is None else self.features(b)
+        total = None
+        for xa, xb in zip(fa, fb):
+            d = torch.cdist(xa, xb) / xa.shape[1] ** 0.5  # RMS difference at this scale
+            total = d if total is None else total + d
+        out = total / len(fa)
+        if b is None:
+            out.fill_diagonal_(0)  # exact zeros despite cdist rounding
+        return out.float()
+
+
+class LpipsDistance:
+    """LPIPS (AlexNet) from the ``lpips`` package; weights must already be on disk."""
+
+    name = "lpips-alex"
+    label = "LPIPS (AlexNet, lpips v0.1)"
+
+    def __init__(self, device: str | torch.device = "cpu", batch: int = 64):
+        try:
+            import lpips  # noqa: F401
+        except ImportError as e:
+            raise MetricUnavailable(
+                "--metric lpips needs the 'lpips' package (pip install lpips) and the AlexNet weights on disk; "
+                "use --metric fallback (the default) otherwise") from e
+        alexnet = self.find_alexnet_weights()
+        if alexnet is None:
+            raise MetricUnavailable(
+                f"--metric lpips: the AlexNet weights ({ALEXNET_FILE}) are not on disk and will not be downloaded. "
+                f"Put the file at {_hub_checkpoints() / ALEXNET_FILE} (torchvision's cache; set TORCH_HOME to move it) "
+                f"or point DSFAST_LPIPS_ALEXNET at it; or use --metric fallback")
+        self.device = torch.device(device)
+        self.batch = batch
+        self.model = self._build(alexnet).to(self.device).eval()
+
+    @staticmethod
+    def find_alexnet_weights() -> Path | None:
+        env = os.environ.get("DSFAST_LPIPS_ALEXNET")
+        if env:
+            path = Path(env).expanduser()
+            if not path.is_file():
+                raise MetricUnavailable(f"DSFAST_LPIPS_ALEXNET={env} is not a file")
+            return path
+        path = _hub_checkpoints() / ALEXNET_FILE
+        return path if path.is_file() else None
+
+    @staticmethod
+    def _build(alexnet: Path):
+        import lpips
+
+        # lpips builds torchvision's alexnet(pretrained), which reads torch.hub's cache; point the
+        # cache at a folder holding the weights so that nothing is fetched from the network.
+        if alexnet.parent == _hub_checkpoints() and alexnet.name == ALEXNET_FILE:
+            return lpips.LPIPS(net="alex", verbose=False)
+        old = torch.hub.get_dir()
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "checkpoints").mkdir()
+            link = Path(tmp) / "checkpoints" / ALEXNET_FILE
+            try:
+                link.symlink_to(alexnet.resolve())
+            except OSError:
+                shutil.copyfile(alexnet, link)
+            torch.hub.set_dir(tmp)
+            try:
+                return lpips.LPIPS(net="alex", verbose=False)
+            finally:
+                torch.hub.set_dir(old)
+
+    @torch.no_grad()
+    def pairwise(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        same = b is None
+        b = a if same else b
+        out = torch.zeros(len(a), len(b))
+        for i in range(len(a)):
+            for j0 in range(0, len(b), self.batch):
+                bj = b[j0: j0 + self.batch].to(self.device) * 2 - 1
+                ai = (a[i: i + 1].to(self.device) * 2 - 1).expand_as(bj)
+                out[i, j0: j0 + len(bj)] = self.model(ai, bj).flatten().cpu()
+        if same:
+            out = (out + out.T) / 2
+            out.fill_diagonal_(0)
+        return out
+
+
+def get_distance(metric: str = "fallback", **kwargs):
+    """``"fallback"`` → :class:`HaarDistance`; ``"lpips"`` → :class:`LpipsDistance` (may raise MetricUnavailable)."""
+    if metric == "fallback":
+        return HaarDistance(**kwargs)
+    if metric == "lpips":
+        return LpipsDistance(**kwargs)
+    raise ValueError(f"metric must be 'fallback' or 'lpips', got {metric!r}")

@@ -1,0 +1,71 @@
+"""Config loading: unknown keys, dotted overrides, type coercion, method defaults (no training)."""
+import pytest
+
+from dsfast.train.config import ConfigError, load_config, parse_overrides, resolve_defaults
+
+BASE = {"model": {"pretrained": "some/model"}, "data": {"instance_dir": "imgs"}, "output_dir": "out"}
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="'train.learning_rate'"):
+        load_config({**BASE, "train": {"learning_rate": 1.0}})
+    with pytest.raises(ConfigError, match="'bogus'"):
+        load_config({**BASE, "bogus": 1})
+    with pytest.raises(ConfigError, match="'loss.weight'"):
+        load_config(BASE, ["loss.weight=3"])
+
+
+def test_dotted_overrides_and_coercion(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("method: finetune\nmodel: {pretrained: m}\ndata: {instance_dir: d}\ntrain: {lr: 1e-4}\n")
+    cfg = load_config(f, ["train.lr=3e-5", "deepspeed.zero_stage=3", "train.gradient_checkpointing=true",
+                          "loss.image=2", "deepspeed.offload_param=cpu"])
+    assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.train.gradient_checkpointing is True
+    assert cfg.loss.image == 2.0 and isinstance(cfg.loss.image, float)
+    assert cfg.output_dir.endswith("run")  # runs/<config stem>
+    assert parse_overrides(["a.b=[1, 2]"]) == [("a.b", [1, 2])]
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(f, ["train.lr"])
+    with pytest.raises(ConfigError, match="'train.max_steps'"):
+        load_config(f, ["train.max_steps=abc"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("method=dreamfusion", "'method'"),
+    ("train.mixed_precision=fp8", "mixed_precision"),
+    ("deepspeed.zero_stage=4", "zero_stage"),
+    ("deepspeed.offload_param=cpu", "zero_stage=3"),
+    ("loss.space=voxel", "loss.space"),
+    ("loss.source=lora_off", "lora_rank"),
+])
+def test_bad_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(BASE, [override])
+
+
+def test_required_keys():
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        load_config({"data": {"instance_dir": "x"}})
+    with pytest.raises(ConfigError, match="data.instance_dir"):
+        load_config({"model": {"pretrained": "x"}})
+
+
+def test_official_defaults():
+    cfg = resolve_defaults(load_config(BASE), "unconditional")
+    assert (cfg.loss.image, cfg.loss.hf, cfg.loss.hfmse) == (4.0, 4.0, 1.0)
+    assert cfg.train.lr == 1e-4 and cfg.train.ema == 0.9999 and cfg.loss.source == "frozen"
+    t2i = {**BASE, "data": {"instance_dir": "i", "instance_prompt": "a sks dog", "class_prompt": "a dog"}}
+    cfg = resolve_defaults(load_config(t2i), "text2image")
+    assert (cfg.loss.prior, cfg.loss.image, cfg.loss.hf, cfg.loss.hfmse) == (1.0, 100.0, 100.0, 0.1)
+    assert cfg.train.lr == 5e-6 and cfg.loss.source == "class_prompt"
+    cfg = resolve_defaults(load_config({**t2i, "method": "dreambooth"}), "text2image")
+    assert cfg.loss.prior == 1.0 and cfg.train.lr == 5e-6
+    with pytest.raises(ConfigError, match="text-to-image"):
+        resolve_defaults(load_config({**BASE, "method": "dreambooth"}), "unconditional")
+    with pytest.raises(ConfigError, match="class_prompt"):
+        resolve_defaults(load_config({**BASE, "data": {"instance_dir": "i", "instance_prompt": "a sks dog"}}),
+                         "text2image")
+    # explicit values win over the defaults
+    cfg = resolve_defaults(load_config(BASE, ["loss.image=1", "train.lr=2e-4"]), "unconditional")
+    assert cfg.loss.image == 1.0 and cfg.train.lr == 2e-4

@@ -1,0 +1,153 @@
+"""End-to-end DomainStudio / finetune on a tiny pretrained UNet2DModel through the DeepSpeed engine (CPU).
+
+DeepSpeed caches its process group, so every training run is a subprocess.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dsfast.train.testing import make_unconditional_pipeline, subprocess_env, tiny_config, write_images
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uncond")
+    make_unconditional_pipeline(root / "model")
+    make_unconditional_pipeline(root / "model_sigma", learned_sigma=True)
+    write_images(root / "imgs", 5)
+    return root
+
+
+def run_train(cfg: dict, workdir: Path, *args, env=None, check=True):
+    workdir.mkdir(parents=True, exist_ok=True)
+    f = workdir / "run.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    e = subprocess_env()
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "dsfast.train", "--config", str(f), *args], env=e,
+                       capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"training failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_domainstudio_run_folder(assets, tmp_path):
+    cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", checkpoint_every=1, keep_last=2, sample_every=2,
+                      train__max_steps=3)
+    p = run_train(cfg, tmp_path, "train.seed=1")  # CLI override
+    run = tmp_path / "run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["seed"] == 1 and resolved["loss"]["image"] == 4.0 and resolved["train"]["lr"] == 1e-4
+    m = metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    for key in ("loss", "simple", "image", "hf", "hfmse", "lr", "sec_per_step"):
+        assert key in m[-1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "samples" / "step_00000002.png").is_file()
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000003"
+    assert sorted(x.name for x in ck.iterdir() if x.is_dir()) == ["step_00000002", "step_00000003"]  # keep_last
+    assert "it/s" in p.stderr  # tqdm bar
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(run / "final"))
+    assert type(pipe).__name__ == "DDPMPipeline"
+    # final = EMA weights, which differ from the pretrained ones
+    from diffusers import UNet2DModel
+
+    before = UNet2DModel.from_pretrained(str(assets / "model"), subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), pipe.unet.state_dict().values()))
+
+    from dsfast.train.sample import main as sample_main, sample_images
+
+    imgs = sample_images(run, 3, num_inference_steps=2)
+    assert imgs.shape == (3, 3, 16, 16) and 0 <= imgs.min() and imgs.max() <= 1
+    again = sample_images(run, 2, num_inference_steps=2)
+    assert torch.allclose(imgs[:2], again)  # fixed seeds per image
+    assert sample_main(["--run", str(run), "--num", "4", "--steps", "2", "--out", str(tmp_path / "g.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("over", [
+    ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu", "train.mixed_precision=bf16"],
+    ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu",
+     "train.micro_batch_size=2", "train.gradient_checkpointing=true"],
+], ids=["zero2_offload_bf16", "zero3_offload_accum_ckpt"])
+def test_zero_stages(assets, tmp_path, over):
+    cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", checkpoint_every=2, train__max_steps=2)
+    run_train(cfg, tmp_path, *over)
+    run = tmp_path / "run"
+    m = metrics(run)
+    assert len(m) == 2 and all(r["loss"] == r["loss"] for r in m)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(run / "final"))
+    assert all(torch.isfinite(v).all() for v in pipe.unet.state_dict().values())
+    assert (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+
+
+def test_finetune_learned_sigma(assets, tmp_path):
+    cfg = tiny_config(tmp_path, assets / "model_sigma", assets / "imgs", method="finetune", train__max_steps=2)
+    run_train(cfg, tmp_path)
+    m = metrics(tmp_path / "run")
+    assert "vlb" in m[-1] and "image" not in m[-1] and m[-1]["vlb"] > 0
+
+
+@pytest.fixture(scope="module")
+def baseline(assets, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("baseline")
+    cfg = tiny_config(wd, assets / "model", assets / "imgs", checkpoint_every=2, keep_last=0, train__max_steps=5,
+                      train__micro_batch_size=2)
+    run_train(cfg, wd)
+    return wd / "run"
+
+
+@pytest.mark.parametrize("kill", ["step:3", "save:4"])
+def test_kill_and_resume_is_exact(assets, baseline, tmp_path, kill):
+    cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", checkpoint_every=2, keep_last=0,
+                      train__max_steps=5, train__micro_batch_size=2)
+    p = run_train(cfg, tmp_path, env={"DSFAST_TEST_KILL": kill}, check=False)
+    assert p.returncode == -9, p.stderr[-2000:]
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    expect_latest = "step_00000002"
+    assert (ck / "latest").read_text() == expect_latest and (ck / expect_latest / "COMPLETE").is_file()
+    if kill == "save:4":
+        assert (ck / "step_00000004").is_dir() and not (ck / "step_00000004" / "COMPLETE").exists()
+    p = run_train(cfg, tmp_path, "--resume", "latest")
+    assert "resumed from" in p.stdout
+    got, want = metrics(run), metrics(baseline)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(got, want):
+        for k in ("loss", "simple", "image", "hf", "hfmse"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-12), (a["step"], k)
+    from safetensors.torch import load_file
+
+    fa = load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    fb = load_file(baseline / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    for k in fb:
+        torch.testing.assert_close(fa[k], fb[k], rtol=1e-6, atol=1e-7)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(assets, tmp_path):
+    cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", checkpoint_every=1, train__max_steps=6,
+                      train__lr=1e30, train__max_grad_norm=0.0)
+    p = run_train(cfg, tmp_path, check=False)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "non-finite" in p.stderr and "last good checkpoint" in p.stderr
+    ck = tmp_path / "run" / "checkpoints"
+    latest = (ck / "latest").read_text()
+    assert (ck / latest / "COMPLETE").is_file()
+    assert not (tmp_path / "run" / "final").exists()
