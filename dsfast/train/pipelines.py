@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 
 LORA_DIR = "lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -14,7 +14,6 @@ grad), ``frozen`` (a frozen pretrained UNet on the instance x_t with the class p
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -13,7 +12,7 @@ import torch
 from . import distributed as D
 from .checkpoint import CheckpointManager, _maybe_kill
 from .config import ConfigError, RunConfig, dump_config, load_config, resolve_defaults
-from .data import DataError, load_folder, make_batch
+from .data import DataError, load_folder  # noqa: F401 (DataError re-exported)
 from .step import NonFiniteLoss, run_step
 
 
