@@ -4,9 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import losses
+from dsfast import ops
+
 from .data import generator, make_batch
 from .step import MicroOut
+from .vlb import vlb_term
 
 
 def alphas(scheduler, t, device):
@@ -52,16 +54,15 @@ class PairwiseMixin:
             n = ada.shape[0]
             anchors = torch.randperm(n, generator=generator(self.seed, 424242, step))[: min(lc.num_anchors, n)]
             anchors = anchors.sort().values.to(ada.device)
-        kw = dict(stencil=lc.stencil, tau=lc.tau, direction=lc.direction, reduction=lc.reduction,
-                  anchors=anchors, backend=lc.backend)
+        kw = dict(tau=lc.tau, direction=lc.direction, reduction=lc.reduction, anchors=anchors, backend=lc.backend)
         total = ada.new_zeros(())
         terms = {}
         if lc.image > 0:
-            v = losses.pairwise_kl(src, ada, hf=False, **kw)
+            v = ops.pairwise_similarity_kl(src, ada, **kw)
             total = total + lc.image * v
             terms["image"] = v
         if lc.hf > 0:
-            v = losses.pairwise_kl(src, ada, hf=True, **kw)
+            v = ops.hf_pairwise_similarity_kl(src, ada, stencil=lc.stencil, **kw)
             total = total + lc.hf * v
             terms["hf"] = v
         return total, terms
@@ -96,12 +97,12 @@ class UnconditionalMethod(PairwiseMixin):
         if learned and self.variance_type in ("learned", "learned_range"):
             if self.scheduler.config.prediction_type != "epsilon":
                 raise ValueError("learned-sigma models are supported with prediction_type='epsilon' only")
-            vlb = losses.vlb_term(self.scheduler, out.detach(), var_out, x0, x_t, t, self.variance_type)
+            vlb = vlb_term(self.scheduler, out.detach(), var_out, x0, x_t, t, self.variance_type)
             loss = loss + vlb
             terms["vlb"] = vlb
         x0_ada = predicted_x0(self.scheduler, out, x_t, t) if (self.has_pairwise or self.hfmse > 0) else None
         if self.hfmse > 0:
-            h = losses.hf_mse(x0_ada, x0, stencil=self.cfg.loss.stencil)
+            h = ops.hf_mse(x0_ada, x0, stencil=self.cfg.loss.stencil, backend=self.cfg.loss.backend)
             loss = loss + self.hfmse * h
             terms["hfmse"] = h
         x0_src = None

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dsfast import ops
+
 from . import distributed as D
-from . import losses
 from .data import draw, list_images, load_folder, sample_index
 from .methods import PairwiseMixin, predicted_x0, training_target
 from .step import MicroOut
@@ -170,7 +171,7 @@ class Text2ImageMethod(PairwiseMixin):
             x0_lat = predicted_x0(sch, pred_i, zt, t)
             ada = self._decode(x0_lat, torch.is_grad_enabled()) if pixel else x0_lat
             if self.hfmse > 0:
-                h = losses.hf_mse(ada, mb["x0"] if pixel else z, stencil=cfg.loss.stencil)
+                h = ops.hf_mse(ada, mb["x0"] if pixel else z, stencil=cfg.loss.stencil, backend=cfg.loss.backend)
                 loss = loss + self.hfmse * h
                 terms["hfmse"] = h
         if need_source and self.has_pairwise:

@@ -1,41 +1,10 @@
-"""The loss functions the trainer uses: dsfast.ops when present, else the plain-torch reference."""
+"""L_vlb of improved DDPM, for models that learn sigma (Nichol & Dhariwal 2021)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-
-def _ops():
-    try:
-        import dsfast.ops as ops  # noqa: F401
-
-        if hasattr(ops, "pairwise_similarity_kl"):
-            return ops, True
-    except ImportError:
-        pass
-    from dsfast import reference
-
-    return reference, False
-
-
-def pairwise_kl(source, adapted, *, hf: bool, stencil: str, tau: float, direction: str, reduction: str,
-                anchors=None, backend: str = "auto") -> torch.Tensor:
-    ops, has_backend = _ops()
-    kw = dict(tau=tau, direction=direction, reduction=reduction, anchors=anchors, detach_source=True)
-    if has_backend:
-        kw["backend"] = backend
-    if hf:
-        return ops.hf_pairwise_similarity_kl(source, adapted, stencil=stencil, **kw)
-    return ops.pairwise_similarity_kl(source, adapted, **kw)
-
-
-def hf_mse(adapted, target, *, stencil: str) -> torch.Tensor:
-    ops, _ = _ops()
-    return ops.hf_mse(adapted, target, stencil=stencil)
-
-
-# ----------------------------------------------------------------------------- L_vlb (learned sigma)
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
