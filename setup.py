@@ -45,6 +45,12 @@ def _extensions():
         with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     else:
         with_cuda = build_cuda in ("1", "true", "yes", "on")
+        if with_cuda and (torch.version.cuda is None or CUDA_HOME is None):
+            raise RuntimeError(
+                "DSFAST_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA toolkit (CUDA_HOME); "
+                f"found torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}. "
+                "The CUDA sources can still be checked with tests/test_cuda_compile.py."
+            )
 
     # Relative paths: setuptools wants sources relative to setup.py.
     sources = ["csrc/bindings.cpp"] + sorted(
