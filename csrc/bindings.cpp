@@ -22,8 +22,8 @@ TORCH_LIBRARY_IMPL(dsfast, CPU, m) {
   m.impl("haar_idwt2", &dsfast::cpu::haar_idwt2);
   m.impl("high_frequency", &dsfast::cpu::high_frequency);
   m.impl("high_frequency_backward", &dsfast::cpu::high_frequency_backward);
-  m.impl("gram", &dsfast::cpu::gram);
-  m.impl("gram_backward", &dsfast::cpu::gram_backward);
+  m.impl("gram", &dsfast::gram);
+  m.impl("gram_backward", &dsfast::gram_backward);
   m.impl("hf_gram", &dsfast::cpu::hf_gram);
   m.impl("hf_gram_backward", &dsfast::cpu::hf_gram_backward);
 }

@@ -76,7 +76,7 @@ def _command(source: Path, obj: Path, includes: list[str]) -> list[str]:
 
 def test_cuda_sources_exist():
     names = {p.stem for p in CU_SOURCES}
-    assert {"haar_dwt2", "high_frequency", "pairwise_similarity_kl", "hf_pairwise_similarity_kl"} <= names
+    assert {"haar_dwt2", "high_frequency", "hf_pairwise_similarity_kl"} <= names
 
 
 def test_cuda_sources_compile(tmp_path):

@@ -10,10 +10,14 @@ at::Tensor haar_dwt2(const at::Tensor& x);
 at::Tensor haar_idwt2(const at::Tensor& bands);
 at::Tensor high_frequency(const at::Tensor& x, c10::ArrayRef<double> weights);
 at::Tensor high_frequency_backward(const at::Tensor& grad, c10::ArrayRef<double> weights);
-at::Tensor gram(const at::Tensor& x);
-at::Tensor gram_backward(const at::Tensor& grad_gram, const at::Tensor& x);
 at::Tensor hf_gram(const at::Tensor& x, c10::ArrayRef<double> weights);
 at::Tensor hf_gram_backward(const at::Tensor& grad_gram, const at::Tensor& x,
                             c10::ArrayRef<double> weights);
 
 }  // namespace dsfast::cpu
+
+namespace dsfast {
+// Device-generic (ATen GEMMs), registered for CPU and CUDA: csrc/cpu/pairwise_similarity_kl.cpp.
+at::Tensor gram(const at::Tensor& x);
+at::Tensor gram_backward(const at::Tensor& grad_gram, const at::Tensor& x);
+}  // namespace dsfast

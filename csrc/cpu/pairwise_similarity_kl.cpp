@@ -1,20 +1,20 @@
-// Gram matrix of a flattened batch and its backward on CPU.
+// Gram matrix of a flattened batch and its backward, for every device.
 // gram(x) = x @ x.T for x (N, D); gram_backward(g, x) = (g + g.T) @ x.
-// These are plain GEMMs: at::mm (MKL/OpenBLAS through ATen) on a float32 view (float64 for
-// float64 input) is the right tool; hand-written loops would only be slower. fp16/bf16 inputs
-// are upcast once so that accumulation happens in float32, as the contract requires.
+// These are plain GEMMs: at::mm (MKL/OpenBLAS on CPU, cuBLAS on CUDA) on a float32 view (float64
+// for float64 input) is the right tool, so one device-generic implementation is registered for
+// both CPU and CUDA. fp16/bf16 inputs are upcast once so that accumulation happens in float32.
+// On CUDA, float32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default).
 #include <ATen/ops/mm.h>
 
 #include "../common.h"
 #include "ops.h"
 
-namespace dsfast::cpu {
+namespace dsfast {
 
 namespace {
 void check_2d(const at::Tensor& x, const char* op) {
   check_float(x, op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, D), got shape ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor");
 }
 }  // namespace
 
@@ -44,4 +44,4 @@ at::Tensor gram_backward(const at::Tensor& grad_gram, const at::Tensor& x) {
   return out;
 }
 
-}  // namespace dsfast::cpu
+}  // namespace dsfast

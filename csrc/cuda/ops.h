@@ -11,8 +11,6 @@ at::Tensor haar_dwt2(const at::Tensor& x);
 at::Tensor haar_idwt2(const at::Tensor& bands);
 at::Tensor high_frequency(const at::Tensor& x, c10::ArrayRef<double> weights);
 at::Tensor high_frequency_backward(const at::Tensor& grad, c10::ArrayRef<double> weights);
-at::Tensor gram(const at::Tensor& x);
-at::Tensor gram_backward(const at::Tensor& grad_gram, const at::Tensor& x);
 at::Tensor hf_gram(const at::Tensor& x, c10::ArrayRef<double> weights);
 at::Tensor hf_gram_backward(const at::Tensor& grad_gram, const at::Tensor& x,
                             c10::ArrayRef<double> weights);
