@@ -6,14 +6,18 @@ CPU: ``time.perf_counter`` around each call, thread count fixed with ``torch.set
 recorded. GPU: a CUDA event pair around each call, the L2 cache flushed (a 256 MiB buffer zeroed)
 before each call outside the events, as ``triton.testing.do_bench`` does. Each measurement warms up
 (the first call also compiles, for ``torch.compile``; that time is recorded as ``warmup_s``), then
-repeats until ``min_time`` seconds and ``min_reps`` calls (at most ``max_reps``); rows give the
-median, 20th and 80th percentile.
+repeats until ``min_time`` seconds and ``min_reps`` calls (at most ``max_reps``; calls slower than
+``slow`` seconds, such as the official double loop, skip further warm-up and take 3 calls); rows give
+the median, 20th and 80th percentile. ``first_call_s`` (fwd+bwd rows) is the first forward with autograd:
+for ``compile`` it holds the compile time of the training graph, ``warmup_s`` of the fwd row that of
+the inference graph.
 
 Passes
 ------
 ``fwd``      one forward under ``torch.no_grad()`` (inference cost, no graph);
-``bwd``      ``torch.autograd.grad`` of a graph built once outside the timed region (``retain_graph``);
-             random cotangents for tensor outputs, 1 for scalar losses;
+``bwd``      ``torch.autograd.grad`` of a graph built by a forward outside the timed region (a fresh graph
+             per call: torch.compile's donated buffers forbid ``retain_graph``); random cotangents for
+             tensor outputs, 1 for scalar losses;
 ``fwd+bwd``  forward with autograd recording, then ``torch.autograd.grad`` (a training step's view).
 ``autograd.grad`` returns the gradients instead of accumulating into ``.grad``, so repeats stay equal.
 
@@ -55,8 +59,9 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 class Timer:
     """Times zero-argument callables on one device; ``settings`` from the suite."""
 
-    def __init__(self, device: torch.device, *, min_time: float, min_reps: int, max_reps: int, warmup: int = 1):
-        self.device = device
+    def __init__(self, device: torch.device, *, min_time: float, min_reps: int, max_reps: int, warmup: int = 1,
+                 slow: float = 0.25):
+        self.device, self.slow = device, slow
         self.min_time, self.min_reps, self.max_reps, self.warmup = min_time, min_reps, max_reps, warmup
         self._flush = None
         if device.type == "cuda":
@@ -66,32 +71,35 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _one(self, fn) -> float:
+    def _one(self, fn, setup=None) -> float:
+        state = () if setup is None else (setup(),)  # untimed (bwd: builds the graph)
         if self.device.type == "cuda":
             self._flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            fn(*state)
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
         t0 = time.perf_counter()
-        fn()
+        fn(*state)
         return time.perf_counter() - t0
 
-    def measure(self, fn) -> dict:
-        """Warm up, then time ``fn`` repeatedly; seconds."""
+    def measure(self, fn, setup=None) -> dict:
+        """Warm up, then time ``fn`` repeatedly (``fn(setup())`` when ``setup`` is given); seconds."""
         self.sync()
         t0 = time.perf_counter()
-        fn()
+        self._one(fn, setup)
         self.sync()
         first = time.perf_counter() - t0
-        est = first
-        for _ in range(self.warmup - 1):
-            est = self._one(fn)
-        est = self._one(fn) if self.warmup >= 1 else est
-        reps = int(min(self.max_reps, max(self.min_reps, math.ceil(self.min_time / max(est, 1e-7)))))
-        times = sorted(self._one(fn) for _ in range(reps))
+        if first > self.slow:  # e.g. the official double loop: the first call was the warm-up
+            est, min_reps = first, min(self.min_reps, 3)
+        else:
+            for _ in range(max(1, self.warmup)):
+                est = self._one(fn, setup)
+            min_reps = self.min_reps
+        reps = int(min(self.max_reps, max(min_reps, math.ceil(self.min_time / max(est, 1e-7)))))
+        times = sorted(self._one(fn, setup) for _ in range(reps))
         return {
             "median_s": statistics.median(times),
             "p20_s": _quantile(times, 0.2),
@@ -124,14 +132,15 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def cpu_peak_extra_bytes(fn) -> int:
+def cpu_peak_extra_bytes(fn, setup=None) -> int:
     """Peak of the running sum of torch CPU allocations minus frees while ``fn`` runs (torch.profiler)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    state = () if setup is None else (setup(),)
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
+        result = fn(*state)
+        del result, state
     allocations = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -146,24 +155,26 @@ def cpu_peak_extra_bytes(fn) -> int:
     return peak
 
 
-def numpy_peak_extra_bytes(fn) -> int:
+def numpy_peak_extra_bytes(fn, setup=None) -> int:
+    state = () if setup is None else (setup(),)
     tracemalloc.start()
     try:
-        result = fn()
+        result = fn(*state)
         del result
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
 
 
-def cuda_peak_extra_bytes(fn, device) -> int:
+def cuda_peak_extra_bytes(fn, device, setup=None) -> int:
+    state = () if setup is None else (setup(),)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    result = fn()
+    result = fn(*state)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    del result
+    del result, state
     return peak - base
 
 
@@ -175,6 +186,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> floa
     dst = torch.empty_like(src)
     timer = Timer(device, min_time=0.2, min_reps=5, max_reps=50, warmup=2)
     t = timer.measure(lambda: dst.copy_(src))["median_s"]
+    del src, dst
     return 2 * nbytes / t / 1e9
 
 
@@ -191,35 +203,33 @@ def _cotangents(outs: list[torch.Tensor], seed: int = 1):
 
 
 def pass_fns(call, leaves):
-    """The three passes as zero-argument callables (``bwd``'s graph is built here, once)."""
-    fns = {}
+    """``{pass: (setup, fn)}``: ``fn()`` (or ``fn(setup())``, ``setup`` untimed) runs the pass once."""
 
     def fwd():
         with torch.no_grad():
             return call()
 
-    fns["fwd"] = fwd
+    fns = {"fwd": (None, fwd)}
     if leaves is None:
         return fns
+    t0 = time.perf_counter()
     probe = [o for o in peers.flatten_tensors(call()) if o.requires_grad]
+    fns["first_call_s"] = time.perf_counter() - t0  # includes torch.compile's compile of the training graph
     cots = _cotangents(probe)
     del probe
 
-    def grad_of(outs):
-        outs = [o for o in peers.flatten_tensors(outs) if o.requires_grad]
-        return torch.autograd.grad(outs, leaves, cots, retain_graph=False, allow_unused=True)
+    def graph():  # the forward of the bwd pass, run outside the timed region
+        return [o for o in peers.flatten_tensors(call()) if o.requires_grad]
+
+    def bwd(outs):
+        # No retain_graph: a fresh graph per call (torch.compile's donated buffers forbid reusing one).
+        return torch.autograd.grad(outs, leaves, cots, allow_unused=True)
 
     def fwd_bwd():
-        return grad_of(call())
+        return bwd(graph())
 
-    graph = [o for o in peers.flatten_tensors(call()) if o.requires_grad]
-
-    def bwd():
-        return torch.autograd.grad(graph, leaves, cots, retain_graph=True, allow_unused=True)
-
-    fns["fwd+bwd"] = fwd_bwd
-    fns["bwd"] = bwd
-    fns["_graph"] = graph  # keeps the bwd graph alive; dropped by the caller
+    fns["bwd"] = (graph, bwd)
+    fns["fwd+bwd"] = (None, fwd_bwd)
     return fns
 
 
@@ -232,17 +242,20 @@ def measure_provider(provider: str, op: str, inputs: dict, timer: Timer, passes=
     for p in passes:
         if p not in fns:
             continue  # no autograd (pywt): forward rows only
-        res = timer.measure(fns[p])
+        setup, fn = fns[p]
+        res = timer.measure(fn, setup)
         res["status"] = "ok"
+        if p == "fwd+bwd":
+            res["first_call_s"] = fns["first_call_s"]
         if with_memory:
             if device.type == "cuda":
-                res["peak_extra_bytes"] = cuda_peak_extra_bytes(fns[p], device)
+                res["peak_extra_bytes"] = cuda_peak_extra_bytes(fn, device, setup)
                 res["memory_method"] = "cuda max_memory_allocated - memory_allocated"
             elif provider == "pywt":
-                res["peak_extra_bytes"] = numpy_peak_extra_bytes(fns[p])
+                res["peak_extra_bytes"] = numpy_peak_extra_bytes(fn, setup)
                 res["memory_method"] = "tracemalloc (numpy)"
             else:
-                res["peak_extra_bytes"] = cpu_peak_extra_bytes(fns[p])
+                res["peak_extra_bytes"] = cpu_peak_extra_bytes(fn, setup)
                 res["memory_method"] = "torch.profiler CPU allocator"
         results[p] = res
     fns.clear()
@@ -275,7 +288,7 @@ def run_sweep(plan, *, device, timer, base_row: dict, emit, deadline: float, cop
             op_bytes = tensor_bytes * len(spec.inputs)
             for provider in providers:
                 row = dict(common, op=op, provider=provider)
-                if peers.supports(provider, op, n, dtype, device) is not None:
+                if peers.supports(provider, op, n, dtype, device, tensor_bytes) is not None:
                     continue  # structural (the provider has no such op/dtype; official N cap): no row
                 reason = None
                 if max_input_bytes is not None and op_bytes > max_input_bytes:

@@ -31,8 +31,11 @@ import torch.nn.functional as F
 
 from dsfast import reference
 
-# The official double loop launches O(N^2) tiny kernels: slow by design, so only small batches.
+# The official double loop launches O(N^2) tiny kernels, and its backward materialises a full-size
+# gradient buffer per pair (select/reshape backward): O(N^2) x (bytes of one batch) of memory traffic.
+# Slow by design, so only small batches and a cap on that traffic (CPU ~1 GiB: seconds per call).
 OFFICIAL_MAX_N = 16
+OFFICIAL_MAX_WORK = {"cpu": int(0.8 * 2**30), "cuda": 64 * 2**30}
 
 # DomainStudio's official weights (lambda_img, lambda_hf, lambda_hfmse).
 LAMBDAS = (4.0, 4.0, 1.0)
@@ -73,21 +76,31 @@ OPS: dict[str, OpSpec] = {
 GRAD_INPUTS = {"x", "coeffs1", "coeffs3", "adapted"}
 
 
-def make_inputs(n: int, c: int, h: int, w: int, dtype: torch.dtype, device, seed: int = 0) -> dict:
-    """The canonical inputs of every op for one (N, C, H, W, dtype): plain detached tensors."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+class Inputs(dict):
+    """The canonical inputs; the DWT coefficients of the inverse ops are computed on first use."""
+
+    def __missing__(self, key):
+        levels = {"coeffs1": 1, "coeffs3": 3}.get(key)
+        if levels is None:
+            raise KeyError(key)
+        with torch.no_grad():
+            self[key] = _detach_coeffs(reference.haar_wavedec2(self["adapted"], levels))
+        return self[key]
+
+
+def make_inputs(n: int, c: int, h: int, w: int, dtype: torch.dtype, device, seed: int = 0) -> Inputs:
+    """The canonical inputs of every op for one (N, C, H, W, dtype): plain detached tensors, drawn on
+    ``device`` (a GPU row of several GiB would take seconds to draw on the CPU)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def rand():
-        return torch.randn(n, c, h, w, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        return torch.randn(n, c, h, w, generator=gen, dtype=torch.float32, device=device).to(dtype)
 
     source = rand()
-    adapted = (source + 0.5 * rand()).to(dtype)  # correlated, as a fine-tuned model's predictions
+    adapted = source + 0.5 * rand()  # correlated, as a fine-tuned model's predictions
     target = rand()
-    out = {"source": source, "adapted": adapted, "target": target, "real": target, "x": adapted}
-    out["coeffs1"] = _detach_coeffs(reference.haar_wavedec2(adapted, 1))
-    if h % 8 == 0 and w % 8 == 0:
-        out["coeffs3"] = _detach_coeffs(reference.haar_wavedec2(adapted, 3))
-    return out
+    return Inputs(source=source, adapted=adapted, target=target, real=target, x=adapted)
 
 
 def _detach_coeffs(coeffs):
@@ -264,14 +277,29 @@ def providers_for(device: torch.device) -> list[str]:
     return names
 
 
-def supports(provider: str, op: str, n: int, dtype: torch.dtype, device: torch.device) -> str | None:
-    """``None`` when ``provider`` runs ``op`` for this case, else the reason it is skipped."""
+def official_work(op: str, n: int, tensor_bytes: int) -> int:
+    """Bytes of per-pair gradient buffers the official double loop's backward writes (see OFFICIAL_MAX_WORK)."""
+    if not OPS[op].pairwise:
+        return 0
+    if op == "hf_pairwise_similarity_kl":
+        return n * n * tensor_bytes // 4  # on the hf maps (H/2 x W/2)
+    return n * n * tensor_bytes  # the image-level KL (also inside domainstudio_loss)
+
+
+def supports(provider: str, op: str, n: int, dtype: torch.dtype, device: torch.device,
+             tensor_bytes: int | None = None) -> str | None:
+    """``None`` when ``provider`` runs ``op`` for this case, else the reason it is skipped
+    (``tensor_bytes``: bytes of one input batch, for the official loop's cost cap)."""
     spec = OPS[op]
+    device = torch.device(device)
     if provider == "official":
         if op not in OFFICIAL_FNS:
             return "the official code has no standalone form of this op"
         if spec.pairwise and n > OFFICIAL_MAX_N:
             return f"official double loop restricted to N <= {OFFICIAL_MAX_N}"
+        cap = OFFICIAL_MAX_WORK.get(device.type, OFFICIAL_MAX_WORK["cuda"])
+        if tensor_bytes is not None and official_work(op, n, tensor_bytes) > cap:
+            return f"official double loop: N^2 x batch bytes over {cap / 2**30:.1f} GiB"
     if provider == "pywt":
         if device.type != "cpu" or not op.startswith("haar_"):
             return "pywt: DWT ops on CPU only"
@@ -279,8 +307,11 @@ def supports(provider: str, op: str, n: int, dtype: torch.dtype, device: torch.d
             return "pywt: no bfloat16"
     if provider == "pytorch_wavelets" and not (op.startswith("haar_") or op == "high_frequency"):
         return "pytorch_wavelets: DWT ops only"
-    if provider == "ptwt" and not op.startswith("haar_"):
-        return "ptwt: DWT ops only"
+    if provider == "ptwt":
+        if not op.startswith("haar_"):
+            return "ptwt: DWT ops only"
+        if dtype not in (torch.float32, torch.float64):
+            return "ptwt: float32/float64 only"
     return None
 
 
@@ -289,7 +320,7 @@ def build(provider: str, op: str, inputs: dict):
     with respect to (``None``: no autograd). Raises :class:`Unsupported`."""
     x = inputs["x"]
     dtype, device = x.dtype, x.device
-    reason = supports(provider, op, x.shape[0], dtype, device)
+    reason = supports(provider, op, x.shape[0], dtype, device)  # (no work cap: the caller decided)
     if reason:
         raise Unsupported(reason)
     if provider == "pywt":

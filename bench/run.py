@@ -113,41 +113,61 @@ def _parse_shape(s: str) -> tuple[int, int, int]:
 
 
 def cpu_plan(providers: list[str], ops: list[str], quick: bool):
-    """The reduced CPU sweep. Always holds the headline row (N=16, 3x256x256, fp32, fused hf-KL fwd+bwd:
-    C++ vs eager reference vs official vs torch.compile)."""
+    """The reduced CPU sweep (<= 10 min on 2 cores), most important first, so a slow machine's time budget
+    cuts the last rows: the headline row (N=16, 3x256x256, fp32, fused hf-KL fwd+bwd: C++ vs eager
+    reference vs official vs torch.compile), every op at that configuration (float32 and bfloat16),
+    N in {4, 16, 64, 256} at 3x64x64 (memory vs N), N=16 at 4x64x64, 4x128x128, 3x512x512 (time vs size)."""
     base = [p for p in providers if p != "compile"]
     fp32, bf16 = torch.float32, torch.bfloat16
     if quick:
         return [(4, 3, 32, 32, fp32, ops, base)]
-    compile_ops = [o for o in ops if o in ("hf_pairwise_similarity_kl", "domainstudio_loss")]
-    plan = [(16, 3, 256, 256, fp32, ops, base)]
-    if "compile" in providers and compile_ops:
-        plan.append((16, 3, 256, 256, fp32, compile_ops, ["reference", "compile"]))
+    head_ops = [o for o in ops if o == "hf_pairwise_similarity_kl"]
+    rest = [o for o in ops if o not in head_ops]
+    plan = []
+    if head_ops:  # the headline row first, torch.compile included
+        plan.append((16, 3, 256, 256, fp32, head_ops, base + [p for p in providers if p == "compile"]))
+    plan.append((16, 3, 256, 256, fp32, rest, base))
+    if "compile" in providers and "domainstudio_loss" in rest:
+        plan.append((16, 3, 256, 256, fp32, ["domainstudio_loss"], ["compile"]))  # reference: just above
     plan.append((16, 3, 256, 256, bf16, ops, base))
-    for n in (4, 64):  # memory vs N
-        plan.append((n, 3, 256, 256, fp32, ops, base))
-    plan.append((256, 3, 64, 64, fp32, ops, base))
-    for c, h, w in ((3, 64, 64), (4, 64, 64), (4, 128, 128), (3, 512, 512)):  # time vs size at N=16
+    for n in (4, 16, 64, 256):  # memory vs N (all four N of the issue, at the smallest shape)
+        plan.append((n, 3, 64, 64, fp32, ops, base))
+    for c, h, w in ((4, 64, 64), (4, 128, 128), (3, 512, 512)):  # time vs size at N=16 (with 3x64^2, 3x256^2)
         plan.append((16, c, h, w, fp32, ops, base))
     return plan
 
 
 def gpu_plan(providers: list[str], ops: list[str], ns, shapes, dtypes, quick: bool):
-    """The full sweep, headline configuration first, then by size (so a time budget cuts the largest)."""
+    """The full sweep, headline configuration first, then by size (so a time budget cuts the largest).
+
+    To fit one <= 10 min device call: the official double loop runs at N=4, and at N=16 in float32;
+    torch.compile (seconds of compile per graph and shape) runs every compilable op at the headline
+    configuration and the two fused losses over N at 3x256x256 float32 (the memory-vs-N plot).
+    ``--providers compile`` with ``--n``/``--shapes`` runs more of it in a separate call.
+    """
     if quick:
-        return [(4, 3, 64, 64, torch.float32, ops, providers)]
+        return [(4, 3, 64, 64, torch.float32, ops, [p for p in providers if p != "compile"])]
     configs = [(n, c, h, w, dt) for dt in dtypes for n in ns for (c, h, w) in shapes]
     head = (16, 3, 256, 256, torch.float32)
     configs.sort(key=lambda k: (k != head, k[0] * k[1] * k[2] * k[3] * torch.empty((), dtype=k[4]).element_size()))
-    # torch.compile on GPU: the loss ops, the hf map and the one-level DWT (compile time is the cost here).
-    compiled = set(LOSS_OPS) | {"high_frequency", "haar_dwt2"}
+    only_compile = providers == ["reference", "compile"]  # an explicit compile run: compile everything asked
     plan = []
     for n, c, h, w, dt in configs:
-        plan.append((n, c, h, w, dt, ops, [p for p in providers if p != "compile"]))
+        base = [p for p in providers if p != "compile"
+                and not (p == "official" and (n > 16 or (n > 4 and dt != torch.float32)))]
+        if not only_compile:
+            plan.append((n, c, h, w, dt, ops, base))
         if "compile" in providers:
-            cops = [o for o in ops if o in compiled]
+            if only_compile:
+                cops = ops
+            elif (n, c, h, w, dt) == head:
+                cops = [o for o in ops if o in set(LOSS_OPS) | {"high_frequency", "haar_dwt2"}]
+            elif (c, h, w, dt) == (3, 256, 256, torch.float32):
+                cops = [o for o in ops if o in ("hf_pairwise_similarity_kl", "domainstudio_loss")]
+            else:
+                cops = []
             if cops:
-                plan.append((n, c, h, w, dt, cops, ["reference", "compile"]))
+                plan.append((n, c, h, w, dt, cops, ["reference", "compile"] if only_compile else ["compile"]))
     return plan
 
 
@@ -176,7 +196,13 @@ def load_rows(device_dir: str, kind: str) -> list[dict]:
     for path in full or files:
         with open(path) as f:
             rows += [json.loads(line) for line in f if line.strip()]
-    return rows
+    # Several files (split or repeated runs) may hold the same row: keep the latest run's.
+    latest = {}
+    for r in sorted(rows, key=lambda r: r.get("run_id", "")):
+        key = ((r.get("op"), r.get("pass"), r.get("n"), r.get("shape"), r.get("dtype"), r.get("provider"))
+               if kind == "kernels" else (r.get("model"), r.get("variant"), r.get("batch")))
+        latest[key] = r
+    return list(latest.values())
 
 
 def _fmt_ms(s):
@@ -282,7 +308,7 @@ def device_section(device_dir: str, rel: str) -> str:
     train = load_rows(device_dir, "training")
     if not kernels and not train:
         return ""
-    meta = (kernels or train)[0]
+    meta = max(kernels or train, key=lambda r: r.get("run_id", ""))
     out = [f"### {meta['device']} ({meta['device_type']})", ""]
     out.append(f"torch {meta['torch']}, triton {meta.get('triton')}, dsfast {meta.get('dsfast')}, "
                f"commit `{(meta.get('git_commit') or '?')[:10]}`{' (dirty)' if meta.get('git_dirty') else ''}, "
@@ -387,8 +413,11 @@ def plot_device(device_dir: str):
     plt.close(fig)
 
     # memory vs N at the most common shape
-    shapes = [r["shape"] for r in rows]
-    s_fix = "3x256x256" if "3x256x256" in shapes else max(set(shapes), key=shapes.count)
+    n_per_shape = {}
+    for r in rows:
+        n_per_shape.setdefault(r["shape"], set()).add(r["n"])
+    s_fix = ("3x256x256" if len(n_per_shape.get("3x256x256", ())) >= 3
+             else max(n_per_shape, key=lambda k: (len(n_per_shape[k]), k)))
     fig, axes = grid(f"peak extra memory vs N, {s_fix}, float32, {pass_name}")
     for ax, op in zip(axes, ops):
         sub = [r for r in rows if r["op"] == op and r["shape"] == s_fix and r.get("peak_extra_bytes") is not None]
@@ -455,9 +484,14 @@ def main(argv=None):
                     help="GPU: skip rows whose inputs together exceed this (default 4 GiB)")
     ap.add_argument("--models", default=None, help="training models (cpu: tiny; gpu-train: adm256,sd15,sdxl)")
     ap.add_argument("--no-training", action="store_true", help="cpu suite: skip the training step")
-    ap.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-batch-search", action="store_true", help="gpu-train: skip the largest micro-batch search")
+    ap.add_argument("--tag", default=None,
+                    help="suffix of the output files (kernels-<suite>-<tag>.jsonl), to keep a split run's parts; "
+                         "the tables merge every file, the latest row winning")
     ap.add_argument("--report-only", action="store_true", help="rebuild tables/plots from the results folder")
     args = ap.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in logs as they happen
 
     warnings.filterwarnings("ignore", message=".*reduction: 'mean' divides.*")
     warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
@@ -489,7 +523,7 @@ def main(argv=None):
 
     env = environment(device, suite, threads)
     device_dir = os.path.join(args.results_dir, slugify(env["device"]))
-    tag = suite + ("-quick" if args.quick else "")
+    tag = suite + (f"-{slugify(args.tag)}" if args.tag else "") + ("-quick" if args.quick else "")
     print(f"dsfast bench --suite {tag}: {env['device']}, torch {env['torch']}, {threads} thread(s), "
           f"budget {budget:.0f} s -> {device_dir}")
 
@@ -515,7 +549,7 @@ def main(argv=None):
             shapes = [_parse_shape(s) for s in args.shapes.split(",")] if args.shapes else ALL_SHAPES
             dtypes = [_dtype(d) for d in args.dtypes.split(",")]
             plan = gpu_plan(providers, ops, ns, shapes, dtypes, args.quick)
-            timer = kernels.Timer(device, min_time=0.02, min_reps=5, max_reps=50)
+            timer = kernels.Timer(device, min_time=0.01, min_reps=5, max_reps=30)
             max_input = int(args.max_input_gib * 2**30)
         copy_gbps = kernels.copy_bandwidth_gbps(device)
         env["copy_gbps"] = copy_gbps
@@ -536,7 +570,8 @@ def main(argv=None):
         try:
             training.run(models, training.VARIANTS, device, base_row=env, emit=writer, deadline=train_deadline,
                          warmup=1 if args.quick else 2, steps=1 if args.quick else (3 if suite == "cpu" else 5),
-                         search=device.type == "cuda")
+                         batch=4 if args.quick else None, latent=(3, 16, 16) if args.quick and suite == "cpu" else None,
+                         search=device.type == "cuda" and not args.quick and not args.no_batch_search)
         finally:
             writer.close()
 
