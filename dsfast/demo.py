@@ -4,10 +4,11 @@
 2. Adapts the committed source model (``assets/source_model``, trained by ``dsfast pretrain`` on
    flat-coloured shapes) to those 10 images twice, with the same steps, batch, lr and seed:
    plain ``finetune`` (L_simple only) and ``domainstudio`` (L_simple + the pairwise-similarity
-   KL of x̃0 and of its high-frequency part + hf-MSE, official weights 4 / 4 / 1), both through
+   KL of x̃0 and of its high-frequency part + hf-MSE, weights 4 / 4 / 0.05 — the official
+   unconditional code's flags are 4 / 4 / 1 but it adds the hf-MSE term times 0.05), both through
    :func:`dsfast.train.train`.
-3. Samples the source, fine-tuned and DomainStudio models with the same initial noise
-   (DDIM, eta 0) and scores them against the 10 training images with :mod:`dsfast.eval`
+3. Samples the source, fine-tuned and DomainStudio models with the same noise
+   (DDIM, 50 steps, eta 1) and scores them against the 10 training images with :mod:`dsfast.eval`
    (the weight-free *fallback* distance — no pretrained network can be downloaded here —
    so every diversity number is labelled "fallback"; it is not LPIPS).
 4. Writes ``<out>/comparison.png`` (labelled rows: training images, source, fine-tuned,
@@ -47,10 +48,17 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0, help="training seed (both methods) and sampling seed")
+    p.add_argument("--lambda-image", type=float, default=4.0, help="DomainStudio: weight of the image pairwise KL")
+    p.add_argument("--lambda-hf", type=float, default=4.0, help="DomainStudio: weight of the high-frequency pairwise KL")
+    p.add_argument("--lambda-hfmse", type=float, default=0.05,
+                   help="DomainStudio: weight of the hf-MSE (the official unconditional code multiplies its "
+                        "hf_mse_weight=1 by 0.05)")
     p.add_argument("--data-seed", type=int, default=1234, help="seed of the target-domain generator")
     p.add_argument("--num-train", type=int, default=10, help="number of target training images")
     p.add_argument("--num-samples", type=int, default=100, help="samples per model for the metrics")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="DDIM eta (1: stochastic; 0: deterministic DDIM, which greys this small model's colours)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--methods", default="finetune,domainstudio", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -59,11 +67,12 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample_model(pipeline_dir: Path, num: int, steps: int, seed: int, desc: str, batch: int = 50) -> torch.Tensor:
-    """DDIM (eta 0) samples ``(num, 3, H, W)`` in [0, 1], quantised to 8 bits (what the PNGs hold).
+def sample_model(pipeline_dir: Path, num: int, steps: int, seed: int, desc: str, batch: int = 50,
+                 eta: float = 1.0) -> torch.Tensor:
+    """DDIM samples ``(num, 3, H, W)`` in [0, 1], quantised to 8 bits (what the PNGs hold).
 
-    The initial noise depends only on ``seed`` and the sample index, so every model starts from the
-    same noise and the rows of the comparison are paired.
+    The initial noise and the per-step noise (eta > 0) depend only on ``seed`` and the sample
+    batch, so every model gets the same noise and the rows of the comparison are paired.
     """
     from diffusers import DDIMScheduler, UNet2DModel
     from tqdm.auto import tqdm
@@ -74,12 +83,13 @@ def sample_model(pipeline_dir: Path, num: int, steps: int, seed: int, desc: str,
     size = unet.config.sample_size
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(num, unet.config.in_channels, size, size, generator=gen)
+    step_gen = torch.Generator().manual_seed(seed + 1)
     out = []
     bar = tqdm(total=steps * ((num + batch - 1) // batch), desc=f"sample {desc}", dynamic_ncols=True)
     for start in range(0, num, batch):
         x = noise[start: start + batch]
         for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+            x = sched.step(unet(x, t).sample, t, x, eta=eta, generator=step_gen).prev_sample
             bar.update(1)
         out.append(((x.clamp(-1, 1) + 1) / 2))
     bar.close()
@@ -244,7 +254,7 @@ def main(argv=None) -> int:
             "checkpoint_every": 0,
         }
         if method == "domainstudio":
-            config["loss"] = {"image": 4.0, "hf": 4.0, "hfmse": 1.0}  # the official weights
+            config["loss"] = {"image": args.lambda_image, "hf": args.lambda_hf, "hfmse": args.lambda_hfmse}
         print(f"\n== {method}: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}", flush=True)
         t = time.time()
         run_dirs[method] = Path(train(config, resume="none"))
@@ -254,7 +264,7 @@ def main(argv=None) -> int:
     samples = {}
     pipelines = {"source": args.source, **{m: run_dirs[m] / "final" for m in methods}}
     for name, pipe_dir in pipelines.items():
-        samples[name] = sample_model(pipe_dir, args.num_samples, args.sample_steps, args.seed, name)
+        samples[name] = sample_model(pipe_dir, args.num_samples, args.sample_steps, args.seed, name, eta=args.eta)
         write_pngs(samples[name], out / "samples" / name, prefix=name)
 
     distance = HaarDistance()
@@ -262,7 +272,7 @@ def main(argv=None) -> int:
 
     comparison_figure({"target": target, **samples}, out / "comparison.png",
                       f"{args.steps} adaptation steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}; "
-                      f"DDIM {args.sample_steps} steps, same noise in every row")
+                      f"DDIM {args.sample_steps} steps (eta {args.eta:g}), same noise in every row")
     loss_figure({m: read_metrics(run_dirs[m]) for m in methods}, out / "loss_curves.png")
 
     summary = {}

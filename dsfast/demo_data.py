@@ -6,10 +6,11 @@ scene generator, and differ only in how a scene is *rendered*:
 
 * **source** ("flat"): flat-coloured, anti-aliased shapes on a smooth background (a solid
   colour or a linear gradient between two colours). Almost no high-frequency content.
-* **target** ("sketch"): the same kind of scene drawn as a pencil sketch: off-white grainy
-  paper, a dark outline, and diagonal hatching (period 3 px at 32 px) inside each shape,
-  the ink slightly tinted by the shape's colour. Same content, different style and
-  high-frequency detail — the few-shot target of DomainStudio.
+* **target** ("sketch"): the same kind of scene — the same kind of smooth colour background —
+  but each shape drawn in ink: a dark outline and diagonal hatching (period 3 px at 32 px)
+  inside, the ink tinted by the shape's colour, and a per-pixel paper grain over the whole
+  image. Same content and colours, different style and high-frequency detail: the few-shot
+  target of DomainStudio.
 
 Image ``i`` of a set depends only on ``(seed, i, domain, size)`` (its RNG is
 ``numpy.random.default_rng([seed, i, domain_id])``), so a prefix of a larger set equals the
@@ -104,17 +105,20 @@ def _downsample(img: np.ndarray, size: int) -> np.ndarray:
     return img.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, -1).mean(axis=(1, 3))
 
 
+def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A solid colour (40 %) or a linear gradient between two colours, on the supersampled grid."""
+    c0, c1 = _random_color(rng) * 0.85, _random_color(rng) * 0.85
+    if rng.uniform() < 0.4:
+        return np.broadcast_to(c0, x.shape + (3,)).copy()
+    a = rng.uniform(0, 2 * np.pi)
+    t = np.clip((np.cos(a) * (x - 0.5) + np.sin(a) * (y - 0.5)) + 0.5, 0, 1)[..., None]
+    return (1 - t) * c0 + t * c1
+
+
 def render_flat(shapes: list[Shape], rng: np.random.Generator, size: int) -> np.ndarray:
     """Source style: smooth background, flat-coloured shapes."""
     x, y = _grid(size)
-    c0, c1 = _random_color(rng) * 0.85, _random_color(rng) * 0.85
-    if rng.uniform() < 0.4:
-        bg = np.broadcast_to(c0, x.shape + (3,)).copy()
-    else:
-        a = rng.uniform(0, 2 * np.pi)
-        t = np.clip((np.cos(a) * (x - 0.5) + np.sin(a) * (y - 0.5)) + 0.5, 0, 1)[..., None]
-        bg = (1 - t) * c0 + t * c1
-    img = bg
+    img = _background(rng, x, y)
     for shape in shapes:
         inside = (_signed_distance(shape, x, y) < 0)[..., None]
         img = np.where(inside, np.asarray(shape.color), img)
@@ -122,15 +126,14 @@ def render_flat(shapes: list[Shape], rng: np.random.Generator, size: int) -> np.
 
 
 def render_sketch(shapes: list[Shape], rng: np.random.Generator, size: int) -> np.ndarray:
-    """Target style: grainy paper, ink outlines and diagonal hatching inside the shapes."""
+    """Target style: the same kind of background, grainy, with ink outlines and diagonal hatching for the shapes."""
     x, y = _grid(size)
-    paper = np.array([0.93, 0.90, 0.82]) + rng.uniform(-0.03, 0.03, size=3)
-    img = np.broadcast_to(paper, x.shape + (3,)).copy()
+    img = _background(rng, x, y)
     px = 1.0 / size  # one output pixel, in image-side units
     period, width = 3 * px, 1.1 * px  # hatching: 1 dark pixel in 3
     for k, shape in enumerate(shapes):
         d = _signed_distance(shape, x, y)
-        ink = 0.12 + 0.35 * np.asarray(shape.color)  # dark ink tinted by the shape's colour
+        ink = 0.08 + 0.3 * np.asarray(shape.color)  # dark ink tinted by the shape's colour
         hatch_angle = (np.pi / 4 if k % 2 == 0 else -np.pi / 4) + rng.uniform(-0.15, 0.15)
         phase = rng.uniform(0, period)
         w = np.cos(hatch_angle) * x + np.sin(hatch_angle) * y + phase
@@ -139,7 +142,7 @@ def render_sketch(shapes: list[Shape], rng: np.random.Generator, size: int) -> n
         mark = (hatch | outline)[..., None]
         img = np.where(mark, ink, img)
     out = _downsample(img, size)
-    grain = rng.normal(0, 0.035, size=(size, size, 1))  # pencil/paper grain, per pixel
+    grain = rng.normal(0, 0.04, size=(size, size, 1))  # paper grain, per pixel
     return np.clip(out + grain, 0, 1)
 
 
@@ -170,7 +173,7 @@ def source_images(n: int, seed: int = 0, size: int = 32, start: int = 0) -> np.n
 
 
 def target_images(n: int = 10, seed: int = 1234, size: int = 32) -> np.ndarray:
-    """The few-shot target domain (pencil-sketch renderings of the same kind of shapes)."""
+    """The few-shot target domain (ink-sketch renderings of the same kind of scenes)."""
     return make_images("target", n, seed, size)
 
 

@@ -93,8 +93,13 @@ def lr_at(step: int, args) -> float:
 
 
 @torch.no_grad()
-def ddim_sample(unet, scheduler_config, num: int, steps: int = 50, seed: int = 0, batch: int = 64) -> torch.Tensor:
-    """DDIM (eta 0) samples of an unconditional UNet, ``(num, 3, H, W)`` in [0, 1]."""
+def ddim_sample(unet, scheduler_config, num: int, steps: int = 50, seed: int = 0, batch: int = 64,
+                eta: float = 1.0) -> torch.Tensor:
+    """DDIM samples of an unconditional UNet, ``(num, 3, H, W)`` in [0, 1].
+
+    ``eta = 1`` (stochastic, DDPM-like noise at each of the few steps) by default: with this small,
+    briefly trained model deterministic DDIM (eta 0) washes the background colours out to grey.
+    """
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(scheduler_config)
@@ -108,7 +113,7 @@ def ddim_sample(unet, scheduler_config, num: int, steps: int = 50, seed: int = 0
         x = torch.randn(n, unet.config.in_channels, size, size, generator=gen).to(device)
         for t in sched.timesteps:
             eps = unet(x, t).sample
-            x = sched.step(eps, t, x).prev_sample
+            x = sched.step(eps, t, x, eta=eta, generator=gen).prev_sample
         out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)
 
@@ -218,7 +223,7 @@ linear warm-up then cosine decay to {args.min_lr_ratio}x lr, grad-norm clip 1.0,
 the saved weights are the EMA (decay {args.ema}, warm-up `min(decay, (1+step)/(10+step))`).
 Trained in {train_s / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) ({platform.processor() or platform.machine()},
 torch {torch.__version__}); final loss (mean of the last 50 steps) {np.mean(log[-50:]):.4f}.
-Folder size {size_mb:.1f} MB. `samples.png`: {args.sample_num} DDIM samples ({args.sample_steps} steps, seed {args.seed}).
+Folder size {size_mb:.1f} MB. `samples.png`: {args.sample_num} DDIM samples ({args.sample_steps} steps, eta 1, seed {args.seed}).
 
 Load it with `diffusers.DDPMPipeline.from_pretrained("{out}")` or `UNet2DModel.from_pretrained("{out}", subfolder="unet")`.
 """)
