@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,9 +45,9 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_run"), help="run folder to write")
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="pretrained source pipeline folder")
-    p.add_argument("--steps", type=int, default=300, help="adaptation steps of each method")
+    p.add_argument("--steps", type=int, default=400, help="adaptation steps of each method")
     p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="training seed (both methods) and sampling seed")
     p.add_argument("--lambda-image", type=float, default=4.0, help="DomainStudio: weight of the image pairwise KL")
     p.add_argument("--lambda-hf", type=float, default=4.0, help="DomainStudio: weight of the high-frequency pairwise KL")
@@ -157,7 +158,7 @@ def _smooth(y: np.ndarray, k: int = 10) -> np.ndarray:
 
 
 def loss_figure(metrics: dict[str, list[dict]], path: Path) -> None:
-    """Left: L_simple of both runs; right: every DomainStudio loss term (weighted as logged)."""
+    """Left: L_simple of both runs; right: every DomainStudio loss term as logged (before the λ weights)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,11 +181,11 @@ def loss_figure(metrics: dict[str, list[dict]], path: Path) -> None:
         steps = np.array([r["step"] for r in rows])
         for key in ("loss", "simple", "image", "hf", "hfmse"):
             if key in rows[0]:
-                y = np.array([max(r[key], 1e-12) for r in rows], dtype=float)
+                y = np.array([max(r[key], 1e-6) for r in rows], dtype=float)  # step 1: the KLs are 0
                 ax2.plot(steps, _smooth(y), label=key)
         ax2.set_yscale("log")
         ax2.set_xlabel("step")
-        ax2.set_title("DomainStudio loss terms (moving average of 10)")
+        ax2.set_title("DomainStudio terms, unweighted as logged (moving average of 10)")
         ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -259,6 +260,8 @@ def main(argv=None) -> int:
         t = time.time()
         run_dirs[method] = Path(train(config, resume="none"))
         times[method] = time.time() - t
+        # the trainer always checkpoints the last step (optimizer state included); the demo keeps final/ only
+        shutil.rmtree(run_dirs[method] / "checkpoints", ignore_errors=True)
 
     print("", flush=True)
     samples = {}

@@ -17,6 +17,9 @@ training images (the smallest positive pairwise distance; exact duplicates in th
 are ignored). A sample is *memorised* when its distance to the nearest training image is
 strictly below ``tau`` — it is closer to a training image than any two training images are to
 each other. The rate is the share of memorised samples. Needs at least two distinct training images.
+Caveat: when every training image carries its own fine noise (grain, texture), the training
+images are far apart at the fine scales, so the threshold is large and smooth samples that copy
+no training image can fall below it; read the rate together with ``nn_dist`` and the samples.
 
 **Domain fidelity** (two figures, both lower-is-closer / 1-is-matched):
 
