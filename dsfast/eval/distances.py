@@ -26,6 +26,7 @@ is installed *and* the AlexNet weights are already on disk (nothing is downloade
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -90,6 +91,28 @@ class HaarDistance:
         return out.float()
 
 
+
+@contextlib.contextmanager
+def hub_cache_holding(weights: Path, filename: str):
+    """torch.hub's cache, for the duration, is a folder whose ``checkpoints/filename`` is ``weights``."""
+    if weights.parent == _hub_checkpoints() and weights.name == filename:
+        yield
+        return
+    old = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / "checkpoints" / filename
+        link.parent.mkdir()
+        try:
+            link.symlink_to(weights.resolve())
+        except OSError:
+            shutil.copyfile(weights, link)
+        torch.hub.set_dir(tmp)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(old)
+
+
 class LpipsDistance:
     """LPIPS (AlexNet) from the ``lpips`` package; weights must already be on disk."""
 
@@ -128,23 +151,10 @@ class LpipsDistance:
     def _build(alexnet: Path):
         import lpips
 
-        # lpips builds torchvision's alexnet(pretrained), which reads torch.hub's cache; point the
-        # cache at a folder holding the weights so that nothing is fetched from the network.
-        if alexnet.parent == _hub_checkpoints() and alexnet.name == ALEXNET_FILE:
+        # lpips builds torchvision's alexnet(pretrained), which reads torch.hub's cache: point the
+        # cache at the local weights so that nothing is fetched from the network.
+        with hub_cache_holding(alexnet, ALEXNET_FILE):
             return lpips.LPIPS(net="alex", verbose=False)
-        old = torch.hub.get_dir()
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "checkpoints").mkdir()
-            link = Path(tmp) / "checkpoints" / ALEXNET_FILE
-            try:
-                link.symlink_to(alexnet.resolve())
-            except OSError:
-                shutil.copyfile(alexnet, link)
-            torch.hub.set_dir(tmp)
-            try:
-                return lpips.LPIPS(net="alex", verbose=False)
-            finally:
-                torch.hub.set_dir(old)
 
     @torch.no_grad()
     def pairwise(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,13 +14,11 @@ noise; report it only as a rough indication.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from dsfast.eval.distances import MetricUnavailable
+from dsfast.eval.distances import MetricUnavailable, hub_cache_holding
 
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -53,19 +51,8 @@ def _pytorch_fid(samples: torch.Tensor, train: torch.Tensor, weights: Path, devi
     from pytorch_fid.inception import InceptionV3
 
     # pytorch-fid loads its weights with load_state_dict_from_url, which reads torch.hub's cache first.
-    old = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "checkpoints").mkdir()
-        link = Path(tmp) / "checkpoints" / PYTORCH_FID_FILE
-        try:
-            link.symlink_to(weights.resolve())
-        except OSError:
-            shutil.copyfile(weights, link)
-        torch.hub.set_dir(tmp)
-        try:
-            model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
-        finally:
-            torch.hub.set_dir(old)
+    with hub_cache_holding(weights, PYTORCH_FID_FILE):
+        model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
 
     @torch.no_grad()
     def feats(x):
