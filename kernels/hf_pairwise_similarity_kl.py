@@ -18,14 +18,13 @@ are upcast before the dot and fp32 dots use ``input_precision="ieee"``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import accumulate_dtype, check_float, interpreter_tiles, new_output, next_pow2, weights_tensor
-from .pairwise_similarity_kl import GramConfig, dot_tiles, gram_tile, launch_gram_reduce, split_k
+from .pairwise_similarity_kl import GramConfig, dot_tiles, gram_backward_config, gram_tile, launch_gram_reduce, split_k
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,25 +41,6 @@ def hf_gram_config(n: int, d: int, dtype: torch.dtype, device: torch.device) -> 
     k_blocks = max(1, triton.cdiv(d, block_k))
     splits, per = split_k(tiles * (tiles + 1) // 2, k_blocks, device, min_k_blocks=4)
     return GramConfig(block_n, block_k, splits, per, num_warps)
-
-
-@dataclass(frozen=True)
-class HFGramBackwardConfig:
-    block_m: int      # rows of N per program
-    block_p: int      # hf positions per program
-    block_k: int      # chunk of N (samples whose hf panel is recomputed) per tl.dot
-    num_warps: int
-
-
-def hf_gram_backward_config(n: int, d: int, dtype: torch.dtype, device: torch.device) -> HFGramBackwardConfig:
-    block_m = gram_tile(n)
-    block_p = {16: 128, 32: 128, 64: 64}[block_m]
-    if dtype == torch.float64:
-        block_p //= 2
-    num_warps = 4 if block_m * block_p <= 2048 else 8
-    if interpreter_tiles():
-        block_p = min(4096, max(16, next_pow2(d)))
-    return HFGramBackwardConfig(block_m, block_p, 16, num_warps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,10 +218,11 @@ def hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights) -> torch
     if out.numel() == 0:
         return out
     wt = weights_tensor(weights, x.device, x.dtype)
-    cfg = hf_gram_backward_config(n, d, x.dtype, x.device)
-    grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(d, cfg.block_p),)
+    # Same tiling as gram_backward: block_d counts hf positions here.
+    cfg = gram_backward_config(n, d, x.dtype, x.device)
+    grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(d, cfg.block_d),)
     _hf_gram_backward_kernel[grid](
         grad_gram, x, wt, out, n, d, h * w, w, grad_gram.stride(0), grad_gram.stride(1), *x.stride(),
-        COMPUTE=_compute_tl(x.dtype), BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_p,
+        COMPUTE=_compute_tl(x.dtype), BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_d,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
     return out

@@ -306,8 +306,8 @@ def test_hf_gram_multi_tile(monkeypatch, n, splits):
 
 @pytest.mark.parametrize("n", [17, 33])
 def test_hf_gram_backward_multi_tile(monkeypatch, n):
-    monkeypatch.setattr(K_hfgram, "hf_gram_backward_config",
-                        lambda *a: K_hfgram.HFGramBackwardConfig(16, 16, 16, 4))
+    monkeypatch.setattr(K_hfgram, "gram_backward_config",
+                        lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4))
     gen = _seed("hfgramb-mt", n)
     x = _rand((n, 3, 8, 6), torch.float32, gen, noncontig=True)
     g = torch.randn((n, n), generator=gen, dtype=torch.float64)
