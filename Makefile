@@ -4,7 +4,7 @@ PY      ?= .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(dir $(PY)).dsfast-installed
 
-.PHONY: install test bench bench-gpu demo clean
+.PHONY: install test test-compile test-triton-oldest bench bench-gpu demo clean
 
 install: $(STAMP)
 
@@ -20,8 +20,23 @@ $(STAMP): setup.py requirements/base.txt requirements/test.txt $(wildcard csrc/*
 	$(PIP) install -q --no-build-isolation -e .
 	touch $(STAMP)
 
-test: install
+test: install test-triton-oldest
 	$(PY) -m pytest tests -q
+
+# The GPU compile tests (sm_80/sm_90, no GPU needed) against the oldest supported Triton, in a side
+# environment with only CPU torch, that Triton, numpy and pytest (dsfast from this tree, no extension).
+OLDEST_TRITON := 3.6.0
+OLD_VENV      := .venv-triton-$(OLDEST_TRITON)
+OLD_PY        := $(OLD_VENV)/bin/python
+
+$(OLD_VENV)/.ready:
+	test -x $(OLD_PY) || python3 -m venv $(OLD_VENV)
+	$(OLD_PY) -m pip install -q torch==2.13.0 triton==$(OLDEST_TRITON) numpy pytest 'setuptools<81' wheel
+	DSFAST_BUILD_EXT=0 $(OLD_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test-triton-oldest: $(OLD_VENV)/.ready
+	$(OLD_PY) -m pytest tests/test_gpu_compile.py -q
 
 bench: install
 	$(PY) -m bench.run --suite cpu

@@ -12,3 +12,9 @@ allocate the outputs (NaN-filled when ``DSFAST_POISON_OUTPUTS=1``), launch and r
 without a GPU they run through the Triton interpreter (``TRITON_INTERPRET=1`` set before import).
 Nothing heavy is imported here; import the op modules themselves.
 """
+import os
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter: ``TRITON_INTERPRET`` is 1/true/on (Triton's rule)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_interpreter_enabled
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -16,18 +18,13 @@ def poison_enabled() -> bool:
     return os.environ.get("DSFAST_POISON_OUTPUTS", "0") == "1"
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def interpreter_tiles() -> bool:
     """Large tiles (few programs) under the interpreter, whose cost is per program, not per element.
 
     ``DSFAST_TRITON_GPU_TILES=1`` keeps the GPU block sizes under the interpreter (the tests use it so
     the configurations a GPU runs are the ones checked).
     """
-    return interpreting() and os.environ.get("DSFAST_TRITON_GPU_TILES", "0") != "1"
+    return triton_interpreter_enabled() and os.environ.get("DSFAST_TRITON_GPU_TILES", "0") != "1"
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -70,10 +67,16 @@ def weights_tensor(weights, device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def multiprocessor_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; a small stand-in under the interpreter."""
-    if device.type == "cuda" and not interpreting():
+    """Streaming multiprocessors of a CUDA device; a small stand-in under the interpreter.
+
+    Meta tensors are what a compile for a GPU target without a GPU launches with (``_gpu_compile``):
+    the active Triton driver (there, a stub for that target) tells the count.
+    """
+    if triton_interpreter_enabled():
+        return 4
+    if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return triton.runtime.driver.active.utils.get_device_properties(0)["multiprocessor_count"]
 
 
 def next_pow2(n: int) -> int:

@@ -17,7 +17,9 @@ from ._launch import (accumulate_dtype, check_float, elementwise_tile, load_bloc
 @triton.jit
 def _haar_dwt2_kernel(x_ptr, out_ptr, C, h, w, total_rows, band, s_n, s_c, s_h, s_w,
                       COMPUTE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    # band: elements per band of the (4, N, C, h, w) output, N*C*h*w
+    # band: elements per band of the (4, N, C, h, w) output, N*C*h*w. Under 2^31 Triton passes it as
+    # i32, but 2*band and 3*band may not fit: the band offsets are int64.
+    band = band.to(tl.int64)
     rows, row_mask, col0 = tile_coords(tl.program_id(0), total_rows, w, BLOCK_H, BLOCK_W)
     row_off = row_offsets(rows, h, C, s_n, s_c, 2 * s_h)
     a, b, c, d = load_blocks(x_ptr, row_off, row_mask, col0, w, s_h, s_w, COMPUTE, BLOCK_H, BLOCK_W)
@@ -38,6 +40,7 @@ def _haar_dwt2_kernel(x_ptr, out_ptr, C, h, w, total_rows, band, s_n, s_c, s_h, 
 @triton.jit
 def _haar_idwt2_kernel(bands_ptr, out_ptr, C, h, w, total_rows, s_band, s_n, s_c, s_h, s_w,
                        COMPUTE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    s_band = s_band.to(tl.int64)  # as band in the forward: 2*s_band, 3*s_band may pass 2^31
     rows, row_mask, col0 = tile_coords(tl.program_id(0), total_rows, w, BLOCK_H, BLOCK_W)
     cols = col0 + tl.arange(0, BLOCK_W)
     mask = row_mask[:, None] & (cols[None, :] < w)

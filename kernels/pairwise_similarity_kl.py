@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (accumulate_dtype, check_float, interpreter_tiles, interpreting, multiprocessor_count, new_output,
-                      next_pow2)
+from . import triton_interpreter_enabled
+from ._launch import accumulate_dtype, check_float, interpreter_tiles, multiprocessor_count, new_output, next_pow2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,9 +35,11 @@ from ._launch import (accumulate_dtype, check_float, interpreter_tiles, interpre
 class GramConfig:
     block_n: int      # square output tile (rows and columns of the N x N result)
     block_k: int      # reduction chunk along D per tl.dot
+    k_blocks: int     # K blocks in all
     splits: int       # number of split-K slices
     k_blocks_per_split: int
     num_warps: int
+    num_stages: int   # software-pipeline depth of the K loop (1 when it runs once)
 
 
 def gram_tile(n: int) -> int:
@@ -46,36 +48,42 @@ def gram_tile(n: int) -> int:
 
 
 def split_k(n_tiles_pairs: int, k_blocks: int, device: torch.device, min_k_blocks: int = 1) -> tuple[int, int]:
-    """(splits, k_blocks_per_split): about two programs per SM in total, at least min_k_blocks each."""
-    target = 2 * multiprocessor_count(device)
+    """(splits, k_blocks_per_split): about eight programs per SM in total, at least min_k_blocks each.
+
+    A memory-bound split reads one K block per loop trip; at N=16 one program keeps ~4 KB in flight,
+    and 3 TB/s at ~1 us latency needs ~20 KB per SM, so 8 resident programs per SM.
+    """
+    target = 8 * multiprocessor_count(device)
     splits = max(1, min(triton.cdiv(target, max(1, n_tiles_pairs)), triton.cdiv(k_blocks, min_k_blocks)))
     per = triton.cdiv(k_blocks, splits)
     return triton.cdiv(k_blocks, per), per
 
 
-def dot_tiles(block_n: int, dtype: torch.dtype, native_16bit: bool) -> tuple[int, int]:
-    """(BLOCK_K, num_warps) of an X Xᵀ tile.
-
-    fp32 "ieee" (and fp64) dots run on the FMA units, where every thread keeps the whole K extent of
-    its operand rows and columns in registers: K stays small (16-32) and bigger tiles get more warps
-    so the per-thread share stays ~100-130 registers. 16-bit operands go through tensor-core MMA
-    layouts and take K = 64.
-    """
-    if native_16bit:
-        return 64, 4 if block_n <= 32 else 8
-    block_k = 32 if block_n == 16 and dtype != torch.float64 else 16
-    return block_k, 4 if block_n == 16 else 8
+def pipeline_stages(trips: int) -> int:
+    """Software-pipeline stages for a loop of ``trips`` iterations: none to overlap in a one-trip loop."""
+    return max(1, min(3, trips))
 
 
-def gram_config(n: int, d: int, dtype: torch.dtype, device: torch.device) -> GramConfig:
+def dot_precision(operand) -> str:
+    """``input_precision`` of tl.dot: fp32 operands use 3xTF32 on the tensor cores (hi*hi + hi*lo + lo*hi,
+    error ~fp32's; checked against float64 by tests/test_tf32x3_accuracy.py), others multiply natively."""
+    return "tf32x3" if operand == tl.float32 else "ieee"
+
+
+def dot_tiles(block_n: int, operand) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) of an X Xᵀ tile on the tensor cores: K = 64 for 16-bit operands, 32 for fp32
+    (3xTF32 triples the operand registers), 16 for fp64 (DMMA); 8 warps for 64-wide tiles."""
+    block_k = {tl.float16: 64, tl.bfloat16: 64, tl.float32: 32}.get(operand, 16)
+    return block_k, 4 if block_n <= 32 else 8
+
+
+def gram_config(n: int, k_blocks: int, block_k: int, operand, device: torch.device) -> GramConfig:
+    """Split-K tiling of a Gram over ``k_blocks`` K blocks of ``block_k`` (``gram`` and ``hf_gram``)."""
     block_n = gram_tile(n)
-    block_k, num_warps = dot_tiles(block_n, dtype, dot_operand_dtype(dtype) in (tl.float16, tl.bfloat16))
-    if interpreter_tiles():
-        block_k = min(2048, max(16, next_pow2(d)))
+    num_warps = dot_tiles(block_n, operand)[1]
     tiles = triton.cdiv(n, block_n)
-    k_blocks = max(1, triton.cdiv(d, block_k))
-    splits, per = split_k(tiles * (tiles + 1) // 2, k_blocks, device, min_k_blocks=4)
-    return GramConfig(block_n, block_k, splits, per, num_warps)
+    splits, per = split_k(tiles * (tiles + 1) // 2, k_blocks, device, min_k_blocks=2)
+    return GramConfig(block_n, block_k, k_blocks, splits, per, num_warps, pipeline_stages(per))
 
 
 @dataclass(frozen=True)
@@ -84,10 +92,11 @@ class GramBackwardConfig:
     block_d: int      # columns of D per program
     block_k: int      # chunk of N reduced per tl.dot
     num_warps: int
+    num_stages: int
 
 
 def gram_backward_config(n: int, d: int, dtype: torch.dtype, device: torch.device) -> GramBackwardConfig:
-    """(g + gᵀ) X on the FMA units: K chunks of 16, ~16 accumulators per thread."""
+    """(g + gᵀ) X: K chunks of 16 samples, [block_m, block_d] accumulator tiles on the tensor cores."""
     block_m = gram_tile(n)
     block_d = {16: 128, 32: 128, 64: 64}[block_m]
     if dtype == torch.float64:
@@ -95,7 +104,7 @@ def gram_backward_config(n: int, d: int, dtype: torch.dtype, device: torch.devic
     num_warps = 4 if block_m * block_d <= 2048 else 8
     if interpreter_tiles():
         block_d = min(4096, max(16, next_pow2(d)))
-    return GramBackwardConfig(block_m, block_d, 16, num_warps)
+    return GramBackwardConfig(block_m, block_d, 16, num_warps, pipeline_stages(triton.cdiv(n, 16)))
 
 
 def dot_operand_dtype(dtype: torch.dtype):
@@ -104,7 +113,7 @@ def dot_operand_dtype(dtype: torch.dtype):
         return tl.float64
     if dtype == torch.float16:
         return tl.float16  # a no-op cast: the loaded values go to the tensor cores as they are
-    if dtype == torch.bfloat16 and not interpreting():
+    if dtype == torch.bfloat16 and not triton_interpreter_enabled():
         return tl.bfloat16
     return tl.float32
 
@@ -113,33 +122,72 @@ def dot_operand_dtype(dtype: torch.dtype):
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, kb_start, kb_end, acc,
-                   SYMMETRIC: tl.constexpr, OPERAND: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += X[rows_i, K] X[rows_j, K]ᵀ over the K blocks [kb_start, kb_end); rows_* are int64 row offsets."""
-    ks = tl.arange(0, BLOCK_K)
+def panel_block(x_ptr, rows, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
+                HF: tl.constexpr, OPERAND: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K block kb of the Gram operand of samples ``rows`` (int64 offsets): [len(rows), BLOCK_K].
+
+    ``HF=False``: columns [kb*BLOCK_K, +BLOCK_K) of the flattened (N, D) x. ``HF=True``: BLOCK_K
+    consecutive hf positions of one hf row (plane c, row y, chunk kb % chunks_w), each
+    ``wa*a + wb*b + wc*c + wd*d`` of its 2x2 block; the two input rows are read as contiguous runs of
+    2*BLOCK_K pixels and de-interleaved in registers (wide vector loads).
+    """
+    if HF:
+        row = kb // chunks_w
+        xc = kb - row * chunks_w
+        c = row // h
+        y = row - c * h
+        cols = xc * (2 * BLOCK_K) + tl.arange(0, 2 * BLOCK_K)
+        base = c.to(tl.int64) * s_c + (2 * y).to(tl.int64) * s_h
+        ptr = x_ptr + rows[:, None] + base + (cols * s_w)[None, :]
+        mask = (cols < 2 * w)[None, :]
+        top = tl.load(ptr, mask=mask, other=0.0).to(OPERAND)
+        bottom = tl.load(ptr + s_h, mask=mask, other=0.0).to(OPERAND)
+        a, b = tl.split(tl.reshape(top, (rows.shape[0], BLOCK_K, 2)))
+        c_, d = tl.split(tl.reshape(bottom, (rows.shape[0], BLOCK_K, 2)))
+        panel = a * wa + b * wb + c_ * wc + d * wd
+    else:
+        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        panel = tl.load(x_ptr + rows[:, None] + (k * s_d)[None, :], mask=(k < D)[None, :], other=0.0).to(OPERAND)
+    return panel
+
+
+@triton.jit
+def _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
+                   kb_start, kb_end, acc, SYMMETRIC: tl.constexpr, HF: tl.constexpr, OPERAND: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += P[rows_i, K] P[rows_j, K]ᵀ over the K blocks [kb_start, kb_end) of the operand P (panel_block)."""
     for kb in range(kb_start, kb_end):
-        k = kb * BLOCK_K + ks
-        k_mask = k < D
-        a = tl.load(x_ptr + rows_i[:, None] + (k * s_d)[None, :], mask=k_mask[None, :], other=0.0)
-        a = a.to(OPERAND)
+        a = panel_block(x_ptr, rows_i, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF, OPERAND, BLOCK_K)
         if SYMMETRIC:
-            acc = tl.dot(a, tl.trans(a), acc, input_precision="ieee")
+            acc = tl.dot(a, tl.trans(a), acc, input_precision=PRECISION, out_dtype=acc.dtype)
         else:
-            b = tl.load(x_ptr + rows_j[:, None] + (k * s_d)[None, :], mask=k_mask[None, :], other=0.0)
-            b = b.to(OPERAND)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            b = panel_block(x_ptr, rows_j, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF, OPERAND,
+                            BLOCK_K)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
 @triton.jit
-def _gram_partial_kernel(x_ptr, out_ptr, N, D, s_n, s_d, k_blocks, k_blocks_per_split, n_tiles,
-                         OPERAND: tl.constexpr, ACC: tl.constexpr, DIRECT: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gram_partial_kernel(x_ptr, w_ptr, out_ptr, N, D, s_n, s_d, chunks_w, h, w, s_c, s_h, s_w,
+                         k_blocks, k_blocks_per_split, n_tiles,
+                         HF: tl.constexpr, OPERAND: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                         DIRECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Split ``program_id(1)`` of the Gram tile pair ``program_id(0)`` of x (``HF=False``) or of hf(x)."""
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     ti = pid_t // n_tiles
     tj = pid_t - ti * n_tiles
     if ti <= tj:  # upper-triangular tile pairs only; the lower half is the mirror
+        if HF:
+            wa = tl.load(w_ptr).to(OPERAND)
+            wb = tl.load(w_ptr + 1).to(OPERAND)
+            wc = tl.load(w_ptr + 2).to(OPERAND)
+            wd = tl.load(w_ptr + 3).to(OPERAND)
+        else:  # unused by the plain Gram
+            wa = 0.0
+            wb = 0.0
+            wc = 0.0
+            wd = 0.0
         ri = ti * BLOCK_N + tl.arange(0, BLOCK_N)
         rj = tj * BLOCK_N + tl.arange(0, BLOCK_N)
         # Out-of-range rows are clamped to row 0 (their results are masked out at the store), so the
@@ -150,9 +198,11 @@ def _gram_partial_kernel(x_ptr, out_ptr, N, D, s_n, s_d, k_blocks, k_blocks_per_
         kb_end = tl.minimum(kb_start + k_blocks_per_split, k_blocks)
         acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=ACC)
         if ti == tj:
-            acc = _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, kb_start, kb_end, acc, True, OPERAND, BLOCK_K)
+            acc = _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
+                                 kb_start, kb_end, acc, True, HF, OPERAND, PRECISION, BLOCK_K)
         else:
-            acc = _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, kb_start, kb_end, acc, False, OPERAND, BLOCK_K)
+            acc = _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
+                                 kb_start, kb_end, acc, False, HF, OPERAND, PRECISION, BLOCK_K)
         mask = (ri[:, None] < N) & (rj[None, :] < N)
         if DIRECT:
             # single split: write the output tile and, off the diagonal, its mirror
@@ -185,7 +235,7 @@ def _gram_reduce_kernel(ws_ptr, out_ptr, N, splits, TILE: tl.constexpr, BLOCK_E:
 
 @triton.jit
 def _gram_backward_kernel(g_ptr, x_ptr, out_ptr, N, D, s_g0, s_g1, s_n, s_d,
-                          ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                          ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     """out[rows, cols] = sum_k (g[rows, k] + g[k, rows]) x[k, cols]."""
     # 1-D grid, row tiles fastest: the row tiles of one column panel run together and share it in L2
@@ -207,7 +257,7 @@ def _gram_backward_kernel(g_ptr, x_ptr, out_ptr, N, D, s_g0, s_g1, s_n, s_d,
         m += tl.load(g_ptr + k[None, :] * s_g0 + rows[:, None] * s_g1, mask=gm, other=0.0).to(ACC)
         xv = tl.load(x_ptr + k[:, None].to(tl.int64) * s_n + (cols * s_d)[None, :],
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(ACC)
-        acc = tl.dot(m, xv, acc, input_precision="ieee")
+        acc = tl.dot(m, xv, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     out_offs = rows[:, None].to(tl.int64) * D + cols[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -223,9 +273,31 @@ def launch_gram_reduce(ws: torch.Tensor, out: torch.Tensor, tile: int) -> None:
     """Sum the (S, N, N) split-K workspace (upper tile pairs filled) into the symmetric (N, N) out."""
     splits, n, _ = ws.shape
     block_e = min(256, next_pow2(n * n))
-    block_s = min(32, next_pow2(splits))
+    block_s = min(8, next_pow2(splits))  # [8, 256] per trip: ~16 values per thread, no register spills
     grid = (triton.cdiv(n * n, block_e),)
     _gram_reduce_kernel[grid](ws, out, n, splits, TILE=tile, BLOCK_E=block_e, BLOCK_S=block_s, num_warps=4)
+
+
+def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *, s_n: int, s_d: int = 1,
+                hf_geometry=(1, 1, 1, 0, 0, 1), weights=None) -> torch.Tensor:
+    """Run the split-K Gram kernel (and the reduce when split) into the (N, N) ``out``.
+
+    ``weights`` (the stencil as a device tensor) makes it the Gram of hf(x), with
+    ``hf_geometry = (chunks_w, h, w, s_c, s_h, s_w)`` of x.
+    """
+    n = out.shape[0]
+    d = x.shape[1] if weights is None else 0
+    tiles = triton.cdiv(n, cfg.block_n)
+    direct = cfg.splits == 1
+    target = out if direct else new_output((cfg.splits, n, n), out.dtype, out.device)
+    _gram_partial_kernel[(tiles * tiles, cfg.splits)](
+        x, x if weights is None else weights, target, n, d, s_n, s_d, *hf_geometry, cfg.k_blocks,
+        cfg.k_blocks_per_split, tiles, HF=weights is not None, OPERAND=operand, ACC=_acc_tl(out.dtype),
+        PRECISION=dot_precision(operand), DIRECT=direct, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not direct:
+        launch_gram_reduce(target, out, cfg.block_n)
+    return out
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -235,24 +307,15 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         raise ValueError("gram: expected (N, D)")
     flat = x.reshape(x.shape[0], -1)
     n, d = flat.shape
-    acc_dtype = accumulate_dtype(x.dtype)
-    out = new_output((n, n), acc_dtype, x.device)
+    out = new_output((n, n), accumulate_dtype(x.dtype), x.device)
     if n == 0:
         return out
     if d == 0:
         return out.zero_()
-    cfg = gram_config(n, d, x.dtype, x.device)
-    tiles = triton.cdiv(n, cfg.block_n)
-    k_blocks = triton.cdiv(d, cfg.block_k)
-    direct = cfg.splits == 1
-    target = out if direct else new_output((cfg.splits, n, n), acc_dtype, x.device)
-    _gram_partial_kernel[(tiles * tiles, cfg.splits)](
-        flat, target, n, d, flat.stride(0), flat.stride(1), k_blocks, cfg.k_blocks_per_split, tiles,
-        OPERAND=dot_operand_dtype(x.dtype), ACC=_acc_tl(x.dtype), DIRECT=direct,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
-    if not direct:
-        launch_gram_reduce(target, out, cfg.block_n)
-    return out
+    operand = dot_operand_dtype(x.dtype)
+    block_k = min(2048, max(16, next_pow2(d))) if interpreter_tiles() else dot_tiles(gram_tile(n), operand)[0]
+    cfg = gram_config(n, triton.cdiv(d, block_k), block_k, operand, x.device)
+    return launch_gram(flat, cfg, out, operand, s_n=flat.stride(0), s_d=flat.stride(1))
 
 
 def gram_backward(grad_gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -267,9 +330,10 @@ def gram_backward(grad_gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out.view(x.shape)
     cfg = gram_backward_config(n, d, x.dtype, x.device)
+    acc = _acc_tl(x.dtype)
     grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(d, cfg.block_d),)
     _gram_backward_kernel[grid](
         grad_gram, flat, out, n, d, grad_gram.stride(0), grad_gram.stride(1), flat.stride(0), flat.stride(1),
-        ACC=_acc_tl(x.dtype), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps)
+        ACC=acc, PRECISION=dot_precision(acc), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(x.shape)

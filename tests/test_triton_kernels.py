@@ -222,11 +222,10 @@ def test_gram_backward(n, d, dtype):
     _check(K_gram.gram_backward(g, x), ref, dtype)
 
 
-def _forced_gram_config(block_n, block_k, splits):
-    def config(n, d, dtype, device):
-        k_blocks = -(-d // block_k)
+def _forced_gram_config(block_n, splits):
+    def config(n, k_blocks, block_k, operand, device):
         per = -(-k_blocks // splits)
-        return K_gram.GramConfig(block_n, block_k, -(-k_blocks // per), per, 4)
+        return K_gram.GramConfig(block_n, block_k, k_blocks, -(-k_blocks // per), per, 4, 1)
     return config
 
 
@@ -235,14 +234,15 @@ def _forced_gram_config(block_n, block_k, splits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gram_multi_tile(monkeypatch, n, splits, dtype):
     """Several 16x16 tiles: off-diagonal tile pairs, the mirrored lower half, split-K and direct writes."""
-    monkeypatch.setattr(K_gram, "gram_config", _forced_gram_config(16, 16, splits))
+    monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")  # GPU K blocks: several per split
+    monkeypatch.setattr(K_gram, "gram_config", _forced_gram_config(16, splits))
     x = _flat_input(n, 100, dtype, _seed("gram-mt", n, splits, str(dtype)), noncontig=True)
     _check(K_gram.gram(x), R.gram(x.double()), dtype)
 
 
 @pytest.mark.parametrize("n", [17, 33])
 def test_gram_backward_multi_tile(monkeypatch, n):
-    monkeypatch.setattr(K_gram, "gram_backward_config", lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4))
+    monkeypatch.setattr(K_gram, "gram_backward_config", lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4, 1))
     gen = _seed("gramb-mt", n)
     x = _flat_input(n, 40, torch.float32, gen, noncontig=False)
     g = torch.randn((n, n), generator=gen, dtype=torch.float64)
@@ -257,7 +257,7 @@ def test_split_k_heuristic(monkeypatch):
         splits, per = K_gram.split_k(pairs, k_blocks, torch.device(DEVICE), min_k_blocks=2)
         assert splits >= 1 and per >= 1
         assert (splits - 1) * per < k_blocks <= splits * per
-    cfg = K_gram.gram_config(8, 3 * 256 * 256, torch.float32, torch.device(DEVICE))
+    cfg = K_gram.gram_config(8, 3 * 256 * 256 // 32, 32, K_gram.dot_operand_dtype(torch.float32), torch.device(DEVICE))
     assert cfg.block_n == 16 and cfg.splits >= 132
 
 
@@ -298,7 +298,7 @@ def test_hf_gram_backward(shape, dtype, stencil):
 @pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
 @pytest.mark.parametrize("n", [17, 33])
 def test_hf_gram_multi_tile(monkeypatch, n, splits):
-    monkeypatch.setattr(K_hfgram, "hf_gram_config", _forced_gram_config(16, 16, splits))
+    monkeypatch.setattr(K_hfgram, "gram_config", _forced_gram_config(16, splits))
     x = _rand((n, 3, 8, 6), torch.float32, _seed("hfgram-mt", n, splits), noncontig=True)
     hf = _hf_flat(x, "domainstudio")
     _check(K_hfgram.hf_gram(x, R.STENCILS["domainstudio"]), hf @ hf.T, torch.float32)
@@ -307,7 +307,7 @@ def test_hf_gram_multi_tile(monkeypatch, n, splits):
 @pytest.mark.parametrize("n", [17, 33])
 def test_hf_gram_backward_multi_tile(monkeypatch, n):
     monkeypatch.setattr(K_hfgram, "gram_backward_config",
-                        lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4))
+                        lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4, 1))
     gen = _seed("hfgramb-mt", n)
     x = _rand((n, 3, 8, 6), torch.float32, gen, noncontig=True)
     g = torch.randn((n, n), generator=gen, dtype=torch.float64)

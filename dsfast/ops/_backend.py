@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from dsfast.kernels import triton_interpreter_enabled
+
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 
 
@@ -42,10 +44,6 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on ``device``, fastest first; ``torch`` is always last."""
     device = torch.device(device)
@@ -58,7 +56,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     elif device.type == "cpu":
         if extension_available():
             found.append("cpp")
-        if triton_importable() and triton_interpreting():
+        if triton_importable() and triton_interpreter_enabled():
             found.append("triton")
     return found + ["torch"]
 
