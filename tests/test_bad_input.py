@@ -144,3 +144,14 @@ def test_unknown_and_unavailable_backends(monkeypatch):
 
 def test_auto_never_picks_the_triton_interpreter_on_cpu():
     assert resolve_backend("auto", "cpu") in ("cpp", "torch")
+
+
+@pytest.mark.parametrize("op", PAIRWISE_OPS)
+def test_pairwise_non_finite_switch(op):
+    """check_finite=False skips the check: the NaN propagates to the loss (what a GPU does by default,
+    without a device sync); anything but None/True/False is refused before any work."""
+    source, adapted = batch(), batch()
+    adapted[2, 1, 3, 3] = float("nan")
+    assert torch.isnan(op(source, adapted, backend="torch", check_finite=False))
+    with pytest.raises(ValueError, match="`check_finite` must be None, True or False"):
+        op(source, adapted, backend="torch", check_finite="yes")

@@ -66,13 +66,15 @@ def hf_pairwise_similarity_kl(
     detach_source: bool = True,
     anchors: int | torch.Tensor | None = None,
     backend: str = "auto",
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     """:func:`~dsfast.ops.pairwise_similarity_kl` of ``high_frequency(source)`` and ``high_frequency(adapted)``."""
     op = "hf_pairwise_similarity_kl"
     weights = stencil_weights(op, stencil)
     check_image_batch(op, "source", source)
     check_image_batch(op, "adapted", adapted)
-    check_pairwise(op, source, adapted, tau=tau, direction=direction, reduction=reduction, anchors=anchors)
+    check_pairwise(op, source, adapted, tau=tau, direction=direction, reduction=reduction, anchors=anchors,
+                   check_finite=check_finite)
     chosen = resolve_backend(backend, adapted.device)
 
     def gram_fn(x):
@@ -83,4 +85,5 @@ def hf_pairwise_similarity_kl(
     return similarity_kl(
         op, gram_fn, source, adapted,
         tau=tau, direction=direction, reduction=reduction, detach_source=detach_source, anchors=anchors,
+        check_finite=check_finite,
     )

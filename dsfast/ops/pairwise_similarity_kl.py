@@ -77,6 +77,7 @@ def similarity_kl(
     reduction: str,
     detach_source: bool,
     anchors,
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     """Shared body of the pairwise losses (arguments already checked): Gram of each side, then the N x N KL."""
     if detach_source:
@@ -85,8 +86,8 @@ def similarity_kl(
     else:
         g_source = gram_fn(source)
     g_adapted = gram_fn(adapted)
-    check_finite_gram(op, "source", g_source)
-    check_finite_gram(op, "adapted", g_adapted)
+    check_finite_gram(op, "source", g_source, check_finite)
+    check_finite_gram(op, "adapted", g_adapted, check_finite)
     # The KL of two close softmaxes is a small difference of large terms: float32 would lose
     # ~1e-4 of it, so the N x N part runs in float64 (negligible next to the Gram).
     loss = reference.similarity_kl_from_gram(
@@ -110,15 +111,19 @@ def pairwise_similarity_kl(
     detach_source: bool = True,
     anchors: int | torch.Tensor | None = None,
     backend: str = "auto",
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     """KL between the softmaxed pairwise cosine similarities of two batches ``(N, ...)``, N >= 3.
 
     ``direction="source||adapted"`` is the official ``KLDivLoss()(log p_adapted, p_source)``;
     ``reduction="mean"`` averages over the N(N-1) entries as the official code does, ``"batchmean"``
     sums over j and averages over i. ``anchors``: a count of randomly drawn rows, or row indices.
+    ``check_finite``: NaN/Inf inputs raise a ValueError; by default (``None``) only for CPU tensors,
+    where the check needs no device sync; on a GPU they give a NaN loss unless ``check_finite=True``.
     """
     op = "pairwise_similarity_kl"
-    check_pairwise(op, source, adapted, tau=tau, direction=direction, reduction=reduction, anchors=anchors)
+    check_pairwise(op, source, adapted, tau=tau, direction=direction, reduction=reduction, anchors=anchors,
+                   check_finite=check_finite)
     chosen = resolve_backend(backend, adapted.device)
 
     def gram_fn(x):
@@ -128,4 +133,5 @@ def pairwise_similarity_kl(
     return similarity_kl(
         op, gram_fn, source, adapted,
         tau=tau, direction=direction, reduction=reduction, detach_source=detach_source, anchors=anchors,
+        check_finite=check_finite,
     )

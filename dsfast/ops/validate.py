@@ -34,7 +34,8 @@ def check_same(op: str, source, adapted, names=("source", "adapted")) -> None:
         raise TypeError(f"{op}: `{a}` and `{b}` must have the same dtype, got {source.dtype} and {adapted.dtype}")
 
 
-def check_pairwise(op: str, source, adapted, *, tau: float, direction: str, reduction: str, anchors) -> None:
+def check_pairwise(op: str, source, adapted, *, tau: float, direction: str, reduction: str, anchors,
+                   check_finite: bool | None = None) -> None:
     """Everything a pairwise-similarity loss needs: at least 3 samples and known options."""
     for name, x in (("source", source), ("adapted", adapted)):
         if not isinstance(x, torch.Tensor):
@@ -53,6 +54,8 @@ def check_pairwise(op: str, source, adapted, *, tau: float, direction: str, redu
         raise ValueError(f"{op}: `direction` must be one of {DIRECTIONS}, got {direction!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    if check_finite not in (None, True, False):
+        raise ValueError(f"{op}: `check_finite` must be None, True or False, got {check_finite!r}")
     if isinstance(anchors, int) and not 1 <= anchors <= n:
         raise ValueError(f"{op}: `anchors` (a count) must be in [1, N={n}], got {anchors}")
 
@@ -63,7 +66,17 @@ def stencil_weights(op: str, stencil: str) -> list[float]:
     return list(STENCILS[stencil])
 
 
-def check_finite_gram(op: str, name: str, g: torch.Tensor) -> None:
-    """NaN/Inf anywhere in a sample reaches its Gram row; checking the N x N Gram is cheap."""
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(g).all()):
+def check_finite_gram(op: str, name: str, g: torch.Tensor, check_finite: bool | None = None) -> None:
+    """NaN/Inf anywhere in a sample reaches its Gram row, so checking the N x N Gram covers the input.
+
+    ``check_finite``: ``None`` (default) checks where that costs no device->host sync, i.e. CPU tensors;
+    on a GPU the loss path never waits for the device, and a non-finite input gives a NaN loss instead
+    (NaN propagates through the cosine normalisation, softmax and KL). ``True`` always checks (on a GPU
+    that is a blocking sync per call); ``False`` never does.
+    """
+    if check_finite is False or torch.compiler.is_compiling():
+        return
+    if check_finite is None and g.device.type != "cpu":
+        return
+    if not bool(torch.isfinite(g).all()):
         raise ValueError(f"{op}: `{name}` contains NaN or Inf values")
