@@ -4,7 +4,7 @@ PY      ?= .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(dir $(PY)).dsfast-installed
 
-.PHONY: install test test-compile test-triton-oldest bench bench-gpu demo clean
+.PHONY: install install-offline test test-triton-oldest test-gpu bench bench-gpu demo clean
 
 install: $(STAMP)
 
@@ -41,8 +41,21 @@ test-triton-oldest: $(OLD_VENV)/.ready
 bench: install
 	$(PY) -m bench.run --suite cpu
 
-bench-gpu: install
+# OFFLINE=1: a GPU machine that already has torch, Triton (and pytest) and no package index:
+# nothing is downloaded, dsfast is installed from this tree only (--no-index --no-deps), e.g.
+#   make bench-gpu PY=python OFFLINE=1      make test-gpu PY=python OFFLINE=1
+SETUP := $(if $(filter 1,$(OFFLINE)),install-offline,install)
+
+install-offline:
+	$(PIP) install -q --no-index --no-deps --no-build-isolation -e .
+
+bench-gpu: $(SETUP)
 	$(PY) -m bench.run --suite gpu
+
+# The kernel tests on the GPU (CUDA and Triton backends against the reference) and the compile tests.
+test-gpu: $(SETUP)
+	$(PY) -m pytest -q tests/test_triton_kernels.py tests/test_ops.py tests/test_opcheck.py tests/test_losses.py \
+		tests/test_bad_input.py tests/test_gpu_compile.py
 
 demo: install
 	$(PY) -m dsfast.demo

@@ -24,6 +24,7 @@ Providers
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -270,6 +271,8 @@ def providers_for(device: torch.device) -> list[str]:
     if device.type == "cpu":
         names.append("pywt")
     names += ["pytorch_wavelets", "ptwt"]
+    # peers that are not installed (a GPU machine without a package index) are left out, not errors
+    names = [p for p in names if p not in ("pywt", "pytorch_wavelets", "ptwt") or importlib.util.find_spec(p)]
     for b in available_backends(device):
         if device.type == "cpu" and b == "triton":
             continue  # the Triton interpreter is a test tool, not a CPU backend

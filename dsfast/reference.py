@@ -94,8 +94,9 @@ def similarity_logits(g: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     n = g.shape[0]
     norms = g.diagonal().clamp_min(0).sqrt().clamp_min(COSINE_EPS)
     cos = g / (norms[:, None] * norms[None, :])
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=g.device)
-    return cos[off_diagonal].view(n, n - 1) / tau
+    # Drop the diagonal by strides, not a boolean mask (which would wait for the device to count it):
+    # after the first element, the flat N x N matrix is N-1 rows of N+1 whose last entry is diagonal.
+    return cos.reshape(-1)[1:].view(n - 1, n + 1)[:, :-1].reshape(n, n - 1) / tau
 
 
 def similarity_kl_from_gram(

@@ -1,0 +1,182 @@
+"""Static (compiled, not timed) figures of the Triton kernels for H100 (sm_90) and A100 (sm_80), and the roofline.
+
+    python -m bench.static                 # both targets -> bench/results/static-sm90/, static-sm80/
+    python -m bench.static --arch 90
+
+No GPU is used: every kernel is compiled for the target through the project's launchers
+(``dsfast.kernels._gpu_compile``), and the figures are read from the compiled code: registers and spills
+(cuobjdump), shared memory, resident CTAs per SM those allow, tensor-core instructions (mma / wgmma in
+the PTX), the widest global load and store per thread. The roofline table gives, per op and pass, the
+ideal bytes (each input read once, each output written once), the FLOPs, the arithmetic intensity,
+the time those bytes take at 3.0 TB/s (an H100's achievable HBM3 bandwidth), and the bytes the eager
+reference moves (counted: every aten op of ``dsfast.reference`` reads its inputs and writes its outputs,
+views excluded; counted at H, W <= 128 and scaled by the pixels), all for float32. These are compiled/static figures and estimates, not measured times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parent
+HBM_BYTES_PER_S = 3.0e12
+# Launch configurations reported: the headline batch, a larger image, a large N.
+SHAPES = {"headline": (16, 3, 256, 256), "n16-512": (16, 3, 512, 512), "n64-1024": (64, 3, 1024, 1024)}
+DTYPES = ("fp32", "bf16")
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled figures (one subprocess per target: TRITON_INTERPRET must be off)
+# --------------------------------------------------------------------------------------------------
+def compiled(arch: int) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DSFAST_POISON_OUTPUTS"] = "0"
+    code = ("import json, sys; from dsfast.kernels._gpu_compile import compile_all; "
+            f"shapes = {SHAPES!r}; dtypes = {{k: getattr(__import__('torch'), v) for k, v in "
+            "{'fp32': 'float32', 'bf16': 'bfloat16'}.items()}; "
+            f"[print(json.dumps(r)) for r in compile_all({arch}, shapes=shapes, dtypes=dtypes)]")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def kernel_table(records: list[dict]) -> str:
+    head = ("| op | dtype | shape | kernel | grid | warps | stages | regs | spill B | smem KiB | CTAs/SM | waves "
+            "| mma | wgmma | load B | store B |")
+    rows = [head, "|" + "---|" * 16]
+    for r in records:
+        if "error" in r:
+            rows.append(f"| {r['op']} | {r['dtype']} | {r['shape']} | compile error: {r['error'][:80]} |")
+            continue
+        rows.append(
+            f"| {r['op']} | {r['dtype']} | {r['shape']} | `{r['kernel']}` | {'x'.join(map(str, r['grid']))} | "
+            f"{r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['spill_bytes']} | "
+            f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} | {r['waves']} | {r['mma']} | {r['wgmma']} | "
+            f"{r['load_bytes']} | {r['store_bytes']} |")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Roofline
+# --------------------------------------------------------------------------------------------------
+class _Traffic(TorchDispatchMode):
+    """Bytes every aten op reads (tensor inputs) and writes (tensor outputs); views move nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not (torch.Tag.view_copy in func.tags or func.is_view or func._schema.name in ("aten::detach",)):
+            flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            self.bytes += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+        return out
+
+
+def eager_bytes(shape) -> dict:
+    """Bytes the eager reference moves, fwd and fwd+bwd, for the ops of the roofline (float32).
+
+    Counted by running it on CPU at H, W <= 128 and scaled by the pixel count (traffic is linear in the
+    pixels; the N x N part is negligible).
+    """
+    from dsfast import reference as R
+
+    n, c, h, w = shape
+    small = (n, c, min(h, 128), min(w, 128))
+    scale = (h * w) / (small[2] * small[3])
+
+    ops = {  # each returns its outputs; the backward gets ones as output gradients (made outside the count)
+        "hf_pairwise_similarity_kl": lambda s, a: [R.hf_pairwise_similarity_kl(s, a)],
+        "pairwise_similarity_kl": lambda s, a: [R.pairwise_similarity_kl(s, a)],
+        "high_frequency": lambda s, a: [R.high_frequency(a, "domainstudio")],
+        "haar_dwt2": lambda s, a: (lambda ll, bands: [ll, *bands])(*R.haar_dwt2(a)),
+    }
+    found = {}
+    for name, fn in ops.items():
+        source = torch.randn(small)
+        adapted = torch.randn(small, requires_grad=True)
+        with _Traffic() as fwd:
+            outs = fn(source, adapted)
+        grads = [torch.ones_like(t) for t in outs]
+        with _Traffic() as bwd:
+            torch.autograd.backward(outs, grads)
+        found[name] = {"fwd": round(fwd.bytes * scale), "fwd+bwd": round((fwd.bytes + bwd.bytes) * scale)}
+    return found
+
+
+def roofline(shape) -> list[dict]:
+    """Ideal traffic and FLOPs of the fused designs (float32; source detached, as DomainStudio uses it)."""
+    n, c, h, w = shape
+    e = n * c * h * w * 4  # one batch, bytes
+    d_hf = c * h * w // 4
+    gram_hf = 2 * n * n * d_hf  # hf(x) hf(x)ᵀ as a full product (the kernels compute the upper half)
+    gram = 2 * n * n * c * h * w
+    ideal = {
+        # fwd: read source and adapted once each; bwd: read adapted, write its gradient
+        ("hf_pairwise_similarity_kl", "fwd"): (2 * e, 2 * gram_hf),
+        ("hf_pairwise_similarity_kl", "fwd+bwd"): (4 * e, 3 * gram_hf),
+        ("pairwise_similarity_kl", "fwd"): (2 * e, 2 * gram),
+        ("pairwise_similarity_kl", "fwd+bwd"): (4 * e, 3 * gram),
+        ("high_frequency", "fwd"): (e + e // 4, 7 * n * d_hf),
+        ("high_frequency", "fwd+bwd"): (e + e // 4 + e // 4 + e, 11 * n * d_hf),
+        ("haar_dwt2", "fwd"): (2 * e, 12 * n * d_hf),
+        ("haar_dwt2", "fwd+bwd"): (4 * e, 24 * n * d_hf),
+    }
+    eager = eager_bytes(shape)
+    rows = []
+    for (op, pass_), (nbytes, flops) in ideal.items():
+        rows.append({"op": op, "pass": pass_, "shape": "x".join(map(str, shape)), "ideal_bytes": nbytes,
+                     "flops": flops, "flop_per_byte": round(flops / nbytes, 3),
+                     "time_us_at_3TBps": round(nbytes / HBM_BYTES_PER_S * 1e6, 1),
+                     "eager_bytes": eager[op][pass_], "eager_over_ideal": round(eager[op][pass_] / nbytes, 1)})
+    return rows
+
+
+def roofline_table(rows: list[dict]) -> str:
+    out = ["| op | pass | N, C×H×W | ideal MB | GFLOP | FLOP/B | µs at 3.0 TB/s | eager reference MB | eager / ideal |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['op']} | {r['pass']} | {r['shape']} | {r['ideal_bytes'] / 1e6:.1f} | {r['flops'] / 1e9:.2f} | "
+                   f"{r['flop_per_byte']} | {r['time_us_at_3TBps']} | {r['eager_bytes'] / 1e6:.1f} | "
+                   f"{r['eager_over_ideal']}× |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="static (compiled) kernel report and roofline; no GPU needed")
+    ap.add_argument("--arch", type=int, nargs="*", default=[90, 80])
+    ap.add_argument("--results-dir", type=Path, default=ROOT / "results")
+    args = ap.parse_args(argv)
+    import triton
+
+    roof = [r for shape in SHAPES.values() for r in roofline(shape)]
+    for arch in args.arch:
+        records = compiled(arch)
+        out = args.results_dir / f"static-sm{arch}"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "kernels.jsonl", "w") as f:
+            for r in records:
+                r.pop("i32_overflows", None)
+                f.write(json.dumps(r) + "\n")
+        with open(out / "roofline.json", "w") as f:
+            json.dump(roof, f, indent=1)
+        (out / "README.md").write_text(
+            f"# Static kernel report, sm_{arch} (compiled, not timed)\n\n"
+            f"Generated by `python -m bench.static` with Triton {triton.__version__}, torch {torch.__version__}, "
+            "without a GPU: each kernel compiled for the target through dsfast's own launchers. CTAs/SM is "
+            "what registers, shared memory and threads allow; waves = CTAs / (CTAs/SM x SMs); load/store B = "
+            "widest global access per thread (16 = 128-bit vectors; cp.async counts as a load).\n\n"
+            + kernel_table(records) + "\n\n## Roofline (float32; estimates, not timings)\n\n" + roofline_table(roof) + "\n")
+        print(f"wrote {out}/ ({len(records)} launches)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
