@@ -7,14 +7,17 @@ the kernels here are the heavy part of that loss:
   so the reduction over D is split ("split-K") across a second grid axis to fill the GPU. Each split
   writes its partial tile into a float32/64 workspace ``(S, N, N)`` and a small second kernel sums the
   splits in a fixed order (deterministic; no atomics, so every output element is written exactly once
-  and NaN poisoning stays meaningful). Only the upper-triangular tile pairs are computed; the lower
+  and NaN poisoning stays meaningful; many splits are summed in two launches, see launch_gram_reduce).
+  The same kernel, with ``HF=True``, is the Gram of hf(x) (:mod:`.hf_pairwise_similarity_kl`): only
+  the operand loads differ (:func:`panel_block`). Only the upper-triangular tile pairs are computed; the lower
   half of the output is read from the transposed position of the workspace, so the result is exactly
   symmetric. With a single split the partial kernel writes the output (and its mirror) directly.
 * ``gram_backward``: ``(g + gᵀ) X`` as a tiled matmul over (row tiles of N) x (column tiles of D); the
   symmetrised ``g + gᵀ`` is formed on the fly from two loads of g.
 
-fp32 dots use ``input_precision="ieee"`` (TF32 would break 1e-5 accuracy); fp16/bf16 operands go to the
-tensor cores natively (their products are exact in fp32, accumulation is fp32); fp64 stays fp64.
+All dots run on the tensor cores: fp32 operands as 3xTF32 (``input_precision="tf32x3"``: plain TF32
+would break the 1e-5 accuracy, 3xTF32 keeps fp32's, see tests/test_tf32x3_accuracy.py); fp16/bf16
+operands natively (their products are exact in fp32, accumulation is fp32); fp64 as fp64 (DMMA).
 """
 from __future__ import annotations
 
@@ -215,22 +218,29 @@ def _gram_partial_kernel(x_ptr, w_ptr, out_ptr, N, D, s_n, s_d, chunks_w, h, w, 
 
 
 @triton.jit
-def _gram_reduce_kernel(ws_ptr, out_ptr, N, splits, TILE: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
-    """out[r, c] = sum over splits of ws[s, r, c] (upper tile pairs) or ws[s, c, r] (lower ones), in order."""
+def _gram_reduce_kernel(ws_ptr, out_ptr, N, splits, splits_per_group, TILE: tl.constexpr, MIRROR: tl.constexpr,
+                        BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out[g, r, c] = sum over the splits s of group g = program_id(1), in order, of ws[s, r, c] -- or, with
+    MIRROR, of ws[s, c, r] below the diagonal tile pairs (the partial kernel fills the upper ones only)."""
+    g = tl.program_id(1)
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = e < N * N
-    r = e // N
-    c = e - r * N
-    src = tl.where(r // TILE > c // TILE, c * N + r, e)
+    if MIRROR:
+        r = e // N
+        c = e - r * N
+        src = tl.where(r // TILE > c // TILE, c * N + r, e)
+    else:
+        src = e
+    s_begin = g * splits_per_group
+    s_end = tl.minimum(s_begin + splits_per_group, splits)
     acc = tl.zeros((BLOCK_E,), dtype=out_ptr.dtype.element_ty)
     ss = tl.arange(0, BLOCK_S)
-    for s0 in range(0, splits, BLOCK_S):
+    for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + ss
-        mask = (s[:, None] < splits) & e_mask[None, :]
+        mask = (s[:, None] < s_end) & e_mask[None, :]
         v = tl.load(ws_ptr + s[:, None].to(tl.int64) * N * N + src[None, :], mask=mask, other=0.0)
         acc += tl.sum(v, axis=0)
-    tl.store(out_ptr + e, acc, mask=e_mask)
+    tl.store(out_ptr + g.to(tl.int64) * N * N + e, acc, mask=e_mask)
 
 
 @triton.jit
@@ -269,13 +279,30 @@ def _acc_tl(dtype: torch.dtype):
     return tl.float64 if accumulate_dtype(dtype) == torch.float64 else tl.float32
 
 
+REDUCE_GROUP = 32  # splits one reduce program sums; more splits than this are reduced in two launches
+
+
 def launch_gram_reduce(ws: torch.Tensor, out: torch.Tensor, tile: int) -> None:
-    """Sum the (S, N, N) split-K workspace (upper tile pairs filled) into the symmetric (N, N) out."""
+    """Sum the (S, N, N) split-K workspace (upper tile pairs filled) into the symmetric (N, N) out.
+
+    Deterministic (a fixed order). Up to REDUCE_GROUP splits one launch does it; beyond, groups of
+    REDUCE_GROUP splits are summed by parallel programs into (G, N, N) partials first, so no single
+    program streams a long workspace (at N=16 on an H100 there are ~1000 splits).
+    """
     splits, n, _ = ws.shape
     block_e = min(256, next_pow2(n * n))
     block_s = min(8, next_pow2(splits))  # [8, 256] per trip: ~16 values per thread, no register spills
-    grid = (triton.cdiv(n * n, block_e),)
-    _gram_reduce_kernel[grid](ws, out, n, splits, TILE=tile, BLOCK_E=block_e, BLOCK_S=block_s, num_warps=4)
+    e_blocks = triton.cdiv(n * n, block_e)
+    if splits > REDUCE_GROUP:
+        groups = triton.cdiv(splits, REDUCE_GROUP)
+        partial = new_output((groups, n, n), out.dtype, out.device)
+        _gram_reduce_kernel[(e_blocks, groups)](ws, partial, n, splits, REDUCE_GROUP, TILE=tile, MIRROR=True,
+                                                BLOCK_E=block_e, BLOCK_S=block_s, num_warps=4)
+        ws, splits, mirror = partial, groups, False
+    else:
+        mirror = True
+    _gram_reduce_kernel[(e_blocks, 1)](ws, out, n, splits, splits, TILE=tile, MIRROR=mirror, BLOCK_E=block_e,
+                                       BLOCK_S=min(8, next_pow2(splits)), num_warps=4)
 
 
 def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *, s_n: int, s_d: int = 1,

@@ -240,6 +240,16 @@ def test_gram_multi_tile(monkeypatch, n, splits, dtype):
     _check(K_gram.gram(x), R.gram(x.double()), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gram_two_stage_reduce(monkeypatch, dtype):
+    """More splits than one reduce program sums: groups first, then the groups (mirror in the first)."""
+    monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")
+    monkeypatch.setattr(K_gram, "gram_config", _forced_gram_config(16, 7))
+    monkeypatch.setattr(K_gram, "REDUCE_GROUP", 2)
+    x = _flat_input(33, 250, dtype, _seed("gram-2stage", str(dtype)), noncontig=False)
+    _check(K_gram.gram(x), R.gram(x.double()), dtype)
+
+
 @pytest.mark.parametrize("n", [17, 33])
 def test_gram_backward_multi_tile(monkeypatch, n):
     monkeypatch.setattr(K_gram, "gram_backward_config", lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4, 1))
