@@ -285,7 +285,7 @@ WEIGHTS = (0.5, -0.5, -0.5, 0.5)
 OPS = ("haar_dwt2", "haar_idwt2", "high_frequency", "high_frequency_backward", "gram", "gram_backward", "hf_gram",
        "hf_gram_backward")
 # Kernels whose work is a matrix product: their fp32/bf16/fp16 dots must run on the tensor cores.
-DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_partial_kernel", "_hf_gram_backward_kernel")
+DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_backward_kernel")
 
 
 def launchers():
