@@ -31,7 +31,6 @@ class ModelInfo:
     """What the pretrained pipeline is, read from its config files (no weights loaded)."""
 
     family: str  # UNCONDITIONAL (UNet2DModel + scheduler) | TEXT2IMAGE (Stable Diffusion family)
-    pipeline_class: str
     channels: int  # pixel channels of the training images
     down_factor: int  # the resolution must be a multiple of this
     default_resolution: int | None  # pixels
@@ -62,11 +61,11 @@ def describe(pretrained: str) -> ModelInfo:
         unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
         vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
         vf = 2 ** (len(vae["block_out_channels"]) - 1)
-        return ModelInfo(TEXT2IMAGE, index.get("_class_name", "StableDiffusionPipeline"), 3,
-                         vf * 2 ** (len(unet["block_out_channels"]) - 1), (_size(unet.get("sample_size")) or 64) * vf)
+        return ModelInfo(TEXT2IMAGE, 3, vf * 2 ** (len(unet["block_out_channels"]) - 1),
+                         (_size(unet.get("sample_size")) or 64) * vf)
     if "unet" in index and "scheduler" in index:
         unet = UNet2DModel.load_config(pretrained, subfolder="unet")
-        return ModelInfo(UNCONDITIONAL, "DDPMPipeline", int(unet["in_channels"]),
+        return ModelInfo(UNCONDITIONAL, int(unet["in_channels"]),
                          2 ** (len(unet["block_out_channels"]) - 1), _size(unet.get("sample_size")))
     raise ModelError(f"unsupported pipeline {index.get('_class_name')}: need unet+scheduler "
                      "(unconditional) or unet+vae+text_encoder+tokenizer (Stable Diffusion family)")

@@ -32,7 +32,7 @@ class TextToImageMethod(Method):
 
     @classmethod
     def check(cls, loss, data) -> None:
-        if not data.instance_prompt:
+        if cls.needs(loss).prompts and not data.instance_prompt:
             raise ConfigError("config key 'data.instance_prompt' is required for a text-to-image model")
         if cls.needs(loss).class_images and not data.class_prompt:
             raise ConfigError("config key 'data.class_prompt' is required (prior preservation / class-prompt source)")
