@@ -13,8 +13,8 @@ ROOT = Path(dsfast.__file__).parent
 
 # dsfast.train, bottom to top: a module may import only from lower layers (or its own methods/ package).
 TRAIN_LAYERS = [
-    {"errors", "distributed", "diffusion", "testing"},
-    {"data"},
+    {"errors", "distributed", "diffusion"},
+    {"data", "testing"},
     {"models"},
     {"sample", "checkpoint"},
     {"methods"},

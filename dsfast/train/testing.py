@@ -13,6 +13,8 @@ from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusi
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .distributed import EXTENSIONS_DIR
+
 
 def write_images(folder, n: int, size: int = 16, seed: int = 0, mode: str = "RGB") -> Path:
     folder = Path(folder)
@@ -121,8 +123,7 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TORCH_EXTENSIONS_DIR",
-                   os.path.join(os.path.expanduser("~"), ".cache", "dsfast", "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
