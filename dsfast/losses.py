@@ -32,8 +32,15 @@ class PairwiseSimilarityLoss(nn.Module):
             anchors=self.num_anchors, detach_source=self.detach_source, backend=self.backend,
         )
 
-    def forward(self, source: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
-        return ops.pairwise_similarity_kl(source, adapted, **self.options())
+    def call_options(self, anchors) -> dict:
+        opts = self.options()
+        if anchors is not None:
+            opts["anchors"] = anchors
+        return opts
+
+    def forward(self, source: torch.Tensor, adapted: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """``anchors`` (row indices) replaces ``num_anchors`` for this call (e.g. rows drawn from a fixed seed)."""
+        return ops.pairwise_similarity_kl(source, adapted, **self.call_options(anchors))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -49,8 +56,8 @@ class HighFrequencySimilarityLoss(PairwiseSimilarityLoss):
     def options(self) -> dict:
         return dict(super().options(), stencil=self.stencil)
 
-    def forward(self, source: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
-        return ops.hf_pairwise_similarity_kl(source, adapted, **self.options())
+    def forward(self, source: torch.Tensor, adapted: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.hf_pairwise_similarity_kl(source, adapted, **self.call_options(anchors))
 
 
 class HighFrequencyMSELoss(nn.Module):
@@ -103,10 +110,12 @@ class DomainStudioLoss(nn.Module):
         self.hf_loss = HighFrequencySimilarityLoss(stencil=stencil, **pairwise)
         self.hf_mse_loss = HighFrequencyMSELoss(stencil=stencil, backend=backend)
 
-    def forward(self, source_x0: torch.Tensor, adapted_x0: torch.Tensor, real_x0: torch.Tensor) -> DomainStudioLossOutput:
+    def forward(self, source_x0: torch.Tensor, adapted_x0: torch.Tensor, real_x0: torch.Tensor,
+                anchors: torch.Tensor | None = None) -> DomainStudioLossOutput:
+        """``anchors`` (row indices of the pairwise terms) replaces ``num_anchors`` for this call."""
         zero = adapted_x0.new_zeros((), dtype=torch.float32)
-        image = self.image_loss(source_x0, adapted_x0) if self.lambda_img else zero
-        high_frequency = self.hf_loss(source_x0, adapted_x0) if self.lambda_hf else zero
+        image = self.image_loss(source_x0, adapted_x0, anchors) if self.lambda_img else zero
+        high_frequency = self.hf_loss(source_x0, adapted_x0, anchors) if self.lambda_hf else zero
         hf_mse = self.hf_mse_loss(adapted_x0, real_x0) if self.lambda_hfmse else zero
         total = self.lambda_img * image + self.lambda_hf * high_frequency + self.lambda_hfmse * hf_mse
         return DomainStudioLossOutput(total=total, image=image, high_frequency=high_frequency, hf_mse=hf_mse)

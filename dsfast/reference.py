@@ -5,7 +5,7 @@ input; argument checking lives in :mod:`dsfast.ops.validate` so every backend re
 input the same way.
 
 Conventions follow ``pywt`` for the Haar transform and the official DomainStudio / CDC
-code for the pairwise-similarity loss (see DESIGN.md, "The math").
+code for the pairwise-similarity loss (the formulas are in the docstrings below).
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def hf_mse(adapted: torch.Tensor, target: torch.Tensor, *, stencil: str = "domai
 
 
 # -- The official code's forms, kept as an independent check of the vectorised reference above and as
-# -- the "official" peer in bench/. Written from DESIGN.md's description of the DomainStudio/CDC code.
+# -- the "official" peer in bench/. Written from a description of the DomainStudio/CDC code (no code copied).
 def official_high_frequency(x: torch.Tensor) -> torch.Tensor:
     """LH + HL + HH by stride-2 cross-correlation with filters built from L=[1,1]/√2, H=[-1,1]/√2."""
     low = torch.tensor([1.0, 1.0], dtype=x.dtype, device=x.device) / 2**0.5

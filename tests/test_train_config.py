@@ -1,7 +1,7 @@
 """Config loading: unknown keys, dotted overrides, type coercion, method defaults (no training)."""
 import pytest
 
-from dsfast.train.config import ConfigError, load_config, parse_overrides, resolve_defaults
+from dsfast.train.config import ConfigError, load_config, parse_overrides, resolve
 
 BASE = {"model": {"pretrained": "some/model"}, "data": {"instance_dir": "imgs"}, "output_dir": "out"}
 
@@ -52,20 +52,36 @@ def test_required_keys():
 
 
 def test_official_defaults():
-    cfg = resolve_defaults(load_config(BASE), "unconditional")
+    cfg = resolve(load_config(BASE), "unconditional")
     assert (cfg.loss.image, cfg.loss.hf, cfg.loss.hfmse) == (4.0, 4.0, 1.0)
     assert cfg.train.lr == 1e-4 and cfg.train.ema == 0.9999 and cfg.loss.source == "frozen"
     t2i = {**BASE, "data": {"instance_dir": "i", "instance_prompt": "a sks dog", "class_prompt": "a dog"}}
-    cfg = resolve_defaults(load_config(t2i), "text2image")
+    cfg = resolve(load_config(t2i), "text2image")
     assert (cfg.loss.prior, cfg.loss.image, cfg.loss.hf, cfg.loss.hfmse) == (1.0, 100.0, 100.0, 0.1)
     assert cfg.train.lr == 5e-6 and cfg.loss.source == "class_prompt"
-    cfg = resolve_defaults(load_config({**t2i, "method": "dreambooth"}), "text2image")
+    cfg = resolve(load_config({**t2i, "method": "dreambooth"}), "text2image")
     assert cfg.loss.prior == 1.0 and cfg.train.lr == 5e-6
     with pytest.raises(ConfigError, match="text-to-image"):
-        resolve_defaults(load_config({**BASE, "method": "dreambooth"}), "unconditional")
+        resolve(load_config({**BASE, "method": "dreambooth"}), "unconditional")
     with pytest.raises(ConfigError, match="class_prompt"):
-        resolve_defaults(load_config({**BASE, "data": {"instance_dir": "i", "instance_prompt": "a sks dog"}}),
+        resolve(load_config({**BASE, "data": {"instance_dir": "i", "instance_prompt": "a sks dog"}}),
                          "text2image")
     # explicit values win over the defaults
-    cfg = resolve_defaults(load_config(BASE, ["loss.image=1", "train.lr=2e-4"]), "unconditional")
+    raw = load_config(BASE, ["loss.image=1", "train.lr=2e-4"])
+    cfg = resolve(raw, "unconditional")
     assert cfg.loss.image == 1.0 and cfg.train.lr == 2e-4
+    assert raw.loss.hf is None and raw.train.micro_batch_size is None  # resolve returns a new config
+
+
+def test_resolve_world_and_resolution():
+    cfg = resolve(load_config(BASE, ["train.batch_size=8"]), "unconditional", world=2, default_resolution=32,
+                  down_factor=4)
+    assert cfg.train.micro_batch_size == 4 and cfg.data.resolution == 32
+    with pytest.raises(ConfigError, match="world size"):
+        resolve(load_config(BASE, ["train.batch_size=5"]), "unconditional", world=2)
+    with pytest.raises(ConfigError, match="downsampling factor"):
+        resolve(load_config(BASE, ["data.resolution=18"]), "unconditional", down_factor=4)
+    with pytest.raises(ConfigError, match="batch_size >= 3"):
+        resolve(load_config(BASE, ["train.batch_size=2"]), "unconditional")
+    with pytest.raises(Exception):  # frozen: nothing changes a resolved config
+        cfg.train.lr = 1.0

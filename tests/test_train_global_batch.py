@@ -4,7 +4,6 @@ One process with one batch of 4 is the truth; 1 rank x 2 micro-batches (cached t
 2 ranks x 1 micro-batch (all-gather with own-slice gradient) and 2 ranks x 2 micro-batches
 (both) must give the same parameter gradient to 1e-5 (fp32) and the same loss terms.
 """
-import copy
 import os
 import warnings
 
@@ -14,37 +13,35 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dsfast.train import distributed as D
-from dsfast.train.config import load_config, resolve_defaults
-from dsfast.train.data import load_folder
-from dsfast.train.methods import UnconditionalMethod
-from dsfast.train.step import run_step
+from dsfast.train import methods
+from dsfast.train.config import load_config, resolve
+from dsfast.train.data import Draws, load_images
+from dsfast.train.engine import run_step
+from dsfast.train.models import describe, load
 from dsfast.train.testing import make_unconditional_pipeline, tiny_config, write_images
 
 BATCH = 4
 
 
 def compute_grads(root, world, rank, micro, image=1000.0, hf=1000.0, hfmse=1e-3):
-    from diffusers import DDPMScheduler, UNet2DModel
-
     torch.set_num_threads(1)
-    cfg = load_config(tiny_config(root, f"{root}/model", f"{root}/imgs", train__batch_size=BATCH,
-                                  loss__image=image, loss__hf=hf, loss__hfmse=hfmse))
-    resolve_defaults(cfg, "unconditional")
-    unet = UNet2DModel.from_pretrained(f"{root}/model", subfolder="unet")
-    sched = DDPMScheduler.from_pretrained(f"{root}/model", subfolder="scheduler")
-    source = copy.deepcopy(unet).eval().requires_grad_(False)
+    cfg = resolve(load_config(tiny_config(root, f"{root}/model", f"{root}/imgs", train__batch_size=BATCH,
+                                          loss__image=image, loss__hf=hf, loss__hfmse=hfmse)), "unconditional")
+    bundle = load(describe(f"{root}/model"), f"{root}/model", dtype=torch.float32, lora=None, frozen_source=True)
+    unet = bundle.unet
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # adapted != source, else the pairwise gradients vanish
         for p in unet.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-    method = UnconditionalMethod(cfg, unet, source, sched, torch.float32)
-    method.channels = 3
-    images = load_folder(cfg.data.instance_dir, 16)
+    draws = Draws(seed=cfg.train.seed, batch_size=BATCH, num_timesteps=1000, random_flip=cfg.data.random_flip)
+    method = methods.get("domainstudio", "unconditional")(
+        bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
+        sample=cfg.sample, dtype=torch.float32)
     per_rank = BATCH // world
     ks = list(range(rank * per_rank, (rank + 1) * per_rank))
-    mbs = [method.make_micro_batch(images, 3, ks[i:i + micro], (3, 16, 16), 1000) for i in range(0, per_rank, micro)]
+    mbs = [method.micro_batch(3, ks[i:i + micro]) for i in range(0, per_rank, micro)]
     accum = len(mbs)
-    logs = run_step(method, mbs, lambda loss: (loss / accum).backward(), step=3)
+    logs = run_step(method, unet, mbs, lambda loss: (loss / accum).backward(), step=3)
     grads = {}
     for n, p in unet.named_parameters():
         gr = p.grad.clone()

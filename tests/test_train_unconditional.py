@@ -73,7 +73,7 @@ def test_domainstudio_run_folder(assets, tmp_path):
     imgs = sample_images(run, 3, num_inference_steps=2)
     assert imgs.shape == (3, 3, 16, 16) and 0 <= imgs.min() and imgs.max() <= 1
     again = sample_images(run, 2, num_inference_steps=2)
-    assert torch.allclose(imgs[:2], again)  # fixed seeds per image
+    torch.testing.assert_close(imgs[:2], again, rtol=0, atol=1e-5)  # fixed seeds per image (batch-size float noise)
     assert sample_main(["--run", str(run), "--num", "4", "--steps", "2", "--out", str(tmp_path / "g.png")]) == 0
     from PIL import Image
 

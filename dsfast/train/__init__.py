@@ -2,17 +2,16 @@
 
 ``train(config, overrides) -> run dir``; ``python -m dsfast.train --config run.yaml`` under
 ``deepspeed``/``torchrun``; ``dsfast train --config run.yaml [key=value ...] [--resume latest]``.
+
+Layout, bottom to top: ``errors``, ``distributed``, ``diffusion`` (x0, targets, L_vlb), ``data``
+(images, per-sample draws, micro-batches), ``models`` (loading, LoRA, EMA, export), ``sample``,
+``checkpoint``; ``methods/`` (one file per training method, and the registry); ``config`` (schema and
+the resolve step); ``engine`` (DeepSpeed, the step loop, logging); ``cli``.
 """
-from __future__ import annotations
+from . import distributed as _distributed
 
-from pathlib import Path
+_distributed.accelerator_env()  # before DeepSpeed is first imported (below)
 
-
-def train(config, overrides=(), *, resume: str | None = None) -> Path:
-    """Train from a config dict or YAML path plus ``key=value`` overrides; returns the run folder."""
-    from .trainer import train as _train
-
-    return _train(config, overrides, resume=resume)
-
+from .engine import train  # noqa: E402
 
 __all__ = ["train"]

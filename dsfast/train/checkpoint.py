@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import distributed as D
@@ -24,24 +26,18 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _maybe_kill(point: str) -> None:
+def maybe_kill(point: str) -> None:
     """Test hook: ``DSFAST_TEST_KILL=<point>`` SIGKILLs this process (rank 0 only) at that point."""
     want = os.environ.get("DSFAST_TEST_KILL")
     if want and want == point and D.rank() == 0:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict:
-    import numpy as np
-
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
 def set_rng_state(state: dict) -> None:
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -67,7 +63,7 @@ class CheckpointManager:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
 
-    def save(self, engine, step: int, *, ema=None, extra: dict | None = None) -> Path:
+    def save(self, engine, step: int, *, ema=None) -> Path:
         tag = tag_of(step)
         d = self.root / tag
         if D.rank() == 0:
@@ -75,10 +71,10 @@ class CheckpointManager:
             if d.exists():  # a half-written save of this step from a killed run
                 shutil.rmtree(d)
         D.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step, **(extra or {})},
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step},
                                save_latest=False)
         torch.save(rng_state(), d / f"rng_rank{D.rank()}.pt")
-        _maybe_kill(f"save:{step}")
+        maybe_kill(f"save:{step}")
         if D.rank() == 0 and ema is not None:
             tmp = d / "ema.pt.tmp"
             torch.save(ema.state_dict(), tmp)

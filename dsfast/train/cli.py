@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .engine import train
+from .errors import USER_ERRORS
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
@@ -16,14 +19,9 @@ def main(argv=None) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .models import ModelError
-    from .trainer import TrainingError, train
-
     try:
         run = train(args.config, args.overrides, resume=args.resume)
-    except (ConfigError, DataError, ModelError, TrainingError) as exc:
+    except USER_ERRORS as exc:
         print(f"dsfast train: error: {exc}", file=sys.stderr)
         return 1
     print(f"dsfast train: done, run folder {run}")

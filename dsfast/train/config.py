@@ -1,141 +1,171 @@
-"""Run configuration: YAML -> nested dataclasses, dotted ``key=value`` overrides, method defaults.
+"""Run configuration: the schema, YAML + dotted ``key=value`` overrides, and the one resolve step.
 
-Every key has a documented default (see the README table). ``None`` means "the method's
-official default", filled in by :func:`resolve_defaults` once the model family is known
-(unconditional UNet2DModel pipeline vs Stable-Diffusion family). The resolved config is
+:func:`load_config` checks the keys and types (pydantic: unknown keys and bad values are errors
+naming the key). ``None`` means "the method's official default": :func:`resolve` fills it in, once,
+from the method registry and the model (its family, sample size, down-sampling factor) and the world
+size, and returns a new, frozen :class:`RunConfig` that nothing changes later. The resolved config is
 written to ``<run>/config.yaml`` so a run is reproducible from its folder alone.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("domainstudio", "dreambooth", "finetune")
-PRECISIONS = ("no", "bf16", "fp16")
-OFFLOAD = ("none", "cpu")
-SPACES = ("pixel", "latent")
-SOURCES = ("frozen", "class_prompt", "lora_off")
+from . import methods
+from .errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A bad configuration value or an unknown key (the message names the key)."""
+__all__ = ["ConfigError", "RunConfig", "dump_config", "load_config", "parse_overrides", "resolve"]
 
 
-@dataclass
-class ModelConfig:
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+
+class ModelConfig(_Section):
     pretrained: str = ""  # local diffusers pipeline folder or hub id
-    lora_rank: int = 0  # 0 = full fine-tune of the UNet; >0 = peft LoRA adapters on the UNet
+    lora_rank: int = Field(0, ge=0)  # 0 = full fine-tune of the UNet; >0 = peft LoRA adapters on the UNet
     lora_alpha: float | None = None  # None = lora_rank
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     instance_dir: str = ""
     instance_prompt: str | None = None  # text-to-image only, e.g. "a sks dog"
     class_prompt: str | None = None  # text-to-image only, e.g. "a dog"
     class_dir: str | None = None  # None = <output_dir>/class_images
-    num_class_images: int = 200
-    resolution: int | None = None  # None = the model's sample size (pixels)
+    num_class_images: int = Field(200, ge=0)
+    resolution: int | None = Field(None, ge=2)  # None = the model's sample size (pixels)
     random_flip: bool = True
     center_crop: bool = True
 
 
-@dataclass
-class LossConfig:
+class LossConfig(_Section):
     prior: float | None = None  # lambda_prior (dreambooth, text-to-image domainstudio)
     image: float | None = None  # lambda_img: pairwise-similarity KL of x0
     hf: float | None = None  # lambda_hf: pairwise-similarity KL of hf(x0)
     hfmse: float | None = None  # lambda_hfmse: MSE of hf(x0) to the real image
-    stencil: str = "domainstudio"  # domainstudio | pywt
-    space: str = "pixel"  # pixel | latent (text-to-image domainstudio)
-    source: str | None = None  # frozen | class_prompt | lora_off; None = method default
+    stencil: Literal["domainstudio", "pywt"] = "domainstudio"
+    space: Literal["pixel", "latent"] = "pixel"  # text-to-image domainstudio
+    source: Literal["frozen", "class_prompt", "lora_off"] | None = None  # None = method default
     tau: float = 1.0
-    direction: str = "source||adapted"
-    reduction: str = "mean"
-    num_anchors: int | None = None  # random anchor rows of the pairwise loss (None = all)
+    direction: Literal["source||adapted", "adapted||source"] = "source||adapted"
+    reduction: Literal["mean", "batchmean", "sum"] = "mean"
+    num_anchors: int | None = Field(None, ge=1)  # random anchor rows of the pairwise loss (None = all)
     backend: str = "auto"
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int = 800
-    batch_size: int | None = None  # global batch (instance images per optimizer step)
-    micro_batch_size: int | None = None  # per rank per forward; None = batch_size / world size
+class TrainConfig(_Section):
+    max_steps: int = Field(800, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # global batch (instance images per optimizer step)
+    micro_batch_size: int | None = Field(None, ge=1)  # per rank per forward; None = batch_size / world size
     lr: float | None = None
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    ema: float | None = None  # EMA decay, 0 = off
+    ema: float | None = Field(None, ge=0.0, lt=1.0)  # EMA decay, 0 = off
     resume: str = "auto"  # auto | latest | none | <checkpoint dir>
-    log_every: int = 1
+    log_every: int = Field(1, ge=1)
 
 
-@dataclass
-class DeepSpeedConfig:
-    zero_stage: int = 2
-    offload_optimizer: str = "none"
-    offload_param: str = "none"
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
     config: str | None = None  # stock DeepSpeed JSON; its keys win over the generated ones
 
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_param == "cpu" and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3")
+        if self.offload_optimizer == "cpu" and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage >= 1")
+        return self
 
-@dataclass
-class SampleConfig:
-    num: int = 16
-    num_inference_steps: int = 50
+
+class SampleConfig(_Section):
+    num: int = Field(16, ge=1)
+    num_inference_steps: int = Field(50, ge=1)
     seed: int = 0
     prompt: str | None = None  # text-to-image; None = data.instance_prompt
     guidance_scale: float = 7.5
 
 
-@dataclass
-class RunConfig:
+class RunConfig(_Section):
     method: str = "domainstudio"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    output_dir: str | None = None  # None = runs/<config file stem> (runs/dsfast without a file)
-    checkpoint_every: int = 500  # 0 = only at the end
-    keep_last: int = 2  # complete checkpoints kept (0 = all)
-    sample_every: int = 500  # 0 = never
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    sample: SampleConfig = SampleConfig()
+    output_dir: str  # load_config's default: runs/<config file stem> (runs/dsfast without a file)
+    checkpoint_every: int = Field(500, ge=0)  # 0 = only at the end
+    keep_last: int = Field(2, ge=0)  # complete checkpoints kept (0 = all)
+    sample_every: int = Field(500, ge=0)  # 0 = never
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @field_validator("model", "data", "loss", "train", "deepspeed", "sample", mode="before")
+    @classmethod
+    def _empty_section(cls, v):
+        return {} if v is None else v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v):
+        if v not in methods.NAMES:
+            raise ValueError(f"config key 'method' must be one of {', '.join(methods.NAMES)}; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _required(self):
+        if not self.model.pretrained:
+            raise ValueError("config key 'model.pretrained' is required (a diffusers pipeline folder or hub id)")
+        if not self.data.instance_dir:
+            raise ValueError("config key 'data.instance_dir' is required (a folder of training images)")
+        if self.loss.source == "lora_off" and self.model.lora_rank == 0:
+            raise ValueError("loss.source=lora_off needs model.lora_rank > 0")
+        return self
 
 
-# ----------------------------------------------------------------------------- building
+# ----------------------------------------------------------------------------- loading
 
-def _build(cls, data: dict, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}' (known keys under '{prefix.rstrip('.') or '<root>'}': "
-                f"{', '.join(sorted(known))})"
-            )
-        f = known[key]
-        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        if dataclasses.is_dataclass(sub):
-            kwargs[key] = _build(sub, value or {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+def _section_class(loc) -> type[BaseModel]:
+    cls = RunConfig
+    for part in loc:
+        ann = cls.model_fields[part].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        cls = ann
+    return cls
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        known = ", ".join(sorted(_section_class(loc[:-1]).model_fields))
+        return ConfigError(f"unknown config key '{key}' (known keys under '{'.'.join(loc[:-1]) or '<root>'}': "
+                           f"{known})")
+    if err["type"] == "value_error":
+        return ConfigError(str(err["ctx"]["error"]))
+    return ConfigError(f"config key '{key}' has a bad value {err.get('input')!r}: {err['msg']}")
+
+
+def _validate(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -143,6 +173,8 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node = data
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
+        if nxt is None:
+            nxt = node[p] = {}
         if not isinstance(nxt, dict):
             raise ConfigError(f"cannot override '{dotted}': '{p}' is not a section")
         node = nxt
@@ -155,17 +187,15 @@ def parse_overrides(overrides) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-5)")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
-        out.append((key, value))
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() != "" else None))
     return out
 
 
 def load_config(config: dict | str | Path | RunConfig, overrides=()) -> RunConfig:
-    """Build a :class:`RunConfig` from a dict, a YAML path or an existing config, plus ``key=value`` overrides."""
+    """A :class:`RunConfig` from a dict, a YAML path or an existing config, plus ``key=value`` overrides."""
     source_name = None
     if isinstance(config, RunConfig):
-        data = config.to_dict()
+        data = config.model_dump()
     elif isinstance(config, dict):
         data = json.loads(json.dumps(config))  # deep copy, plain types
     else:
@@ -178,129 +208,51 @@ def load_config(config: dict | str | Path | RunConfig, overrides=()) -> RunConfi
         source_name = path.stem
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
-    cfg = _build(RunConfig, data)
-    if cfg.output_dir is None:
-        cfg.output_dir = str(Path("runs") / (source_name or "dsfast"))
-    _coerce(cfg)
-    validate_static(cfg)
-    return cfg
+    if data.get("output_dir") is None:
+        data["output_dir"] = str(Path("runs") / (source_name or "dsfast"))
+    return _validate(data)
 
 
-def _coerce(cfg: RunConfig) -> None:
-    """YAML reads 1e-4 as a string; coerce numbers and types of every field by its annotation."""
-    def walk(obj, prefix):
-        for f in fields(obj):
-            v = getattr(obj, f.name)
-            name = prefix + f.name
-            if dataclasses.is_dataclass(v):
-                walk(v, name + ".")
-                continue
-            if v is None:
-                continue
-            ann = str(f.type)
-            try:
-                if ann.startswith("float"):
-                    v = float(v)
-                elif ann.startswith("int"):
-                    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-                        raise ValueError
-                    v = int(v)
-                elif ann.startswith("bool"):
-                    if not isinstance(v, bool):
-                        raise ValueError
-                elif ann.startswith("str"):
-                    v = str(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"config key '{name}' has a bad value {v!r} (expected {ann})") from None
-            setattr(obj, f.name, v)
-    walk(cfg, "")
+# ----------------------------------------------------------------------------- the resolve step
 
-
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"config key '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def validate_static(cfg: RunConfig) -> None:
-    """Checks that need neither the model nor the data."""
-    _choice("method", cfg.method, METHODS)
-    _choice("train.mixed_precision", cfg.train.mixed_precision, PRECISIONS)
-    _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
-    _choice("deepspeed.offload_optimizer", cfg.deepspeed.offload_optimizer, OFFLOAD)
-    _choice("deepspeed.offload_param", cfg.deepspeed.offload_param, OFFLOAD)
-    _choice("loss.space", cfg.loss.space, SPACES)
-    _choice("loss.stencil", cfg.loss.stencil, ("domainstudio", "pywt"))
-    _choice("loss.direction", cfg.loss.direction, ("source||adapted", "adapted||source"))
-    _choice("loss.reduction", cfg.loss.reduction, ("mean", "batchmean", "sum"))
-    if cfg.loss.source is not None:
-        _choice("loss.source", cfg.loss.source, SOURCES)
-    if cfg.deepspeed.offload_param == "cpu" and cfg.deepspeed.zero_stage != 3:
-        raise ConfigError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3")
-    if cfg.deepspeed.offload_optimizer == "cpu" and cfg.deepspeed.zero_stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage >= 1")
-    if not cfg.model.pretrained:
-        raise ConfigError("config key 'model.pretrained' is required (a diffusers pipeline folder or hub id)")
-    if not cfg.data.instance_dir:
-        raise ConfigError("config key 'data.instance_dir' is required (a folder of training images)")
-    if cfg.model.lora_rank < 0:
-        raise ConfigError("config key 'model.lora_rank' must be >= 0")
-    if cfg.train.max_steps < 1:
-        raise ConfigError("config key 'train.max_steps' must be >= 1")
-    for k in ("checkpoint_every", "keep_last", "sample_every"):
-        if getattr(cfg, k) < 0:
-            raise ConfigError(f"config key '{k}' must be >= 0")
-    if cfg.loss.source == "lora_off" and cfg.model.lora_rank == 0:
-        raise ConfigError("loss.source=lora_off needs model.lora_rank > 0")
-    if cfg.train.ema is not None and not 0.0 <= cfg.train.ema < 1.0:
-        raise ConfigError("config key 'train.ema' must be in [0, 1)")
-
-
-# Official defaults (DESIGN.md): key -> value, per (method, family).
-DEFAULTS = {
-    ("domainstudio", "unconditional"): dict(
-        image=4.0, hf=4.0, hfmse=1.0, prior=0.0, lr=1e-4, ema=0.9999, batch_size=4, source="frozen"),
-    ("domainstudio", "text2image"): dict(
-        image=100.0, hf=100.0, hfmse=0.1, prior=1.0, lr=5e-6, ema=0.0, batch_size=4, source="class_prompt",
-        resolution=512),
-    ("dreambooth", "unconditional"): None,  # DreamBooth needs prompts
-    ("dreambooth", "text2image"): dict(
-        image=0.0, hf=0.0, hfmse=0.0, prior=1.0, lr=5e-6, ema=0.0, batch_size=1, source="frozen", resolution=512),
-    ("finetune", "unconditional"): dict(
-        image=0.0, hf=0.0, hfmse=0.0, prior=0.0, lr=1e-4, ema=0.9999, batch_size=4, source="frozen"),
-    ("finetune", "text2image"): dict(
-        image=0.0, hf=0.0, hfmse=0.0, prior=0.0, lr=5e-6, ema=0.0, batch_size=4, source="frozen", resolution=512),
-}
-
-
-def resolve_defaults(cfg: RunConfig, family: str) -> RunConfig:
-    """Fill every ``None`` with the official default of (method, model family)."""
-    d = DEFAULTS[(cfg.method, family)]
-    if d is None:
-        raise ConfigError(
-            f"method '{cfg.method}' needs a text-to-image (Stable Diffusion family) model; "
-            f"{cfg.model.pretrained} is an unconditional pipeline")
-    for key in ("image", "hf", "hfmse", "prior", "source"):
-        if getattr(cfg.loss, key) is None:
-            setattr(cfg.loss, key, d[key])
-    for key in ("lr", "ema", "batch_size"):
-        if getattr(cfg.train, key) is None:
-            setattr(cfg.train, key, d[key])
-    # data.resolution None: filled from the model's sample size once it is loaded
-    if cfg.data.class_dir is None:
-        cfg.data.class_dir = str(Path(cfg.output_dir) / "class_images")
-    if cfg.sample.prompt is None:
-        cfg.sample.prompt = cfg.data.instance_prompt
-    if family == "unconditional" and cfg.loss.source != "frozen":
-        raise ConfigError("loss.source must be 'frozen' for an unconditional model")
-    if family == "text2image":
-        if not cfg.data.instance_prompt:
-            raise ConfigError("config key 'data.instance_prompt' is required for a text-to-image model")
-        needs_class = cfg.loss.prior > 0 or (cfg.method == "domainstudio" and cfg.loss.source == "class_prompt")
-        if needs_class and not cfg.data.class_prompt:
-            raise ConfigError(
-                "config key 'data.class_prompt' is required (prior preservation / class-prompt source)")
-    return cfg
+def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: int | None = None,
+            down_factor: int = 1) -> RunConfig:
+    """The resolved config of a run on a model of ``family`` with ``world`` ranks: every ``None`` filled
+    (method defaults, class_dir, resolution, sample prompt, micro-batch size) and every check that needs
+    the model kind or the world size done. Returns a new config; ``cfg`` is not changed."""
+    method = methods.get(cfg.method, family)
+    d = cfg.model_dump()
+    loss, train, data = d["loss"], d["train"], d["data"]
+    for section, keys in ((loss, ("image", "hf", "hfmse", "prior", "source")), (train, ("lr", "ema", "batch_size"))):
+        for key in keys:
+            if section[key] is None:
+                section[key] = method.defaults[key]
+    if data["class_dir"] is None:
+        data["class_dir"] = str(Path(d["output_dir"]) / "class_images")
+    if data["resolution"] is None:
+        data["resolution"] = default_resolution or 256
+    if d["sample"]["prompt"] is None:
+        d["sample"]["prompt"] = data["instance_prompt"]
+    batch = train["batch_size"]
+    if train["micro_batch_size"] is None:
+        if batch % world:
+            raise ConfigError(f"train.batch_size={batch} is not a multiple of the world size {world}")
+        train["micro_batch_size"] = batch // world
+    if batch % (train["micro_batch_size"] * world):
+        raise ConfigError(f"train.batch_size={batch} must be a multiple of train.micro_batch_size x world size "
+                          f"= {train['micro_batch_size']} x {world}")
+    r = data["resolution"]
+    if r % down_factor or r % 2:
+        raise ConfigError(f"data.resolution={r} must be divisible by the model's downsampling factor "
+                          f"{max(2, down_factor)}")
+    if train["mixed_precision"] == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision=fp16 is not supported on CPU (use bf16 or no)")
+    resolved = _validate(d)
+    method.check(resolved.loss, resolved.data)
+    if method.needs(resolved.loss).pairwise and batch < 3:
+        raise ConfigError(f"the pairwise-similarity losses need train.batch_size >= 3 (got {batch})")
+    return resolved
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -1,4 +1,4 @@
-"""Few-shot image folders, and stateless per-sample randomness.
+"""Training data: the instance (and class) images, and every random draw of a step.
 
 Every random choice of a training step (which image, flip, timestep, noise) is a function
 of ``(seed, step, global sample index)``. So the data order and draws do not depend on
@@ -7,57 +7,35 @@ uninterrupted run would have done.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from dsfast.images import ImageFolderError, list_images, load_folder
+
+from .errors import DataError
+
+__all__ = ["DataError", "Draws", "LatentBatches", "PixelBatches", "count_images", "generator", "load_images"]
 
 
-class DataError(ValueError):
-    """Bad training data (missing folder, no images, a corrupt image, too few images)."""
-
-
-def list_images(folder: str | Path, what: str = "data.instance_dir") -> list[Path]:
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{what}: image folder does not exist: {folder}")
-    if not folder.is_dir():
-        raise DataError(f"{what}: not a folder: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise DataError(f"{what}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    return files
-
-
-def load_image(path: Path, resolution: int, channels: int = 3, center_crop: bool = True) -> torch.Tensor:
-    """One image as ``(C, R, R)`` float32 in [-1, 1]; a corrupt file raises :class:`DataError` naming it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("RGB" if channels == 3 else "L")
-    except Exception as exc:  # PIL raises many types
-        raise DataError(f"cannot read image {path}: {exc}") from None
-    w, h = im.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    im = im.resize((nw, nh), Image.BICUBIC)
-    if center_crop:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    else:
-        left, top = 0, 0
-    im = im.crop((left, top, left + resolution, top + resolution))
-    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).clone()
-    t = t.view(resolution, resolution, channels).permute(2, 0, 1).float()
-    return t / 127.5 - 1.0
-
-
-def load_folder(folder, resolution: int, channels: int = 3, center_crop: bool = True,
+def load_images(folder: str | Path, resolution: int, *, channels: int = 3, center_crop: bool = True,
                 what: str = "data.instance_dir") -> torch.Tensor:
-    files = list_images(folder, what)
-    return torch.stack([load_image(p, resolution, channels, center_crop) for p in files])
+    """Every image of ``folder`` as ``(N, C, R, R)`` float32 in [-1, 1] (shorter side scaled to R, cropped)."""
+    try:
+        images, _ = load_folder(folder, what=what, channels=channels, square=resolution, center_crop=center_crop,
+                                range01=False)
+    except ImageFolderError as exc:
+        raise DataError(str(exc)) from None
+    return images
+
+
+def count_images(folder: str | Path, what: str) -> int:
+    """Images in ``folder``; 0 when it does not exist or is empty."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return 0
+    return len(list_images(folder, what))
 
 
 def generator(seed: int, *keys: int) -> torch.Generator:
@@ -69,38 +47,81 @@ def generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
 
 
-def sample_index(seed: int, step: int, k: int, batch_size: int, n: int, stream: int = 0) -> int:
-    """Dataset index of global sample k of a step: shuffled epochs, a fresh permutation per epoch."""
-    pos = step * batch_size + k
-    epoch, offset = divmod(pos, n)
-    perm = torch.randperm(n, generator=generator(seed, 1_000_003 + stream, epoch))
-    return int(perm[offset])
+@dataclass(frozen=True)
+class Draws:
+    """The per-sample random draws of a run (stream 0: instance images, stream 1: class images)."""
+
+    seed: int
+    batch_size: int  # global batch
+    num_timesteps: int
+    random_flip: bool
+
+    def index(self, step: int, k: int, n: int, stream: int = 0) -> int:
+        """Dataset index of global sample k of a step: shuffled epochs, a fresh permutation per epoch."""
+        epoch, offset = divmod(step * self.batch_size + k, n)
+        perm = torch.randperm(n, generator=generator(self.seed, 1_000_003 + stream, epoch))
+        return int(perm[offset])
+
+    def draw(self, step: int, k: int, shape, stream: int = 0) -> tuple[bool, int, torch.Tensor]:
+        """``(flip, t, noise[shape])`` of global sample k at ``step`` (flip already False without random_flip)."""
+        g = generator(self.seed, 7 + stream, step, k)
+        flip = bool(torch.rand((), generator=g) < 0.5)
+        t = int(torch.randint(0, self.num_timesteps, (), generator=g))
+        noise = torch.randn(shape, generator=g)
+        return flip and self.random_flip, t, noise
+
+    def anchors(self, step: int, n: int, num: int | None) -> torch.Tensor | None:
+        """Sorted random anchor rows of the pairwise loss at ``step`` (None = all rows)."""
+        if not num:
+            return None
+        return torch.randperm(n, generator=generator(self.seed, 424242, step))[: min(num, n)].sort().values
 
 
-def draw(seed: int, step: int, k: int, shape, num_timesteps: int, stream: int = 0):
-    """``(flip: bool, t: int, noise: Tensor[shape])`` of global sample k at ``step``."""
-    g = generator(seed, 7 + stream, step, k)
-    flip = bool(torch.rand((), generator=g) < 0.5)
-    t = int(torch.randint(0, num_timesteps, (), generator=g))
-    noise = torch.randn(shape, generator=g)
-    return flip, t, noise
+class PixelBatches:
+    """Micro-batches ``{x0, t, noise}`` of pixel-space training images."""
+
+    def __init__(self, images: torch.Tensor, draws: Draws):
+        self.images, self.draws = images, draws
+
+    def __call__(self, step: int, ks) -> dict:
+        xs, ts, noises = [], [], []
+        for k in ks:
+            i = self.draws.index(step, k, self.images.shape[0])
+            flip, t, noise = self.draws.draw(step, k, self.images.shape[1:])
+            xs.append(self.images[i].flip(-1) if flip else self.images[i])
+            ts.append(t)
+            noises.append(noise)
+        return {"x0": torch.stack(xs), "t": torch.tensor(ts, dtype=torch.long), "noise": torch.stack(noises)}
 
 
-def make_batch(images: torch.Tensor, *, seed: int, step: int, ks, batch_size: int, noise_shape,
-               num_timesteps: int, random_flip: bool, stream: int = 0, timesteps=None):
-    """Images, timesteps and noise of the global samples ``ks`` of ``step`` (deterministic).
+class LatentBatches:
+    """Micro-batches of cached VAE latents: ``{z, x0 (pixels), t, noise}`` and, with class latents,
+    ``{zc, noise_c}`` (a class sample per instance sample, sharing its timestep)."""
 
-    ``timesteps`` (optional) forces the timesteps (shared t of instance and class batches).
-    """
-    xs, ts, noises, idx = [], [], [], []
-    for j, k in enumerate(ks):
-        i = sample_index(seed, step, k, batch_size, images.shape[0], stream)
-        flip, t, noise = draw(seed, step, k, noise_shape, num_timesteps, stream)
-        x = images[i]
-        if random_flip and flip:
-            x = x.flip(-1)
-        xs.append(x)
-        ts.append(t if timesteps is None else int(timesteps[j]))
-        noises.append(noise)
-        idx.append(i)
-    return torch.stack(xs), torch.tensor(ts, dtype=torch.long), torch.stack(noises), idx
+    def __init__(self, images: torch.Tensor, latents: tuple[torch.Tensor, torch.Tensor], draws: Draws,
+                 class_latents: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.images, self.latents, self.class_latents, self.draws = images, latents, class_latents, draws
+
+    @property
+    def latent_shape(self):
+        return tuple(self.latents[0].shape[1:])
+
+    def __call__(self, step: int, ks) -> dict:
+        d, shape = self.draws, self.latent_shape
+        z, zc, x, t, n, nc = [], [], [], [], [], []
+        for k in ks:
+            i = d.index(step, k, self.images.shape[0])
+            flip, tk, noise = d.draw(step, k, shape)
+            z.append(self.latents[flip][i])
+            x.append(self.images[i].flip(-1) if flip else self.images[i])
+            t.append(tk)
+            n.append(noise)
+            if self.class_latents is not None:
+                j = d.index(step, k, self.class_latents[0].shape[0], stream=1)
+                cflip, _, cnoise = d.draw(step, k, shape, stream=1)
+                zc.append(self.class_latents[cflip][j])
+                nc.append(cnoise)
+        mb = {"z": torch.stack(z), "x0": torch.stack(x), "t": torch.tensor(t), "noise": torch.stack(n)}
+        if zc:
+            mb["zc"], mb["noise_c"] = torch.stack(zc), torch.stack(nc)
+        return mb

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import warnings
 
 import torch
@@ -15,11 +16,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_env() -> None:
-    """Make DeepSpeed work without a launcher (world size 1) and on CPU-only machines."""
+# DeepSpeed's JIT-built ops, one cache per Python environment: environments with different DeepSpeed
+# installs would otherwise rebuild each other's ops (minutes each) behind one lock file.
+EXTENSIONS_DIR = os.path.join(sys.prefix, ".cache", "dsfast", "torch_extensions")
+
+
+def accelerator_env() -> None:
+    """DeepSpeed on CPU-only machines, and a cache for its JIT extensions.
+
+    Must run before DeepSpeed is imported (it picks its accelerator at import): ``dsfast.train`` does it.
+    """
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
+
+
+def setup_env() -> None:
+    """Make DeepSpeed work without a launcher (world size 1)."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -27,8 +41,6 @@ def setup_env() -> None:
         os.environ["LOCAL_RANK"] = "0"
         os.environ["WORLD_SIZE"] = "1"
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dsfast", "torch_extensions"))
 
 
 def world() -> int:

@@ -1,39 +1,42 @@
-"""Loading the pretrained pipeline's parts, full weights under ZeRO-3, EMA, and rebuilding pipelines."""
+"""The pretrained pipeline's parts: what the model is, loading it (LoRA adapters, frozen copies),
+text/VAE encoding, the EMA, full weights under ZeRO-3, and rebuilding / saving diffusers pipelines."""
 from __future__ import annotations
 
 import copy
 import json
+import shutil
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import torch
+from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel, UNet2DModel)
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import distributed as D
+from .errors import ModelError
+
+UNCONDITIONAL, TEXT2IMAGE = "unconditional", "text2image"
+LORA_DIR = "lora"
 
 
-class ModelError(ValueError):
-    pass
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pretrained pipeline is, read from its config files (no weights loaded)."""
+
+    family: str  # UNCONDITIONAL (UNet2DModel + scheduler) | TEXT2IMAGE (Stable Diffusion family)
+    channels: int  # pixel channels of the training images
+    down_factor: int  # the resolution must be a multiple of this
+    default_resolution: int | None  # pixels
 
 
-@dataclass
-class Bundle:
-    family: str  # "unconditional" | "text2image"
-    unet: torch.nn.Module  # trainable (goes into the DeepSpeed engine)
-    scheduler: object  # DDPMScheduler used for training
-    source: torch.nn.Module | None = None  # frozen copy (built before deepspeed.initialize)
-    vae: torch.nn.Module | None = None
-    text_encoder: torch.nn.Module | None = None
-    tokenizer: object = None
-    pipeline_class: str = ""
-    channels: int = 3  # pixel channels of the training images
-    down_factor: int = 1  # resolution must be a multiple of this
-    default_resolution: int | None = None
-    vae_scale: float = 1.0
-
-
-def model_index(pretrained: str) -> dict:
-    from diffusers import DiffusionPipeline
-
+def _model_index(pretrained: str) -> dict:
     p = Path(pretrained)
     if p.exists():
         f = p / "model_index.json"
@@ -46,114 +49,228 @@ def model_index(pretrained: str) -> dict:
         raise ModelError(f"model.pretrained={pretrained}: cannot load the pipeline config: {exc}") from None
 
 
-def family_of(index: dict) -> str:
-    if "unet" in index and "vae" in index and "text_encoder" in index:
-        return "text2image"
-    if "unet" in index and "scheduler" in index:
-        return "unconditional"
-    raise ModelError(f"unsupported pipeline {index.get('_class_name')}: need unet+scheduler "
-                     "(unconditional) or unet+vae+text_encoder+tokenizer (Stable Diffusion family)")
-
-
-def load_bundle(cfg, family: str, index: dict, dtype: torch.dtype) -> Bundle:
-    """Load the pipeline's parts; ``cfg`` has its method defaults resolved (loss.source set)."""
-    from diffusers import DDPMScheduler
-
-    path = cfg.model.pretrained
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    need_frozen = cfg.method == "domainstudio" and cfg.loss.source == "frozen"
-    if family == "unconditional":
-        from diffusers import UNet2DModel
-
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet")
-        if cfg.model.lora_rank:
-            raise ModelError("model.lora_rank > 0 is supported for Stable-Diffusion-family UNets only")
-        b = Bundle(family, unet, scheduler, pipeline_class="DDPMPipeline",
-                   channels=unet.config.in_channels, down_factor=2 ** (len(unet.config.block_out_channels) - 1),
-                   default_resolution=_size(unet.config.sample_size))
-    else:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-        tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        for m in (vae, te):
-            m.eval().requires_grad_(False).to(dtype)
-        vf = 2 ** (len(vae.config.block_out_channels) - 1)
-        uf = 2 ** (len(unet.config.block_out_channels) - 1)
-        b = Bundle(family, unet, scheduler, vae=vae, text_encoder=te, tokenizer=tok,
-                   pipeline_class=index.get("_class_name", "StableDiffusionPipeline"), channels=3,
-                   down_factor=vf * uf, default_resolution=(_size(unet.config.sample_size) or 64) * vf,
-                   vae_scale=float(getattr(vae.config, "scaling_factor", 0.18215)))
-    if need_frozen:
-        # Built before deepspeed.initialize and outside zero.Init (DESIGN.md: facts checked).
-        b.source = copy.deepcopy(b.unet).eval().requires_grad_(False).to(dtype)
-    if cfg.model.lora_rank:
-        from .text2image import lora_config
-
-        b.unet.requires_grad_(False)
-        b.unet.add_adapter(lora_config(cfg))  # only the adapter weights train
-    return b
-
-
-def _size(s):
+def _size(s) -> int | None:
     if s is None:
         return None
     return int(s[0] if isinstance(s, (list, tuple)) else s)
 
 
-def trainable_named_parameters(module) -> list[tuple[str, torch.nn.Parameter]]:
+def describe(pretrained: str) -> ModelInfo:
+    index = _model_index(pretrained)
+    if "unet" in index and "vae" in index and "text_encoder" in index:
+        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
+        vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
+        vf = 2 ** (len(vae["block_out_channels"]) - 1)
+        return ModelInfo(TEXT2IMAGE, 3, vf * 2 ** (len(unet["block_out_channels"]) - 1),
+                         (_size(unet.get("sample_size")) or 64) * vf)
+    if "unet" in index and "scheduler" in index:
+        unet = UNet2DModel.load_config(pretrained, subfolder="unet")
+        return ModelInfo(UNCONDITIONAL, int(unet["in_channels"]),
+                         2 ** (len(unet["block_out_channels"]) - 1), _size(unet.get("sample_size")))
+    raise ModelError(f"unsupported pipeline {index.get('_class_name')}: need unet+scheduler "
+                     "(unconditional) or unet+vae+text_encoder+tokenizer (Stable Diffusion family)")
+
+
+def lora_config(rank: int, alpha: float | None) -> LoraConfig:
+    """peft LoRA adapters on the attention projections of the UNet."""
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                      target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+
+
+@dataclass
+class Bundle:
+    """The loaded pipeline parts. ``unet`` trains (it goes into the DeepSpeed engine); the others are frozen:
+    in eval mode, without gradients, in the training precision, outside the engine and ZeRO-3."""
+
+    info: ModelInfo
+    unet: torch.nn.Module
+    scheduler: DDPMScheduler
+    lora: LoraConfig | None = None
+    source: torch.nn.Module | None = None  # frozen copy of the pretrained UNet
+    vae: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: CLIPTokenizer | None = None
+
+    @property
+    def vae_scale(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+
+def _frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return module.eval().requires_grad_(False).to(dtype)
+
+
+def load(info: ModelInfo, pretrained: str, *, dtype: torch.dtype, lora: LoraConfig | None,
+         frozen_source: bool) -> Bundle:
+    """Load the pipeline's parts; ``frozen_source`` adds a frozen copy of the pretrained UNet (before LoRA)."""
+    scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+    if info.family == UNCONDITIONAL:
+        if lora is not None:
+            raise ModelError("model.lora_rank > 0 is supported for Stable-Diffusion-family UNets only")
+        b = Bundle(info, UNet2DModel.from_pretrained(pretrained, subfolder="unet"), scheduler)
+    else:
+        b = Bundle(info, UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet"), scheduler, lora=lora,
+                   vae=_frozen(AutoencoderKL.from_pretrained(pretrained, subfolder="vae"), dtype),
+                   text_encoder=_frozen(CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder"), dtype),
+                   tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer"))
+    if frozen_source:
+        # a plain module built before deepspeed.initialize, so ZeRO-3 never partitions it
+        b.source = _frozen(copy.deepcopy(b.unet), dtype)
+    if lora is not None:
+        b.unet.requires_grad_(False)
+        b.unet.add_adapter(lora)  # only the adapter weights train
+    return b
+
+
+@torch.no_grad()
+def encode_prompt(bundle: Bundle, prompt: str) -> torch.Tensor:
+    tok = bundle.tokenizer(prompt, padding="max_length", max_length=bundle.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+    return bundle.text_encoder(tok.input_ids)[0].float()
+
+
+@torch.no_grad()
+def encode_images(bundle: Bundle, images: torch.Tensor, dtype: torch.dtype, batch: int = 8) -> torch.Tensor:
+    """VAE latents (the latent mean, not a sample) x the VAE scaling factor."""
+    out = []
+    for i in range(0, images.shape[0], batch):
+        dist = bundle.vae.encode(images[i:i + batch].to(dtype)).latent_dist
+        out.append(dist.mean.float() * bundle.vae_scale)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- weights under ZeRO
+
+def trainable_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
-def gathered_params(module, names: set[str] | None, zero3: bool) -> dict | None:
-    """fp32 CPU copies of (the named) parameters of ``module``, full size; on rank 0 only (collective)."""
-    params = [(n, p) for n, p in module.named_parameters() if names is None or n in names]
-    if zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-            out = {n: p.detach().float().cpu().clone() for n, p in params} if D.rank() == 0 else None
-        return out
-    return {n: p.detach().float().cpu().clone() for n, p in params} if D.rank() == 0 else None
+def full_parameters(params, zero3: bool):
+    """Context in which ZeRO-3 partitioned ``params`` are whole on every rank (collective); a no-op otherwise."""
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if zero3 else nullcontext()
 
 
-def full_state_dict(module, zero3: bool) -> dict | None:
-    """The module's complete state dict (fp32, CPU) on rank 0; every rank must call it."""
-    if zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} \
-                if D.rank() == 0 else None
-        return sd
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if D.rank() == 0 else None
+def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict | None:
+    """The module's complete state dict (fp32, CPU) on rank 0, None elsewhere; every rank must call it."""
+    with full_parameters(module.parameters(), zero3):
+        if D.rank() != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 class EMA:
-    """Exponential moving average of the trainable weights (fp32, CPU, rank 0).
+    """Exponential moving average of the trainable weights: fp32, on the training device, on rank 0.
 
     decay_t = min(decay, (1 + t) / (10 + t)): the usual warm-up, so short few-shot runs move.
+    ``state_dict`` (checkpoints: ``ema.pt``) holds CPU copies.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+    def __init__(self, named_params, decay: float):
         self.decay = decay
-        self.params = {k: v.detach().float().cpu().clone() for k, v in params.items()}
+        self.params = {n: p.detach().to(torch.float32, copy=True) for n, p in named_params}
+
+    def to(self, device) -> EMA:
+        self.params = {k: v.to(device) for k, v in self.params.items()}
+        return self
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, current: dict[str, torch.Tensor], step: int) -> None:
+    def update(self, named_params, step: int) -> None:
         d = self.decay_at(step)
-        for k, v in current.items():
-            self.params[k].mul_(d).add_(v.float(), alpha=1 - d)
+        for n, p in named_params:
+            avg = self.params[n]
+            avg.mul_(d).add_(p.detach().to(avg.device, torch.float32), alpha=1 - d)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "params": self.params}
+        return {"decay": self.decay, "params": {k: v.cpu() for k, v in self.params.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
         self.decay = sd["decay"]
-        self.params = {k: v.clone() for k, v in sd["params"].items()}
+        for k, v in sd["params"].items():
+            self.params[k].copy_(v)
+
+
+def update_ema(ema: EMA | None, module: torch.nn.Module, zero3: bool, step: int) -> None:
+    """One EMA step from the engine's weights; collective under ZeRO-3 (``ema`` is None off rank 0)."""
+    named = trainable_named_parameters(module)
+    with full_parameters([p for _, p in named], zero3):
+        if ema is not None:
+            ema.update(named, step)
+
+
+def export_weights(module: torch.nn.Module, ema: EMA | None, zero3: bool) -> dict | None:
+    """Full fp32 CPU state dict on rank 0 with the EMA weights in place of the trained ones; collective."""
+    sd = full_state_dict(module, zero3)
+    if sd is not None and ema is not None:
+        sd.update({k: v.detach().cpu().clone() for k, v in ema.params.items()})
+    return sd
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+def _base_state_dict(sd: dict) -> dict:
+    """Full-model state dict of a peft-wrapped UNet -> plain UNet keys (LoRA dropped, base_layer unwrapped)."""
+    return {k.replace(".base_layer.", "."): v for k, v in sd.items() if "lora_" not in k}
+
+
+def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True) -> torch.nn.Module:
+    """A plain (non-DeepSpeed) UNet holding ``sd`` (with its LoRA adapters when ``with_lora``)."""
+    unet = type(bundle.unet).from_config(bundle.unet.config)
+    if bundle.lora is None:
+        unet.load_state_dict(sd)
+        return unet.eval()
+    unet.load_state_dict(_base_state_dict(sd))
+    if with_lora:
+        unet.add_adapter(bundle.lora)
+        missing = unet.load_state_dict(sd, strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"unexpected LoRA keys {missing.unexpected_keys[:4]}")
+    return unet.eval()
+
+
+def build_pipeline(bundle: Bundle, sd: dict, *, with_lora: bool = True):
+    """A diffusers pipeline (DDPMPipeline or StableDiffusionPipeline, fp32) around the weights ``sd``."""
+    unet = build_unet(bundle, sd, with_lora=with_lora)
+    scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
+    if bundle.info.family == UNCONDITIONAL:
+        return DDPMPipeline(unet=unet, scheduler=scheduler)
+    return StableDiffusionPipeline(
+        vae=copy.deepcopy(bundle.vae).float(), text_encoder=copy.deepcopy(bundle.text_encoder).float(),
+        tokenizer=bundle.tokenizer, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def pretrained_pipeline(bundle: Bundle):
+    """The pipeline of the pretrained weights (before any training step; LoRA adapters off)."""
+    return build_pipeline(bundle, {k: v.float() for k, v in bundle.unet.state_dict().items()}, with_lora=False)
+
+
+@contextmanager
+def _replace_dir(out: Path):
+    """Write into ``<out>.tmp`` and move it to ``out`` when done, so ``out`` is never half-written."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    yield tmp
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def save_final(bundle: Bundle, sd: dict, out: Path) -> None:
+    """``final/``: a pipeline folder for ``DiffusionPipeline.from_pretrained`` (adapted weights; LoRA fused),
+    and for LoRA runs also ``final/lora/pytorch_lora_weights.safetensors`` for ``load_lora_weights``."""
+    with _replace_dir(Path(out)) as tmp:
+        pipe = build_pipeline(bundle, sd, with_lora=False)
+        if bundle.lora is not None:
+            peft_unet = build_unet(bundle, sd)
+            lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(peft_unet))
+            StableDiffusionPipeline.save_lora_weights(tmp / LORA_DIR, unet_lora_layers=lora, safe_serialization=True)
+            # fuse W + scale * B @ A with peft on the adapter-holding copy, then copy into the plain UNet
+            for m in peft_unet.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.merge()
+            pipe.unet.load_state_dict(_base_state_dict(dict(peft_unet.state_dict())), strict=True)
+        pipe.save_pretrained(tmp)

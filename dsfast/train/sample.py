@@ -1,12 +1,22 @@
-"""``dsfast sample --run DIR [--prompt ...] --num 16 --out grid.png``: generate from a run's weights."""
+"""``dsfast sample --run DIR [--prompt ...] --num 16 --out grid.png``: generate from a run's weights.
+
+Sampling goes through the diffusers pipeline (``DDPMPipeline`` / ``StableDiffusionPipeline``) and its
+scheduler; image i uses generator seed ``seed + i``, so the first images do not depend on ``num``.
+"""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from diffusers import DiffusionPipeline
+
+from dsfast.images import save_grid, save_images
+
+from . import distributed as D
+from .data import count_images
 
 
 def _pipeline_dir(path: str | Path) -> Path:
@@ -23,7 +33,7 @@ def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, nu
                  guidance_scale: float = 7.5, batch: int = 8) -> torch.Tensor:
     """``num`` images (N, 3, H, W) in [0, 1]; image i uses generator seed ``seed + i`` (stable across num)."""
     out = []
-    is_text = hasattr(pipe, "tokenizer") and getattr(pipe, "tokenizer", None) is not None
+    is_text = getattr(pipe, "tokenizer", None) is not None
     if is_text and not prompt:
         raise ValueError("a text-to-image pipeline needs a prompt (--prompt)")
     for start in range(0, num, batch):
@@ -44,11 +54,28 @@ def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, nu
     return torch.cat(out)
 
 
+def generate_images(pipe, folder: str | Path, num: int, *, prompt: str, seed: int, num_inference_steps: int,
+                    guidance_scale: float, what: str) -> None:
+    """Fill ``folder`` up to ``num`` images of ``pipe`` (``class_<i>.png``, seed ``seed + i``), split across ranks."""
+    folder = Path(folder)
+    have = count_images(folder, what)
+    if have >= num:
+        return
+    if D.rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    pipe.set_progress_bar_config(disable=True)
+    for i in range(have, num):
+        if i % D.world() == D.rank():
+            img = run_pipeline(pipe, 1, seed=seed + i, prompt=prompt, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale)
+            save_images(img, folder, prefix=f"class_{i:05d}_")
+    D.barrier()
+
+
 def sample_images(run_or_pipeline_dir, num: int, *, seed: int = 0, prompt: str | None = None,
                   num_inference_steps: int = 50) -> torch.Tensor:
     """Generate ``num`` images from a run folder (its ``final/``) or a pipeline folder: (N, 3, H, W) in [0, 1]."""
-    from diffusers import DiffusionPipeline
-
     path = _pipeline_dir(run_or_pipeline_dir)
     pipe = DiffusionPipeline.from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
@@ -59,28 +86,14 @@ def sample_images(run_or_pipeline_dir, num: int, *, seed: int = 0, prompt: str |
 
 def _run_prompt(pipeline_dir: Path) -> str | None:
     cfg = pipeline_dir.parent / "config.yaml"
-    if cfg.is_file():
-        import yaml
-
-        data = yaml.safe_load(cfg.read_text()) or {}
-        return (data.get("sample") or {}).get("prompt") or (data.get("data") or {}).get("instance_prompt")
-    return None
-
-
-def make_grid(images: torch.Tensor, ncols: int | None = None) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> uint8 (rows*H, cols*W, 3) grid."""
-    n, c, h, w = images.shape
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    grid = torch.zeros(c, nrows * h, ncols * w)
-    for i in range(n):
-        r, q = divmod(i, ncols)
-        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    if not cfg.is_file():
+        return None
+    data = yaml.safe_load(cfg.read_text()) or {}
+    return (data.get("sample") or {}).get("prompt") or (data.get("data") or {}).get("instance_prompt")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="dsfast sample", description=__doc__)
+    ap = argparse.ArgumentParser(prog="dsfast sample", description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="run folder (uses its final/) or a diffusers pipeline folder")
     ap.add_argument("--prompt", default=None, help="text-to-image prompt (default: the run's sample prompt)")
     ap.add_argument("--num", type=int, default=16)
@@ -89,14 +102,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="grid.png", help="grid PNG to write")
     ap.add_argument("--out-dir", default=None, help="also write each image as a PNG into this folder")
     args = ap.parse_args(argv)
-    from PIL import Image
-
     imgs = sample_images(args.run, args.num, seed=args.seed, prompt=args.prompt, num_inference_steps=args.steps)
-    Image.fromarray(make_grid(imgs)).save(args.out)
+    save_grid(imgs, args.out)
     if args.out_dir:
-        d = Path(args.out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(imgs):
-            Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(d / f"{i:05d}.png")
+        save_images(imgs, args.out_dir)
     print(f"wrote {args.out} ({args.num} images)")
     return 0
+
+
+__all__ = ["generate_images", "main", "run_pipeline", "sample_images"]

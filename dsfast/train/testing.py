@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
+                       UNet2DModel)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .distributed import EXTENSIONS_DIR
 
 
 def write_images(folder, n: int, size: int = 16, seed: int = 0, mode: str = "RGB") -> Path:
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -29,8 +34,6 @@ def make_unconditional_pipeline(path, *, sample_size: int = 16, channels: int = 
                                 learned_sigma: bool = False, prediction_type: str = "epsilon",
                                 num_train_timesteps: int = 1000, seed: int = 0) -> Path:
     """A tiny UNet2DModel + DDPMScheduler saved as a DDPMPipeline folder."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
     torch.manual_seed(seed)
     unet = UNet2DModel(
         sample_size=sample_size, in_channels=channels, out_channels=channels * (2 if learned_sigma else 1),
@@ -46,8 +49,6 @@ def make_unconditional_pipeline(path, *, sample_size: int = 16, channels: int = 
 
 def _tiny_clip_tokenizer(path: Path):
     """A CLIPTokenizer over a tiny byte-level BPE vocabulary (every single character + a few merges)."""
-    from transformers import CLIPTokenizer
-
     # byte-level BPE alphabet: printable bytes map to themselves, the others to chars from U+0100 on
     printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
     extra = iter(range(256, 512))
@@ -74,11 +75,6 @@ def make_sd_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
 
     Images are ``sample_size * 2`` pixels (a 2x VAE).
     """
-    import tempfile
-
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as d:
         tok, vocab_size = _tiny_clip_tokenizer(Path(d))
@@ -127,7 +123,7 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "dsfast", "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

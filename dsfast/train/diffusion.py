@@ -1,9 +1,45 @@
-"""L_vlb of improved DDPM, for models that learn sigma (Nichol & Dhariwal 2021)."""
+"""Diffusion math of training: x0 from the model output, regression targets, L_vlb of improved DDPM.
+
+Everything follows the scheduler's ``prediction_type`` (``epsilon`` / ``v_prediction`` / ``sample``).
+"""
 from __future__ import annotations
 
 import math
 
 import torch
+
+
+def alphas(scheduler, t: torch.Tensor, device) -> torch.Tensor:
+    """alpha-bar_t as ``(B, 1, 1, 1)`` float32."""
+    return scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+
+
+def predicted_x0(scheduler, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 from the model output per the scheduler's prediction type."""
+    a = alphas(scheduler, t, x_t.device)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - a).sqrt() * model_out) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * model_out
+    if kind == "sample":
+        return model_out
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the model regresses (L_simple): noise, velocity or x0."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+# ----------------------------------------------------------------------------- L_vlb (learned sigma)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

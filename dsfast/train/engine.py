@@ -1,0 +1,343 @@
+"""The training engine: DeepSpeed set-up, the step loop with exact global-batch gradients, logging,
+checkpoints, sample grids and the final export. It drives a method object (``methods``) and never
+asks which method it is.
+
+One optimizer step over the global batch. A method's *global* terms (the pairwise-similarity losses)
+couple every sample of the global batch; two schemes give their exact gradient whatever the ranks
+and micro-batches:
+
+* one micro-batch per rank: forward with grad, all-gather the x0 features (the gradient of the
+  loss, computed identically on every rank, flows back to the rank's own slice), add
+  ``world * L_global`` (the data-parallel all-reduce averages over ranks);
+* several micro-batches (gradient accumulation): pass 1 forwards every micro-batch without grad to
+  get the source and adapted x0, gathers them across ranks, takes the global loss and
+  ``G = dL_global / d x0_adapted`` of the full batch; pass 2 re-forwards each micro-batch with grad
+  and back-propagates ``per-sample loss + accum * world * <G_own, x0>``. The same timesteps/noise
+  are drawn in both passes (they are functions of (seed, step, sample)).
+
+Backward hooks of the engine average over ranks and divide by the accumulation steps, hence the
+``accum * world`` factors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from dsfast.images import make_grid, save_grid
+
+from . import distributed as D
+from . import methods
+from .checkpoint import CheckpointManager, maybe_kill
+from .config import RunConfig, dump_config, load_config, resolve
+from .data import Draws, load_images
+from .errors import ConfigError, DataError, NonFiniteLoss, TrainingError
+from .models import (EMA, build_pipeline, describe, export_weights, load, lora_config, save_final,
+                     trainable_named_parameters, update_ema)
+from .sample import run_pipeline
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+def _check(value: torch.Tensor | None, what: str, step: int) -> None:
+    bad = value is not None and not bool(torch.isfinite(value.detach()).all())
+    if D.any_flag(bad):
+        raise NonFiniteLoss(f"non-finite {what} at step {step}")
+
+
+def _add_terms(acc: dict, terms: dict, scale: float) -> None:
+    for k, v in terms.items():
+        acc[k] = acc.get(k, 0.0) + float(v.detach()) * scale
+
+
+def _gather(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else D.all_gather_cat(x.detach())
+
+
+def _cat(xs) -> torch.Tensor | None:
+    return None if xs[0] is None else torch.cat(xs)
+
+
+def _with_global(logs: dict, per_sample: float, global_terms: dict, total: torch.Tensor) -> dict:
+    logs = D.all_reduce_mean({**logs, "per_sample": per_sample})
+    logs.update({k: float(v.detach()) for k, v in global_terms.items()})
+    logs["loss"] = logs.pop("per_sample") + float(total.detach())
+    return logs
+
+
+def run_step(method, model, micro_batches, backward, *, step: int) -> dict[str, float]:
+    """Forward/backward all micro-batches of this rank for one optimizer step.
+
+    ``backward(loss)`` back-propagates one micro-batch (and steps the engine).
+    Returns the logged terms, averaged over micro-batches and ranks.
+    """
+    accum, world = len(micro_batches), D.world()
+    logs: dict[str, float] = {}
+    if not method.has_global:
+        for mb in micro_batches:
+            out = method.forward(model, mb, need_source=False)
+            _check(out.loss, "loss", step)
+            _add_terms(logs, {"loss": out.loss, **out.terms}, 1.0 / accum)
+            backward(out.loss)
+        return D.all_reduce_mean(logs)
+
+    if accum == 1:
+        out = method.forward(model, micro_batches[0], need_source=True)
+        _check(out.adapted, "x0 prediction", step)
+        _check(out.source, "source x0 prediction", step)
+        total, terms = method.global_loss(_gather(out.source), D.gather_with_grad(out.adapted), _gather(out.real),
+                                          step)
+        _check(out.loss + total, "loss", step)
+        backward(out.loss + world * total)
+        logs = {k: float(v.detach()) for k, v in out.terms.items()}
+        return _with_global(logs, float(out.loss.detach()), terms, total)
+
+    # Pass 1: features of every micro-batch without grad.
+    with torch.no_grad():
+        outs = [method.forward(model, mb, need_source=True) for mb in micro_batches]
+    ada_local = torch.cat([o.adapted for o in outs])
+    src_local, real_local = _cat([o.source for o in outs]), _cat([o.real for o in outs])
+    _check(ada_local, "x0 prediction", step)
+    _check(src_local, "source x0 prediction", step)
+    sizes = [o.adapted.shape[0] for o in outs]
+    del outs
+    ada_all = D.all_gather_cat(ada_local).detach().requires_grad_(True)
+    with torch.enable_grad():
+        total, terms = method.global_loss(_gather(src_local), ada_all, _gather(real_local), step)
+        (grad_all,) = torch.autograd.grad(total, ada_all)
+    _check(total, "pairwise loss", step)
+    n_local, r = ada_local.shape[0], D.rank()
+    grad_own = grad_all[r * n_local:(r + 1) * n_local]
+    del ada_all, grad_all, src_local, ada_local, real_local
+
+    # Pass 2: re-forward each micro-batch with grad, back-propagate cached gradient + own terms.
+    offset, per_sample = 0, 0.0
+    for mb, m in zip(micro_batches, sizes):
+        out = method.forward(model, mb, need_source=False)
+        g = grad_own[offset:offset + m].to(out.adapted.dtype)
+        offset += m
+        _check(out.loss, "loss", step)
+        _add_terms(logs, out.terms, 1.0 / accum)
+        per_sample += float(out.loss.detach()) / accum
+        backward(out.loss + (accum * world) * (g * out.adapted).sum())
+    return _with_global(logs, per_sample, terms, total)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_ds_config(t, z, world: int, num_params: int) -> dict:
+    """The DeepSpeed config of the ``train`` and ``deepspeed`` sections (the stock JSON's keys win)."""
+    cuda = torch.cuda.is_available()
+    zero: dict = {"stage": z.zero_stage}
+    if z.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if z.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    if z.zero_stage == 3 and num_params < 50_000_000:
+        zero["stage3_param_persistence_threshold"] = 0  # else small models are not partitioned at all
+    ds = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.batch_size // (t.micro_batch_size * world),
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
+            **({} if cuda else {"torch_adam": True})}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.mixed_precision == "bf16"},
+        "fp16": {"enabled": t.mixed_precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if t.max_grad_norm > 0:
+        ds["gradient_clipping"] = t.max_grad_norm
+    if z.config:
+        ds = _deep_merge(ds, json.loads(Path(z.config).read_text()))
+    return ds
+
+
+def _resume_dir(mode: str, ckpts: CheckpointManager) -> Path | None:
+    if mode in ("none", ""):
+        return None
+    if mode in ("auto", "latest"):
+        d = ckpts.latest()
+        if d is None and mode == "latest":
+            raise ConfigError(f"--resume latest: no complete checkpoint under {ckpts.root}")
+        return d
+    p = Path(mode)
+    if not p.is_dir():
+        raise ConfigError(f"train.resume={mode}: not a checkpoint folder")
+    return p
+
+
+# ----------------------------------------------------------------------------- logging
+
+class MetricsLog:
+    """``metrics.jsonl`` and TensorBoard scalars (rank 0); a resumed run first drops lines past its step."""
+
+    def __init__(self, run_dir: Path, start: int):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start:
+                        keep.append(line)
+                except (ValueError, KeyError):
+                    pass
+            self.path.write_text("".join(line + "\n" for line in keep))
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
+
+    def write(self, step: int, logs: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+        for k, v in logs.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: MetricsLog | None) -> None:
+    if D.rank() != 0:
+        return
+    s = cfg.sample
+    imgs = run_pipeline(build_pipeline(bundle, sd), s.num, seed=s.seed, prompt=s.prompt,
+                        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
+    out = run_dir / "samples"
+    out.mkdir(exist_ok=True)
+    save_grid(imgs, out / f"step_{step:08d}.png")
+    if log is not None:
+        log.writer.add_image("samples", torch.from_numpy(make_grid(imgs)).permute(2, 0, 1), step)
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(config, overrides=(), *, resume: str | None = None) -> Path:
+    """Train a run; returns the run folder. See the README for the config keys."""
+    D.setup_env()
+    raw = load_config(config, overrides)
+    if resume is not None:
+        raw = raw.model_copy(update={"train": raw.train.model_copy(update={"resume": resume})})
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+
+    # Everything that can be wrong with the input is checked before any process group exists.
+    info = describe(raw.model.pretrained)
+    cfg = resolve(raw, info.family, world=world, default_resolution=info.default_resolution,
+                  down_factor=info.down_factor)
+    method_cls = methods.get(cfg.method, info.family)
+    needs = method_cls.needs(cfg.loss)
+    t = cfg.train
+    dtype = DTYPES[t.mixed_precision]
+    torch.manual_seed(t.seed)
+    bundle = load(info, cfg.model.pretrained, dtype=dtype, frozen_source=needs.frozen_source,
+                  lora=lora_config(cfg.model.lora_rank, cfg.model.lora_alpha) if cfg.model.lora_rank else None)
+    images = load_images(cfg.data.instance_dir, cfg.data.resolution, channels=info.channels,
+                         center_crop=cfg.data.center_crop)
+    if needs.pairwise and images.shape[0] < 3:
+        raise DataError(f"the pairwise-similarity losses need at least 3 training images; "
+                        f"{cfg.data.instance_dir} has {images.shape[0]}")
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    assert (D.world(), D.rank()) == (world, rank), "WORLD_SIZE/RANK disagree with the process group"
+
+    run_dir = Path(cfg.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    D.barrier()
+
+    unet = bundle.unet
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    draws = Draws(seed=t.seed, batch_size=t.batch_size, num_timesteps=bundle.scheduler.config.num_train_timesteps,
+                  random_flip=cfg.data.random_flip)
+    method = method_cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
+                        dtype=dtype)
+    named = trainable_named_parameters(unet)
+    # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
+    ema = EMA(named, t.ema) if t.ema and rank == 0 else None
+    engine, _, _, lr_sched = deepspeed.initialize(
+        model=unet, model_parameters=[p for _, p in named],
+        config=build_ds_config(t, cfg.deepspeed, world, sum(p.numel() for _, p in named)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0))
+    zero3 = cfg.deepspeed.zero_stage == 3
+    if ema is not None:
+        ema.to(engine.device)
+
+    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
+    start = 0
+    ckpt_dir = _resume_dir(t.resume, ckpts)
+    if ckpt_dir is not None:
+        start = ckpts.load(engine, ckpt_dir, ema=ema)
+        if rank == 0:
+            print(f"dsfast: resumed from {ckpt_dir} at step {start}", flush=True)
+
+    log = MetricsLog(run_dir, start) if rank == 0 else None
+    bar = tqdm(total=t.max_steps, initial=start, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
+    per_rank = t.batch_size // world
+    last_time = time.perf_counter()
+
+    def backward(loss):
+        engine.backward(loss)
+        engine.step()
+
+    step = start
+    try:
+        while step < t.max_steps:
+            ks = list(range(rank * per_rank, (rank + 1) * per_rank))
+            mbs = [method.micro_batch(step, ks[i:i + t.micro_batch_size])
+                   for i in range(0, per_rank, t.micro_batch_size)]
+            try:
+                logs = run_step(method, engine, mbs, backward, step=step)
+            except NonFiniteLoss as exc:
+                last = ckpts.latest()
+                raise TrainingError(f"{exc}: training stopped; the last good checkpoint is "
+                                    f"{last if last is not None else '(none saved yet)'}") from None
+            if t.ema:
+                update_ema(ema, engine.module, zero3, step)
+            step += 1
+            now = time.perf_counter()
+            logs["lr"] = lr_sched.get_last_lr()[0] if lr_sched is not None else t.lr
+            logs["sec_per_step"], last_time = now - last_time, now
+            if log is not None:
+                if step % t.log_every == 0 or step == t.max_steps:
+                    log.write(step, logs)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k not in ("lr", "sec_per_step")},
+                                refresh=False)
+                bar.update(1)
+            maybe_kill(f"step:{step}")
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == t.max_steps:
+                ckpts.save(engine, step, ema=ema)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log)
+                D.barrier()
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+
+    sd = export_weights(engine.module, ema, zero3)
+    if rank == 0:
+        save_final(bundle, sd, run_dir / "final")
+    D.barrier()
+    return run_dir

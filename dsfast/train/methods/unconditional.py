@@ -1,0 +1,56 @@
+"""The pixel-space part shared by the methods on a UNet2DModel + DDPM scheduler: L_simple (+ L_vlb)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..data import PixelBatches
+from ..diffusion import predicted_x0, training_target, vlb_term
+from ..errors import ConfigError
+from ..models import UNCONDITIONAL
+from .base import Method, MicroOut
+
+
+class UnconditionalMethod(Method):
+    """Loss = L_simple (+ L_vlb when the model learns sigma, improved DDPM)."""
+
+    family = UNCONDITIONAL
+
+    @classmethod
+    def check(cls, loss, data) -> None:
+        if loss.source != "frozen":
+            raise ConfigError("loss.source must be 'frozen' for an unconditional model")
+
+    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype):
+        self.scheduler, self.dtype = bundle.scheduler, dtype
+        self.batches = PixelBatches(images, draws)
+        self.variance_type = bundle.scheduler.config.get("variance_type", "fixed_small")
+
+    def micro_batch(self, step, ks):
+        return self.batches(step, ks)
+
+    def denoise(self, model, mb):
+        """``(loss, terms, x_t, eps/v/x0 output)`` of L_simple (+ L_vlb)."""
+        x0, t, noise = mb["x0"], mb["t"], mb["noise"]
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        out = model(x_t.to(self.dtype), t).sample.float()
+        c = x0.shape[1]
+        learned = out.shape[1] == 2 * c
+        var_out = None
+        if learned:
+            out, var_out = out[:, :c], out[:, c:]
+        l_simple = F.mse_loss(out, training_target(self.scheduler, x0, noise, t))
+        loss, terms = l_simple, {"simple": l_simple}
+        if learned and self.variance_type in ("learned", "learned_range"):
+            if self.scheduler.config.prediction_type != "epsilon":
+                raise ValueError("learned-sigma models are supported with prediction_type='epsilon' only")
+            vlb = vlb_term(self.scheduler, out.detach(), var_out, x0, x_t, t, self.variance_type)
+            loss = loss + vlb
+            terms["vlb"] = vlb
+        return loss, terms, x_t, out
+
+    def x0(self, out, x_t, t):
+        return predicted_x0(self.scheduler, out, x_t, t)
+
+    def forward(self, model, mb, need_source):
+        loss, terms, _, _ = self.denoise(model, mb)
+        return MicroOut(loss=loss, terms=terms)
