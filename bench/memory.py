@@ -226,18 +226,22 @@ def official_step(assets: dict, resolution: int, batch: int) -> dict:
 def cases(quick: bool) -> list[dict]:
     """(option, resolution, global batch, micro-batch) points, most important first."""
     combined = "dsfast+latent+lora+ckpt"
-    out = [dict(option="official", resolution=128, batch=4), dict(option="dsfast", resolution=128, batch=16, micro=2)]
-    out += [dict(option="dsfast", resolution=128, batch=4), dict(option="dsfast", resolution=128, batch=32, micro=2),
-            dict(option="dsfast", resolution=128, batch=16, micro=1), dict(option="official", resolution=128, batch=8)]
-    out += [dict(option=o, resolution=128, batch=4) for o in ("dsfast+latent", "dsfast+lora", "dsfast+ckpt", combined)]
-    out += [dict(option=combined, resolution=128, batch=b, micro=2) for b in (16, 32)]
+    out = [dict(option="official", resolution=128, batch=4), dict(option="dsfast", resolution=128, batch=16, micro=2),
+           dict(option="dsfast", resolution=128, batch=4), dict(option="dsfast", resolution=128, batch=32, micro=2)]
     for res in (64, 192):
-        out += [dict(option="official", resolution=res, batch=4), dict(option="dsfast", resolution=res, batch=4),
-                dict(option="dsfast", resolution=res, batch=16, micro=2),
-                dict(option=combined, resolution=res, batch=16, micro=2)]
-    out += [dict(option="official", resolution=256, batch=4), dict(option="dsfast", resolution=256, batch=16, micro=2)]
+        out += [dict(option="official", resolution=res, batch=4), dict(option="dsfast", resolution=res, batch=16, micro=2)]
+    out += [dict(option=o, resolution=128, batch=4) for o in ("dsfast+latent", "dsfast+lora", "dsfast+ckpt")]
+    out += [dict(option=combined, resolution=128, batch=16, micro=2)]
     out += [dict(option=o, resolution=128, batch=16, micro=2) for o in RANKS]
+    out += [dict(option="dsfast", resolution=128, batch=16, micro=1), dict(option="official", resolution=128, batch=8)]
+    for res in (64, 192):
+        out += [dict(option="dsfast", resolution=res, batch=4), dict(option=combined, resolution=res, batch=16, micro=2)]
+    out += [dict(option="official", resolution=256, batch=4), dict(option="dsfast", resolution=256, batch=16, micro=2)]
     return out[:2] if quick else out
+
+
+def _key(case: dict) -> tuple:
+    return case["option"], case["resolution"], case["batch"], case.get("micro")
 
 
 def run_case(case: dict, assets: dict, tmp: Path) -> dict:
@@ -272,6 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="two rows (smoke)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated options to run")
+    ap.add_argument("--redo", action="store_true", help="also run the points that already have a row")
     args = ap.parse_args(argv)
     from bench.run import cpu_model, slugify
 
@@ -284,6 +289,9 @@ def main(argv=None) -> int:
         todo = cases(args.quick)
         if args.only:
             todo = [c for c in todo if c["option"] in args.only.split(",")]
+        if not args.redo and rows_path.is_file():
+            done = {_key(r) for r in load_rows(rows_path)}
+            todo = [c for c in todo if _key(c) not in done]
         with open(rows_path, "a") as f:
             for case in todo:
                 row = run_case(case, assets, work)
@@ -301,7 +309,7 @@ def load_rows(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         if r.get("status") == "ok":
-            rows[(r["option"], r["resolution"], r["batch"], r.get("micro"))] = r
+            rows[_key(r)] = r
     return list(rows.values())
 
 
@@ -332,15 +340,29 @@ def report(rows_path: Path, out_dir: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "memory_train.png", dpi=110)
-    lines = ["| option | resolution | global batch | micro-batch | ranks | peak MiB | vs official batch 4 |",
-             "|---|---|---|---|---|---|---|"]
+    from dsfast.plan import OPTIONS as PLAN_OPTIONS, PRESETS, Option, Planner
+
+    planner = Planner(PRESETS["sd-small"])
+    lines = ["| option | resolution | global batch | micro-batch | ranks | measured peak MiB | vs official batch 4 "
+             "| `dsfast plan` MiB | plan error |", "|---|---|---|---|---|---|---|---|---|"]
     official = {r["resolution"]: r["peak_bytes"] for r in rows if r["option"] == "official" and r["batch"] == 4}
+    errors = []
     for r in sorted(rows, key=lambda r: (r["resolution"], list(OPTIONS).index(r["option"]), r["batch"],
                                          r.get("micro") or 0)):
         ref = official.get(r["resolution"])
         ratio = f"{r['peak_bytes'] / ref:.2f}x" if ref else ""
-        lines.append(f"| {r['option']} | {r['resolution']} | {r['batch']} | {r.get('micro') or r['batch'] // r['ranks']}"
-                     f" | {r['ranks']} | {r['peak_bytes'] / mib:.0f} | {ratio} |")
+        micro = r.get("micro") or r["batch"] // r["ranks"]
+        option = Option(**{**vars(PLAN_OPTIONS[r["option"]]), "micro_batch": micro})
+        # a CPU run holds device and host memory in one place, and this was the run's first step
+        predicted = planner.predict(option, r["batch"], r["resolution"], first_step=True)["total"]
+        err = predicted / r["peak_bytes"] - 1
+        errors.append(abs(err))
+        lines.append(f"| {r['option']} | {r['resolution']} | {r['batch']} | {micro} | {r['ranks']} "
+                     f"| {r['peak_bytes'] / mib:.0f} | {ratio} | {predicted / mib:.0f} | {err:+.1%} |")
+    if errors:
+        lines.append(f"\n`dsfast plan` vs measured: mean |error| {sum(errors) / len(errors):.1%}, "
+                     f"max {max(errors):.1%} over {len(errors)} points (none used to fit it: the plan's probe "
+                     "runs on the meta device).")
     (out_dir / "memory_train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
