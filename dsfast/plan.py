@@ -42,7 +42,7 @@ _CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hi
                num_attention_heads=12, max_position_embeddings=77)
 PRESETS = {
     # Stable Diffusion 1.5: UNet2DConditionModel's defaults are SD-1.5's UNet; the SD VAE; CLIP ViT-L/14 text.
-    "sd15": dict(family="text2image", resolution=512, text_len=77, unet=dict(cross_attention_dim=768),
+    "sd15": dict(family="text2image", resolution=512, text_len=77, unet=dict(sample_size=64, cross_attention_dim=768),
                  vae=_SD_VAE, text=[_CLIP_L]),
     # SDXL base: 3 levels, 10 transformer layers at the lowest, two text encoders (CLIP-L + OpenCLIP bigG).
     "sdxl": dict(family="text2image", resolution=1024, text_len=77, sdxl=True,
@@ -330,9 +330,12 @@ class Planner:
             weights = 0.0
         frozen = frozen_params * w
         micro = option.micro_batch or batch // world
-        act = _activations(self.fit(option), resolution, micro, option)
+        act = _activations(self.fit(option), resolution, micro, option) * w // 4  # probed in float32
         features = 0
-        if micro * world < batch and self.spec["family"] == "text2image":
+        if option.official:
+            micro = batch // world  # one pass over the whole batch
+            act = _activations(self.fit(option), resolution, micro, option) * w // 4
+        elif micro * world < batch and self.spec["family"] == "text2image":
             # the two-pass scheme: pass-1 source and adapted x̃0 of the global batch, and their gradient
             c, r = (3, resolution) if option.space == "pixel" else (4, resolution // 8)
             features = 3 * batch * c * r * r * 4
@@ -378,12 +381,13 @@ def option_from_config(cfg, world: int) -> Option:
 
 
 def largest_micro_batch(planner: Planner, option: Option, batch: int, resolution: int, budget: float) -> int:
-    """The largest micro-batch (1..batch/world) whose predicted device peak fits ``budget`` bytes; 0 if none."""
+    """The largest micro-batch (powers of 2 up to batch/world) whose predicted device peak fits ``budget`` bytes
+    (0 if none). The official form has no micro-batches: its "micro-batch" is its whole batch."""
     best = 0
     m = 1
     while m <= max(1, batch // option.world):
         o = Option(**{**vars(option), "micro_batch": m})
-        if planner.predict(o, batch, resolution)["device"] > budget:
+        if planner.predict(o, m if option.official else batch, resolution)["device"] > budget:
             break
         best, m = m, m * 2
     return best
@@ -391,12 +395,12 @@ def largest_micro_batch(planner: Planner, option: Option, batch: int, resolution
 
 def table(planner: Planner, options: dict, gpus, batch: int, resolutions) -> list[str]:
     """Markdown rows: per option and resolution, predicted GiB at micro-batch 1 and the largest micro-batch per GPU."""
-    head = ["option", "resolution", "GiB at micro-batch 1"] + [f"{g} GB: largest micro-batch" for g in gpus]
+    head = ["option", "resolution", "GiB at micro-batch 1"] + [f"{g:g} GB: largest micro-batch" for g in gpus]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for option in options.values():
         for res in resolutions:
             one = Option(**{**vars(option), "micro_batch": 1})
-            gib = planner.predict(one, batch, res)["device"] / GIB
+            gib = planner.predict(one, 1 if option.official else batch, res)["device"] / GIB
             fits = [largest_micro_batch(planner, option, batch, res, 0.9 * g * 1e9) for g in gpus]
             lines.append(f"| {option.name} | {res} | {gib:.1f} | " + " | ".join(str(f) if f else "does not fit"
                                                                                 for f in fits) + " |")
