@@ -122,6 +122,8 @@ OPTIONS = {
     "dsfast+lora": Option("dsfast+lora", lora_rank=8),
     "dsfast+ckpt": Option("dsfast+ckpt", checkpointing=True),
     "dsfast+latent+lora+ckpt": Option("dsfast+latent+lora+ckpt", space="latent", lora_rank=8, checkpointing=True),
+    "dsfast+latent+lora+ckpt+bf16": Option("dsfast+latent+lora+ckpt+bf16", space="latent", lora_rank=8,
+                                           checkpointing=True, precision="bf16"),
     "zero2-offload": Option("zero2-offload", zero_stage=2, offload_optimizer=True, world=2),
     "zero3-offload": Option("zero3-offload", zero_stage=3, offload_optimizer=True, offload_param=True, world=2),
 }
