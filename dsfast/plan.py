@@ -368,7 +368,8 @@ def spec_from_pretrained(path) -> dict:
     if vae is None or text is None:
         return dict(family="unconditional", resolution=unet.get("sample_size") or 256, unet=unet)
     text = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                 "num_attention_heads", "max_position_embeddings") if k in text}
+                                 "num_attention_heads", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                                 "pad_token_id") if k in text}
     f = 2 ** (len(vae["block_out_channels"]) - 1)
     return dict(family="text2image", resolution=(unet.get("sample_size") or 64) * f,
                 text_len=text.get("max_position_embeddings", 77), unet=unet, vae=vae, text=[text])
@@ -404,7 +405,7 @@ def table(planner: Planner, options: dict, gpus, batch: int, resolutions) -> lis
             one = Option(**{**vars(option), "micro_batch": 1})
             gib = planner.predict(one, 1 if option.official else batch, res)["device"] / GIB
             fits = [largest_micro_batch(planner, option, batch, res, 0.9 * g * 1e9) for g in gpus]
-            lines.append(f"| {option.name} | {res} | {gib:.1f} | " + " | ".join(str(f) if f else "does not fit"
+            lines.append(f"| {option.name} | {res} | {gib:.3g} | " + " | ".join(str(f) if f else "does not fit"
                                                                                 for f in fits) + " |")
     return lines
 

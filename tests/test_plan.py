@@ -72,3 +72,17 @@ def test_cli_bad_config(tmp_path, capsys):
     f.write_text("method: nope\n")
     assert main(["--config", str(f)]) == 1
     assert "dsfast plan: error" in capsys.readouterr().err
+
+
+def test_cli_from_run_config(tmp_path, capsys):
+    import yaml
+
+    from dsfast.train.testing import make_sd_pipeline, tiny_config
+
+    make_sd_pipeline(tmp_path / "model")
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path / "model", tmp_path / "imgs",
+                                            model__lora_rank=4, loss__space="latent")))
+    assert main(["--config", str(f), "--gpu", "8,16"]) == 0
+    out = capsys.readouterr().out
+    assert "| config | 16 |" in out and "8 GB: largest micro-batch" in out
