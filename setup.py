@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 from setuptools import find_packages, setup
 
@@ -52,6 +53,9 @@ def _packages() -> list[str]:
 def _extensions():
     if _flag("DSFAST_BUILD_EXT") in ("0", "false", "no", "off") or importlib.util.find_spec("torch") is None:
         return [], {}
+    # torch warns "Failed to initialize NumPy" when numpy is not installed yet (pip prepares this package's
+    # metadata before installing its dependencies); the build does not use numpy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

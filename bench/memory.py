@@ -247,10 +247,14 @@ def _key(case: dict) -> tuple:
 def run_case(case: dict, assets: dict, tmp: Path) -> dict:
     spec = dict(case, assets=assets, result=str(tmp / "result.json"))
     ranks = RANKS.get(case["option"], 1)
+    from dsfast._extension import cache_dir
+
+    # DeepSpeed's CPU ops compile on first use; a folder of this environment's own, so that no other
+    # environment's rebuild (and its lock) stalls a measurement
+    ds_ops = cache_dir(False).with_name(cache_dir(False).name + "-deepspeed-ops")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = ["-c", "import json, sys; from bench.memory import worker; worker(json.loads(sys.argv[1]))",
-            json.dumps(spec)]
+               TORCH_EXTENSIONS_DIR=str(ds_ops), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ["-m", "bench.memory", "--worker", json.dumps(spec)]
     if ranks == 1:
         cmd = [sys.executable, *code]
     else:
@@ -277,7 +281,11 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated options to run")
     ap.add_argument("--redo", action="store_true", help="also run the points that already have a row")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one point, in this process
     args = ap.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
     from bench.run import cpu_model, slugify
 
     out_dir = RESULTS / slugify(cpu_model())

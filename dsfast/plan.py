@@ -68,8 +68,9 @@ PRESETS = {
                      unet=dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64, attention_head_dim=8,
                                sample_size=16),
                      vae=dict(_SD_VAE, block_out_channels=(32, 64, 64, 64), sample_size=128),
-                     text=[dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                max_position_embeddings=16)]),
+                     # vocab_size: the tokenizer of dsfast.train.testing (byte-level, 518 tokens)
+                     text=[dict(vocab_size=518, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=2, max_position_embeddings=16)]),
 }
 
 
@@ -310,7 +311,7 @@ class Planner:
         """Peak bytes per rank: ``device`` (what a GPU holds) and ``total`` (device + host: what a CPU run holds).
 
         ``first_step``: the first step allocates the AdamW moments in ``optimizer.step()``, after backward
-        freed the activations (what a one-step measurement sees); later steps hold both.
+        freed the activations (what a one-step measurement sees); later steps hold them throughout.
         """
         unet, vae, text = self.models(option.lora_rank)
         p_unet, p_train = _count(unet)
@@ -341,10 +342,18 @@ class Planner:
             # the two-pass scheme: pass-1 source and adapted x̃0 of the global batch, and their gradient
             c, r = (3, resolution) if option.space == "pixel" else (4, resolution // 8)
             features = 3 * batch * c * r * r * 4
-        if first_step:
-            device = weights + grads + frozen + max(act + features, optim)
+        # Without ZeRO and with one micro-batch the gradients are allocated during backward as the
+        # activations are freed (the step sets them to None); gradient accumulation keeps them from the
+        # first micro-batch on, and ZeRO keeps gradient buffers (partitions, buckets) for the whole step.
+        held, transient = weights + frozen, 0.0
+        if z == 0 and micro * world >= batch:
+            transient = grads
         else:
-            device = weights + grads + optim + frozen + act + features
+            held += grads
+        if first_step:
+            device = held + max(act + features, transient + optim)
+        else:
+            device = held + optim + max(act + features, transient)
         return {"device": int(device), "total": int(device + host), "weights": int(weights), "grads": int(grads),
                 "optimizer": int(optim), "frozen": int(frozen), "activations": int(act), "features": int(features),
                 "host": int(host), "micro_batch": micro}

@@ -54,9 +54,11 @@ def test_activations_scale_with_micro_batch_and_options(planner):
 def test_first_step_holds_optimizer_or_activations(planner):
     steady = planner.predict(OPTIONS["dsfast"], 4, 32)
     first = planner.predict(OPTIONS["dsfast"], 4, 32, first_step=True)
-    parts = steady["weights"] + steady["grads"] + steady["frozen"]
-    assert first["device"] == parts + max(steady["activations"], steady["optimizer"])
-    assert steady["device"] == parts + steady["activations"] + steady["optimizer"]
+    held, g, act, opt = steady["weights"] + steady["frozen"], steady["grads"], steady["activations"], steady["optimizer"]
+    assert first["device"] == held + max(act, g + opt)  # no ZeRO: gradients appear as activations go
+    assert steady["device"] == held + opt + max(act, g)
+    z1 = planner.predict(Option("z1", zero_stage=1), 4, 32)  # ZeRO holds gradient buffers throughout
+    assert z1["device"] == held + z1["grads"] + z1["optimizer"] + act
 
 
 def test_largest_micro_batch(planner):
