@@ -22,9 +22,10 @@ A prediction, not a measurement. Per rank and per step, in bytes:
   recomputation.
 * the two-pass micro-batch scheme adds the gathered x̃0 features and their gradient (global batch × image).
 
-Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation (typically 5–15 % above
-``max_memory_allocated``), DeepSpeed's communication buckets (``reduce_bucket_size``, default 5e8 elements,
-allocated up to the gradient partition size). The table leaves 10 % head-room for them.
+At ZeRO stage ≥ 2 DeepSpeed's gradient reduce bucket (``reduce_bucket_size``, default 5e8 elements) is
+counted whole: it is allocated at that size whatever the model's. Not modelled: the CUDA context (~0.5 GiB),
+the caching allocator's fragmentation (typically 5–15 % above ``max_memory_allocated``), cuDNN workspaces.
+The table leaves 10 % head-room for them.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import sys
 from dataclasses import dataclass
 
 GIB = 2 ** 30
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
 # Architectures, written from their published configurations (no downloads).
 _SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -346,6 +348,10 @@ class Planner:
         # activations are freed (the step sets them to None); gradient accumulation keeps them from the
         # first micro-batch on, and ZeRO keeps gradient buffers (partitions, buckets) for the whole step.
         held, transient = weights + frozen, 0.0
+        if z >= 2:
+            # DeepSpeed's gradient reduce bucket: reduce_bucket_size (default 5e8 elements, which dsfast's
+            # config does not change) is allocated whole, whatever the model size (measured on CPU)
+            held += REDUCE_BUCKET * w
         if z == 0 and micro * world >= batch:
             transient = grads
         else:

@@ -1,7 +1,7 @@
 """`dsfast plan` arithmetic on a tiny SD-structured architecture (meta device: no weights, seconds)."""
 import pytest
 
-from dsfast.plan import OPTIONS, Option, Planner, _count, largest_micro_batch, main
+from dsfast.plan import OPTIONS, REDUCE_BUCKET, Option, Planner, _count, largest_micro_batch, main
 
 TINY = dict(
     family="text2image", resolution=32, text_len=8,
@@ -26,6 +26,7 @@ def test_model_states_by_zero_stage_and_offload(planner):
     assert (base["weights"], base["grads"], base["optimizer"], base["host"]) == (4 * p, 4 * p, 8 * p, 0)
     z2 = planner.predict(Option("z2", zero_stage=2, world=2), 4, 32)
     assert (z2["weights"], z2["grads"], z2["optimizer"]) == (4 * p, 2 * p, 6 * p)  # fp32 partition copy included
+    assert z2["device"] == 4 * p + 2 * p + 6 * p + z2["frozen"] + z2["activations"] + 4 * REDUCE_BUCKET
     z2o = planner.predict(Option("z2o", zero_stage=2, world=2, offload_optimizer=True), 4, 32)
     assert (z2o["grads"], z2o["optimizer"], z2o["host"]) == (0, 0, 8 * p)
     z3o = planner.predict(OPTIONS["zero3-offload"], 4, 32)
