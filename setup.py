@@ -1,8 +1,12 @@
-"""Build and install dsfast.
+"""Build dsfast (metadata and dependencies: pyproject.toml).
 
-Packages: ``dsfast`` (with all its subpackages) and ``dsfast.kernels``, whose sources live in the
-top-level ``kernels/`` folder (Triton kernels). Extension ``dsfast._C`` (csrc/) is built with
-torch.utils.cpp_extension and ninja:
+Packages: ``dsfast`` (with all its subpackages), ``dsfast.kernels``, whose sources live in the
+top-level ``kernels/`` folder (Triton kernels), and ``dsfast._csrc``: the C++/CUDA sources (csrc/),
+shipped so that an install without a compiled extension can build it at first use
+(dsfast/_extension.py). Extension ``dsfast._C`` (csrc/) is built ahead of time with
+torch.utils.cpp_extension and ninja when torch is importable here, i.e. in a build without
+isolation (``pip install --no-build-isolation ...``, ``make install``); pip's isolated build has no
+torch, so a plain ``pip install .`` installs pure Python and the extension is built at first use.
 
 * ``DSFAST_BUILD_EXT=0``   skip the extension entirely (the pure-Python package still installs);
 * C++ CPU ops always otherwise (-O3 -fopenmp, no -march=native: the wheel must stay portable);
@@ -11,16 +15,28 @@ torch.utils.cpp_extension and ninja:
   --use_fast_math (results must stay exact to fp32); code for sm_80 and sm_90a unless
   TORCH_CUDA_ARCH_LIST says otherwise.
 
-Install for development with ``pip install --no-build-isolation -e .`` (see the Makefile).
+Install for development with ``pip install --no-build-isolation -e '.[test]'`` (see the Makefile).
 """
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
+import warnings
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_extension_module():
+    """dsfast/_extension.py (sources and flags, shared with the build at first use) without importing dsfast."""
+    spec = importlib.util.spec_from_file_location("_dsfast_extension", os.path.join(ROOT, "dsfast", "_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ext = _load_extension_module()
 
 
 def _flag(name: str) -> str | None:
@@ -31,12 +47,15 @@ def _flag(name: str) -> str | None:
 def _packages() -> list[str]:
     found = find_packages(where=ROOT, include=["dsfast", "dsfast.*"])
     packages = sorted(set(["dsfast", *found]))
-    return packages + ["dsfast.kernels"]
+    return packages + ["dsfast.kernels", "dsfast._csrc"]
 
 
 def _extensions():
-    if _flag("DSFAST_BUILD_EXT") in ("0", "false", "no", "off"):
+    if _flag("DSFAST_BUILD_EXT") in ("0", "false", "no", "off") or importlib.util.find_spec("torch") is None:
         return [], {}
+    # torch warns "Failed to initialize NumPy" when numpy is not installed yet (pip prepares this package's
+    # metadata before installing its dependencies); the build does not use numpy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -53,34 +72,18 @@ def _extensions():
             )
 
     # Relative paths: setuptools wants sources relative to setup.py.
-    sources = ["csrc/bindings.cpp"] + sorted(
-        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
-    )
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
-    extra_link_args = ["-fopenmp"]
+    sources = [os.path.join("csrc", f) for f in _ext.source_files(os.path.join(ROOT, "csrc"), with_cuda)]
+    extra_compile_args = {"cxx": _ext.CXX_FLAGS}
     if with_cuda:
-        sources += sorted(
-            os.path.relpath(p, ROOT)
-            for pattern in ("*.cu", "*.cpp")
-            for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", pattern))
-        )
-        nvcc = ["-O3"]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            nvcc += [
-                "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90a,code=sm_90a",
-            ]
-        extra_compile_args["nvcc"] = nvcc
-        ext_cls = CUDAExtension
-    else:
-        ext_cls = CppExtension
+        extra_compile_args["nvcc"] = _ext.nvcc_flags()
+    ext_cls = CUDAExtension if with_cuda else CppExtension
 
     ext = ext_cls(
         name="dsfast._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra_compile_args,
-        extra_link_args=extra_link_args,
+        extra_link_args=_ext.LINK_FLAGS,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -88,14 +91,10 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    name="dsfast",
-    version="0.1.0",
-    description="Fast DomainStudio / DreamBooth diffusion losses: fused Triton, CUDA and C++ kernels",
-    python_requires=">=3.10",
     packages=_packages(),
-    package_dir={"dsfast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy"],
-    entry_points={"console_scripts": ["dsfast = dsfast.cli:main"]},
+    package_dir={"dsfast.kernels": "kernels", "dsfast._csrc": "csrc"},
+    package_data={"dsfast._csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cuh",
+                                   "cuda/*.cu", "cuda/*.cpp"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import peers
+from dsfast.plan import PRESETS
 
 MODELS = {
     "tiny": dict(
@@ -46,26 +47,12 @@ MODELS = {
         config=dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
                     block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                     up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)),
-    "adm256": dict(
-        cls="UNet2DModel", latent=(3, 256, 256), batch=8,
-        config=dict(sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
-                    block_out_channels=(256, 256, 512, 512, 1024, 1024),
-                    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D",
-                                      "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D",
-                                    "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-                    attention_head_dim=64, resnet_time_scale_shift="scale_shift")),
-    "sd15": dict(
-        cls="UNet2DConditionModel", latent=(4, 64, 64), batch=4, text=(77, 768),
-        config=dict(sample_size=64, cross_attention_dim=768)),
-    "sdxl": dict(
-        cls="UNet2DConditionModel", latent=(4, 128, 128), batch=4, text=(77, 2048), sdxl=True,
-        config=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-                    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)),
+    # architectures shared with `dsfast plan` (dsfast/plan.py: written from the published configurations)
+    "adm256": dict(cls="UNet2DModel", latent=(3, 256, 256), batch=8, config=PRESETS["adm256"]["unet"]),
+    "sd15": dict(cls="UNet2DConditionModel", latent=(4, 64, 64), batch=4, text=(77, 768),
+                 config=PRESETS["sd15"]["unet"]),
+    "sdxl": dict(cls="UNet2DConditionModel", latent=(4, 128, 128), batch=4, text=(77, 2048), sdxl=True,
+                 config=PRESETS["sdxl"]["unet"]),
 }
 
 VARIANTS = ("official", "dsfast", "dsfast+ckpt")

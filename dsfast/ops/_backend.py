@@ -20,14 +20,15 @@ BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 
 @functools.cache
 def extension_available() -> bool:
-    """True when ``dsfast._C`` imports; otherwise says once why the C++ backends are missing."""
+    """True when ``dsfast._C`` loads (built with the package or at first use); otherwise says once why not."""
+    from dsfast._extension import load
+
     try:
-        import dsfast._C  # noqa: F401  (registers torch.ops.dsfast.*)
+        load()  # registers torch.ops.dsfast.*
     except ImportError as err:
         warnings.warn(
             f"dsfast: the C++ extension dsfast._C is not available ({err}); ops fall back to the "
-            "'torch' backend on CPU. Build it with `pip install --no-build-isolation -e .` "
-            "(DSFAST_BUILD_EXT=0 skips it on purpose).",
+            "'torch' backend on CPU.",
             stacklevel=3,
         )
         return False

@@ -1,0 +1,471 @@
+"""``dsfast plan``: predicted peak GPU memory of a training run, per memory option, and what fits.
+
+    dsfast plan --preset sd15 --gpu 24,48,80
+    dsfast plan --config run.yaml --gpu 24 [key=value ...]
+
+A prediction, not a measurement. Per rank and per step, in bytes:
+
+* **model states**, from parameter counts (the architecture instantiated on the ``meta`` device: no
+  weights): the trained parameters (the UNet, or only its LoRA adapters) cost 4 B weights + 4 B gradients
+  + 8 B AdamW moments in float32; with bf16 mixed precision 2 B weights + 2 B gradients + 4 B fp32 master +
+  8 B moments. ZeRO stage 1 divides the optimizer part (moments, master) by the world size, stage 2 also the
+  gradients, stage 3 also the weights; ``offload_optimizer=cpu`` moves the optimizer part (and, stage ≥ 2,
+  the gradient partition) to host memory, ``offload_param=cpu`` the stage-3 weight partition;
+* **frozen copies**: VAE, text encoder(s), the frozen source UNet (``loss.source=frozen``), the LoRA base
+  weights, in the run's precision;
+* **activations** of one micro-batch: a short probe of the actual architecture at two small resolutions —
+  the run's forward (the UNet on instance + class latents, the x̃0 decode the option keeps for backward)
+  traced on the ``meta`` device while counting the bytes autograd saves for backward (each storage once,
+  parameters excluded), attention counted as the fused kernels store it (PyTorch uses them on CUDA and on
+  CPU; no score matrix) — fitted as ``a·pixels + b·pixels²`` per sample and extrapolated to the run's
+  resolution and micro-batch size. Gradient checkpointing keeps the block inputs plus one block's
+  recomputation.
+* the two-pass micro-batch scheme adds the gathered x̃0 features and their gradient (global batch × image).
+
+At ZeRO stage ≥ 2 DeepSpeed's gradient reduce bucket (``reduce_bucket_size``, default 5e8 elements) is
+counted whole: it is allocated at that size whatever the model's. Not modelled: the CUDA context (~0.5 GiB),
+the caching allocator's fragmentation (typically 5–15 % above ``max_memory_allocated``), cuDNN workspaces.
+The table leaves 10 % head-room for them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+GIB = 2 ** 30
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+
+# Architectures, written from their published configurations (no downloads).
+_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               layers_per_block=2, sample_size=512)
+_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77)
+PRESETS = {
+    # Stable Diffusion 1.5: UNet2DConditionModel's defaults are SD-1.5's UNet; the SD VAE; CLIP ViT-L/14 text.
+    "sd15": dict(family="text2image", resolution=512, text_len=77, unet=dict(sample_size=64, cross_attention_dim=768),
+                 vae=_SD_VAE, text=[_CLIP_L]),
+    # SDXL base: 3 levels, 10 transformer layers at the lowest, two text encoders (CLIP-L + OpenCLIP bigG).
+    "sdxl": dict(family="text2image", resolution=1024, text_len=77, sdxl=True,
+                 unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                           transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                           cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                           addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+                 vae=dict(_SD_VAE, sample_size=1024),
+                 text=[_CLIP_L, dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                                     num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77)]),
+    # ADM / guided-diffusion 256x256 unconditional: channels 256·(1,1,2,2,4,4), 2 res blocks, attention at
+    # 32/16/8, 64-channel heads, scale-shift norm; pixel space.
+    "adm256": dict(family="unconditional", resolution=256,
+                   unet=dict(sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
+                             block_out_channels=(256, 256, 512, 512, 1024, 1024),
+                             down_block_types=("DownBlock2D",) * 3 + ("AttnDownBlock2D",) * 3,
+                             up_block_types=("AttnUpBlock2D",) * 3 + ("UpBlock2D",) * 3,
+                             attention_head_dim=64, resnet_time_scale_shift="scale_shift")),
+    # The SD-1.5 layer structure at 1/10 of its UNet width: what bench/memory.py measures on a CPU.
+    "sd-small": dict(family="text2image", resolution=128, text_len=16,
+                     unet=dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64, attention_head_dim=8,
+                               sample_size=16),
+                     vae=dict(_SD_VAE, block_out_channels=(32, 64, 64, 64), sample_size=128),
+                     # vocab_size: the tokenizer of dsfast.train.testing (byte-level, 518 tokens)
+                     text=[dict(vocab_size=518, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=2, max_position_embeddings=16)]),
+}
+
+
+def build_pipeline(preset: str, path) -> None:
+    """Save a text-to-image preset with random weights as a local StableDiffusionPipeline folder (bench, tests)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dsfast.train.testing import _tiny_clip_tokenizer
+
+    spec = PRESETS[preset]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        tok, vocab = _tiny_clip_tokenizer(Path(d))
+        te = CLIPTextModel(CLIPTextConfig(**dict(spec["text"][0], vocab_size=vocab, bos_token_id=vocab - 2,
+                                                 eos_token_id=vocab - 1, pad_token_id=vocab - 1)))
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**spec["vae"]), text_encoder=te, tokenizer=tok, unet=UNet2DConditionModel(**spec["unet"]),
+            scheduler=DDPMScheduler(num_train_timesteps=1000), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        pipe.save_pretrained(str(path))
+
+
+# ----------------------------------------------------------------------------------------- options
+@dataclass
+class Option:
+    """The memory-relevant settings of a run (README config keys in the comments)."""
+
+    name: str
+    official: bool = False  # the official form: source half in the graph, both halves decoded with grad
+    space: str = "pixel"  # loss.space
+    lora_rank: int = 0  # model.lora_rank (with loss.source=lora_off)
+    checkpointing: bool = False  # train.gradient_checkpointing
+    zero_stage: int = 0  # deepspeed.zero_stage
+    offload_optimizer: bool = False  # deepspeed.offload_optimizer=cpu
+    offload_param: bool = False  # deepspeed.offload_param=cpu
+    world: int = 1  # ranks
+    precision: str = "no"  # train.mixed_precision
+    micro_batch: int | None = None  # train.micro_batch_size (None: global batch / world)
+
+
+OPTIONS = {
+    "official": Option("official", official=True),
+    "dsfast": Option("dsfast"),
+    "dsfast+latent": Option("dsfast+latent", space="latent"),
+    "dsfast+lora": Option("dsfast+lora", lora_rank=8),
+    "dsfast+ckpt": Option("dsfast+ckpt", checkpointing=True),
+    "dsfast+latent+lora+ckpt": Option("dsfast+latent+lora+ckpt", space="latent", lora_rank=8, checkpointing=True),
+    "dsfast+latent+lora+ckpt+bf16": Option("dsfast+latent+lora+ckpt+bf16", space="latent", lora_rank=8,
+                                           checkpointing=True, precision="bf16"),
+    "zero2-offload": Option("zero2-offload", zero_stage=2, offload_optimizer=True, world=2),
+    "zero3-offload": Option("zero3-offload", zero_stage=3, offload_optimizer=True, offload_param=True, world=2),
+}
+
+
+# ----------------------------------------------------------------------------------------- model
+def _meta_models(spec: dict, lora_rank: int):
+    import torch
+    import diffusers
+
+    with torch.device("meta"):
+        if spec["family"] == "unconditional":
+            unet, vae, text = diffusers.UNet2DModel(**spec["unet"]), None, []
+        else:
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            unet = diffusers.UNet2DConditionModel(**spec["unet"])
+            vae = diffusers.AutoencoderKL(**spec["vae"])
+            text = [CLIPTextModel(CLIPTextConfig(**t)) for t in spec["text"]]
+    if lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=["to_k", "to_q", "to_v",
+                                                                                         "to_out.0"]))
+    for m in [vae, *text]:
+        if m is not None:
+            m.requires_grad_(False)
+    return unet, vae, text
+
+
+def _count(module) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    ps = list(module.parameters()) if module is not None else []
+    return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for backward: each storage once, parameters and their views excluded."""
+
+    def __init__(self, params):
+        self.seen = {p.untyped_storage()._cdata for p in params}
+        self.total = 0
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        if storage._cdata not in self.seen:
+            self.seen.add(storage._cdata)
+            self.total += storage.nbytes()
+        return t
+
+    def __enter__(self):
+        import torch
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """Stands in for scaled_dot_product_attention in the probe: saves what the fused kernels keep for
+    backward (q, k, v, the output and one log-sum-exp per query), never the score matrix. PyTorch picks a
+    fused kernel on CUDA (memory-efficient / flash) and on CPU (its flash kernel); the meta device would
+    trace the math path, which stores the scores."""
+    import torch
+
+    class Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
+            ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1]))
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("probe only")
+
+    return Fused.apply(q, k, v)
+
+
+def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
+    """Saved-for-backward bytes of one micro-batch of ``m`` samples at ``resolution`` (meta device)."""
+    import torch
+
+    unet, vae, text = models
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    per_block = []
+    counter = _SavedBytes(list(unet.parameters()) + (list(vae.parameters()) if vae is not None else []))
+
+    def pre(mod, args):
+        mod._dsfast_start = counter.total
+
+    def post(mod, args, out):
+        per_block.append(counter.total - mod._dsfast_start)
+
+    hooks = [b.register_forward_pre_hook(pre) for b in blocks] + [b.register_forward_hook(post) for b in blocks]
+    import torch.nn.functional as F
+
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _fused_attention
+    try:
+        with torch.device("meta"), counter:
+            if spec["family"] == "unconditional":
+                x = torch.randn(m, unet.config.in_channels, resolution, resolution)
+                unet(x, torch.zeros(m, dtype=torch.long)).sample
+                unet_bytes, decode_bytes = counter.total, 0
+            else:
+                f = 2 ** (len(vae.config.block_out_channels) - 1)
+                n = 2 * m  # instance + class latents in one batch
+                z = torch.randn(n, unet.config.in_channels, resolution // f, resolution // f)
+                kw = {"encoder_hidden_states": torch.randn(n, spec["text_len"], unet.config.cross_attention_dim)}
+                if spec.get("sdxl"):
+                    kw["added_cond_kwargs"] = {"text_embeds": torch.randn(n, 1280), "time_ids": torch.randn(n, 6)}
+                out = unet(z, torch.zeros(n, dtype=torch.long), **kw).sample
+                unet_bytes = counter.total
+                decode_bytes = 0
+                if option.space == "pixel":
+                    halves = 2 if option.official else 1  # dsfast decodes the source half without grad
+                    vae.decode(out[: m * halves]).sample
+                    decode_bytes = counter.total - unet_bytes
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    return {"unet": unet_bytes, "decode": decode_bytes, "max_block": max(per_block), "blocks": sum(per_block)}
+
+
+def _fit(spec, models, option, r1: int, r2: int) -> dict:
+    """Per-sample bytes = a·pixels + b·pixels² for each probed quantity, from two small resolutions."""
+    p1, p2 = _probe(spec, models, option, r1, 1), _probe(spec, models, option, r2, 1)
+    x1, x2 = r1 * r1, r2 * r2
+    fit = {}
+    for k in p1:
+        # solve a·x + b·x² = y at two points
+        b = (p2[k] / x2 - p1[k] / x1) / (x2 - x1)
+        a = p1[k] / x1 - b * x1
+        fit[k] = (a, max(b, 0.0))
+    return fit
+
+
+def _activations(fit: dict, resolution: int, m: int, option: Option) -> int:
+    px = resolution * resolution
+    val = {k: m * (a * px + b * px * px) for k, (a, b) in fit.items()}
+    unet = val["unet"]
+    if option.checkpointing:  # block inputs kept (small), one block recomputed at a time
+        unet = unet - val["blocks"] + val["max_block"]
+    return int(unet + val["decode"])
+
+
+def _probe_sizes(models) -> tuple[int, int]:
+    """Two small resolutions (pixels) the architecture accepts."""
+    unet, vae, _ = models
+    f = 2 ** (len(unet.config.block_out_channels) - 1)
+    if vae is None:
+        return 2 * f, 4 * f
+    f *= 2 ** (len(vae.config.block_out_channels) - 1)
+    return 2 * f, 3 * f
+
+
+# ----------------------------------------------------------------------------------------- prediction
+class Planner:
+    """Predictions for one architecture; the probes run once per (LoRA, space, official) combination."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self._fits: dict = {}
+        self._models: dict = {}
+
+    def models(self, lora_rank: int):
+        if lora_rank not in self._models:
+            self._models[lora_rank] = _meta_models(self.spec, lora_rank)
+        return self._models[lora_rank]
+
+    def fit(self, option: Option) -> dict:
+        key = (option.lora_rank, option.space, option.official)
+        if key not in self._fits:
+            self._fits[key] = _fit(self.spec, self.models(option.lora_rank), option,
+                                   *_probe_sizes(self.models(option.lora_rank)))
+        return self._fits[key]
+
+    def predict(self, option: Option, batch: int, resolution: int, *, first_step: bool = False) -> dict:
+        """Peak bytes per rank: ``device`` (what a GPU holds) and ``total`` (device + host: what a CPU run holds).
+
+        ``first_step``: the first step allocates the AdamW moments in ``optimizer.step()``, after backward
+        freed the activations (what a one-step measurement sees); later steps hold them throughout.
+        """
+        unet, vae, text = self.models(option.lora_rank)
+        p_unet, p_train = _count(unet)
+        frozen_params = p_unet - p_train + _count(vae)[0] + sum(_count(t)[0] for t in text)
+        w = 2 if option.precision in ("bf16", "fp16") else 4
+        world, z = option.world, option.zero_stage
+        # trained parameters: weights, gradients, optimizer (AdamW moments + fp32 master under mixed precision)
+        weights = p_train * w / (world if z >= 3 else 1)
+        grads = p_train * w / (world if z >= 2 else 1)
+        optim = p_train * (8 + (4 if w == 2 else 0)) / (world if z >= 1 else 1)
+        if z >= 1 and w == 4:
+            optim += p_train * 4 / world  # DeepSpeed's fp32 partition copy, also in float32 training
+        host = 0.0
+        if option.offload_optimizer:
+            host += optim + (grads if z >= 2 else 0)
+            optim, grads = 0.0, (0.0 if z >= 2 else grads)
+        if option.offload_param:
+            host += weights
+            weights = 0.0
+        frozen = frozen_params * w
+        micro = option.micro_batch or batch // world
+        act = _activations(self.fit(option), resolution, micro, option) * w // 4  # probed in float32
+        features = 0
+        if option.official:
+            micro = batch // world  # one pass over the whole batch
+            act = _activations(self.fit(option), resolution, micro, option) * w // 4
+        elif micro * world < batch and self.spec["family"] == "text2image":
+            # the two-pass scheme: pass-1 source and adapted x̃0 of the global batch, and their gradient
+            c, r = (3, resolution) if option.space == "pixel" else (4, resolution // 8)
+            features = 3 * batch * c * r * r * 4
+        # Without ZeRO and with one micro-batch the gradients are allocated during backward as the
+        # activations are freed (the step sets them to None); gradient accumulation keeps them from the
+        # first micro-batch on, and ZeRO keeps gradient buffers (partitions, buckets) for the whole step.
+        held, transient = weights + frozen, 0.0
+        if z >= 2:
+            # DeepSpeed's gradient reduce bucket: reduce_bucket_size (default 5e8 elements, which dsfast's
+            # config does not change) is allocated whole, whatever the model size (measured on CPU)
+            held += REDUCE_BUCKET * w
+        if z == 0 and micro * world >= batch:
+            transient = grads
+        else:
+            held += grads
+        if first_step:
+            device = held + max(act + features, transient + optim)
+        else:
+            device = held + optim + max(act + features, transient)
+        return {"device": int(device), "total": int(device + host), "weights": int(weights), "grads": int(grads),
+                "optimizer": int(optim), "frozen": int(frozen), "activations": int(act), "features": int(features),
+                "host": int(host), "micro_batch": micro}
+
+
+def spec_from_pretrained(path) -> dict:
+    """An architecture spec from a local diffusers pipeline folder (its config.json files; no weights read)."""
+    import json
+    from pathlib import Path
+
+    def cfg(sub):
+        f = Path(path) / sub / "config.json"
+        if not f.is_file():
+            return None
+        return {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith("_")}
+
+    unet = cfg("unet")
+    if unet is None:
+        raise SystemExit(f"dsfast plan: {path} has no unet/config.json (need a local diffusers pipeline folder)")
+    vae, text = cfg("vae"), cfg("text_encoder")
+    if vae is None or text is None:
+        return dict(family="unconditional", resolution=unet.get("sample_size") or 256, unet=unet)
+    text = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                                 "pad_token_id") if k in text}
+    f = 2 ** (len(vae["block_out_channels"]) - 1)
+    return dict(family="text2image", resolution=(unet.get("sample_size") or 64) * f,
+                text_len=text.get("max_position_embeddings", 77), unet=unet, vae=vae, text=[text])
+
+
+def option_from_config(cfg, world: int) -> Option:
+    t, z = cfg.train, cfg.deepspeed
+    return Option("config", space=cfg.loss.space, lora_rank=cfg.model.lora_rank,
+                  checkpointing=t.gradient_checkpointing, zero_stage=z.zero_stage,
+                  offload_optimizer=z.offload_optimizer == "cpu", offload_param=z.offload_param == "cpu",
+                  world=world, precision=t.mixed_precision, micro_batch=t.micro_batch_size)
+
+
+def largest_micro_batch(planner: Planner, option: Option, batch: int, resolution: int, budget: float) -> int:
+    """The largest micro-batch (powers of 2 up to batch/world) whose predicted device peak fits ``budget`` bytes
+    (0 if none). The official form has no micro-batches: its "micro-batch" is its whole batch."""
+    best = 0
+    m = 1
+    while m <= max(1, batch // option.world):
+        o = Option(**{**vars(option), "micro_batch": m})
+        if planner.predict(o, m if option.official else batch, resolution)["device"] > budget:
+            break
+        best, m = m, m * 2
+    return best
+
+
+def table(planner: Planner, options: dict, gpus, batch: int, resolutions) -> list[str]:
+    """Markdown rows: per option and resolution, predicted GiB at micro-batch 1 and the largest micro-batch per GPU."""
+    head = ["option", "resolution", "GiB at micro-batch 1"] + [f"{g:g} GB: largest micro-batch" for g in gpus]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for option in options.values():
+        for res in resolutions:
+            one = Option(**{**vars(option), "micro_batch": 1})
+            gib = planner.predict(one, 1 if option.official else batch, res)["device"] / GIB
+            fits = [largest_micro_batch(planner, option, batch, res, 0.9 * g * 1e9) for g in gpus]
+            lines.append(f"| {option.name} | {res} | {gib:.3g} | " + " | ".join(str(f) if f else "does not fit"
+                                                                                for f in fits) + " |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="dsfast plan",
+        description="Predict the peak GPU memory of a DomainStudio / DreamBooth run per memory option, and the "
+                    "largest micro-batch that fits (a global batch of any multiple of it trains with the two-pass "
+                    "micro-batch scheme). Predictions, not measurements: the model is instantiated on the meta "
+                    "device (no weights) and probed at small size.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in architecture")
+    src.add_argument("--config", help="a run config (YAML); its model.pretrained must be a local pipeline folder")
+    ap.add_argument("--gpu", default="24,48,80", help="GPU memory sizes in GB, comma-separated (default 24,48,80)")
+    ap.add_argument("--batch", type=int, default=16, help="global batch (default 16)")
+    ap.add_argument("--resolution", default=None, help="resolutions in pixels, comma-separated (default: the model's)")
+    ap.add_argument("--world", type=int, default=1, help="ranks (--config only; default 1)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides (--config only)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    gpus = [float(g) for g in args.gpu.split(",")]
+    if args.config:
+        from dsfast.train.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as exc:
+            print(f"dsfast plan: error: {exc}", file=sys.stderr)
+            return 1
+        spec = spec_from_pretrained(cfg.model.pretrained)
+        options = {"config": option_from_config(cfg, args.world)}
+        batch = cfg.train.batch_size or args.batch
+        res = [cfg.data.resolution or spec["resolution"]]
+    else:
+        spec = PRESETS[args.preset]
+        options = {k: v for k, v in OPTIONS.items() if spec["family"] == "text2image" or k in (
+            "dsfast", "dsfast+ckpt", "zero2-offload", "zero3-offload")}
+        batch = args.batch
+        res = [spec["resolution"]]
+    if args.resolution:
+        res = [int(r) for r in args.resolution.split(",")]
+    print(f"Predicted peak GPU memory per rank (global batch {batch}; 10 % of each GPU left as head-room):")
+    print("\n".join(table(Planner(spec), options, gpus, batch, res)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
