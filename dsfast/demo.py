@@ -1,6 +1,6 @@
 """``python -m dsfast.demo`` (``make demo``): 10-shot adaptation of a digit DDPM, fine-tuning vs DomainStudio.
 
-1. Renders the 10 target images (bold dark digits on light paper, :mod:`dsfast.demo_data`) to
+1. Renders the 10 target images (bold white digits on grey paper, :mod:`dsfast.demo_data`) to
    ``<out>/target/``, and fresh target images that calibrate the metrics.
 2. Adapts the committed source model (``assets/source_model``: a DDPM trained by ``dsfast pretrain``
    on scikit-learn's digits, white on black) to the 10 images with :func:`dsfast.train.train`, for
@@ -363,6 +363,10 @@ def main(argv=None) -> int:
             samples, sec = train_and_sample(args, config, stops)
             seconds[method].append(sec)
             per_seed[method][seed] = {s: scorer.score(x, source_labels) for s, x in samples.items()}
+            for s, v in per_seed[method][seed].items():
+                print(f"   step {s}: copy rate {v['copy_rate']:.2f}, classes {v['class_coverage']}, class entropy "
+                      f"{v['class_entropy_bits']:.2f}, same digit as source {v['correspondence']:.2f}, "
+                      f"MMD² to target {v['mmd2_to_target']:.3f}", flush=True)
             if seed == args.seeds[0]:
                 final_samples[method] = samples[stops[-1]]
                 save_images(samples[stops[-1]], out / "samples" / method)

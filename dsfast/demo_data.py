@@ -2,11 +2,12 @@
 
 * **source**: the 1,797 8x8 digits of ``sklearn.datasets.load_digits``, bilinearly resized to 16x16,
   one channel, white strokes on black.
-* **target** ("ink"): the same kind of digit drawn as a bold dark stroke on light paper. A render
-  applies a small random affine jitter (rotation, scale, shift: seeded per image), then the style:
-  the stroke thickened by one pixel (a 2x2 max filter), inverted, on paper of grey level 0.9. The style is a
-  global, deterministic map of the content (no per-pixel random grain), so a model that copies a
-  training image reproduces it closely and a copy can be measured.
+* **target** ("bold on grey"): the same kind of digit drawn as a bold white stroke on grey paper. A
+  render applies a small random affine jitter (rotation, scale, shift: seeded per image), then the
+  style: the stroke thickened by one pixel (a 2x2 max filter), on paper of grey level 0.35 instead of
+  black. The style is a global, deterministic, monotone map of the content (no per-pixel random
+  grain, bright stays bright), so a model that copies a training image reproduces it closely, a copy
+  can be measured, and "the same noise gives the same digit" can be checked against the source.
 
 Target image ``i`` of a set depends only on ``(seed, i)``: it draws its digit and its jitter from
 ``numpy.random.default_rng([seed, i])``, so fresh target images can be rendered without limit and
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 SIZE = 16
-PAPER = 0.9  # grey level of the target's background, in [0, 1]
-INK = 0.05  # grey level of the target's stroke, in [0, 1]
+PAPER = 0.35  # grey level of the target's background, in [0, 1]
+STROKE = 1.0  # grey level of the target's stroke, in [0, 1]
 
 
 @lru_cache(maxsize=1)
@@ -54,10 +55,10 @@ def _jitter(x01: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return F.grid_sample(x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def ink_style(x01: torch.Tensor) -> torch.Tensor:
-    """The target style of ``(N, 1, H, W)`` digits in [0, 1] (white on black): a bold dark stroke on light paper."""
+def target_style(x01: torch.Tensor) -> torch.Tensor:
+    """The target style of ``(N, 1, H, W)`` digits in [0, 1] (white on black): a bold white stroke on grey paper."""
     bold = F.max_pool2d(F.pad(x01, (0, 1, 0, 1)), 2, stride=1)  # each stroke one pixel wider
-    return PAPER + (INK - PAPER) * bold
+    return PAPER + (STROKE - PAPER) * bold
 
 
 def target_images(n: int = 10, seed: int = 0, start: int = 0, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +71,7 @@ def target_images(n: int = 10, seed: int = 0, start: int = 0, size: int = SIZE) 
         rng = np.random.default_rng([seed, i])
         k = int(rng.integers(len(source)))
         x01 = _jitter((source[k: k + 1] + 1) / 2, rng)
-        out.append(ink_style(x01))
+        out.append(target_style(x01))
         classes.append(int(labels[k]))
     images = torch.cat(out) if out else torch.empty(0, 1, size, size)
     return images * 2 - 1, torch.tensor(classes, dtype=torch.long)

@@ -181,7 +181,7 @@ An unconditional pixel-space DDPM (diffusers `UNet2DModel` + `DDPMScheduler`, 16
 {n_params / 1e6:.2f}M parameters, block_out_channels {BLOCK_OUT_CHANNELS}, Down / AttnDown / AttnDown)
 trained from scratch by `dsfast pretrain` on scikit-learn's bundled handwritten digits
 (`sklearn.datasets.load_digits`: 1,797 8x8 images, bilinear to 16x16, white on black, in [-1, 1]).
-It is the pretrained model that `make demo` adapts to 10 target images (bold dark digits on light paper).
+It is the pretrained model that `make demo` adapts to 10 target images (bold white digits on grey paper).
 
 Made with exactly (from the repository root):
 

@@ -1,4 +1,4 @@
-"""The demo's domains: scikit-learn digits as the source, a deterministic ink style as the target."""
+"""The demo's domains: scikit-learn digits as the source, a deterministic bold-on-grey style as the target."""
 import numpy as np
 import pytest
 import torch
@@ -34,10 +34,10 @@ def test_target_images_deterministic_prefix_and_fresh():
 def test_target_style_is_a_global_map_without_grain():
     x01 = torch.zeros(1, 1, 16, 16)
     x01[0, 0, 4:12, 7] = 1.0  # a vertical stroke, one pixel wide
-    y = demo_data.ink_style(x01)
+    y = demo_data.target_style(x01)
     assert torch.allclose(y[0, 0, 0, 0], torch.tensor(demo_data.PAPER))  # paper where there is no stroke
-    assert torch.allclose(y[0, 0, 4:12, 6:8], torch.tensor(demo_data.INK))  # the stroke, one pixel wider, in ink
-    assert torch.equal(demo_data.ink_style(x01), y)  # no randomness
+    assert torch.allclose(y[0, 0, 4:12, 6:8], torch.tensor(demo_data.STROKE))  # the stroke, one pixel wider
+    assert torch.equal(demo_data.target_style(x01), y)  # no randomness
     # the paper of a render is exactly flat (per-pixel grain would leave no pixel at exactly PAPER)
     imgs, _ = demo_data.target_images(20, seed=0)
     flat = ((imgs + 1) / 2 - demo_data.PAPER).abs().flatten(1) < 1e-6
@@ -47,9 +47,9 @@ def test_target_style_is_a_global_map_without_grain():
 def test_target_differs_from_source_in_style_not_content():
     src, y = demo_data.source_digits()
     tgt, ty = demo_data.target_images(100, seed=0)
-    assert tgt.mean() - src.mean() > 0.4  # light paper vs black
-    # content: undo the ink style and the nearest (thickened) source digit has the render's label
-    unstyled = (demo_data.PAPER - (tgt + 1) / 2) / (demo_data.PAPER - demo_data.INK)
+    assert tgt.mean() - src.mean() > 0.3  # grey paper vs black
+    # content: undo the target style and the nearest (thickened) source digit has the render's label
+    unstyled = ((tgt + 1) / 2 - demo_data.PAPER) / (demo_data.STROKE - demo_data.PAPER)
     bold = torch.nn.functional.max_pool2d(torch.nn.functional.pad((src + 1) / 2, (0, 1, 0, 1)), 2, stride=1)
     nearest = torch.cdist(unstyled.flatten(1), bold.flatten(1)).argmin(dim=1)
     assert (y[nearest] == ty).float().mean() > 0.8
