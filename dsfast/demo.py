@@ -11,7 +11,8 @@
    model starts from the noise of seed i) and scores it (:mod:`dsfast.eval.fewshot`): copy rate,
    digit-class coverage / entropy, correspondence with the source model's digit for the same noise,
    target-style rate and MMD² to fresh target images.
-4. Optionally (``--sweep``) repeats DomainStudio at the final step for several λ_img.
+4. Repeats DomainStudio at the final step for each λ_img of ``--sweep`` (first seed only)
+   (the diversity-vs-fidelity trade-off, ``sweep.png``).
 5. Writes ``comparison.png``, ``curves.png``, ``loss_curves.png``, ``metrics.json`` and prints a table.
 """
 from __future__ import annotations
@@ -59,8 +60,8 @@ def parse_args(argv):
     p.add_argument("--lambda-image", type=float, default=DOMAINSTUDIO_LOSS["image"])
     p.add_argument("--lambda-hf", type=float, default=DOMAINSTUDIO_LOSS["hf"])
     p.add_argument("--lambda-hfmse", type=float, default=DOMAINSTUDIO_LOSS["hfmse"])
-    p.add_argument("--sweep", default="", help="λ_img values for an extra DomainStudio sweep at the final step "
-                                               "(seed: the first of --seeds), e.g. 0,1,4,16")
+    p.add_argument("--sweep", default="0,1,4,16", help="λ_img values of a DomainStudio sweep at the final step "
+                                                       "(seed: the first of --seeds; '' for none)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the target-domain renders")
     p.add_argument("--num-samples", type=int, default=100, help="samples per model and checkpoint")
     p.add_argument("--num-fresh", type=int, default=500, help="fresh target images calibrating the metrics")
@@ -257,6 +258,27 @@ def curves_figure(summary: dict, baselines: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_figure(sweep: dict[str, dict], finetune: dict, baselines: dict, path: Path, title: str) -> None:
+    """Diversity (copy rate, class entropy) against fidelity (MMD² to the target) for each λ_img."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    for ax, key, name in ((axes[0], "copy_rate", "copy rate"), (axes[1], "class_entropy_bits", "digit-class entropy (bits)")):
+        x = [v["mmd2_to_target"] for v in sweep.values()]
+        y = [v[key] for v in sweep.values()]
+        ax.plot(x, y, "o-", color=COLORS["domainstudio"], label="DomainStudio")
+        for lam, xi, yi in zip(sweep, x, y):
+            ax.annotate(f"λ_img {lam}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.plot(finetune["mmd2_to_target"], finetune[key], "s", color=COLORS["finetune"], label="fine-tuned")
+        ref = baselines["fresh_target"]
+        ax.plot(ref["mmd2_to_target"], ref[key], "*", ms=11, color="0.3", label="fresh target images")
+        ax.set_xlabel("MMD² to fresh target images (lower: closer to the target)")
+        ax.set_ylabel(name)
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def moving_average(y: np.ndarray, k: int) -> tuple[np.ndarray, int]:
     """Full-window moving average (no partial first windows) and the index of its first point."""
     k = max(1, min(k, len(y)))
@@ -372,14 +394,17 @@ def main(argv=None) -> int:
                 save_images(samples[stops[-1]], out / "samples" / method)
             shutil.rmtree(Path(config["output_dir"]) / "checkpoints", ignore_errors=True)
 
-    sweep = {}
+    sweep = {f"{args.lambda_image:g}": per_seed["domainstudio"][args.seeds[0]][stops[-1]]} if args.sweep else {}
     for lam in args.sweep:
+        if f"{lam:g}" in sweep:
+            continue  # the main DomainStudio run of the first seed
         config = run_config(args, "domainstudio", args.seeds[0], target_dir, out / "runs" / f"sweep_image{lam:g}",
                             lambda_image=lam)
         print(f"\n== sweep: domainstudio λ_img {lam:g}, seed {args.seeds[0]}", flush=True)
         samples, _ = train_and_sample(args, config, [args.steps])
         sweep[f"{lam:g}"] = scorer.score(samples[args.steps], source_labels)
         shutil.rmtree(Path(config["output_dir"]) / "checkpoints", ignore_errors=True)
+    sweep = dict(sorted(sweep.items(), key=lambda kv: float(kv[0])))
 
     summary = {m: summarise(per_seed[m]) for m in METHODS}
     final = {m: summary[m][stops[-1]] for m in METHODS}
@@ -388,6 +413,9 @@ def main(argv=None) -> int:
                       f"{args.steps} steps, lr {args.lr:g}, batch {args.batch_size}, EMA {args.ema:g}, seed {seed0}; "
                       f"every column: one noise (DDIM {args.sample_steps} steps, eta 0)")
     curves_figure(summary, baselines, out / "curves.png")
+    if sweep:
+        sweep_figure(sweep, per_seed["finetune"][seed0][stops[-1]], baselines, out / "sweep.png",
+                     f"{args.steps} steps, seed {seed0}, λ_hf {args.lambda_hf:g}, λ_hfmse {args.lambda_hfmse:g}")
     loss_figure({m: read_metrics(out / "runs" / f"{m}_seed{seed0}") for m in METHODS}, out / "loss_curves.png")
 
     total = time.time() - t0
@@ -421,7 +449,8 @@ def main(argv=None) -> int:
         print(f"sweep λ_img {lam}: copy rate {v['copy_rate']:.2f}, class entropy {v['class_entropy_bits']:.2f}, "
               f"same digit {v['correspondence']:.2f}, target style {v['target_style_rate']:.2f}, "
               f"MMD² {v['mmd2_to_target']:.3f}")
-    print(f"\nwrote {out}/comparison.png, curves.png, loss_curves.png, metrics.json, samples/ in {total / 60:.1f} min")
+    print(f"\nwrote {out}/comparison.png, curves.png, {'sweep.png, ' if sweep else ''}loss_curves.png, metrics.json, samples/ "
+          f"in {total / 60:.1f} min")
     return 0
 
 

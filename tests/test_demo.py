@@ -18,7 +18,8 @@ def test_demo_smoke(tmp_path):
     for method in demo.METHODS:
         final = report["summary"][method]["2"]
         assert set(demo.SCALARS) <= set(final) and len(final["copy_rate"]["values"]) == 2  # two seeds
-    assert set(report["sweep_lambda_image"]) == {"16"}
+    assert set(report["sweep_lambda_image"]) == {"4", "16"}  # 4: the main run
+    assert (out / "sweep.png").stat().st_size > 0
     assert report["baselines"]["training_set_copies"]["copy_rate"] == 1.0
     assert report["source"]["correspondence"] == 1.0
     # both runs went through the trainer with the demo's loss
