@@ -172,16 +172,19 @@ class Scorer:
             out["correspondence"] = correspondence(labels, source_labels)
         return out
 
-    def baselines(self, num: int) -> dict:
-        """What the figures read for new fresh target images, for copies of the training set and for noise."""
+    def baselines(self, num: int, source_labels: torch.Tensor) -> dict:
+        """What the figures read for new fresh target images, for copies of the training set and for noise.
+
+        Their "same digit as source" pairs unrelated images with the source samples: the chance level.
+        """
         fresh, _ = demo_data.target_images(num, self.data_seed, start=len(self.train) + len(self.fresh))
         fresh = (fresh + 1) / 2
         copies = self.train[torch.arange(num) % len(self.train)]
         noise = torch.rand(num, *self.train.shape[1:], generator=torch.Generator().manual_seed(0))
         return {
-            "fresh_target": self.score(fresh, None),
-            "training_set_copies": self.score(copies, None),
-            "uniform_noise": self.score(noise, None),
+            "fresh_target": self.score(fresh, source_labels),
+            "training_set_copies": self.score(copies, source_labels),
+            "uniform_noise": self.score(noise, source_labels),
         }
 
 
@@ -247,9 +250,10 @@ def curves_figure(summary: dict, baselines: dict, path: Path) -> None:
             ax.plot(steps, m, "o-", color=COLORS[method], label=LABELS[method])
             ax.fill_between(steps, m - sd, m + sd, color=COLORS[method], alpha=0.2, lw=0)
         for base, style in (("fresh_target", "--"), ("uniform_noise", ":")):
-            if key in baselines[base]:
+            if key != "correspondence" or base == "fresh_target":
                 ax.axhline(baselines[base][key], color="0.4", ls=style, lw=1,
-                           label={"fresh_target": "fresh target images", "uniform_noise": "uniform noise"}[base])
+                           label={"fresh_target": "fresh target images (correspondence: chance)",
+                                  "uniform_noise": "uniform noise"}[base])
         ax.set_xlabel("adaptation step")
         ax.set_title(name, fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -371,7 +375,7 @@ def main(argv=None) -> int:
     source_samples = ddim_samples(args.source, args.num_samples, args.sample_steps)
     source_labels = scorer.labels(source_samples)
     source_scores = scorer.score(source_samples, source_labels)
-    baselines = scorer.baselines(args.num_samples)
+    baselines = scorer.baselines(args.num_samples, source_labels)
     save_images(source_samples, out / "samples" / "source")
 
     stops = checkpoint_steps(args.steps, args.checkpoints)
