@@ -1,21 +1,19 @@
-"""``python -m dsfast.demo`` (``make demo``): few-shot adaptation of a small DDPM, fine-tuning vs DomainStudio.
+"""``python -m dsfast.demo`` (``make demo``): 10-shot adaptation of a digit DDPM, fine-tuning vs DomainStudio.
 
-1. Writes the 10-image *sketch* target domain (:mod:`dsfast.demo_data`) to ``<out>/target/``.
-2. Adapts the committed source model (``assets/source_model``, trained by ``dsfast pretrain`` on
-   flat-coloured shapes) to those 10 images twice, with the same steps, batch, lr and seed:
-   plain ``finetune`` (L_simple only) and ``domainstudio`` (L_simple + the pairwise-similarity
-   KL of x̃0 and of its high-frequency part + hf-MSE, weights 4 / 4 / 0.05 — the official
-   unconditional code's flags are 4 / 4 / 1 but it adds the hf-MSE term times 0.05), both through
-   :func:`dsfast.train.train`.
-3. Samples the source, fine-tuned and DomainStudio models with the same noise
-   (DDIM, 50 steps, eta 1) and scores them against the 10 training images with :mod:`dsfast.eval`
-   (the weight-free *fallback* distance — no pretrained network can be downloaded here —
-   so every diversity number is labelled "fallback"; it is not LPIPS).
-4. Writes ``<out>/comparison.png`` (labelled rows: training images, source, fine-tuned,
-   DomainStudio samples), ``<out>/loss_curves.png``, ``<out>/metrics.json``, the samples as
-   PNGs under ``<out>/samples/<model>/`` and prints a table.
-
-Reproduce a row with ``dsfast eval --samples <out>/samples/domainstudio --train <out>/target``.
+1. Renders the 10 target images (bold white digits on grey paper, :mod:`dsfast.demo_data`) to
+   ``<out>/target/``, and fresh target images that calibrate the metrics.
+2. Adapts the committed source model (``assets/source_model``: a DDPM trained by ``dsfast pretrain``
+   on scikit-learn's digits, white on black) to the 10 images with :func:`dsfast.train.train`, for
+   every seed: plain ``finetune`` (L_simple) and ``domainstudio`` (L_simple + λ_img·KL_img + λ_hf·KL_hf
+   + λ_hfmse·hf-MSE, :data:`DOMAINSTUDIO_LOSS`), same steps, lr, EMA, batch and seed. Each run stops at
+   every checkpoint step, is sampled, and resumes (the trainer's own resume).
+3. Samples every model from the same noise (diffusers ``DDIMPipeline``, eta 0: sample i of every
+   model starts from the noise of seed i) and scores it (:mod:`dsfast.eval.fewshot`): copy rate,
+   digit-class coverage / entropy, correspondence with the source model's digit for the same noise,
+   target-style rate and MMD² to fresh target images.
+4. Repeats DomainStudio at the final step for each λ_img of ``--sweep`` (first seed only)
+   (the diversity-vs-fidelity trade-off, ``sweep.png``).
+5. Writes ``comparison.png``, ``curves.png``, ``loss_curves.png``, ``metrics.json`` and prints a table.
 """
 from __future__ import annotations
 
@@ -32,12 +30,20 @@ import numpy as np
 import torch
 
 from dsfast import demo_data
+from dsfast.pretrain import ddim_samples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = REPO_ROOT / "assets" / "source_model"
-MODELS = ("source", "finetune", "domainstudio")
-LABELS = {"target": "training images\n(10, target)", "source": "source model\n(no adaptation)",
-          "finetune": "fine-tuned", "domainstudio": "DomainStudio"}
+# The DomainStudio terms of the demo (config section ``loss``). hfmse is 0: with the trainer's
+# weighting hf-MSE = (1-ᾱ_t)/ᾱ_t·|hf(ε̂-ε)|² is a 1/SNR-weighted high-frequency ε loss (mean weight
+# ~1,300 under uniform t) whose gradient is 2-185x L_simple's, so any λ_hfmse > 0 makes the run an
+# hf-MSE run. Change this one mapping (e.g. to an SNR-compensated hf-MSE key) to try another weighting.
+DOMAINSTUDIO_LOSS = {"image": 4.0, "hf": 4.0, "hfmse": 0.0}
+NUM_CLASSES = 10
+METHODS = ("finetune", "domainstudio")
+LABELS = {"target": "training images (10)", "source": "source model", "finetune": "fine-tuned",
+          "domainstudio": "DomainStudio"}
+COLORS = {"finetune": "tab:blue", "domainstudio": "tab:red"}
 
 
 def parse_args(argv):
@@ -45,176 +51,301 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_run"), help="run folder to write")
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="pretrained source pipeline folder")
-    p.add_argument("--steps", type=int, default=400, help="adaptation steps of each method")
+    p.add_argument("--steps", type=int, default=400, help="adaptation steps of each run")
+    p.add_argument("--checkpoints", type=int, default=2, help="evaluated checkpoints per run, evenly spaced")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (comma-separated)")
     p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0, help="training seed (both methods) and sampling seed")
-    p.add_argument("--lambda-image", type=float, default=4.0, help="DomainStudio: weight of the image pairwise KL")
-    p.add_argument("--lambda-hf", type=float, default=4.0, help="DomainStudio: weight of the high-frequency pairwise KL")
-    p.add_argument("--lambda-hfmse", type=float, default=0.05,
-                   help="DomainStudio: weight of the hf-MSE (the official unconditional code multiplies its "
-                        "hf_mse_weight=1 by 0.05)")
-    p.add_argument("--data-seed", type=int, default=1234, help="seed of the target-domain generator")
-    p.add_argument("--num-train", type=int, default=10, help="number of target training images")
-    p.add_argument("--num-samples", type=int, default=100, help="samples per model for the metrics")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0,
-                   help="DDIM eta (1: stochastic; 0: deterministic DDIM, which greys this small model's colours)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--methods", default="finetune,domainstudio", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trainer (0: off)")
+    p.add_argument("--lambda-image", type=float, default=DOMAINSTUDIO_LOSS["image"])
+    p.add_argument("--lambda-hf", type=float, default=DOMAINSTUDIO_LOSS["hf"])
+    p.add_argument("--lambda-hfmse", type=float, default=DOMAINSTUDIO_LOSS["hfmse"])
+    p.add_argument("--sweep", default="0,1,4,16", help="λ_img values of a DomainStudio sweep at the final step "
+                                                       "(seed: the first of --seeds; '' for none)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the target-domain renders")
+    p.add_argument("--num-samples", type=int, default=100, help="samples per model and checkpoint")
+    p.add_argument("--num-fresh", type=int, default=500, help="fresh target images calibrating the metrics")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.sweep = [float(s) for s in args.sweep.split(",") if s.strip()]
+    if args.steps < 1 or args.checkpoints < 1 or not args.seeds or args.num_samples < 2:
+        p.error("--steps and --checkpoints must be >= 1, --seeds non-empty, --num-samples >= 2")
+    if args.num_fresh < 40:
+        p.error("--num-fresh must be >= 40 (the copy threshold is a 5% quantile)")
+    return args
 
 
-# ----------------------------------------------------------------------------- sampling
-
-@torch.no_grad()
-def sample_model(pipeline_dir: Path, num: int, steps: int, seed: int, desc: str, batch: int = 50,
-                 eta: float = 1.0) -> torch.Tensor:
-    """DDIM samples ``(num, 3, H, W)`` in [0, 1], quantised to 8 bits (what the PNGs hold).
-
-    The initial noise and the per-step noise (eta > 0) depend only on ``seed`` and the sample
-    batch, so every model gets the same noise and the rows of the comparison are paired.
-    """
-    from diffusers import DDIMScheduler, UNet2DModel
-    from tqdm.auto import tqdm
-
-    unet = UNet2DModel.from_pretrained(pipeline_dir, subfolder="unet").eval()
-    sched = DDIMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler")
-    sched.set_timesteps(steps)
-    size = unet.config.sample_size
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num, unet.config.in_channels, size, size, generator=gen)
-    step_gen = torch.Generator().manual_seed(seed + 1)
-    out = []
-    bar = tqdm(total=steps * ((num + batch - 1) // batch), desc=f"sample {desc}", dynamic_ncols=True)
-    for start in range(0, num, batch):
-        x = noise[start: start + batch]
-        for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x, eta=eta, generator=step_gen).prev_sample
-            bar.update(1)
-        out.append(((x.clamp(-1, 1) + 1) / 2))
-    bar.close()
-    images = torch.cat(out)
-    return torch.round(images * 255) / 255
+def checkpoint_steps(steps: int, n: int) -> list[int]:
+    return sorted({max(1, round(steps * (k + 1) / n)) for k in range(n)})
 
 
-def write_pngs(images: torch.Tensor, directory: Path, prefix: str) -> None:
-    demo_data.write_images(images.permute(0, 2, 3, 1).numpy(), directory, prefix=prefix)
+# ----------------------------------------------------------------------------- models and samples
+
+def run_config(args, method: str, seed: int, target_dir: Path, run_dir: Path, lambda_image: float | None = None) -> dict:
+    """The trainer config of one demo run (the README's keys)."""
+    config = {
+        "method": method,
+        "model": {"pretrained": str(args.source.resolve())},
+        "data": {"instance_dir": str(target_dir), "random_flip": False},  # digits are not mirror-symmetric
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+                  "seed": seed},
+        "output_dir": str(run_dir),
+        "checkpoint_every": 0,
+        "keep_last": 1,
+        "sample_every": 0,
+    }
+    if method == "domainstudio":
+        config["loss"] = {"image": args.lambda_image if lambda_image is None else lambda_image,
+                          "hf": args.lambda_hf, "hfmse": args.lambda_hfmse}
+    return config
+
+
+def train_and_sample(args, config: dict, stops: list[int]) -> tuple[dict[int, torch.Tensor], float]:
+    """Train ``config`` to each step of ``stops`` in turn (resuming), sampling ``final/`` at each; (samples, seconds)."""
+    from dsfast.train import train
+
+    samples, seconds = {}, 0.0
+    for k, stop in enumerate(stops):
+        t = time.time()
+        run_dir = Path(train(config, [f"train.max_steps={stop}"], resume="none" if k == 0 else "latest"))
+        seconds += time.time() - t
+        samples[stop] = ddim_samples(run_dir / "final", args.num_samples, args.sample_steps)
+    return samples, seconds
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class Scorer:
+    """The demo's metrics, calibrated once on fresh target images and the source digits."""
+
+    def __init__(self, train01: torch.Tensor, data_seed: int, num_fresh: int):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.svm import SVC
+
+        from dsfast.eval import HaarDistance
+        from dsfast.eval.fewshot import copy_threshold
+
+        self.train, self.data_seed = train01, data_seed
+        self.distance = HaarDistance()
+        n_train = len(train01)
+        fresh, _ = demo_data.target_images(num_fresh, data_seed, start=n_train)
+        self.fresh = (fresh + 1) / 2
+        self.threshold = copy_threshold(self.fresh, train01, self.distance)
+        # classifiers: source digits and target renders (another seed), split 80/20
+        src, src_y = demo_data.source_digits()
+        tgt, tgt_y = demo_data.target_images(len(src), data_seed + 1)
+        x = torch.cat([src, tgt]).add(1).div(2).flatten(1).numpy()
+        y = torch.cat([src_y, tgt_y]).numpy()
+        dom = np.r_[np.zeros(len(src)), np.ones(len(tgt))]
+        test = np.random.default_rng(0).uniform(size=len(x)) < 0.2
+        self.content = SVC(gamma="scale").fit(x[~test], y[~test])
+        self.style = LogisticRegression(max_iter=2000).fit(x[~test], dom[~test])
+        pred = self.content.predict(x[test])
+        self.calibration = {
+            "copy_threshold": self.threshold, "copy_threshold_quantile": 0.05, "num_fresh": num_fresh,
+            "content_classifier": "sklearn SVC (RBF) on 16x16 pixels, source digits + target renders",
+            "content_accuracy_source": float((pred == y[test])[dom[test] == 0].mean()),
+            "content_accuracy_target": float((pred == y[test])[dom[test] == 1].mean()),
+            "style_classifier": "sklearn LogisticRegression on 16x16 pixels, source (0) vs target (1)",
+            "style_accuracy": float((self.style.predict(x[test]) == dom[test]).mean()),
+        }
+
+    def labels(self, images01: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.content.predict(images01.flatten(1).numpy())).long()
+
+    def score(self, images01: torch.Tensor, source_labels: torch.Tensor | None) -> dict:
+        from dsfast.eval.fewshot import copy_rate, correspondence, label_diversity, mmd2
+
+        labels = self.labels(images01)
+        div = label_diversity(labels, NUM_CLASSES)
+        out = {
+            "copy_rate": copy_rate(images01, self.train, self.threshold, self.distance)["rate"],
+            "class_coverage": div["coverage"],
+            "class_entropy_bits": div["entropy_bits"],
+            "class_histogram": div["histogram"],
+            "target_style_rate": float(self.style.predict(images01.flatten(1).numpy()).mean()),
+            "mmd2_to_target": mmd2(images01, self.fresh)["mmd2"],
+        }
+        if source_labels is not None:
+            out["correspondence"] = correspondence(labels, source_labels)
+        return out
+
+    def baselines(self, num: int, source_labels: torch.Tensor) -> dict:
+        """What the figures read for new fresh target images, for copies of the training set and for noise.
+
+        Their "same digit as source" pairs unrelated images with the source samples: the chance level.
+        """
+        fresh, _ = demo_data.target_images(num, self.data_seed, start=len(self.train) + len(self.fresh))
+        fresh = (fresh + 1) / 2
+        copies = self.train[torch.arange(num) % len(self.train)]
+        noise = torch.rand(num, *self.train.shape[1:], generator=torch.Generator().manual_seed(0))
+        return {
+            "fresh_target": self.score(fresh, source_labels),
+            "training_set_copies": self.score(copies, source_labels),
+            "uniform_noise": self.score(noise, source_labels),
+        }
+
+
+def mean_std(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std()), "values": [float(v) for v in a]}
+
+
+SCALARS = ("copy_rate", "class_coverage", "class_entropy_bits", "correspondence", "target_style_rate",
+           "mmd2_to_target")
+
+
+def summarise(per_seed: dict[int, dict[int, dict]]) -> dict[int, dict]:
+    """``{seed: {step: scores}}`` -> ``{step: {metric: mean/std over seeds}}``."""
+    steps = sorted(next(iter(per_seed.values())))
+    return {s: {m: mean_std([per_seed[seed][s][m] for seed in per_seed]) for m in SCALARS} for s in steps}
 
 
 # ----------------------------------------------------------------------------- figures
 
-def _grid(images: torch.Tensor, cols: int, pad: int = 1) -> np.ndarray:
-    n, _, h, w = images.shape
-    rows = (n + cols - 1) // cols
-    g = np.ones((rows * (h + pad) - pad, cols * (w + pad) - pad, 3), np.float32)
-    arr = images.permute(0, 2, 3, 1).numpy()
-    for k in range(n):
-        r, c = divmod(k, cols)
-        g[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = arr[k]
-    return g
-
-
-def comparison_figure(rows: dict[str, torch.Tensor], path: Path, title: str, cols: int = 10,
-                      sample_rows: int = 2) -> None:
-    """One labelled row group per entry of ``rows``: the training images, then ``sample_rows`` x ``cols`` samples."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grids, heights = [], []
-    for name, imgs in rows.items():
-        n = len(imgs) if name == "target" else min(len(imgs), cols * sample_rows)
-        g = _grid(imgs[:n], cols)
-        grids.append((name, g))
-        heights.append(g.shape[0])
-    fig, axes = plt.subplots(len(grids), 1, figsize=(cols * 0.75 + 1.6, sum(heights) / 32 * 0.78 + 0.6),
-                             gridspec_kw={"height_ratios": heights})
+    return plt
+
+
+def comparison_figure(rows: dict[str, torch.Tensor], path: Path, title: str, cols: int = 10, sample_rows: int = 2) -> None:
+    """Labelled rows: the training images, then ``sample_rows`` x ``cols`` samples of each model (same noise per column)."""
+    from dsfast.images import make_grid
+
+    plt = _plt()
+    grids = [(name, make_grid(imgs[: len(imgs) if name == "target" else cols * sample_rows], cols=cols, pad=1))
+             for name, imgs in rows.items()]
+    heights = [g.shape[0] for _, g in grids]
+    label_in, width = 1.7, cols * 0.62 + 1.9  # inches: room for the row labels on the left
+    height = sum(heights) / 17 * 0.62 + 0.7
+    fig, axes = plt.subplots(len(grids), 1, figsize=(width, height), gridspec_kw={"height_ratios": heights})
+    fig.subplots_adjust(left=label_in / width, right=0.98, top=1 - 0.45 / height, bottom=0.1 / height, hspace=0.08)
     for ax, (name, g) in zip(np.atleast_1d(axes), grids):
         ax.imshow(g, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for s in ax.spines.values():
-            s.set_visible(False)
-        ax.set_ylabel(LABELS.get(name, name), rotation=0, ha="right", va="center", fontsize=10)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        ax.set_axis_off()
+        ax.text(-0.02, 0.5, LABELS.get(name, name), transform=ax.transAxes, ha="right", va="center", fontsize=10)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves_figure(summary: dict, baselines: dict, path: Path) -> None:
+    """Each metric over the checkpoints, mean ± std over seeds, with the fresh-target and noise levels."""
+    plt = _plt()
+    panels = [("copy_rate", "copy rate"), ("class_entropy_bits", "digit-class entropy (bits)"),
+              ("correspondence", "same digit as the source\nfor the same noise"),
+              ("mmd2_to_target", "MMD² to fresh target images")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), layout="constrained")
+    for ax, (key, name) in zip(axes, panels):
+        for method, by_step in summary.items():
+            steps = np.array(sorted(by_step))
+            m = np.array([by_step[s][key]["mean"] for s in steps])
+            sd = np.array([by_step[s][key]["std"] for s in steps])
+            ax.plot(steps, m, "o-", color=COLORS[method], label=LABELS[method])
+            ax.fill_between(steps, m - sd, m + sd, color=COLORS[method], alpha=0.2, lw=0)
+        for base, style in (("fresh_target", "--"), ("uniform_noise", ":")):
+            if key != "correspondence" or base == "fresh_target":
+                ax.axhline(baselines[base][key], color="0.4", ls=style, lw=1,
+                           label={"fresh_target": "fresh target images (correspondence: chance)",
+                                  "uniform_noise": "uniform noise"}[base])
+        ax.set_xlabel("adaptation step")
+        ax.set_title(name, fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_figure(sweep: dict[str, dict], finetune: dict, baselines: dict, path: Path, title: str) -> None:
+    """Diversity (copy rate, class entropy) against fidelity (MMD² to the target) for each λ_img."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    for ax, key, name in ((axes[0], "copy_rate", "copy rate"), (axes[1], "class_entropy_bits", "digit-class entropy (bits)")):
+        x = [v["mmd2_to_target"] for v in sweep.values()]
+        y = [v[key] for v in sweep.values()]
+        ax.plot(x, y, "o-", color=COLORS["domainstudio"], label="DomainStudio")
+        for lam, xi, yi in zip(sweep, x, y):
+            ax.annotate(f"λ_img {lam}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.plot(finetune["mmd2_to_target"], finetune[key], "s", color=COLORS["finetune"], label="fine-tuned")
+        ref = baselines["fresh_target"]
+        ax.plot(ref["mmd2_to_target"], ref[key], "*", ms=11, color="0.3", label="fresh target images")
+        ax.set_xlabel("MMD² to fresh target images (lower: closer to the target)")
+        ax.set_ylabel(name)
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def moving_average(y: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """Full-window moving average (no partial first windows) and the index of its first point."""
+    k = max(1, min(k, len(y)))
+    c = np.cumsum(np.insert(np.asarray(y, dtype=float), 0, 0.0))
+    return (c[k:] - c[:-k]) / k, k - 1
+
+
+def loss_figure(metrics: dict[str, list[dict]], path: Path, window: int = 25) -> None:
+    """Left: L_simple of both runs; right: every logged DomainStudio term (before the λ weights)."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for name, rows in metrics.items():
+        steps = np.array([r["step"] for r in rows])
+        y = np.array([r["simple"] for r in rows], dtype=float)
+        ma, first = moving_average(y, window)
+        ax1.plot(steps, y, color=COLORS[name], alpha=0.2, lw=0.7)
+        ax1.plot(steps[first:], ma, color=COLORS[name], label=f"{LABELS[name]}")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("L_simple (ε-MSE)")
+    ax1.set_title(f"denoising loss (faint: per step; line: mean of {window})", fontsize=10)
+    ax1.legend(loc="upper right", framealpha=0.9)
+    rows = metrics.get("domainstudio", [])
+    if rows:
+        steps = np.array([r["step"] for r in rows])
+        for key, label in (("simple", "L_simple"), ("image", "KL_img"), ("hf", "KL_hf"), ("hfmse", "hf-MSE")):
+            if key in rows[0]:
+                ma, first = moving_average(np.array([r[key] for r in rows], dtype=float), window)
+                keep = ma > 0  # the KLs are exactly 0 while the adapted model equals the source
+                ax2.plot(steps[first:][keep], ma[keep], label=label)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("step")
+        ax2.set_title(f"DomainStudio terms as logged, unweighted (mean of {window})", fontsize=10)
+        ax2.legend(loc="center right", framealpha=0.9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _smooth(y: np.ndarray, k: int = 10) -> np.ndarray:
-    if len(y) < k:
-        return y
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    head = c[1:k] / np.arange(1, k)
-    return np.concatenate([head, (c[k:] - c[:-k]) / k])
-
-
-def loss_figure(metrics: dict[str, list[dict]], path: Path) -> None:
-    """Left: L_simple of both runs; right: every DomainStudio loss term as logged (before the λ weights)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"finetune": "tab:blue", "domainstudio": "tab:red"}
-    for name, rows in metrics.items():
-        steps = np.array([r["step"] for r in rows])
-        y = np.array([r.get("simple", r["loss"]) for r in rows], dtype=float)
-        ax1.plot(steps, y, color=colors.get(name), alpha=0.25, lw=0.8)
-        ax1.plot(steps, _smooth(y), color=colors.get(name), label=f"{LABELS.get(name, name)} (L_simple)")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("L_simple (ε-MSE)")
-    ax1.set_yscale("log")
-    ax1.legend()
-    ax1.set_title("denoising loss on the 10 target images")
-    if "domainstudio" in metrics:
-        rows = metrics["domainstudio"]
-        steps = np.array([r["step"] for r in rows])
-        for key in ("loss", "simple", "image", "hf", "hfmse"):
-            if key in rows[0]:
-                y = np.array([max(r[key], 1e-6) for r in rows], dtype=float)  # step 1: the KLs are 0
-                ax2.plot(steps, _smooth(y), label=key)
-        ax2.set_yscale("log")
-        ax2.set_xlabel("step")
-        ax2.set_title("DomainStudio terms, unweighted as logged (moving average of 10)")
-        ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------- table
 
-def format_table(results: dict, times: dict) -> str:
-    head = ("model", "intra-div [fallback]", "clusters", "memorised", "NN dist [fallback]", "HF ratio", "train s")
-    lines = []
-    for name in MODELS:
-        if name not in results:
-            continue
-        r = results[name]
-        intra, mem = r["intra_cluster"], r["memorisation"]
-        lines.append((
-            LABELS[name].split("\n")[0],
-            f"{intra['mean']:.4f} ± {intra['std']:.4f}",
-            f"{intra['clusters_used']}/{r['num_train']}",
-            f"{mem['rate']:.2f}" if mem.get("rate") is not None else "n/a",
-            f"{r['nn_dist']:.4f}",
-            f"{r['hf_ratio']:.2f}",
-            f"{times[name]:.0f}" if name in times else "-",
-        ))
-    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
-    fmt = lambda row: "  ".join(f"{c:<{w}}" for c, w in zip(row, widths))  # noqa: E731
-    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines]
-    return "\n".join(out)
+def format_table(final: dict[str, dict], source: dict, baselines: dict, n_seeds: int) -> str:
+    head = ("model", "copy rate", "classes", "class entropy", "same digit as source", "target style", "MMD² to target")
+
+    def cell(v, key, fmt):
+        return f"{v[key]['mean']:{fmt}} ± {v[key]['std']:{fmt}}" if isinstance(v[key], dict) else f"{v[key]:{fmt}}"
+
+    def row(name, v):
+        return (name, cell(v, "copy_rate", ".2f"), cell(v, "class_coverage", ".1f"), cell(v, "class_entropy_bits", ".2f"),
+                cell(v, "correspondence", ".2f") if "correspondence" in v else "-",
+                cell(v, "target_style_rate", ".2f"), cell(v, "mmd2_to_target", ".3f"))
+
+    lines = [row("source model", source)]
+    lines += [row(f"{LABELS[m]} ({n_seeds} seeds)", final[m]) for m in final]
+    lines += [row("ref: fresh target images", baselines["fresh_target"]),
+              row("ref: copies of the 10", baselines["training_set_copies"]),
+              row("ref: uniform noise", baselines["uniform_noise"])]
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]
+    fmt = lambda r: "  ".join(f"{c:<{w}}" for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines])
 
 
 # ----------------------------------------------------------------------------- main
@@ -226,87 +357,104 @@ def main(argv=None) -> int:
     if not (args.source / "model_index.json").is_file():
         raise SystemExit(f"source model not found at {args.source} (expected a diffusers pipeline folder; "
                          "make one with `dsfast pretrain --out assets/source_model`)")
-    methods = [m for m in args.methods.split(",") if m]
+    from dsfast.images import load_folder, save_images
+
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-
-    from dsfast.eval import HaarDistance, evaluate
-
     target_dir = out / "target"
-    demo_data.write_target_dir(target_dir, n=args.num_train, seed=args.data_seed)
-    from dsfast.eval import load_folder
+    shutil.rmtree(target_dir, ignore_errors=True)
+    demo_data.write_target_dir(target_dir, n=10, seed=args.data_seed)
+    train01, _ = load_folder(target_dir, channels=1)  # as written (8-bit): what the trainer reads
+    train_classes = demo_data.target_images(10, args.data_seed)[1]
+    print(f"wrote 10 target images to {target_dir} (digits {train_classes.tolist()})", flush=True)
 
-    target, _ = load_folder(target_dir)  # as written (8-bit), the same input `dsfast eval` sees
-    print(f"wrote {len(target)} target images to {target_dir}", flush=True)
+    scorer = Scorer(train01, args.data_seed, args.num_fresh)
+    print("calibration: " + ", ".join(f"{k} {v:.3g}" for k, v in scorer.calibration.items() if isinstance(v, float)),
+          flush=True)
+    source_samples = ddim_samples(args.source, args.num_samples, args.sample_steps)
+    source_labels = scorer.labels(source_samples)
+    source_scores = scorer.score(source_samples, source_labels)
+    baselines = scorer.baselines(args.num_samples, source_labels)
+    save_images(source_samples, out / "samples" / "source")
 
-    from dsfast.train import train
+    stops = checkpoint_steps(args.steps, args.checkpoints)
+    per_seed = {m: {} for m in METHODS}
+    final_samples, seconds = {}, {m: [] for m in METHODS}
+    for seed in args.seeds:
+        for method in METHODS:
+            print(f"\n== {method}, seed {seed}: {args.steps} steps (evaluated at {stops}), batch {args.batch_size}, "
+                  f"lr {args.lr:g}, EMA {args.ema:g}", flush=True)
+            config = run_config(args, method, seed, target_dir, out / "runs" / f"{method}_seed{seed}")
+            samples, sec = train_and_sample(args, config, stops)
+            seconds[method].append(sec)
+            per_seed[method][seed] = {s: scorer.score(x, source_labels) for s, x in samples.items()}
+            for s, v in per_seed[method][seed].items():
+                print(f"   step {s}: copy rate {v['copy_rate']:.2f}, classes {v['class_coverage']}, class entropy "
+                      f"{v['class_entropy_bits']:.2f}, same digit as source {v['correspondence']:.2f}, "
+                      f"MMD² to target {v['mmd2_to_target']:.3f}", flush=True)
+            if seed == args.seeds[0]:
+                final_samples[method] = samples[stops[-1]]
+                save_images(samples[stops[-1]], out / "samples" / method)
+            shutil.rmtree(Path(config["output_dir"]) / "checkpoints", ignore_errors=True)
 
-    run_dirs, times = {}, {}
-    for method in methods:
-        config = {
-            "method": method,
-            "model": {"pretrained": str(args.source.resolve())},
-            "data": {"instance_dir": str(target_dir), "resolution": int(target.shape[-1])},
-            "train": {"max_steps": args.steps, "batch_size": args.batch_size,
-                      "micro_batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "ema": 0},
-            "output_dir": str(out / "runs" / method),
-            "sample_every": 0,
-            "checkpoint_every": 0,
-        }
-        if method == "domainstudio":
-            config["loss"] = {"image": args.lambda_image, "hf": args.lambda_hf, "hfmse": args.lambda_hfmse}
-        print(f"\n== {method}: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}", flush=True)
-        t = time.time()
-        run_dirs[method] = Path(train(config, resume="none"))
-        times[method] = time.time() - t
-        # the trainer always checkpoints the last step (optimizer state included); the demo keeps final/ only
-        shutil.rmtree(run_dirs[method] / "checkpoints", ignore_errors=True)
+    sweep = {f"{args.lambda_image:g}": per_seed["domainstudio"][args.seeds[0]][stops[-1]]} if args.sweep else {}
+    for lam in args.sweep:
+        if f"{lam:g}" in sweep:
+            continue  # the main DomainStudio run of the first seed
+        config = run_config(args, "domainstudio", args.seeds[0], target_dir, out / "runs" / f"sweep_image{lam:g}",
+                            lambda_image=lam)
+        print(f"\n== sweep: domainstudio λ_img {lam:g}, seed {args.seeds[0]}", flush=True)
+        samples, _ = train_and_sample(args, config, [args.steps])
+        sweep[f"{lam:g}"] = scorer.score(samples[args.steps], source_labels)
+        shutil.rmtree(Path(config["output_dir"]) / "checkpoints", ignore_errors=True)
+    sweep = dict(sorted(sweep.items(), key=lambda kv: float(kv[0])))
 
-    print("", flush=True)
-    samples = {}
-    pipelines = {"source": args.source, **{m: run_dirs[m] / "final" for m in methods}}
-    for name, pipe_dir in pipelines.items():
-        samples[name] = sample_model(pipe_dir, args.num_samples, args.sample_steps, args.seed, name, eta=args.eta)
-        write_pngs(samples[name], out / "samples" / name, prefix=name)
+    summary = {m: summarise(per_seed[m]) for m in METHODS}
+    final = {m: summary[m][stops[-1]] for m in METHODS}
+    seed0 = args.seeds[0]
+    comparison_figure({"target": train01, "source": source_samples, **final_samples}, out / "comparison.png",
+                      f"{args.steps} steps, lr {args.lr:g}, batch {args.batch_size}, EMA {args.ema:g}, seed {seed0}; "
+                      f"every column: one noise (DDIM {args.sample_steps} steps, eta 0)")
+    curves_figure(summary, baselines, out / "curves.png")
+    if sweep:
+        sweep_figure(sweep, per_seed["finetune"][seed0][stops[-1]], baselines, out / "sweep.png",
+                     f"{args.steps} steps, seed {seed0}, λ_hf {args.lambda_hf:g}, λ_hfmse {args.lambda_hfmse:g}")
+    loss_figure({m: read_metrics(out / "runs" / f"{m}_seed{seed0}") for m in METHODS}, out / "loss_curves.png")
 
-    distance = HaarDistance()
-    results = {name: evaluate(imgs, target, distance) for name, imgs in samples.items()}
-
-    comparison_figure({"target": target, **samples}, out / "comparison.png",
-                      f"{args.steps} adaptation steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}; "
-                      f"DDIM {args.sample_steps} steps (eta {args.eta:g}), same noise in every row")
-    loss_figure({m: read_metrics(run_dirs[m]) for m in methods}, out / "loss_curves.png")
-
-    summary = {}
-    if "finetune" in results and "domainstudio" in results:
-        ft, ds = results["finetune"]["intra_cluster"]["mean"], results["domainstudio"]["intra_cluster"]["mean"]
-        summary["diversity_ratio_domainstudio_over_finetune"] = ds / ft if ft > 0 else float("inf")
-        summary["goal"] = "DomainStudio >= 1.2x the intra-cluster diversity of fine-tuning (fallback distance)"
-        summary["goal_met"] = bool(ds >= 1.2 * ft)
     total = time.time() - t0
     report = {
-        "metric": distance.label,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "domainstudio_loss": {"image": args.lambda_image, "hf": args.lambda_hf, "hfmse": args.lambda_hfmse},
+        "checkpoint_steps": stops,
+        "training_images_digits": train_classes.tolist(),
+        "calibration": scorer.calibration,
+        "baselines": baselines,
+        "source": source_scores,
+        "per_seed": {m: {str(seed): {str(s): v for s, v in d.items()} for seed, d in per_seed[m].items()}
+                     for m in METHODS},
+        "summary": {m: {str(s): v for s, v in summary[m].items()} for m in METHODS},
+        "sweep_lambda_image": sweep,
+        "train_seconds": seconds,
+        "total_seconds": total,
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "machine": platform.machine(), "python": platform.python_version()},
-        "train_seconds": times,
-        "total_seconds": total,
-        **summary,
-        "results": results,
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
 
-    print("\n" + format_table(results, times))
-    print("intra-div: intra-cluster diversity (CDC Intra-LPIPS protocol) with the FALLBACK multi-scale Haar "
-          "distance, not LPIPS;\nmemorised: share of samples closer to a training image than any two training "
-          "images are; NN dist: mean distance\nto the nearest training image; HF ratio: high-frequency energy "
-          "of the samples / of the training images (1 = matched).")
-    if "diversity_ratio_domainstudio_over_finetune" in summary:
-        r = summary["diversity_ratio_domainstudio_over_finetune"]
-        print(f"DomainStudio / fine-tuned intra-cluster diversity: {r:.2f}x "
-              f"(goal >= 1.2x: {'met' if summary['goal_met'] else 'NOT met'})")
-    print(f"\nwrote {out}/comparison.png, loss_curves.png, metrics.json, samples/ in {total / 60:.1f} min")
+    print(f"\nafter {args.steps} steps (mean ± std over seeds {args.seeds}; {args.num_samples} samples each, "
+          "the same noise for every model):")
+    print(format_table(final, source_scores, baselines, len(args.seeds)))
+    print("copy rate: share of samples closer to a training image than 95% of fresh target images are; "
+          "classes / class entropy:\ndigit classes drawn (of 10) and the entropy of their histogram "
+          f"(max {np.log2(NUM_CLASSES):.2f} bits); same digit as source: the\ndigit equals the source model's for the "
+          "same noise; target style: share classified as target style; MMD²: to fresh target images.")
+    for lam, v in sweep.items():
+        print(f"sweep λ_img {lam}: copy rate {v['copy_rate']:.2f}, class entropy {v['class_entropy_bits']:.2f}, "
+              f"same digit {v['correspondence']:.2f}, target style {v['target_style_rate']:.2f}, "
+              f"MMD² {v['mmd2_to_target']:.3f}")
+    print(f"\nwrote {out}/comparison.png, curves.png, {'sweep.png, ' if sweep else ''}loss_curves.png, metrics.json, samples/ "
+          f"in {total / 60:.1f} min")
     return 0
 
 
@@ -314,8 +462,8 @@ def _reexec_with_passive_openmp() -> None:
     """Re-run this command once with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
 
     OpenMP's default busy-waiting makes torch's CPU ops several times slower when the cores are
-    shared with other processes (measured 2-3x on a loaded 2-core machine); the policy must be
-    set before torch starts, which ``import dsfast`` already did. It changes no numbers.
+    shared with other processes; the policy must be set before torch starts, which ``import dsfast``
+    already did. It changes no numbers.
     """
     if "OMP_WAIT_POLICY" not in os.environ:
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")

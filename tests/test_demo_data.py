@@ -1,68 +1,82 @@
-"""The demo's procedural domains: deterministic from a seed, in range, and actually different styles."""
+"""The demo's domains: scikit-learn digits as the source, a deterministic bold-on-grey style as the target."""
 import numpy as np
 import pytest
+import torch
 
 from dsfast import demo_data
-from dsfast.eval import hf_energy
 
 
-def test_same_seed_same_images():
-    a = demo_data.source_images(6, seed=3)
-    b = demo_data.source_images(6, seed=3)
-    assert np.array_equal(a, b)
-    assert np.array_equal(demo_data.target_images(10, seed=7), demo_data.target_images(10, seed=7))
+def test_source_digits_are_the_bundled_digits_resized():
+    from sklearn.datasets import load_digits
+
+    x, y = demo_data.source_digits()
+    assert x.shape == (1797, 1, 16, 16) and x.dtype == torch.float32
+    assert y.tolist() == load_digits().target.tolist()
+    assert x.min() >= -1 and x.max() <= 1
+    # bilinear 2x upsampling keeps the mean of every 2x2 block close to the 8x8 pixel it came from
+    pix = torch.from_numpy(load_digits().images[:50]).float() / 16
+    blocks = ((x[:50, 0] + 1) / 2).reshape(50, 8, 2, 8, 2).mean(dim=(2, 4))
+    assert (blocks - pix).abs().mean() < 0.08
 
 
-def test_different_seeds_differ_and_images_differ():
-    a = demo_data.target_images(10, seed=1)
-    b = demo_data.target_images(10, seed=2)
-    assert not np.array_equal(a, b)
-    flat = a.reshape(10, -1)
-    assert len({row.tobytes() for row in flat}) == 10  # no duplicate training images
+def test_target_images_deterministic_prefix_and_fresh():
+    a, la = demo_data.target_images(10, seed=3)
+    b, lb = demo_data.target_images(10, seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    full, lfull = demo_data.target_images(14, seed=3)
+    tail, ltail = demo_data.target_images(4, seed=3, start=10)
+    assert torch.equal(full[:10], a) and torch.equal(full[10:], tail) and torch.equal(lfull[10:], ltail)
+    other, _ = demo_data.target_images(10, seed=4)
+    assert not torch.equal(a, other)
+    assert len({im.numpy().tobytes() for im in a}) == 10  # no duplicate training images
 
 
-def test_prefix_and_start_are_consistent():
-    full = demo_data.source_images(8, seed=5)
-    assert np.array_equal(demo_data.source_images(3, seed=5), full[:3])
-    assert np.array_equal(demo_data.source_images(4, seed=5, start=4), full[4:])
+def test_target_style_is_a_global_map_without_grain():
+    x01 = torch.zeros(1, 1, 16, 16)
+    x01[0, 0, 4:12, 7] = 1.0  # a vertical stroke, one pixel wide
+    y = demo_data.target_style(x01)
+    assert torch.allclose(y[0, 0, 0, 0], torch.tensor(demo_data.PAPER))  # paper where there is no stroke
+    assert torch.allclose(y[0, 0, 4:12, 6:8], torch.tensor(demo_data.STROKE))  # the stroke, one pixel wider
+    assert torch.equal(demo_data.target_style(x01), y)  # no randomness
+    # the paper of a render is exactly flat (per-pixel grain would leave no pixel at exactly PAPER)
+    imgs, _ = demo_data.target_images(20, seed=0)
+    flat = ((imgs + 1) / 2 - demo_data.PAPER).abs().flatten(1) < 1e-6
+    assert (flat.float().mean(dim=1) > 0.05).all()
 
 
-def test_does_not_touch_global_rng():
-    np.random.seed(0)
-    before = np.random.random()
-    np.random.seed(0)
-    demo_data.target_images(3, seed=0)
-    assert np.random.random() == before
-
-
-def test_shape_dtype_range():
-    for imgs in (demo_data.source_images(4, size=16), demo_data.target_images(4, size=32)):
-        assert imgs.dtype == np.float32 and imgs.shape[-1] == 3 and imgs.shape[1] == imgs.shape[2]
-        assert imgs.min() >= 0 and imgs.max() <= 1
-    t = demo_data.to_tensor(demo_data.source_images(2))
-    assert tuple(t.shape) == (2, 3, 32, 32) and t.min() >= -1 and t.max() <= 1
-
-
-def test_target_has_more_high_frequency_detail_than_source():
-    src = demo_data.to_tensor(demo_data.source_images(40, seed=0)) / 2 + 0.5
-    tgt = demo_data.to_tensor(demo_data.target_images(10, seed=1234)) / 2 + 0.5
-    assert hf_energy(tgt).mean() > 2 * hf_energy(src).mean()
+def test_target_differs_from_source_in_style_not_content():
+    src, y = demo_data.source_digits()
+    tgt, ty = demo_data.target_images(100, seed=0)
+    assert tgt.mean() - src.mean() > 0.3  # grey paper vs black
+    # content: undo the target style and the nearest (thickened) source digit has the render's label
+    unstyled = ((tgt + 1) / 2 - demo_data.PAPER) / (demo_data.STROKE - demo_data.PAPER)
+    bold = torch.nn.functional.max_pool2d(torch.nn.functional.pad((src + 1) / 2, (0, 1, 0, 1)), 2, stride=1)
+    nearest = torch.cdist(unstyled.flatten(1), bold.flatten(1)).argmin(dim=1)
+    assert (y[nearest] == ty).float().mean() > 0.8
 
 
 def test_write_target_dir_roundtrip(tmp_path):
-    from dsfast.eval import load_folder
+    from dsfast.images import load_folder
 
-    paths = demo_data.write_target_dir(tmp_path / "t", n=10, seed=1234)
+    paths = demo_data.write_target_dir(tmp_path / "t", n=10, seed=0)
     assert len(paths) == 10 and all(p.suffix == ".png" for p in paths)
-    loaded, files = load_folder(tmp_path / "t")
-    expected = demo_data.to_uint8(demo_data.target_images(10, seed=1234)) / 255.0
-    assert np.allclose(loaded.permute(0, 2, 3, 1).numpy(), expected, atol=1e-6)
+    back, _ = load_folder(tmp_path / "t", channels=1)
+    expected = torch.round((demo_data.target_images(10, seed=0)[0] + 1) / 2 * 255) / 255
+    assert torch.allclose(back, expected, atol=1e-6)
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="domain"):
-        demo_data.make_images("photo", 1)
-    with pytest.raises(ValueError, match="even"):
-        demo_data.source_images(1, size=31)
-    with pytest.raises(ValueError, match="n must be"):
-        demo_data.source_images(-1)
+    with pytest.raises(ValueError, match="n and start"):
+        demo_data.target_images(-1)
+    with pytest.raises(ValueError, match="n and start"):
+        demo_data.target_images(2, start=-3)
+
+
+def test_does_not_touch_global_rng():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    before_t, before_n = torch.rand(1), np.random.rand()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    demo_data.target_images(3, seed=0)
+    assert torch.equal(torch.rand(1), before_t) and np.random.rand() == before_n

@@ -165,13 +165,14 @@ def test_cli_resizes_mixed_sizes(tmp_path, capsys):
 def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
-    with pytest.raises(ImageFolderError, match="no images in"):
+    with pytest.raises(ImageFolderError, match="no images"):
         load_folder(tmp_path / "empty")
-    with pytest.raises(ImageFolderError, match="not found"):
+    with pytest.raises(ImageFolderError, match="does not exist"):
         load_folder(tmp_path / "missing")
     _write(_random_images(2, 0), tmp_path / "train")
     assert eval_main(["--samples", str(tmp_path / "empty"), "--train", str(tmp_path / "train")]) == 2
-    assert "no images in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--samples" in err and "no images" in err
 
 
 def test_corrupt_file_is_named(tmp_path, capsys):
@@ -203,3 +204,128 @@ def test_lpips_and_fid_unavailable_messages(monkeypatch, tmp_path):
         compute_fid(_random_images(2, 0), _random_images(2, 1))
     with pytest.raises(ValueError, match="fallback"):
         get_distance("ssim")
+
+
+def test_eval_error_class_is_the_shared_one():
+    import dsfast.images
+
+    assert ImageFolderError is dsfast.images.ImageFolderError
+
+
+# ----------------------------------------------------------------------------- LPIPS protocol
+
+class _RecordingNet(torch.nn.Module):
+    """Stands in for lpips.LPIPS: records its inputs, returns the mean absolute difference."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, a, b):
+        both = torch.cat([a, b])
+        self.seen.append((a.shape, float(both.min()), float(both.max())))
+        return (a - b).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+
+def test_lpips_protocol_preprocessing_with_a_stand_in():
+    from dsfast.eval import LpipsDistance
+
+    net = _RecordingNet()
+    d = LpipsDistance(model=net)
+    assert d.net == "vgg" and d.size == 256 and "VGG" in d.label and "256x256" in d.label
+    x = torch.zeros(2, 1, 16, 16)
+    x[1] = 1.0  # black and white, grey images
+    out = d.pairwise(x)
+    shape, lo, hi = net.seen[0]
+    assert tuple(shape) == (2, 3, 256, 256) and lo == -1.0 and hi == 1.0  # resized, RGB, in [-1, 1]
+    assert torch.allclose(out, torch.tensor([[0.0, 2.0], [2.0, 0.0]]))
+    alex = LpipsDistance(net="alex", size=64, model=_RecordingNet())
+    assert alex.name == "lpips-alex" and "AlexNet" in alex.label and "64x64" in alex.label
+    with pytest.raises(ValueError, match="vgg"):
+        LpipsDistance(net="squeeze", model=net)
+
+
+def _fake_lpips(monkeypatch, calls):
+    import sys
+    import types
+
+    fake = types.ModuleType("lpips")
+
+    def LPIPS(**kw):
+        calls.append(kw)
+        return _RecordingNet()
+
+    fake.LPIPS = LPIPS
+    monkeypatch.setitem(sys.modules, "lpips", fake)
+
+
+def test_lpips_defaults_to_vgg_and_needs_weights_on_disk(monkeypatch, tmp_path):
+    calls = []
+    _fake_lpips(monkeypatch, calls)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv("DSFAST_LPIPS_VGG", raising=False)
+    with pytest.raises(MetricUnavailable, match="vgg16-397923af.pth"):
+        get_distance("lpips")
+    assert calls == []  # nothing built (and nothing downloaded) without the weights
+    weights = tmp_path / "vgg16-397923af.pth"
+    weights.write_bytes(b"stand-in")
+    monkeypatch.setenv("DSFAST_LPIPS_VGG", str(weights))
+    d = get_distance("lpips")
+    assert calls[-1]["net"] == "vgg" and calls[-1]["version"] == "0.1" and d.name == "lpips-vgg"
+
+
+def test_cli_lpips_says_network_and_resize(monkeypatch, tmp_path, capsys):
+    calls = []
+    _fake_lpips(monkeypatch, calls)
+    weights = tmp_path / "alexnet-owt-7be5be79.pth"
+    weights.write_bytes(b"stand-in")
+    monkeypatch.setenv("DSFAST_LPIPS_ALEXNET", str(weights))
+    _write(_random_images(4, 0), tmp_path / "train")
+    _write(_random_images(6, 1), tmp_path / "samples")
+    assert eval_main(["--samples", str(tmp_path / "samples"), "--train", str(tmp_path / "train"),
+                      "--metric", "lpips", "--lpips-net", "alex", "--lpips-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert calls[-1]["net"] == "alex" and "AlexNet" in out and "32x32" in out
+
+
+# ----------------------------------------------------------------------------- calibrated few-shot metrics
+
+def test_copy_rate_calibrated_on_fresh_images():
+    from dsfast.eval.fewshot import copy_rate, copy_threshold
+
+    train = _random_images(5, 0)
+    fresh = _random_images(100, 1)
+    tau = copy_threshold(fresh, train)
+    d_fresh = HaarDistance().pairwise(fresh, train).min(dim=1).values
+    assert abs(float((d_fresh < tau).float().mean()) - 0.05) <= 0.011  # the 5 % quantile
+    copies = train[torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])]
+    assert copy_rate(copies, train, tau)["rate"] == 1.0
+    near = (train + 0.001 * torch.randn(train.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    assert copy_rate(near, train, tau)["rate"] == 1.0
+    assert copy_rate(_random_images(50, 3), train, tau)["rate"] < 0.3
+    with pytest.raises(ValueError, match="at least 20"):
+        copy_threshold(fresh[:5], train)
+
+
+def test_label_diversity_and_correspondence():
+    from dsfast.eval.fewshot import correspondence, label_diversity
+
+    uniform = label_diversity(torch.arange(40) % 4, num_classes=10)
+    assert uniform["coverage"] == 4 and abs(uniform["entropy_bits"] - 2.0) < 1e-12
+    one = label_diversity(torch.full((7,), 3), num_classes=10)
+    assert one["coverage"] == 1 and one["entropy_bits"] == 0.0 and one["histogram"][3] == 7
+    assert correspondence(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0])) == 0.5
+    with pytest.raises(ValueError, match="labels must be in"):
+        label_diversity(torch.tensor([10]), num_classes=10)
+    with pytest.raises(ValueError, match="one non-zero length"):
+        correspondence(torch.tensor([1]), torch.tensor([1, 2]))
+
+
+def test_mmd_separates_distributions():
+    from dsfast.eval.fewshot import mmd2
+
+    a, b = _random_images(60, 0), _random_images(60, 1)
+    shifted = (_random_images(60, 2) * 0.5 + 0.5)
+    same = mmd2(a, b)["mmd2"]
+    assert abs(same) < 0.02
+    assert mmd2(shifted, b)["mmd2"] > 10 * max(abs(same), 1e-3)

@@ -3,7 +3,7 @@
 ``dsfast eval --samples DIR --train DIR`` is the command line (:mod:`dsfast.eval.cli`).
 """
 from dsfast.eval.distances import HaarDistance, LpipsDistance, MetricUnavailable, get_distance
-from dsfast.eval.images import ImageFolderError, list_images, load_folder, read_image
+from dsfast.images import ImageFolderError, list_images, load_folder, read_image  # one loader for all of dsfast
 from dsfast.eval.metrics import (
     assign_clusters,
     evaluate,

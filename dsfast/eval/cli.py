@@ -1,6 +1,6 @@
 """``dsfast eval``: diversity, memorisation and fidelity of a folder of generated images.
 
-    dsfast eval --samples DIR --train DIR [--metric fallback|lpips] [--fid] [--json OUT]
+    dsfast eval --samples DIR --train DIR [--metric fallback|lpips [--lpips-net vgg|alex]] [--fid] [--json OUT]
 
 Prints a table and optionally writes the full result (per-cluster scores included) as JSON.
 The metrics are documented in :mod:`dsfast.eval.metrics` and :mod:`dsfast.eval.distances`.
@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from dsfast.eval.distances import MetricUnavailable, get_distance
-from dsfast.eval.images import ImageFolderError, image_sizes, list_images, load_folder
+from dsfast.eval.distances import LPIPS_NETS, LPIPS_SIZE, MetricUnavailable, get_distance
+from dsfast.images import ImageFolderError, image_sizes, list_images, load_folder
 from dsfast.eval.metrics import evaluate
 
 
@@ -23,7 +23,12 @@ def parse_args(argv):
     p.add_argument("--train", required=True, type=Path, help="folder of the (few-shot) training images")
     p.add_argument("--metric", choices=("fallback", "lpips"), default="fallback",
                    help="distance for the diversity metrics: 'fallback' (multi-scale Haar, no weights; default) "
-                        "or 'lpips' (needs the lpips package and AlexNet weights on disk)")
+                        "or 'lpips' (the Intra-LPIPS protocol: lpips v0.1, VGG, 256x256, [-1, 1]; needs the lpips "
+                        "package and the network's weights on disk)")
+    p.add_argument("--lpips-net", choices=tuple(LPIPS_NETS), default="vgg",
+                   help="LPIPS network: 'vgg' (the protocol's, default) or 'alex' (not comparable with published numbers)")
+    p.add_argument("--lpips-size", type=int, default=LPIPS_SIZE,
+                   help="LPIPS: every image is resized (bilinear) to SIZE x SIZE before the network (protocol: 256)")
     p.add_argument("--fid", action="store_true",
                    help="also compute FID (pytorch-fid or torch-fidelity with Inception weights on disk)")
     p.add_argument("--size", type=int, default=None,
@@ -62,15 +67,16 @@ def main(argv=None) -> int:
     try:
         size = args.size
         if size is None:
-            train_sizes = set(image_sizes(list_images(args.train)))
-            sample_sizes = set(image_sizes(list_images(args.samples)))
+            train_sizes = set(image_sizes(list_images(args.train, "--train")))
+            sample_sizes = set(image_sizes(list_images(args.samples, "--samples")))
             if len(train_sizes | sample_sizes) > 1:
                 size = min(train_sizes)
                 print(f"note: images differ in size; resizing all to {size[0]}x{size[1]} (the smallest training size)",
                       file=sys.stderr)
-        train, _ = load_folder(args.train, size)
-        samples, _ = load_folder(args.samples, size)
-        distance = get_distance(args.metric, **({"device": args.device} if args.metric == "lpips" else {}))
+        train, _ = load_folder(args.train, what="--train", size=size)
+        samples, _ = load_folder(args.samples, what="--samples", size=size)
+        lpips_options = dict(net=args.lpips_net, size=args.lpips_size, device=args.device)
+        distance = get_distance(args.metric, **(lpips_options if args.metric == "lpips" else {}))
     except (ImageFolderError, MetricUnavailable) as e:
         print(f"dsfast eval: error: {e}", file=sys.stderr)
         return 2

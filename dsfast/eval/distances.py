@@ -18,11 +18,16 @@ for images in [0, 1] (in practice ≪ 1). It is **not** LPIPS: its values are no
 with published Intra-LPIPS numbers, and every output that uses it says "fallback".
 Height and width are padded (edge replication) to a multiple of ``2**J``.
 
-**LPIPS (``"lpips"``)** — the ``lpips`` package (AlexNet, v0.1), used only when the package
-is installed *and* the AlexNet weights are already on disk (nothing is downloaded):
-``$DSFAST_LPIPS_ALEXNET`` (a path to ``alexnet-owt-7be5be79.pth``) or torchvision's cache,
-``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth`` (``TORCH_HOME`` defaults to
-``~/.cache/torch``). Otherwise :class:`MetricUnavailable` explains how to provide them.
+**LPIPS (``"lpips"``)** — the ``lpips`` package (v0.1) under the Intra-LPIPS protocol of CDC's
+``feat_cluster.py`` (which DomainStudio's tables follow): network **VGG** (``net='vgg'``, the
+default; AlexNet, ``net='alex'``, is an option whose numbers are labelled as such and are not
+comparable with published Intra-LPIPS), every image resized to **256x256** (bilinear) and
+normalised to **[-1, 1]**. Used only when the package is installed *and* the backbone's ImageNet
+weights are already on disk (nothing is downloaded): ``$DSFAST_LPIPS_VGG`` /
+``$DSFAST_LPIPS_ALEXNET`` (a path to ``vgg16-397923af.pth`` / ``alexnet-owt-7be5be79.pth``) or
+torchvision's cache, ``$TORCH_HOME/hub/checkpoints/<that file>`` (``TORCH_HOME`` defaults to
+``~/.cache/torch``). Otherwise :class:`MetricUnavailable` explains how to provide them. (The
+small linear heads of LPIPS ship inside the ``lpips`` wheel.)
 """
 from __future__ import annotations
 
@@ -37,7 +42,12 @@ import torch.nn.functional as F
 
 from dsfast.reference import haar_wavedec2
 
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+# network -> (torchvision weights file lpips' backbone loads, environment variable naming it, display name)
+LPIPS_NETS = {
+    "vgg": ("vgg16-397923af.pth", "DSFAST_LPIPS_VGG", "VGG"),
+    "alex": ("alexnet-owt-7be5be79.pth", "DSFAST_LPIPS_ALEXNET", "AlexNet"),
+}
+LPIPS_SIZE = 256  # the protocol's resize
 
 
 class MetricUnavailable(RuntimeError):
@@ -114,57 +124,73 @@ def hub_cache_holding(weights: Path, filename: str):
 
 
 class LpipsDistance:
-    """LPIPS (AlexNet) from the ``lpips`` package; weights must already be on disk."""
+    """LPIPS (lpips v0.1) under the Intra-LPIPS protocol: VGG by default, images resized to 256x256, [-1, 1].
 
-    name = "lpips-alex"
-    label = "LPIPS (AlexNet, lpips v0.1)"
+    ``model`` replaces the network (anything called as ``model(a, b) -> (N, 1, 1, 1)`` on
+    ``(N, 3, size, size)`` tensors in [-1, 1]); without it the ``lpips`` package and the backbone's
+    weights on disk are required (see the module docstring).
+    """
 
-    def __init__(self, device: str | torch.device = "cpu", batch: int = 64):
-        try:
-            import lpips  # noqa: F401
-        except ImportError as e:
-            raise MetricUnavailable(
-                "--metric lpips needs the 'lpips' package (pip install lpips) and the AlexNet weights on disk; "
-                "use --metric fallback (the default) otherwise") from e
-        alexnet = self.find_alexnet_weights()
-        if alexnet is None:
-            raise MetricUnavailable(
-                f"--metric lpips: the AlexNet weights ({ALEXNET_FILE}) are not on disk and will not be downloaded. "
-                f"Put the file at {_hub_checkpoints() / ALEXNET_FILE} (torchvision's cache; set TORCH_HOME to move it) "
-                f"or point DSFAST_LPIPS_ALEXNET at it; or use --metric fallback")
+    def __init__(self, net: str = "vgg", size: int = LPIPS_SIZE, device: str | torch.device = "cpu",
+                 batch: int = 32, model=None):
+        if net not in LPIPS_NETS:
+            raise ValueError(f"LPIPS network must be one of {', '.join(LPIPS_NETS)}, got {net!r}")
+        if size < 16:
+            raise ValueError(f"LPIPS resize must be >= 16 pixels, got {size}")
+        self.net, self.size, self.batch = net, size, batch
+        self.name = f"lpips-{net}"
+        self.label = f"LPIPS ({LPIPS_NETS[net][2]}, lpips v0.1; images resized to {size}x{size} bilinear, in [-1, 1])"
         self.device = torch.device(device)
-        self.batch = batch
-        self.model = self._build(alexnet).to(self.device).eval()
+        self.model = (self._build(net) if model is None else model).to(self.device).eval()
 
     @staticmethod
-    def find_alexnet_weights() -> Path | None:
-        env = os.environ.get("DSFAST_LPIPS_ALEXNET")
+    def find_weights(net: str) -> Path | None:
+        filename, env_var, _ = LPIPS_NETS[net]
+        env = os.environ.get(env_var)
         if env:
             path = Path(env).expanduser()
             if not path.is_file():
-                raise MetricUnavailable(f"DSFAST_LPIPS_ALEXNET={env} is not a file")
+                raise MetricUnavailable(f"{env_var}={env} is not a file")
             return path
-        path = _hub_checkpoints() / ALEXNET_FILE
+        path = _hub_checkpoints() / filename
         return path if path.is_file() else None
 
-    @staticmethod
-    def _build(alexnet: Path):
-        import lpips
+    @classmethod
+    def _build(cls, net: str):
+        filename, env_var, display = LPIPS_NETS[net]
+        try:
+            import lpips
+        except ImportError as e:
+            raise MetricUnavailable(
+                f"--metric lpips needs the 'lpips' package (pip install lpips) and the {display} weights on disk; "
+                "use --metric fallback (the default) otherwise") from e
+        weights = cls.find_weights(net)
+        if weights is None:
+            raise MetricUnavailable(
+                f"--metric lpips: the {display} weights ({filename}) are not on disk and will not be downloaded. "
+                f"Put the file at {_hub_checkpoints() / filename} (torchvision's cache; set TORCH_HOME to move it) "
+                f"or point {env_var} at it; or use --metric fallback")
+        # lpips builds torchvision's backbone with pretrained weights, which reads torch.hub's cache:
+        # point the cache at the local file so that nothing is fetched from the network.
+        with hub_cache_holding(weights, filename):
+            return lpips.LPIPS(net=net, version="0.1", verbose=False)
 
-        # lpips builds torchvision's alexnet(pretrained), which reads torch.hub's cache: point the
-        # cache at the local weights so that nothing is fetched from the network.
-        with hub_cache_holding(alexnet, ALEXNET_FILE):
-            return lpips.LPIPS(net="alex", verbose=False)
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` in [0, 1] -> ``(N, 3, size, size)`` in [-1, 1] (grey expanded to RGB)."""
+        x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x.clamp(0, 1) * 2 - 1
 
     @torch.no_grad()
     def pairwise(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         same = b is None
         b = a if same else b
         out = torch.zeros(len(a), len(b))
-        for i in range(len(a)):
-            for j0 in range(0, len(b), self.batch):
-                bj = b[j0: j0 + self.batch].to(self.device) * 2 - 1
-                ai = (a[i: i + 1].to(self.device) * 2 - 1).expand_as(bj)
+        for j0 in range(0, len(b), self.batch):
+            bj = self.prepare(b[j0: j0 + self.batch]).to(self.device)
+            for i in range(len(a)):
+                ai = self.prepare(a[i: i + 1]).to(self.device).expand_as(bj)
                 out[i, j0: j0 + len(bj)] = self.model(ai, bj).flatten().cpu()
         if same:
             out = (out + out.T) / 2
@@ -173,7 +199,8 @@ class LpipsDistance:
 
 
 def get_distance(metric: str = "fallback", **kwargs):
-    """``"fallback"`` → :class:`HaarDistance`; ``"lpips"`` → :class:`LpipsDistance` (may raise MetricUnavailable)."""
+    """``"fallback"`` → :class:`HaarDistance`; ``"lpips"`` → :class:`LpipsDistance` (VGG, 256x256 unless
+    ``net``/``size`` say otherwise; may raise MetricUnavailable)."""
     if metric == "fallback":
         return HaarDistance(**kwargs)
     if metric == "lpips":
