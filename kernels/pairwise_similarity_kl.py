@@ -440,13 +440,13 @@ def _similarity_kl_kernel(gs_ptr, ga_ptr, w_ptr, const_ptr, out_ptr, N, HAS_W: t
     eps = tl.load(const_ptr + 2)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
-    ns_c, _ = _tail_norms(gs_ptr, cols, cmask, N, eps)
-    na_c, _ = _tail_norms(ga_ptr, cols, cmask, N, eps)
+    ns_c, rs_c = _tail_norms(gs_ptr, cols, cmask, N, eps)
+    na_c, ra_c = _tail_norms(ga_ptr, cols, cmask, N, eps)
     total = tl.zeros([BLOCK_R], dtype=tl.float64)
     for r0 in range(0, N, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        _, _, _, _, _, _, _, kl, w = _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c, na_c, tau, N,
-                                          HAS_W, SOURCE_FIRST, eps)
+        valid, ns_r, na_r, s_s, s_a, lp, lq, kl, w = _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c, na_c, tau, N,
+                                                                HAS_W, SOURCE_FIRST, eps)
         total += w * kl
     tl.store(out_ptr, tl.sum(total, axis=0) * scale)
 
@@ -516,14 +516,15 @@ def _check_tail(g_source: torch.Tensor, g_adapted: torch.Tensor, weights) -> int
     return n
 
 
-def _tail_launch(g_source, g_adapted, weights, tau: float, scale: float, source_first: bool):
+def _tail_launch(g_source, g_adapted, weights, tau: float, scale: float, source_first: bool, per_warp: int):
+    """Arguments and meta-parameters; ``per_warp`` tile elements per warp (no register spills up to N=1024)."""
     n = g_adapted.shape[0]
     block_r, block_n = tail_blocks(n)
     consts = float64_constants((tau, scale, COSINE_EPS), g_adapted.device)
     args = (g_source.contiguous(), g_adapted.contiguous(), g_adapted if weights is None else weights.contiguous(),
             consts)
     meta = dict(HAS_W=weights is not None, SOURCE_FIRST=source_first, BLOCK_R=block_r,
-                BLOCK_N=block_n, num_warps=4 if block_r * block_n <= 256 else 8)
+                BLOCK_N=block_n, num_warps=max(4, min(32, block_r * block_n // per_warp)))
     return args, meta
 
 
@@ -536,7 +537,7 @@ def similarity_kl(g_source: torch.Tensor, g_adapted: torch.Tensor, weights: torc
     """
     n = _check_tail(g_source, g_adapted, weights)
     out = new_output((), g_adapted.dtype, g_adapted.device)
-    args, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first)
+    args, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first, per_warp=32)
     _similarity_kl_kernel[(1,)](*args, out, n, **meta)
     return out
 
@@ -548,6 +549,6 @@ def similarity_kl_backward(grad: torch.Tensor, g_source: torch.Tensor, g_adapted
     n = _check_tail(g_source, g_adapted, weights)
     d_source = new_output((n, n), g_source.dtype, g_source.device)
     d_adapted = new_output((n, n), g_adapted.dtype, g_adapted.device)
-    args, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first)
+    args, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first, per_warp=64)
     _similarity_kl_backward_kernel[(1,)](grad.reshape(()), *args, d_source, d_adapted, n, **meta)
     return d_source, d_adapted
