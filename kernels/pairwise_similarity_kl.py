@@ -383,9 +383,9 @@ TAIL_ELEMENTS = 1024  # BLOCK_R x BLOCK_N per trip: a few fp64 values per thread
 
 
 def tail_blocks(n: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_N) of the tail kernels."""
+    """(BLOCK_R, BLOCK_N) of the tail kernels: at least 16 rows per trip (smaller tiles compiled with a stack frame)."""
     block_n = max(16, next_pow2(n))
-    return max(1, min(next_pow2(n), TAIL_ELEMENTS // block_n)), block_n
+    return max(1, min(max(16, next_pow2(n)), TAIL_ELEMENTS // block_n)), block_n
 
 
 @triton.jit
