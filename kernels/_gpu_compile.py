@@ -283,7 +283,10 @@ SHAPES = {
 }
 WEIGHTS = (0.5, -0.5, -0.5, 0.5)
 OPS = ("haar_dwt2", "haar_idwt2", "high_frequency", "high_frequency_backward", "gram", "gram_backward", "hf_gram",
-       "hf_gram_backward")
+       "hf_gram_backward", "similarity_kl", "similarity_kl_backward")
+# The N x N tail keeps whole rows in registers: compiled (and spill-free) up to N=1024.
+TAIL_OPS = ("similarity_kl", "similarity_kl_backward")
+TAIL_SHAPES = ("small", "headline", "n1024")
 # Kernels whose work is a matrix product: their fp32/bf16/fp16 dots must run on the tensor cores.
 DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_backward_kernel")
 
@@ -309,6 +312,12 @@ def launchers():
         "gram_backward": lambda x: pairwise_similarity_kl.gram_backward(gram_grad(x), x),
         "hf_gram": lambda x: hf_pairwise_similarity_kl.hf_gram(x, WEIGHTS),
         "hf_gram_backward": lambda x: hf_pairwise_similarity_kl.hf_gram_backward(gram_grad(x), x, WEIGHTS),
+        # The N x N tail on the Grams of x (anchors as row weights in the backward case).
+        "similarity_kl": lambda x: pairwise_similarity_kl.similarity_kl(
+            gram_grad(x), gram_grad(x), None, 1.0, True, 0.01),
+        "similarity_kl_backward": lambda x: pairwise_similarity_kl.similarity_kl_backward(
+            gram_grad(x)[0, 0], gram_grad(x), gram_grad(x), x.new_empty(x.shape[0], dtype=torch.float64), 1.0,
+            False, 0.01),
     }
 
 
@@ -318,6 +327,8 @@ def compile_all(arch: int, shapes=SHAPES, dtypes=DTYPES, ops=None):
     for op in ops or OPS:
         for dname, dtype in dtypes.items():
             for sname, shape in shapes.items():
+                if op in TAIL_OPS and sname not in TAIL_SHAPES:
+                    continue
                 x = torch.empty(shape, dtype=dtype, device="meta")
                 with compiling_for(arch) as launches:
                     try:

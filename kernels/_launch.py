@@ -66,6 +66,11 @@ def weights_tensor(weights, device, dtype: torch.dtype) -> torch.Tensor:
     return _weights_tensor(as_weights(weights), torch.device(device), accumulate_dtype(dtype))
 
 
+def float64_constants(values, device) -> torch.Tensor:
+    """Python floats as a (cached) float64 device tensor, for kernels that need them unrounded."""
+    return _weights_tensor(tuple(float(v) for v in values), torch.device(device), torch.float64)
+
+
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small stand-in under the interpreter.
 

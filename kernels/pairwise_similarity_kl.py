@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from . import triton_interpreter_enabled
-from ._launch import accumulate_dtype, check_float, interpreter_tiles, multiprocessor_count, new_output, next_pow2
+from ._launch import (accumulate_dtype, check_float, float64_constants, interpreter_tiles, multiprocessor_count,
+                      new_output, next_pow2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,3 +365,190 @@ def gram_backward(grad_gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ACC=acc, PRECISION=dot_precision(acc), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(x.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# The N x N tail: cosine normalisation, diagonal removal, row softmaxes and the KL, in one launch
+# forward and one backward (float64 math, as dsfast.reference.similarity_kl_from_gram on .double()).
+#
+# One program walks the rows in blocks of BLOCK_R (all N columns at once), so any N up to a few
+# thousand fits; the work is ~N² numbers, so one program is cheap next to the Gram (O(N² D)) and the
+# sum over rows needs no second launch and no atomics (deterministic). Row i of the loss:
+#   s_ij = G_ij / (n_i n_j tau) (j != i), n_i = max(sqrt(max(G_ii, 0)), COSINE_EPS),
+#   KL_i = sum_j P_ij (log P_ij - log Q_ij), P, Q = row softmaxes of the two sides,
+# loss = scale * sum_i w_i KL_i (w_i: how often row i is an anchor, 1 without anchors).
+# --------------------------------------------------------------------------------------------------
+COSINE_EPS = 1e-8  # torch.nn.CosineSimilarity's clamp on each norm (dsfast.reference.COSINE_EPS)
+TAIL_ELEMENTS = 1024  # BLOCK_R x BLOCK_N per trip: a few fp64 values per thread, no spills
+
+
+def tail_blocks(n: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_N) of the tail kernels: at least 16 rows per trip (smaller tiles compiled with a stack frame)."""
+    block_n = max(16, next_pow2(n))
+    return max(1, min(max(16, next_pow2(n)), TAIL_ELEMENTS // block_n)), block_n
+
+
+@triton.jit
+def _tail_norms(g_ptr, idx, mask, N, eps):
+    """(n, r) at the indices idx, float64: r = sqrt(max(G_ii, 0)), n = max(r, eps)."""
+    diag = tl.load(g_ptr + idx.to(tl.int64) * (N + 1), mask=mask, other=1.0).to(tl.float64)
+    root = tl.sqrt(tl.maximum(diag, 0.0))
+    return tl.maximum(root, eps), root
+
+
+@triton.jit
+def _tail_logits(g_ptr, rows, cols, valid, norm_r, norm_c, tau, N):
+    """(s, log-softmax of each row of s) [BLOCK_R, BLOCK_N], s = cos / tau; both 0 off the valid entries."""
+    g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=valid, other=0.0).to(tl.float64)
+    s = g / (norm_r[:, None] * norm_c[None, :]) / tau
+    z = tl.where(valid, s, float("-inf"))
+    z = z - tl.max(z, axis=1)[:, None]
+    lse = tl.log(tl.sum(tl.where(valid, tl.exp(z), 0.0), axis=1))
+    return tl.where(valid, s, 0.0), tl.where(valid, z - lse[:, None], 0.0)
+
+
+@triton.jit
+def _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c, na_c, tau, N, HAS_W: tl.constexpr,
+               SOURCE_FIRST: tl.constexpr, eps):
+    """One row block: (valid, n_source, n_adapted, s_source, s_adapted, log P, log Q, KL_i, w_i), P the first
+    distribution, n the rows' norms."""
+    rmask = rows < N
+    valid = rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
+    ns_r, _ = _tail_norms(gs_ptr, rows, rmask, N, eps)
+    na_r, _ = _tail_norms(ga_ptr, rows, rmask, N, eps)
+    s_s, l_s = _tail_logits(gs_ptr, rows, cols, valid, ns_r, ns_c, tau, N)
+    s_a, l_a = _tail_logits(ga_ptr, rows, cols, valid, na_r, na_c, tau, N)
+    if SOURCE_FIRST:
+        lp, lq = l_s, l_a
+    else:
+        lp, lq = l_a, l_s
+    kl = tl.sum(tl.where(valid, tl.exp(lp) * (lp - lq), 0.0), axis=1)
+    if HAS_W:
+        w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float64)
+    else:
+        w = tl.where(rmask, 1.0, 0.0).to(tl.float64)
+    return valid, ns_r, na_r, s_s, s_a, lp, lq, kl, w
+
+
+@triton.jit
+def _similarity_kl_kernel(gs_ptr, ga_ptr, w_ptr, const_ptr, out_ptr, N, HAS_W: tl.constexpr,
+                          SOURCE_FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """loss = scale * sum_i w_i KL_i; const_ptr holds (tau, scale, COSINE_EPS) in float64."""
+    tau = tl.load(const_ptr)
+    scale = tl.load(const_ptr + 1)
+    eps = tl.load(const_ptr + 2)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ns_c, rs_c = _tail_norms(gs_ptr, cols, cmask, N, eps)
+    na_c, ra_c = _tail_norms(ga_ptr, cols, cmask, N, eps)
+    total = tl.zeros([BLOCK_R], dtype=tl.float64)
+    for r0 in range(0, N, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        valid, ns_r, na_r, s_s, s_a, lp, lq, kl, w = _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c, na_c, tau, N,
+                                                                HAS_W, SOURCE_FIRST, eps)
+        total += w * kl
+    tl.store(out_ptr, tl.sum(total, axis=0) * scale)
+
+
+@triton.jit
+def _tail_grad_block(dg_ptr, rows, cols, valid, ds, s, norm_r, norm_c, tau, N):
+    """Store dG_ij = ds_ij / (tau n_i n_j) off the diagonal; return sum_j T_kj + sum_i T_ik per column k,
+    T = ds * s (the diagonal's share, through n_k, of this row block)."""
+    dg = ds / (norm_r[:, None] * norm_c[None, :]) / tau
+    tl.store(dg_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], dg.to(dg_ptr.dtype.element_ty), mask=valid)
+    t = tl.where(valid, ds * s, 0.0)
+    row_sums = tl.sum(t, axis=1)
+    return tl.sum(t, axis=0) + tl.sum(tl.where(rows[:, None] == cols[None, :], row_sums[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _tail_grad_diag(dg_ptr, cols, cmask, acc, norm, root, N, eps):
+    """dG_kk = -(acc_k / n_k) * dn_k/dG_kk, with dn/dG = 1 / (2 r) where r >= eps (the clamps' rule), else 0."""
+    dn = -acc / norm
+    dg = tl.where(root >= eps, dn * 0.5 / root, 0.0)
+    tl.store(dg_ptr + cols.to(tl.int64) * (N + 1), dg.to(dg_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _similarity_kl_backward_kernel(grad_ptr, gs_ptr, ga_ptr, w_ptr, const_ptr, dgs_ptr, dga_ptr, N,
+                                   HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr,
+                                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gradients of the loss w.r.t. both Grams. With c_i = grad * scale * w_i, on the logits:
+    d s_P = c_i P (log P - log Q - KL_i) (the first distribution), d s_Q = c_i (Q - P) (the second)."""
+    tau = tl.load(const_ptr)
+    scale = tl.load(const_ptr + 1)
+    eps = tl.load(const_ptr + 2)
+    go = tl.load(grad_ptr).to(tl.float64)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ns_c, rs_c = _tail_norms(gs_ptr, cols, cmask, N, eps)
+    na_c, ra_c = _tail_norms(ga_ptr, cols, cmask, N, eps)
+    acc_s = tl.zeros([BLOCK_N], dtype=tl.float64)
+    acc_a = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for r0 in range(0, N, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        valid, ns_r, na_r, s_s, s_a, lp, lq, kl, w = _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c,
+                                                                na_c, tau, N, HAS_W, SOURCE_FIRST, eps)
+        c = (go * scale * w)[:, None]
+        p = tl.where(valid, tl.exp(lp), 0.0)
+        q = tl.where(valid, tl.exp(lq), 0.0)
+        d_first = tl.where(valid, c * p * (lp - lq - kl[:, None]), 0.0)
+        d_second = c * (q - p)
+        if SOURCE_FIRST:
+            ds_s, ds_a = d_first, d_second
+        else:
+            ds_s, ds_a = d_second, d_first
+        acc_s += _tail_grad_block(dgs_ptr, rows, cols, valid, ds_s, s_s, ns_r, ns_c, tau, N)
+        acc_a += _tail_grad_block(dga_ptr, rows, cols, valid, ds_a, s_a, na_r, na_c, tau, N)
+    _tail_grad_diag(dgs_ptr, cols, cmask, acc_s, ns_c, rs_c, N, eps)
+    _tail_grad_diag(dga_ptr, cols, cmask, acc_a, na_c, ra_c, N, eps)
+
+
+def _check_tail(g_source: torch.Tensor, g_adapted: torch.Tensor, weights) -> int:
+    n = g_adapted.shape[0] if g_adapted.dim() == 2 else -1
+    for name, g in (("g_source", g_source), ("g_adapted", g_adapted)):
+        if g.dtype not in (torch.float32, torch.float64) or g.shape != (n, n) or n < 3:
+            raise ValueError(f"similarity_kl: `{name}` must be a float32/float64 (N, N) Gram with N >= 3 "
+                             f"like g_adapted, got {g.dtype} {tuple(g.shape)}")
+    if weights is not None and weights.shape != (n,):
+        raise ValueError(f"similarity_kl: `weights` must have shape ({n},), got {tuple(weights.shape)}")
+    return n
+
+
+def _tail_launch(g_source, g_adapted, weights, tau: float, scale: float, source_first: bool, per_warp: int):
+    """Arguments and meta-parameters; ``per_warp`` tile elements per warp (no register spills up to N=1024)."""
+    n = g_adapted.shape[0]
+    block_r, block_n = tail_blocks(n)
+    consts = float64_constants((tau, scale, COSINE_EPS), g_adapted.device)
+    args = (g_source.contiguous(), g_adapted.contiguous(), g_adapted if weights is None else weights.contiguous(),
+            consts)
+    meta = dict(HAS_W=weights is not None, SOURCE_FIRST=source_first, BLOCK_R=block_r,
+                BLOCK_N=block_n, num_warps=max(4, min(32, block_r * block_n // per_warp)))
+    return args, meta
+
+
+def similarity_kl(g_source: torch.Tensor, g_adapted: torch.Tensor, weights: torch.Tensor | None, tau: float,
+                  source_first: bool, scale: float) -> torch.Tensor:
+    """The pairwise-similarity KL from the two (N, N) Grams: a 0-d tensor of g_adapted's dtype (float64 math).
+
+    ``weights`` (N,): how often each row counts (anchors), None for all rows once; ``source_first``: the
+    direction source||adapted; ``scale``: the reduction (1 / (rows * (N-1)) for "mean", ...).
+    """
+    n = _check_tail(g_source, g_adapted, weights)
+    out = new_output((), g_adapted.dtype, g_adapted.device)
+    args, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first, per_warp=32)
+    _similarity_kl_kernel[(1,)](*args, out, n, **meta)
+    return out
+
+
+def similarity_kl_backward(grad: torch.Tensor, g_source: torch.Tensor, g_adapted: torch.Tensor,
+                           weights: torch.Tensor | None, tau: float, source_first: bool,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d loss / d g_source, d loss / d g_adapted) for the 0-d upstream ``grad`` (read on the device)."""
+    n = _check_tail(g_source, g_adapted, weights)
+    d_source = new_output((n, n), g_source.dtype, g_source.device)
+    d_adapted = new_output((n, n), g_adapted.dtype, g_adapted.device)
+    args, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first, per_warp=64)
+    _similarity_kl_backward_kernel[(1,)](grad.reshape(()), *args, d_source, d_adapted, n, **meta)
+    return d_source, d_adapted

@@ -17,10 +17,11 @@ from collections import defaultdict
 
 import pytest
 
-from dsfast.kernels._gpu_compile import DOT_KERNELS, DTYPES, OPS, SHAPES
+from dsfast.kernels._gpu_compile import DOT_KERNELS, DTYPES, OPS, SHAPES, TAIL_OPS, TAIL_SHAPES
 
 ARCHS = (80, 90)
-CASES = [(arch, op, dtype, shape) for arch in ARCHS for op in OPS for dtype in DTYPES for shape in SHAPES]
+CASES = [(arch, op, dtype, shape) for arch in ARCHS for op in OPS for dtype in DTYPES for shape in SHAPES
+         if op not in TAIL_OPS or shape in TAIL_SHAPES]
 
 
 @functools.cache

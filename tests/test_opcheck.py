@@ -8,12 +8,12 @@ from tests.conftest import BACKEND_CASES
 WEIGHTS = [-0.5, -0.5, -0.5, 1.5]
 
 
-def samples(device, dtype):
+def samples(device, dtype, namespace):
     def rand(*shape, grad=False):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
 
     gram_grad = torch.randn(5, 5, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return {
+    cases = {
         "haar_dwt2": (rand(5, 2, 4, 6, grad=True),),
         "haar_idwt2": (rand(4, 5, 2, 2, 3, grad=True),),
         "high_frequency": (rand(5, 2, 4, 6, grad=True), WEIGHTS),
@@ -23,11 +23,21 @@ def samples(device, dtype):
         "hf_gram": (rand(5, 2, 4, 6, grad=True), WEIGHTS),
         "hf_gram_backward": (gram_grad, rand(5, 2, 4, 6), WEIGHTS),
     }
+    if namespace == "dsfast_triton":
+        x = torch.randn(5, 24, device=device, dtype=torch.float64)
+        g_source = (x @ x.T).to(gram_grad.dtype)
+        g_adapted = ((x + 0.3 * torch.randn_like(x)) @ (x + 0.3 * torch.randn_like(x)).T).to(gram_grad.dtype)
+        weights = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0], device=device, dtype=torch.float64)
+        cases["similarity_kl"] = (g_source, g_adapted.requires_grad_(), weights, 0.5, False, 0.05)
+        cases["similarity_kl_backward"] = (torch.tensor(1.3, device=device, dtype=gram_grad.dtype), g_source,
+                                           g_adapted.detach(), None, 1.0, True, 0.1)
+    return cases
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_opcheck(device, backend, dtype):
-    namespace = torch.ops.dsfast_triton if backend == "triton" else torch.ops.dsfast
-    for name, args in samples(device, dtype).items():
+    name_space = "dsfast_triton" if backend == "triton" else "dsfast"
+    namespace = getattr(torch.ops, name_space)
+    for name, args in samples(device, dtype, name_space).items():
         torch.library.opcheck(getattr(namespace, name).default, args)

@@ -222,6 +222,44 @@ def test_gram_backward(n, d, dtype):
     _check(K_gram.gram_backward(g, x), ref, dtype)
 
 
+# The N x N tail: N=3 (smallest), 16 (headline, one row block), 37 (three row blocks of 16 x 64).
+TAIL_CASES = [
+    (3, torch.float64, "source||adapted", "mean", None, 1.0),
+    (16, torch.float32, "adapted||source", "sum", None, 0.3),
+    (16, torch.float64, "source||adapted", "batchmean", [3, 1, 3, 0], 1.0),
+    (37, torch.float64, "adapted||source", "mean", [36, 2, 2, 20, 5], 2.0),
+    (37, torch.float32, "source||adapted", "mean", None, 0.7),
+]
+
+
+@pytest.mark.parametrize("n,dtype,direction,reduction,anchors,tau", TAIL_CASES)
+def test_similarity_kl_tail(n, dtype, direction, reduction, anchors, tau):
+    """Loss and both Gram gradients against the float64 reference (anchors with a repeated row)."""
+    assert K_gram.COSINE_EPS == R.COSINE_EPS
+    gen = _seed("tail", n, str(dtype), direction)
+    x = torch.randn((n, 40), generator=gen, dtype=torch.float64)
+    y = x + 0.4 * torch.randn((n, 40), generator=gen, dtype=torch.float64)
+    g_source, g_adapted = (R.gram(v).to(dtype).requires_grad_() for v in (x, y))
+    idx = None if anchors is None else torch.tensor(anchors)
+    ref = R.similarity_kl_from_gram(g_source.double(), g_adapted.double(), tau=tau, direction=direction,
+                                    reduction=reduction, anchors=idx)
+    upstream = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    ref.backward(upstream)
+    rows = n if idx is None else len(anchors)
+    weights = None if idx is None else torch.bincount(idx, minlength=n).double().to(DEVICE)
+    scale = {"mean": 1 / (rows * (n - 1)), "batchmean": 1 / rows, "sum": 1.0}[reduction]
+    args = (g_source.detach().to(DEVICE), g_adapted.detach().to(DEVICE), weights, tau,
+            direction == "source||adapted", scale)
+    loss = K_gram.similarity_kl(*args)
+    assert loss.shape == () and loss.dtype == dtype
+    d_source, d_adapted = K_gram.similarity_kl_backward(upstream.to(dtype).to(DEVICE), *args)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6  # float64 math either way; float32 rounds the outputs
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=tol, atol=0)
+    for got, want in ((d_source, g_source.grad), (d_adapted, g_adapted.grad)):
+        assert got.dtype == dtype and not got.isnan().any()
+        assert (got.double().cpu() - want.double()).abs().max() <= tol * want.abs().max()
+
+
 def _forced_gram_config(block_n, splits):
     def config(n, k_blocks, block_k, operand, device):
         per = -(-k_blocks // splits)

@@ -85,5 +85,5 @@ def hf_pairwise_similarity_kl(
     return similarity_kl(
         op, gram_fn, source, adapted,
         tau=tau, direction=direction, reduction=reduction, detach_source=detach_source, anchors=anchors,
-        check_finite=check_finite,
+        check_finite=check_finite, backend=chosen,
     )

@@ -1,16 +1,18 @@
-"""Pairwise-similarity KL (DomainStudio / CDC): the N x N Gram on a backend, the small softmax/KL in torch.
+"""Pairwise-similarity KL (DomainStudio / CDC): the N x N Gram on a backend, then the small softmax/KL.
 
 The expensive part is the Gram ``X Xᵀ`` (O(N² D)); the cosine normalisation, diagonal removal,
-softmax and KL work on N x N numbers and are shared by every backend
-(:func:`dsfast.reference.similarity_kl_from_gram`), so autograd carries the gradient back to the
-Gram and the backend's ``gram_backward`` turns it into ``(G + Gᵀ) X``.
+softmax and KL work on N x N numbers and are shared by every backend: on CPU the reference
+(:func:`dsfast.reference.similarity_kl_from_gram`, float64), on the Triton backend and on CUDA tensors
+the Triton tail ``dsfast_triton::similarity_kl`` (the same float64 math in one launch forward and one
+backward). Autograd carries the gradient back to the Gram and the backend's ``gram_backward`` turns it
+into ``(G + Gᵀ) X``.
 """
 from __future__ import annotations
 
 import torch
 
 from dsfast import reference
-from dsfast.ops._backend import extension_available, kernel_namespace, resolve_backend
+from dsfast.ops._backend import extension_available, kernel_namespace, resolve_backend, triton_importable
 from dsfast.ops.validate import check_finite_gram, check_pairwise
 
 
@@ -26,6 +28,49 @@ def _triton_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor) -> torch.Ten
     from dsfast.kernels import pairwise_similarity_kl as kernels
 
     return kernels.gram_backward(grad_gram, x)
+
+
+@torch.library.custom_op("dsfast_triton::similarity_kl", mutates_args=())
+def _triton_similarity_kl(g_source: torch.Tensor, g_adapted: torch.Tensor, weights: torch.Tensor | None, tau: float,
+                          source_first: bool, scale: float) -> torch.Tensor:
+    from dsfast.kernels import pairwise_similarity_kl as kernels
+
+    return kernels.similarity_kl(g_source, g_adapted, weights, tau, source_first, scale)
+
+
+@torch.library.custom_op("dsfast_triton::similarity_kl_backward", mutates_args=())
+def _triton_similarity_kl_backward(grad: torch.Tensor, g_source: torch.Tensor, g_adapted: torch.Tensor,
+                                   weights: torch.Tensor | None, tau: float, source_first: bool,
+                                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from dsfast.kernels import pairwise_similarity_kl as kernels
+
+    return kernels.similarity_kl_backward(grad, g_source, g_adapted, weights, tau, source_first, scale)
+
+
+@torch.library.register_fake("dsfast_triton::similarity_kl")
+def _(g_source, g_adapted, weights, tau, source_first, scale):
+    return g_adapted.new_empty(())
+
+
+@torch.library.register_fake("dsfast_triton::similarity_kl_backward")
+def _(grad, g_source, g_adapted, weights, tau, source_first, scale):
+    return torch.empty_like(g_source), torch.empty_like(g_adapted)
+
+
+def _similarity_kl_setup(ctx, inputs, output):
+    g_source, g_adapted, weights, *ctx.options = inputs
+    ctx.save_for_backward(g_source, g_adapted, weights)
+
+
+def _similarity_kl_backward(ctx, grad):
+    g_source, g_adapted, weights = ctx.saved_tensors
+    d_source, d_adapted = torch.ops.dsfast_triton.similarity_kl_backward(grad, g_source, g_adapted, weights,
+                                                                        *ctx.options)
+    return d_source, d_adapted, None, None, None, None
+
+
+torch.library.register_autograd("dsfast_triton::similarity_kl", _similarity_kl_backward,
+                                setup_context=_similarity_kl_setup)
 
 
 def gram_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,6 +111,36 @@ def sample_anchors(anchors, n: int, device) -> torch.Tensor | None:
     return torch.randperm(n, device=device)[:anchors]
 
 
+def fused_tail(backend: str, device: torch.device) -> bool:
+    """Whether the N x N tail runs as the Triton kernels (one launch forward, one backward): on the Triton
+    backend, and on every CUDA tensor when Triton is there (eager torch is ~40 launches forward, ~85 with
+    the backward: at N=16 launch overhead, not the Gram, would set the time). CPU backends keep the reference."""
+    return backend == "triton" or (torch.device(device).type == "cuda" and triton_importable())
+
+
+def similarity_kl_tail(g_source: torch.Tensor, g_adapted: torch.Tensor, *, tau: float, direction: str,
+                       reduction: str, anchors: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """The KL from the two Grams in float64 math, as a loss of g_adapted's dtype: the reference on
+    ``.double()`` copies, or (``fused``) the Triton tail with anchors as per-row weights."""
+    if not fused:
+        # The KL of two close softmaxes is a small difference of large terms: float32 would lose
+        # ~1e-4 of it, so the N x N part runs in float64 (negligible next to the Gram).
+        loss = reference.similarity_kl_from_gram(g_source.double(), g_adapted.double(), tau=tau,
+                                                 direction=direction, reduction=reduction, anchors=anchors)
+        return loss.to(g_adapted.dtype)
+    n = g_adapted.shape[0]
+    weights = None
+    rows = n
+    if anchors is not None:
+        anchors = anchors.to(g_adapted.device).reshape(-1)
+        rows = anchors.numel()
+        weights = torch.zeros(n, dtype=torch.float64, device=g_adapted.device).index_add_(
+            0, anchors, torch.ones(rows, dtype=torch.float64, device=g_adapted.device))
+    scale = {"mean": 1.0 / (rows * (n - 1)), "batchmean": 1.0 / rows, "sum": 1.0}[reduction]
+    return torch.ops.dsfast_triton.similarity_kl(g_source, g_adapted, weights, float(tau),
+                                                 direction == "source||adapted", scale)
+
+
 def similarity_kl(
     op: str,
     gram_fn,
@@ -78,8 +153,11 @@ def similarity_kl(
     detach_source: bool,
     anchors,
     check_finite: bool | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Shared body of the pairwise losses (arguments already checked): Gram of each side, then the N x N KL."""
+    """Shared body of the pairwise losses (arguments already checked): Gram of each side, then the N x N KL.
+
+    ``backend``: the one that computed the Grams (decides the tail, see :func:`fused_tail`)."""
     if detach_source:
         with torch.no_grad():
             g_source = gram_fn(source)
@@ -88,17 +166,9 @@ def similarity_kl(
     g_adapted = gram_fn(adapted)
     check_finite_gram(op, "source", g_source, check_finite)
     check_finite_gram(op, "adapted", g_adapted, check_finite)
-    # The KL of two close softmaxes is a small difference of large terms: float32 would lose
-    # ~1e-4 of it, so the N x N part runs in float64 (negligible next to the Gram).
-    loss = reference.similarity_kl_from_gram(
-        g_source.double(),
-        g_adapted.double(),
-        tau=tau,
-        direction=direction,
-        reduction=reduction,
-        anchors=sample_anchors(anchors, source.shape[0], source.device),
-    )
-    return loss.to(g_adapted.dtype)
+    return similarity_kl_tail(g_source, g_adapted, tau=tau, direction=direction, reduction=reduction,
+                              anchors=sample_anchors(anchors, source.shape[0], source.device),
+                              fused=fused_tail(backend or "torch", g_adapted.device))
 
 
 def pairwise_similarity_kl(
@@ -133,5 +203,5 @@ def pairwise_similarity_kl(
     return similarity_kl(
         op, gram_fn, source, adapted,
         tau=tau, direction=direction, reduction=reduction, detach_source=detach_source, anchors=anchors,
-        check_finite=check_finite,
+        check_finite=check_finite, backend=chosen,
     )
