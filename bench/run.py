@@ -347,7 +347,8 @@ def device_section(device_dir: str, rel: str) -> str:
     out = [f"### {meta['device']} ({meta['device_type']})", ""]
     out.append(f"torch {meta['torch']}, triton {meta.get('triton')}, dsfast {meta.get('dsfast')}, "
                f"commit `{(meta.get('git_commit') or '?')[:10]}`{' (dirty)' if meta.get('git_dirty') else ''}, "
-               f"{meta['threads']} thread(s), run {meta['run_id']}, suite `{meta['suite']}`."
+               f"{meta['threads']} thread(s), run {meta['run_id']}, suite `{meta['suite']}`"
+               + (", timed in thread CPU time (`--clock thread`)." if meta.get("clock") == "thread" else ".")
                + (f" Copy bandwidth measured in the run: {meta['copy_gbps']:.1f} GB/s." if meta.get("copy_gbps") else ""))
     out.append("")
     if kernels:
@@ -522,6 +523,9 @@ def main(argv=None):
                     help="GPU: skip rows whose inputs together exceed this (default 4 GiB)")
     ap.add_argument("--models", default=None, help="training models (cpu: tiny; gpu-train: adm256,sd15,sdxl)")
     ap.add_argument("--no-training", action="store_true", help="cpu suite: skip the training step")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="cpu suite: 'thread' times the calling thread's CPU time (needs --threads 1; for a "
+                         "machine shared with other jobs)")
     ap.add_argument("--headline-only", action="store_true",
                     help="cpu suite: only the N=16, 3x256x256, float32 rows (with torch.compile where planned)")
     ap.add_argument("--no-batch-search", action="store_true", help="gpu-train: skip the largest micro-batch search")
@@ -554,6 +558,8 @@ def main(argv=None):
             return 2
         device = torch.device("cuda", torch.cuda.current_device())
     threads = args.threads or (os.cpu_count() if device.type == "cpu" else torch.get_num_threads())
+    if args.clock == "thread" and (device.type != "cpu" or threads != 1):
+        ap.error("--clock thread needs the cpu suite and --threads 1")
     torch.set_num_threads(threads)
     budget = args.time_budget or {"cpu": 480, "gpu": 450, "gpu-train": 500}[suite]
     if args.quick:
@@ -562,6 +568,7 @@ def main(argv=None):
     deadline = t_start + budget
 
     env = environment(device, suite, threads)
+    env["clock"] = args.clock
     device_dir = os.path.join(args.results_dir, slugify(env["device"]))
     tag = suite + (f"-{slugify(args.tag)}" if args.tag else "") + ("-quick" if args.quick else "")
     print(f"dsfast bench --suite {tag}: {env['device']}, torch {env['torch']}, {threads} thread(s), "
@@ -581,8 +588,8 @@ def main(argv=None):
             providers = [p for p in providers if p not in ("compile", "pytorch_wavelets", "ptwt")]
         if device.type == "cpu":
             plan = cpu_plan(providers, ops, args.quick, args.headline_only)
-            timer = (kernels.Timer(device, min_time=0.002, min_reps=2, max_reps=3) if args.quick
-                     else kernels.Timer(device, min_time=0.1, min_reps=5, max_reps=25))
+            timer = (kernels.Timer(device, min_time=0.002, min_reps=2, max_reps=3, clock=args.clock) if args.quick
+                     else kernels.Timer(device, min_time=0.1, min_reps=5, max_reps=25, clock=args.clock))
             max_input = None
         else:
             ns = [int(v) for v in args.n.split(",")] if args.n else ALL_NS
@@ -591,7 +598,7 @@ def main(argv=None):
             plan = gpu_plan(providers, ops, ns, shapes, dtypes, args.quick)
             timer = kernels.Timer(device, min_time=0.01, min_reps=5, max_reps=30)
             max_input = int(args.max_input_gib * 2**30)
-        copy_gbps = kernels.copy_bandwidth_gbps(device)
+        copy_gbps = kernels.copy_bandwidth_gbps(device, clock=args.clock)
         env["copy_gbps"] = copy_gbps
         print(f"copy bandwidth: {copy_gbps:.1f} GB/s; {len(plan)} plan entries")
         writer = Writer(os.path.join(device_dir, f"kernels-{tag}.jsonl"))
