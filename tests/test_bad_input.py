@@ -12,13 +12,18 @@ def batch(n=4, c=3, h=8, w=8, dtype=torch.float32):
     return torch.randn(n, c, h, w, dtype=dtype)
 
 
-PAIRWISE_OPS = [ops.pairwise_similarity_kl, ops.hf_pairwise_similarity_kl]
+def domainstudio_loss(source, adapted, **kwargs):
+    return ops.domainstudio_loss(source, adapted, adapted.detach(), **kwargs).total
+
+
+PAIRWISE_OPS = [ops.pairwise_similarity_kl, ops.hf_pairwise_similarity_kl, domainstudio_loss]
 IMAGE_OPS = [
     lambda x, b: ops.haar_dwt2(x, backend=b),
     lambda x, b: ops.haar_wavedec2(x, 1, backend=b),
     lambda x, b: ops.high_frequency(x, backend=b),
     lambda x, b: ops.hf_mse(x, x, backend=b),
     lambda x, b: ops.hf_pairwise_similarity_kl(x, x, backend=b),
+    lambda x, b: ops.domainstudio_loss(x, x, x, backend=b),
 ]
 
 
@@ -90,6 +95,14 @@ def test_empty(op, backend):
 def test_wrong_rank(op, backend):
     with pytest.raises(ValueError, match=r"shape \(N, C, H, W\)"):
         op(torch.zeros(3, 8, 8), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_domainstudio_real_mismatch(backend):
+    with pytest.raises(ValueError, match="`adapted` and `real` must have the same shape"):
+        ops.domainstudio_loss(batch(), batch(), batch(h=4), backend=backend)
+    with pytest.raises(TypeError, match="`adapted` and `real` must have the same dtype"):
+        ops.domainstudio_loss(batch(), batch(), batch(dtype=torch.float64), backend=backend)
 
 
 def test_wavedec_levels_need_divisible_sizes():

@@ -22,6 +22,9 @@ def samples(device, dtype):
         "gram_backward": (gram_grad, rand(5, 24)),
         "hf_gram": (rand(5, 2, 4, 6, grad=True), WEIGHTS),
         "hf_gram_backward": (gram_grad, rand(5, 2, 4, 6), WEIGHTS),
+        "domainstudio_grams": (rand(5, 2, 4, 6, grad=True), rand(5, 2, 4, 6), WEIGHTS),
+        "domainstudio_grams_backward": (gram_grad, gram_grad.T.contiguous(), gram_grad[0, 0], rand(5, 2, 4, 6),
+                                        rand(5, 2, 4, 6), WEIGHTS),
     }
 
 
@@ -29,5 +32,9 @@ def samples(device, dtype):
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_opcheck(device, backend, dtype):
     namespace = torch.ops.dsfast_triton if backend == "triton" else torch.ops.dsfast
-    for name, args in samples(device, dtype).items():
+    cases = list(samples(device, dtype).items())
+    # no target: the hf-MSE sum is |hf(x)|^2
+    cases.append(("domainstudio_grams", (cases[-2][1][0], None, WEIGHTS)))
+    cases.append(("domainstudio_grams_backward", cases[-2][1][:4] + (None, WEIGHTS)))
+    for name, args in cases:
         torch.library.opcheck(getattr(namespace, name).default, args)

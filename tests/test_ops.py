@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import pywt
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsfast import ops, reference
 from tests.conftest import BACKEND_CASES
@@ -89,6 +90,16 @@ OP_CASES = {
     },
     "hf_pairwise_similarity_kl[pywt]": (
         lambda b: lambda s, a: ops.hf_pairwise_similarity_kl(s, a, stencil="pywt", backend=b), images(2)
+    ),
+    **{
+        f"domainstudio_loss[{i}]": (
+            lambda b, o=o: lambda s, a, r: ops.domainstudio_loss(s, a, r, backend=b, **o), images(3)
+        )
+        for i, o in enumerate(PAIRWISE_OPTIONS + [dict(stencil="pywt", lambda_img=0.5)])
+    },
+    # a zero weight: the separate ops (the skipped term is a constant 0, so only the total is compared)
+    "domainstudio_loss[no-hf]": (
+        lambda b: lambda s, a, r: ops.domainstudio_loss(s, a, r, lambda_hf=0, backend=b).total, images(3)
     ),
 }
 
@@ -195,7 +206,7 @@ def test_backend_matches_reference_fp32(device, backend, name, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["haar_dwt2", "high_frequency[domainstudio]", "pairwise_similarity_kl[0]", "hf_pairwise_similarity_kl[0]", "hf_mse"])
+@pytest.mark.parametrize("name", ["haar_dwt2", "high_frequency[domainstudio]", "pairwise_similarity_kl[0]", "hf_pairwise_similarity_kl[0]", "hf_mse", "domainstudio_loss[0]"])
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_backend_half_precision(device, backend, name, dtype):
     make, build = OP_CASES[name]
@@ -253,6 +264,33 @@ def test_torch_compile_fullgraph(device, backend):
     (out,), grads = forward_backward(torch.compile(loss, fullgraph=True, backend="aot_eager"), [s, a], seed)
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grads[1], eager_grads[1], rtol=1e-5, atol=1e-7)
+
+
+class RecordOps(TorchDispatchMode):
+    """The names of the ops dispatched while active."""
+
+    def __enter__(self):
+        self.names = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_domainstudio_loss_reads_each_batch_once(device, backend):
+    """With every term on, the loss is one domainstudio_grams per batch forward and one backward."""
+    gen, _ = fresh_generator()
+    s, a, r = (torch.randn(IMAGE, generator=gen).to(device) for _ in range(3))
+    a.requires_grad_()
+    with RecordOps() as forward:
+        total = ops.domainstudio_loss(s, a, r, backend=backend).total
+    with RecordOps() as backward:
+        total.backward()
+    kernels = [n for n in forward.names + backward.names if n.startswith("dsfast")]
+    namespace = "dsfast_triton" if backend == "triton" else "dsfast"
+    assert kernels == [f"{namespace}.domainstudio_grams.default"] * 2 + [f"{namespace}.domainstudio_grams_backward.default"]
 
 
 def test_torch_compile_inductor_domainstudio_loss():

@@ -40,6 +40,7 @@ def _load_kernels():
 
 _load_kernels()
 from dsfast.kernels import _launch  # noqa: E402
+from dsfast.kernels import domainstudio_loss as K_ds  # noqa: E402
 from dsfast.kernels import haar_dwt2 as K_haar  # noqa: E402
 from dsfast.kernels import hf_pairwise_similarity_kl as K_hfgram  # noqa: E402
 from dsfast.kernels import high_frequency as K_hf  # noqa: E402
@@ -312,6 +313,65 @@ def test_hf_gram_multi_tile(monkeypatch, n, splits):
     x = _rand((n, 3, 8, 6), torch.float32, _seed("hfgram-mt", n, splits), noncontig=True)
     hf = _hf_flat(x, "domainstudio")
     _check(K_hfgram.hf_gram(x, R.STENCILS["domainstudio"]), hf @ hf.T, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# domainstudio_grams / domainstudio_grams_backward
+# --------------------------------------------------------------------------------------------------
+def _ds_reference(x, t, stencil, grads=None):
+    """(image Gram, hf Gram, hf-MSE sum) in float64 and, for cotangents ``grads``, the gradient in x."""
+    x64 = x.double().cpu().requires_grad_(True)
+    hf = R.high_frequency(x64, stencil)
+    diff = hf if t is None else hf - R.high_frequency(t.double().cpu(), stencil)
+    flat, hf_flat = x64.reshape(x.shape[0], -1), hf.reshape(x.shape[0], -1)
+    outs = (flat @ flat.T, hf_flat @ hf_flat.T, diff.pow(2).sum())
+    if grads is None:
+        return outs
+    torch.autograd.backward(outs, grads)
+    return x64.grad
+
+
+DS_CASES = [((3, 1, 4, 6), torch.float32), ((5, 3, 8, 8), torch.float64), ((17, 3, 16, 10), torch.bfloat16),
+            ((5, 1, 16, 10), torch.float16)]
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+@pytest.mark.parametrize("shape,dtype", DS_CASES, ids=[f"{'x'.join(map(str, s))}-{d}" for s, d in DS_CASES])
+def test_domainstudio_grams(shape, dtype, with_target):
+    gen = _seed("ds", shape, str(dtype), with_target)
+    x = _rand(shape, dtype, gen, noncontig=shape[0] == 5)
+    t = _rand(shape, dtype, gen, noncontig=shape[0] == 3) if with_target else None
+    for out, ref in zip(K_ds.domainstudio_grams(x, t, R.STENCILS["pywt"]), _ds_reference(x, t, "pywt")):
+        _check(out, ref, _gram_tol_dtype(dtype), _gram_dtype(dtype))
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+@pytest.mark.parametrize("shape,dtype", DS_CASES, ids=[f"{'x'.join(map(str, s))}-{d}" for s, d in DS_CASES])
+def test_domainstudio_grams_backward(shape, dtype, with_target):
+    n = shape[0]
+    gen = _seed("dsb", shape, str(dtype), with_target)
+    x = _rand(shape, dtype, gen, noncontig=n == 5)
+    t = _rand(shape, dtype, gen) if with_target else None
+    grads = (torch.randn((n, n), generator=gen, dtype=torch.float64),
+             torch.randn((n, n), generator=gen, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
+    ref = _ds_reference(x, t, "domainstudio", grads)
+    gi, gh, gs = (g.to(_gram_dtype(dtype)).to(DEVICE) for g in grads)
+    out = K_ds.domainstudio_grams_backward(gi.T.contiguous().T, gh, gs, x, t, R.STENCILS["domainstudio"])
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
+def test_domainstudio_grams_multi_tile(monkeypatch, splits):
+    """Off-diagonal tile pairs (which must not add to the hf-MSE sum), the mirrored halves, split-K."""
+    monkeypatch.setattr(K_ds, "hf_gram_config", _forced_gram_config(16, 16, splits))
+    monkeypatch.setattr(K_ds, "gram_backward_config", lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4))
+    gen = _seed("ds-mt", splits)
+    x, t = (_rand((33, 3, 8, 6), torch.float32, gen, noncontig=True) for _ in range(2))
+    for out, ref in zip(K_ds.domainstudio_grams(x, t, R.STENCILS["domainstudio"]), _ds_reference(x, t, "domainstudio")):
+        _check(out, ref, torch.float32)
+    grads = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in ((33, 33), (33, 33), ()))
+    out = K_ds.domainstudio_grams_backward(*(g.float() for g in grads), x, t, R.STENCILS["domainstudio"])
+    _check(out, _ds_reference(x, t, "domainstudio", grads), torch.float32)
 
 
 @pytest.mark.parametrize("n", [17, 33])

@@ -86,6 +86,13 @@ def similarity_kl(
     else:
         g_source = gram_fn(source)
     g_adapted = gram_fn(adapted)
+    return kl_from_grams(op, g_source, g_adapted, tau=tau, direction=direction, reduction=reduction,
+                         anchors=anchors, check_finite=check_finite)
+
+
+def kl_from_grams(op: str, g_source, g_adapted, *, tau: float, direction: str, reduction: str, anchors,
+                  check_finite: bool | None = None) -> torch.Tensor:
+    """The N x N tail shared by every pairwise loss: finite check, then the KL of the two Grams."""
     check_finite_gram(op, "source", g_source, check_finite)
     check_finite_gram(op, "adapted", g_adapted, check_finite)
     # The KL of two close softmaxes is a small difference of large terms: float32 would lose
@@ -96,7 +103,7 @@ def similarity_kl(
         tau=tau,
         direction=direction,
         reduction=reduction,
-        anchors=sample_anchors(anchors, source.shape[0], source.device),
+        anchors=sample_anchors(anchors, g_source.shape[0], g_source.device),
     )
     return loss.to(g_adapted.dtype)
 
