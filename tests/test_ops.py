@@ -10,7 +10,9 @@ import pywt
 import torch
 
 from dsfast import ops, reference
-from tests.conftest import BACKEND_CASES, REQUIRED_BACKENDS, assert_close_in_low_precision, missing_backends
+from tests.conftest import (
+    BACKEND_CASES, REQUIRED_BACKENDS, assert_close_in_low_precision, interpreter_atol, missing_backends,
+)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -195,11 +197,7 @@ HALF_OPS = ["haar_dwt2", "haar_idwt2", "high_frequency[domainstudio]", "hf_mse",
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
-def half_atol(name: str, dtype: torch.dtype, device: str, backend: str, scalar: bool) -> float:
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        # The Triton interpreter converts float32 to bfloat16 by truncation toward zero (a GPU rounds
-        # to nearest even): up to one ulp per element, and a one-sided bias in sums (hf_mse).
-        return 2 * UNIT_ROUNDOFF[dtype]
+def half_atol(name: str, dtype: torch.dtype, scalar: bool) -> float:
     if scalar and name != "pairwise_similarity_kl[0]":
         # PyTorch rounds intermediates (the difference in hf_mse, the stencil sum, the hf map before
         # the Gram) to the half dtype, the fused kernels keep them in float32: a sum of many roundings
@@ -226,7 +224,7 @@ def test_backend_half_precision(device, backend, name, dtype, gen, seed):
                                                   ref_outs + list(ref_grads))):
         assert (out is None) == (ref is None)
         if out is not None:
-            atol = half_atol(name, dtype, device, backend, scalar=out.dim() == 0)
+            atol = interpreter_atol(dtype, device, backend, half_atol(name, dtype, scalar=out.dim() == 0))
             assert_close_in_low_precision(out, torch_out, ref, k=2.0, atol=atol, msg=f"{name} {dtype} on {backend}, output {i}")
 
 
