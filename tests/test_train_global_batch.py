@@ -20,6 +20,8 @@ from dsfast.train.methods import UnconditionalMethod
 from dsfast.train.step import run_step
 from dsfast.train.testing import make_unconditional_pipeline, tiny_config, write_images
 
+pytestmark = pytest.mark.slow
+
 BATCH = 4
 
 
