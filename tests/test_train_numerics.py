@@ -77,3 +77,50 @@ def test_zero_stages_match_zero0(uncond, tmp_path, over):
     got = update(train(cfg, *over), root / "model")
     assert max(float(v.abs().max()) for v in want.values()) > 1e-4  # the steps moved the weights
     assert rel_diff(got, want) <= 1e-5, rel_diff(got, want)
+
+
+# -- text-to-image DomainStudio and DreamBooth on a tiny Stable-Diffusion-family pipeline ------
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("numerics_sd")
+    make_sd_pipeline(root / "model")
+    write_images(root / "imgs", 4, size=16)
+    write_images(root / "class", 4, size=16, seed=1)  # class images given, so none are generated
+    return root
+
+
+def sd_config(root, out, **over):
+    return tiny_config(out, root / "model", root / "imgs", data__instance_prompt="a sks dog",
+                       data__class_prompt="a dog", data__class_dir=str(root / "class"), data__num_class_images=4,
+                       sample__num=2, **{**SGD_LIKE, **over})
+
+
+def test_text2image_domainstudio_is_invariant_to_micro_batches(sd, tmp_path):
+    """One batch of 4 and 2 accumulated micro-batches of 2 give the same loss terms and update (the
+    pairwise terms see the global batch)."""
+    runs = {m: train(sd_config(sd, tmp_path / f"micro{m}", train__max_steps=2, train__batch_size=4,
+                               train__micro_batch_size=m)) for m in (4, 2)}
+    want, got = metrics(runs[4]), metrics(runs[2])
+    assert want[0]["image"] > 0 and want[0]["hf"] > 0
+    for a, b in zip(got, want):
+        for k in ("loss", "instance", "prior", "image", "hf", "hfmse"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-9), (a["step"], k)
+    assert rel_diff(update(runs[2], sd / "model"), update(runs[4], sd / "model")) <= 1e-5
+
+
+def test_dreambooth_loss_is_instance_plus_weighted_prior(sd, tmp_path):
+    """loss = mse(inst) + λ·mse(prior): the logged terms add up and do not depend on λ (same draws), and
+    the update is affine in λ with a non-zero prior part, U(λ) = U_inst + λ·U_prior, from runs at λ = ½, 1, 2."""
+    lams = (0.5, 1.0, 2.0)
+    runs = {lam: train(sd_config(sd, tmp_path / f"prior{lam}", method="dreambooth", loss__prior=lam,
+                                 train__max_steps=1, train__batch_size=1)) for lam in lams}
+    logs = {lam: metrics(run)[0] for lam, run in runs.items()}
+    for lam, m in logs.items():
+        assert m["loss"] == pytest.approx(m["instance"] + lam * m["prior"], rel=1e-6), lam
+        assert (m["instance"], m["prior"]) == pytest.approx((logs[1.0]["instance"], logs[1.0]["prior"]), rel=1e-6)
+    u = {lam: update(run, sd / "model") for lam, run in runs.items()}
+    prior_part = {k: u[2.0][k] - u[1.0][k] for k in u[1.0]}  # 1·U_prior
+    half_step = {k: 2 * (u[1.0][k] - u[0.5][k]) for k in u[1.0]}  # 2·0.5·U_prior
+    size = max(float(v.abs().max()) for v in u[1.0].values())
+    assert max(float(v.abs().max()) for v in prior_part.values()) > 1e-2 * size  # the prior term moves the weights
+    assert rel_diff(half_step, prior_part) <= 1e-3, rel_diff(half_step, prior_part)
