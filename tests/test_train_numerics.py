@@ -26,7 +26,7 @@ RUN = "import json, sys; from dsfast.train import train; train(json.loads(sys.ar
 def train(cfg: dict, *overrides):
     """``dsfast.train.train`` in a fresh process; returns the run folder."""
     p = subprocess.run([sys.executable, "-c", RUN, json.dumps(cfg), *overrides], env=subprocess_env(),
-                       capture_output=True, text=True, timeout=400)
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     return cfg["output_dir"]
 
