@@ -71,12 +71,13 @@ def uncond(tmp_path_factory):
     ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"],
 ], ids=["zero1", "zero2", "zero3", "zero2_offload"])
 def test_zero_stages_match_zero0(uncond, tmp_path, over):
-    """Two optimizer steps under each ZeRO stage give ZeRO-0's parameter update to 1e-5 of its size."""
+    """Two optimizer steps under each ZeRO stage give ZeRO-0's parameter update to 1e-4 of its size (float32
+    rounding of the small updates: ZeRO-3 measured 1.2e-5; a broken config measured 1.0)."""
     root, want = uncond
     cfg = tiny_config(tmp_path, root / "model", root / "imgs", train__max_steps=2, **SGD_LIKE)
     got = update(train(cfg, *over), root / "model")
     assert max(float(v.abs().max()) for v in want.values()) > 1e-4  # the steps moved the weights
-    assert rel_diff(got, want) <= 1e-5, rel_diff(got, want)
+    assert rel_diff(got, want) <= 1e-4, rel_diff(got, want)
 
 
 # -- text-to-image DomainStudio and DreamBooth on a tiny Stable-Diffusion-family pipeline ------
