@@ -283,14 +283,15 @@ SHAPES = {
 }
 WEIGHTS = (0.5, -0.5, -0.5, 0.5)
 OPS = ("haar_dwt2", "haar_idwt2", "high_frequency", "high_frequency_backward", "gram", "gram_backward", "hf_gram",
-       "hf_gram_backward")
+       "hf_gram_backward", "domainstudio_grams", "domainstudio_grams_backward")
 # Kernels whose work is a matrix product: their fp32/bf16/fp16 dots must run on the tensor cores.
 DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_backward_kernel")
 
 
 def launchers():
     """name -> function(x) calling one public launcher of dsfast.kernels on meta tensor x (N, C, H, W)."""
-    from dsfast.kernels import haar_dwt2, hf_pairwise_similarity_kl, high_frequency, pairwise_similarity_kl
+    from dsfast.kernels import domainstudio_loss, haar_dwt2, hf_pairwise_similarity_kl, high_frequency, \
+        pairwise_similarity_kl
 
     def half(x):  # (N, C, H/2, W/2)
         return (*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
@@ -309,6 +310,10 @@ def launchers():
         "gram_backward": lambda x: pairwise_similarity_kl.gram_backward(gram_grad(x), x),
         "hf_gram": lambda x: hf_pairwise_similarity_kl.hf_gram(x, WEIGHTS),
         "hf_gram_backward": lambda x: hf_pairwise_similarity_kl.hf_gram_backward(gram_grad(x), x, WEIGHTS),
+        # with a target (the adapted batch; the source batch's call has none)
+        "domainstudio_grams": lambda x: domainstudio_loss.domainstudio_grams(x, torch.empty_like(x), WEIGHTS),
+        "domainstudio_grams_backward": lambda x: domainstudio_loss.domainstudio_grams_backward(
+            gram_grad(x), gram_grad(x), gram_grad(x)[0, 0], x, torch.empty_like(x), WEIGHTS),
     }
 
 
