@@ -4,7 +4,7 @@ PY      ?= .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(dir $(PY)).dsfast-installed
 
-.PHONY: install install-offline test test-triton-oldest test-gpu bench bench-gpu demo clean
+.PHONY: install install-offline test test-fast test-triton-oldest test-gpu bench bench-gpu demo clean
 
 install: $(STAMP)
 
@@ -22,8 +22,15 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc
 	touch $(STAMP)
 	@test ! -f $(dir $(PY))activate || echo "dsfast is installed in $(dir $(PY)): run 'source $(dir $(PY))activate' to put the dsfast command on PATH."
 
+# DSFAST_REQUIRE_BACKENDS: a missing C++ extension or Triton fails the run instead of skipping.
+TEST_ENV := DSFAST_REQUIRE_BACKENDS=cpp,triton
+
 test: install test-triton-oldest
-	$(PY) -m pytest tests -q
+	$(TEST_ENV) $(PY) -m pytest tests -q
+
+# The fast set for development (a minute or two): no trainer launches, nvcc or inductor compiles.
+test-fast: install
+	$(TEST_ENV) $(PY) -m pytest tests -q -m "not slow"
 
 # The GPU compile tests (sm_80/sm_90, no GPU needed) against the oldest supported Triton, in a side
 # environment with only CPU torch, that Triton, numpy and pytest (dsfast from this tree, no extension).

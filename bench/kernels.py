@@ -3,7 +3,8 @@
 Timing
 ------
 CPU: ``time.perf_counter`` around each call, thread count fixed with ``torch.set_num_threads`` and
-recorded. GPU: a CUDA event pair around each call, the L2 cache flushed (a 256 MiB buffer zeroed)
+recorded; ``--clock thread`` (one thread only) times the CPU time of the calling thread instead, which
+on a machine shared with other jobs leaves out their time slices. GPU: a CUDA event pair around each call, the L2 cache flushed (a 256 MiB buffer zeroed)
 before each call outside the events, as ``triton.testing.do_bench`` does. Each measurement warms up
 (the first call also compiles, for ``torch.compile``; that time is recorded as ``warmup_s``), then
 repeats until ``min_time`` seconds and ``min_reps`` calls (at most ``max_reps``; calls slower than
@@ -60,8 +61,11 @@ class Timer:
     """Times zero-argument callables on one device; ``settings`` from the suite."""
 
     def __init__(self, device: torch.device, *, min_time: float, min_reps: int, max_reps: int, warmup: int = 1,
-                 slow: float = 0.25):
+                 slow: float = 0.25, clock: str = "wall"):
         self.device, self.slow = device, slow
+        # CPU "thread": CPU time of the calling thread (single-threaded runs on a shared machine,
+        # where wall time also counts the other processes' time slices).
+        self.clock = time.thread_time if clock == "thread" else time.perf_counter
         self.min_time, self.min_reps, self.max_reps, self.warmup = min_time, min_reps, max_reps, warmup
         self._flush = None
         if device.type == "cuda":
@@ -81,9 +85,9 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
+        t0 = self.clock()
         fn(*state)
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
     def measure(self, fn, setup=None) -> dict:
         """Warm up, then time ``fn`` repeatedly (``fn(setup())`` when ``setup`` is given); seconds."""
@@ -178,13 +182,13 @@ def cuda_peak_extra_bytes(fn, device, setup=None) -> int:
     return peak - base
 
 
-def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> float:
+def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, clock: str = "wall") -> float:
     """Same-device copy bandwidth (read + write), GB/s (1e9 bytes/s)."""
     if nbytes is None:
         nbytes = 1 * 2**30 if device.type == "cuda" else 128 * 2**20
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    timer = Timer(device, min_time=0.2, min_reps=5, max_reps=50, warmup=2)
+    timer = Timer(device, min_time=0.2, min_reps=5, max_reps=50, warmup=2, clock=clock)
     t = timer.measure(lambda: dst.copy_(src))["median_s"]
     del src, dst
     return 2 * nbytes / t / 1e9

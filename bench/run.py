@@ -112,11 +112,12 @@ def _parse_shape(s: str) -> tuple[int, int, int]:
     return c, h, w
 
 
-def cpu_plan(providers: list[str], ops: list[str], quick: bool):
+def cpu_plan(providers: list[str], ops: list[str], quick: bool, headline_only: bool = False):
     """The reduced CPU sweep (<= 10 min on 2 cores), most important first, so a slow machine's time budget
     cuts the last rows: the headline row (N=16, 3x256x256, fp32, fused hf-KL fwd+bwd: C++ vs eager
     reference vs official vs torch.compile), every op at that configuration (float32 and bfloat16),
-    N in {4, 16, 64, 256} at 3x64x64 (memory vs N), N=16 at 4x64x64, 4x128x128, 3x512x512 (time vs size)."""
+    N in {4, 16, 64, 256} at 3x64x64 (memory vs N), N=16 at 4x64x64, 4x128x128, 3x512x512 (time vs size).
+    ``headline_only``: the float32 rows at N=16, 3x256x256 only (torch.compile of DomainStudioLoss included)."""
     base = [p for p in providers if p != "compile"]
     fp32, bf16 = torch.float32, torch.bfloat16
     if quick:
@@ -129,6 +130,8 @@ def cpu_plan(providers: list[str], ops: list[str], quick: bool):
     plan.append((16, 3, 256, 256, fp32, rest, base))
     if "compile" in providers and "domainstudio_loss" in rest:
         plan.append((16, 3, 256, 256, fp32, ["domainstudio_loss"], ["compile"]))  # reference: just above
+    if headline_only:
+        return plan
     plan.append((16, 3, 256, 256, bf16, ops, base))
     for n in (4, 16, 64, 256):  # memory vs N (all four N of the issue, at the smallest shape)
         plan.append((n, 3, 64, 64, fp32, ops, base))
@@ -303,6 +306,38 @@ def _skip_summary(rows) -> str:
     return "\n".join(f"- {status}, {n} rows: {reason}" for (status, reason), n in sorted(counts.items()))
 
 
+FUSED_OPS = ("hf_pairwise_similarity_kl", "domainstudio_loss")
+
+
+def domainstudio_summary(rows: list[dict], copy_gbps: float | None) -> str:
+    """The one-pass DomainStudio loss against torch.compile(reference), and the fused ops' share of the
+    copy bandwidth measured in the same run (minimum-traffic bytes: each input read once, each output
+    written once per pass)."""
+    ok = {(r["op"], r["pass"], r["provider"]): r for r in rows if r.get("status") == "ok"}
+    dsfast = sorted({p for (_, _, p) in ok if p.startswith("dsfast-") and p != "dsfast-torch"}, key=_provider_key)
+    if not dsfast or not any(op == "domainstudio_loss" for op, _, _ in ok):
+        return ""
+    lines = ["**One pass over the data** — the whole `DomainStudioLoss` (4·KL_img + 4·KL_hf + 1·hfMSE) against "
+             "`torch.compile(reference)`, and the fused ops' achieved bandwidth as a share of the copy bandwidth "
+             + (f"measured in the same run ({copy_gbps:.1f} GB/s, `dst.copy_(src)` of 128 MiB)" if copy_gbps else "")
+             + ":", "",
+             "| op | pass | provider | median ms | vs torch.compile | vs eager reference | ideal MB | GB/s | % copy BW |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for op in FUSED_OPS:
+        for pass_ in ("fwd", "bwd", "fwd+bwd"):
+            comp = ok.get((op, pass_, "compile"))
+            for p in dsfast:
+                r = ok.get((op, pass_, p))
+                if r is None:
+                    continue
+                vs_compile = f"{comp['median_s'] / r['median_s']:.2f}×" if comp else ""
+                lines.append(
+                    f"| {op} | {pass_} | {p} | {_fmt_ms(r['median_s'])} | {vs_compile} | "
+                    f"{_fmt(r.get('speedup_vs_reference'), '.2f')}× | {r['ideal_bytes'] / 1e6:.1f} | "
+                    f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('pct_copy_bw'), '.0f')} |")
+    return "\n".join(lines)
+
+
 def device_section(device_dir: str, rel: str) -> str:
     kernels = load_rows(device_dir, "kernels")
     train = load_rows(device_dir, "training")
@@ -312,7 +347,8 @@ def device_section(device_dir: str, rel: str) -> str:
     out = [f"### {meta['device']} ({meta['device_type']})", ""]
     out.append(f"torch {meta['torch']}, triton {meta.get('triton')}, dsfast {meta.get('dsfast')}, "
                f"commit `{(meta.get('git_commit') or '?')[:10]}`{' (dirty)' if meta.get('git_dirty') else ''}, "
-               f"{meta['threads']} thread(s), run {meta['run_id']}, suite `{meta['suite']}`."
+               f"{meta['threads']} thread(s), run {meta['run_id']}, suite `{meta['suite']}`"
+               + (", timed in thread CPU time (`--clock thread`)." if meta.get("clock") == "thread" else ".")
                + (f" Copy bandwidth measured in the run: {meta['copy_gbps']:.1f} GB/s." if meta.get("copy_gbps") else ""))
     out.append("")
     if kernels:
@@ -331,6 +367,9 @@ def device_section(device_dir: str, rel: str) -> str:
             out.append("")
             out.append(kernel_table(_order(headline), with_config=False))
             out.append("")
+        summary = domainstudio_summary(head, meta.get("copy_gbps"))
+        if summary:
+            out += [summary, ""]
         out.append(f"Every op at N={h0.get('n')}, {h0.get('shape')}, {h0.get('dtype')}: median ms (speed-up over "
                    f"the eager reference). Every row, with p20/p80, memory and GB/s: [`{rel}/table.md`]({rel}/table.md).")
         out.append("")
@@ -484,6 +523,11 @@ def main(argv=None):
                     help="GPU: skip rows whose inputs together exceed this (default 4 GiB)")
     ap.add_argument("--models", default=None, help="training models (cpu: tiny; gpu-train: adm256,sd15,sdxl)")
     ap.add_argument("--no-training", action="store_true", help="cpu suite: skip the training step")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="cpu suite: 'thread' times the calling thread's CPU time (needs --threads 1; for a "
+                         "machine shared with other jobs)")
+    ap.add_argument("--headline-only", action="store_true",
+                    help="cpu suite: only the N=16, 3x256x256, float32 rows (with torch.compile where planned)")
     ap.add_argument("--no-batch-search", action="store_true", help="gpu-train: skip the largest micro-batch search")
     ap.add_argument("--tag", default=None,
                     help="suffix of the output files (kernels-<suite>-<tag>.jsonl), to keep a split run's parts; "
@@ -514,6 +558,8 @@ def main(argv=None):
             return 2
         device = torch.device("cuda", torch.cuda.current_device())
     threads = args.threads or (os.cpu_count() if device.type == "cpu" else torch.get_num_threads())
+    if args.clock == "thread" and (device.type != "cpu" or threads != 1):
+        ap.error("--clock thread needs the cpu suite and --threads 1")
     torch.set_num_threads(threads)
     budget = args.time_budget or {"cpu": 480, "gpu": 450, "gpu-train": 500}[suite]
     if args.quick:
@@ -522,6 +568,7 @@ def main(argv=None):
     deadline = t_start + budget
 
     env = environment(device, suite, threads)
+    env["clock"] = args.clock
     device_dir = os.path.join(args.results_dir, slugify(env["device"]))
     tag = suite + (f"-{slugify(args.tag)}" if args.tag else "") + ("-quick" if args.quick else "")
     print(f"dsfast bench --suite {tag}: {env['device']}, torch {env['torch']}, {threads} thread(s), "
@@ -540,9 +587,9 @@ def main(argv=None):
         elif args.quick:
             providers = [p for p in providers if p not in ("compile", "pytorch_wavelets", "ptwt")]
         if device.type == "cpu":
-            plan = cpu_plan(providers, ops, args.quick)
-            timer = (kernels.Timer(device, min_time=0.002, min_reps=2, max_reps=3) if args.quick
-                     else kernels.Timer(device, min_time=0.1, min_reps=5, max_reps=25))
+            plan = cpu_plan(providers, ops, args.quick, args.headline_only)
+            timer = (kernels.Timer(device, min_time=0.002, min_reps=2, max_reps=3, clock=args.clock) if args.quick
+                     else kernels.Timer(device, min_time=0.1, min_reps=5, max_reps=25, clock=args.clock))
             max_input = None
         else:
             ns = [int(v) for v in args.n.split(",")] if args.n else ALL_NS
@@ -551,7 +598,7 @@ def main(argv=None):
             plan = gpu_plan(providers, ops, ns, shapes, dtypes, args.quick)
             timer = kernels.Timer(device, min_time=0.01, min_reps=5, max_reps=30)
             max_input = int(args.max_input_gib * 2**30)
-        copy_gbps = kernels.copy_bandwidth_gbps(device)
+        copy_gbps = kernels.copy_bandwidth_gbps(device, clock=args.clock)
         env["copy_gbps"] = copy_gbps
         print(f"copy bandwidth: {copy_gbps:.1f} GB/s; {len(plan)} plan entries")
         writer = Writer(os.path.join(device_dir, f"kernels-{tag}.jsonl"))

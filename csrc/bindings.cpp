@@ -15,6 +15,9 @@ TORCH_LIBRARY(dsfast, m) {
   m.def("gram_backward(Tensor grad_gram, Tensor x) -> Tensor");
   m.def("hf_gram(Tensor x, float[] weights) -> Tensor");
   m.def("hf_gram_backward(Tensor grad_gram, Tensor x, float[] weights) -> Tensor");
+  m.def("domainstudio_grams(Tensor x, Tensor? target, float[] weights) -> (Tensor, Tensor, Tensor)");
+  m.def("domainstudio_grams_backward(Tensor grad_image, Tensor grad_hf, Tensor grad_sse, Tensor x, "
+        "Tensor? target, float[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsfast, CPU, m) {
@@ -26,6 +29,8 @@ TORCH_LIBRARY_IMPL(dsfast, CPU, m) {
   m.impl("gram_backward", &dsfast::gram_backward);
   m.impl("hf_gram", &dsfast::cpu::hf_gram);
   m.impl("hf_gram_backward", &dsfast::cpu::hf_gram_backward);
+  m.impl("domainstudio_grams", &dsfast::cpu::domainstudio_grams);
+  m.impl("domainstudio_grams_backward", &dsfast::cpu::domainstudio_grams_backward);
 }
 
 // A Python extension module with no functions: `import dsfast._C` loads the shared library,

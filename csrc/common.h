@@ -60,12 +60,23 @@ inline std::array<double, 4> check_weights(c10::ArrayRef<double> w, const char* 
   return {w[0], w[1], w[2], w[3]};
 }
 
-inline void check_grad_gram(const at::Tensor& g, int64_t n, const at::Tensor& x, const char* op) {
-  check_float(g, op, "grad_gram");
-  TORCH_CHECK(g.dim() == 2 && g.size(0) == n && g.size(1) == n, op,
-              ": grad_gram must have shape (N, N) = (", n, ", ", n, "), got ", g.sizes());
-  TORCH_CHECK(g.device() == x.device(), op, ": grad_gram and x must be on the same device, got ",
+inline void check_grad_gram(const at::Tensor& g, int64_t n, const at::Tensor& x, const char* op,
+                            const char* name = "grad_gram") {
+  check_float(g, op, name);
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == n && g.size(1) == n, op, ": ", name,
+              " must have shape (N, N) = (", n, ", ", n, "), got ", g.sizes());
+  TORCH_CHECK(g.device() == x.device(), op, ": ", name, " and x must be on the same device, got ",
               g.device(), " and ", x.device());
+}
+
+// `t` has the shape, dtype and device of `x` (e.g. the target of a fused loss).
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x, got ", t.sizes(),
+              " and ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x, got ",
+              t.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x, got ",
+              t.device(), " and ", x.device());
 }
 
 // Number of hf-map rows (of width w = W/2) per chunk for the hf_gram kernels: the N x L panel

@@ -283,7 +283,8 @@ SHAPES = {
 }
 WEIGHTS = (0.5, -0.5, -0.5, 0.5)
 OPS = ("haar_dwt2", "haar_idwt2", "high_frequency", "high_frequency_backward", "gram", "gram_backward", "hf_gram",
-       "hf_gram_backward", "similarity_kl", "similarity_kl_backward")
+       "hf_gram_backward", "domainstudio_grams", "domainstudio_grams_backward",
+       "similarity_kl", "similarity_kl_backward")
 # The N x N tail keeps whole rows in registers: compiled (and spill-free) up to N=1024.
 TAIL_OPS = ("similarity_kl", "similarity_kl_backward")
 TAIL_SHAPES = ("small", "headline", "n1024")
@@ -293,7 +294,8 @@ DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_backwa
 
 def launchers():
     """name -> function(x) calling one public launcher of dsfast.kernels on meta tensor x (N, C, H, W)."""
-    from dsfast.kernels import haar_dwt2, hf_pairwise_similarity_kl, high_frequency, pairwise_similarity_kl
+    from dsfast.kernels import domainstudio_loss, haar_dwt2, hf_pairwise_similarity_kl, high_frequency, \
+        pairwise_similarity_kl
 
     def half(x):  # (N, C, H/2, W/2)
         return (*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
@@ -318,6 +320,10 @@ def launchers():
         "similarity_kl_backward": lambda x: pairwise_similarity_kl.similarity_kl_backward(
             gram_grad(x)[0, 0], gram_grad(x), gram_grad(x), x.new_empty(x.shape[0], dtype=torch.float64), 1.0,
             False, 0.01),
+        # with a target (the adapted batch; the source batch's call has none)
+        "domainstudio_grams": lambda x: domainstudio_loss.domainstudio_grams(x, torch.empty_like(x), WEIGHTS),
+        "domainstudio_grams_backward": lambda x: domainstudio_loss.domainstudio_grams_backward(
+            gram_grad(x), gram_grad(x), gram_grad(x)[0, 0], x, torch.empty_like(x), WEIGHTS),
     }
 
 

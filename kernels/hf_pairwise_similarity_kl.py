@@ -22,18 +22,24 @@ import triton
 import triton.language as tl
 
 from ._launch import accumulate_dtype, check_float, interpreter_tiles, new_output, next_pow2, weights_tensor
-from .pairwise_similarity_kl import (dot_precision, dot_tiles, gram_backward_config, gram_config, gram_tile,
-                                     launch_gram, panel_block)
+from .pairwise_similarity_kl import (GramConfig, dot_precision, dot_tiles, gram_backward_config, gram_config,
+                                     gram_tile, hf_rows, launch_gram, stencil_panel)
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _hf_gram_backward_kernel(g_ptr, x_ptr, w_ptr, out_ptr, N, chunks_w, h, w, s_g0, s_g1, s_n, s_c, s_h, s_w, s_out,
-                             COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grad_x blocks at positions P of samples R: (sum_k (g[R, k] + g[k, R]) hf[k, P]) * (wa, wb, wc, wd)."""
+def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, w_ptr, out_ptr, N, chunks_w, h, w,
+                             s_g0, s_g1, s_gi0, s_gi1, s_n, s_c, s_h, s_w, t_n, t_c, t_h, t_w, s_out,
+                             DS: tl.constexpr, TARGET: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad_x blocks at positions P of samples R: (sum_k (g[R, k] + g[k, R]) hf[k, P]) * (wa, wb, wc, wd).
+
+    ``DS`` (the one-pass DomainStudio backward): plus ``(Gi + Giᵀ) x`` at those pixels (Gi at gi_ptr, from
+    the input rows loaded for hf) and ``2 g_sse (hf(x) - hf(t))[R, P] * (wa, wb, wc, wd)`` (g_sse at gs_ptr;
+    ``hf(x)`` without TARGET).
+    """
     # 1-D grid, row tiles fastest: the row tiles of one position panel run together and share x in L2
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(N, BLOCK_M)
@@ -47,6 +53,9 @@ def _hf_gram_backward_kernel(g_ptr, x_ptr, w_ptr, out_ptr, N, chunks_w, h, w, s_
     row_mask = rows < N
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=COMPUTE)
+    if DS:  # (Gi + Giᵀ) x at the two input rows of the positions
+        img_top = tl.zeros((BLOCK_M, 2 * BLOCK_P), dtype=COMPUTE)
+        img_bottom = tl.zeros((BLOCK_M, 2 * BLOCK_P), dtype=COMPUTE)
     for k0 in range(0, N, BLOCK_K):
         k = k0 + ks
         k_mask = k < N
@@ -55,9 +64,22 @@ def _hf_gram_backward_kernel(g_ptr, x_ptr, w_ptr, out_ptr, N, chunks_w, h, w, s_
         m += tl.load(g_ptr + k[None, :] * s_g0 + rows[:, None] * s_g1, mask=gm, other=0.0).to(COMPUTE)
         # samples past N are clamped to sample 0; their M columns are 0
         k_rows = tl.where(k_mask, k, 0).to(tl.int64) * s_n
-        hf = panel_block(x_ptr, k_rows, kb, 0, 1, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, True, COMPUTE,
-                         BLOCK_P)
+        top, bottom = hf_rows(x_ptr, k_rows, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_P)
+        hf = stencil_panel(top, bottom, wa, wb, wc, wd, COMPUTE, BLOCK_P)
         acc = tl.dot(m, hf, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        if DS:
+            mi = tl.load(gi_ptr + rows[:, None] * s_gi0 + k[None, :] * s_gi1, mask=gm, other=0.0).to(COMPUTE)
+            mi += tl.load(gi_ptr + k[None, :] * s_gi0 + rows[:, None] * s_gi1, mask=gm, other=0.0).to(COMPUTE)
+            img_top = tl.dot(mi, top.to(COMPUTE), img_top, input_precision=PRECISION, out_dtype=acc.dtype)
+            img_bottom = tl.dot(mi, bottom.to(COMPUTE), img_bottom, input_precision=PRECISION, out_dtype=acc.dtype)
+    if DS:  # the hf-MSE term of this program's own rows
+        own = tl.where(row_mask, rows, 0).to(tl.int64)
+        top, bottom = hf_rows(x_ptr, own * s_n, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_P)
+        diff = stencil_panel(top, bottom, wa, wb, wc, wd, COMPUTE, BLOCK_P)
+        if TARGET:
+            t_top, t_bottom = hf_rows(t_ptr, own * t_n, kb, chunks_w, h, w, t_c, t_h, t_w, BLOCK_P)
+            diff -= stencil_panel(t_top, t_bottom, wa, wb, wc, wd, COMPUTE, BLOCK_P)
+        acc += 2 * tl.load(gs_ptr).to(COMPUTE) * diff
     # grad_x is a fresh contiguous (N, C, 2h, 2w) tensor: the blocks of hf row (c, y) are output rows
     # 2y and 2y + 1 of plane c, each written as one contiguous run of 2*BLOCK_P pixels.
     row = kb // chunks_w
@@ -70,10 +92,13 @@ def _hf_gram_backward_kernel(g_ptr, x_ptr, w_ptr, out_ptr, N, chunks_w, h, w, s_
     ptr = out_ptr + base[:, None] + cols[None, :]
     mask = row_mask[:, None] & (cols < 2 * w)[None, :]
     dtype = out_ptr.dtype.element_ty
-    top = tl.reshape(tl.join(acc * wa, acc * wb), (BLOCK_M, 2 * BLOCK_P)).to(dtype)
-    bottom = tl.reshape(tl.join(acc * wc, acc * wd), (BLOCK_M, 2 * BLOCK_P)).to(dtype)
-    tl.store(ptr, top, mask=mask)
-    tl.store(ptr + row_stride, bottom, mask=mask)
+    top = tl.reshape(tl.join(acc * wa, acc * wb), (BLOCK_M, 2 * BLOCK_P))
+    bottom = tl.reshape(tl.join(acc * wc, acc * wd), (BLOCK_M, 2 * BLOCK_P))
+    if DS:
+        top += img_top
+        bottom += img_bottom
+    tl.store(ptr, top.to(dtype), mask=mask)
+    tl.store(ptr + row_stride, bottom.to(dtype), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,6 +119,15 @@ def _row_block(w: int, default: int) -> int:
     return max(16, min(2048, next_pow2(w))) if interpreter_tiles() else default
 
 
+def hf_gram_config(n: int, c: int, h: int, w: int, operand, device: torch.device) -> GramConfig:
+    """Split-K tiling of an hf Gram (``hf_gram``, ``domainstudio_grams``): a K block is ``block_k``
+    consecutive positions of one hf row, ``triton.cdiv(w, block_k)`` blocks per row."""
+    block_n = gram_tile(n)
+    # 64-wide tiles take K = 16: the de-interleaved [64, 2K] row runs stay within ~100 KB of shared memory
+    block_k = _row_block(w, 16 if block_n == 64 else dot_tiles(block_n, operand)[0])
+    return gram_config(n, c * h * triton.cdiv(w, block_k), block_k, operand, device)
+
+
 def hf_gram(x: torch.Tensor, weights) -> torch.Tensor:
     """``(N, C, H, W)`` -> ``(N, N) = gram(high_frequency(x, weights).reshape(N, -1))``, fused."""
     _check_x(x, "hf_gram")
@@ -105,14 +139,35 @@ def hf_gram(x: torch.Tensor, weights) -> torch.Tensor:
     if c * h * w == 0:
         return out.zero_()
     operand = _compute_tl(x.dtype)
-    block_n = gram_tile(n)
-    # 64-wide tiles take K = 16: the de-interleaved [64, 2K] row runs stay within ~100 KB of shared memory
-    block_k = _row_block(w, 16 if block_n == 64 else dot_tiles(block_n, operand)[0])
-    chunks_w = triton.cdiv(w, block_k)
-    cfg = gram_config(n, c * h * chunks_w, block_k, operand, x.device)
+    cfg = hf_gram_config(n, c, h, w, operand, x.device)
     s_n, s_c, s_h, s_w = x.stride()
-    return launch_gram(x, cfg, out, operand, s_n=s_n, hf_geometry=(chunks_w, h, w, s_c, s_h, s_w),
+    return launch_gram(x, cfg, out, operand, s_n=s_n, hf_geometry=(triton.cdiv(w, cfg.block_k), h, w, s_c, s_h, s_w),
                        weights=weights_tensor(weights, x.device, x.dtype))
+
+
+def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, out: torch.Tensor, *,
+                            grad_image=None, grad_sse=None, target=None) -> torch.Tensor:
+    """Run the hf Gram backward kernel into the fresh (N, C, H, W) ``out``; ``grad_image`` (with
+    ``grad_sse``, optional ``target``) makes it the one-pass DomainStudio backward."""
+    n, c, hh, ww = x.shape
+    h, w = hh // 2, ww // 2
+    compute = _compute_tl(x.dtype)
+    # gram_backward's tiling with half as many positions as it has columns (a position is 4 pixels): at
+    # N=16, 3x256x256 that is ~6 programs per H100 SM. A position block is one segment of an hf row.
+    cfg = gram_backward_config(n, c * h * w, x.dtype, x.device)
+    block_p = _row_block(w, cfg.block_d // 2)
+    chunks_w = triton.cdiv(w, block_p)
+    grid = (triton.cdiv(n, cfg.block_m) * c * h * chunks_w,)
+    ds = grad_image is not None
+    gi = grad_image if ds else grad_gram
+    t = x if target is None else target
+    _hf_gram_backward_kernel[grid](
+        grad_gram, gi, grad_sse if ds else grad_gram, x, t, weights_tensor(weights, x.device, x.dtype), out, n,
+        chunks_w, h, w, grad_gram.stride(0), grad_gram.stride(1), gi.stride(0), gi.stride(1), *x.stride(),
+        *(t.stride() if ds else (0, 0, 0, 0)), out.stride(0),
+        DS=ds, TARGET=target is not None, COMPUTE=compute, PRECISION=dot_precision(compute), BLOCK_M=cfg.block_m,
+        BLOCK_P=block_p, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
 
 
 def hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights) -> torch.Tensor:
@@ -123,20 +178,7 @@ def hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights) -> torch
     n, c, hh, ww = x.shape
     if grad_gram.shape != (n, n):
         raise ValueError(f"hf_gram_backward: grad_gram must be ({n}, {n}), got {tuple(grad_gram.shape)}")
-    h, w = hh // 2, ww // 2
     out = new_output((n, c, hh, ww), x.dtype, x.device)
     if out.numel() == 0:
         return out
-    compute = _compute_tl(x.dtype)
-    # gram_backward's tiling with half as many positions as it has columns (a position is 4 pixels): at
-    # N=16, 3x256x256 that is ~6 programs per H100 SM. A position block is one segment of an hf row.
-    cfg = gram_backward_config(n, c * h * w, x.dtype, x.device)
-    block_p = _row_block(w, cfg.block_d // 2)
-    chunks_w = triton.cdiv(w, block_p)
-    grid = (triton.cdiv(n, cfg.block_m) * c * h * chunks_w,)
-    _hf_gram_backward_kernel[grid](
-        grad_gram, x, weights_tensor(weights, x.device, x.dtype), out, n, chunks_w, h, w,
-        grad_gram.stride(0), grad_gram.stride(1), *x.stride(), out.stride(0),
-        COMPUTE=compute, PRECISION=dot_precision(compute), BLOCK_M=cfg.block_m, BLOCK_P=block_p,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    return launch_hf_gram_backward(grad_gram, x, weights, out)

@@ -126,29 +126,44 @@ def dot_operand_dtype(dtype: torch.dtype):
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def hf_rows(x_ptr, rows, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K: tl.constexpr):
+    """The two input rows under K block kb of hf positions, as stored: ([len(rows), 2*BLOCK_K],) * 2.
+
+    Block kb is BLOCK_K consecutive positions of one hf row (plane c, row y, chunk kb % chunks_w) of the
+    samples ``rows`` (int64 offsets); its input rows 2y and 2y + 1 are read as contiguous runs of
+    2*BLOCK_K pixels (wide vector loads), zero past the row end.
+    """
+    row = kb // chunks_w
+    xc = kb - row * chunks_w
+    c = row // h
+    y = row - c * h
+    cols = xc * (2 * BLOCK_K) + tl.arange(0, 2 * BLOCK_K)
+    base = c.to(tl.int64) * s_c + (2 * y).to(tl.int64) * s_h
+    ptr = x_ptr + rows[:, None] + base + (cols * s_w)[None, :]
+    mask = (cols < 2 * w)[None, :]
+    return tl.load(ptr, mask=mask, other=0.0), tl.load(ptr + s_h, mask=mask, other=0.0)
+
+
+@triton.jit
+def stencil_panel(top, bottom, wa, wb, wc, wd, OPERAND: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hf positions [rows, BLOCK_K] of two input rows [rows, 2*BLOCK_K] (hf_rows): ``wa*a + wb*b + wc*c + wd*d``
+    of each 2x2 block, the pixels de-interleaved in registers."""
+    a, b = tl.split(tl.reshape(top.to(OPERAND), (top.shape[0], BLOCK_K, 2)))
+    c, d = tl.split(tl.reshape(bottom.to(OPERAND), (bottom.shape[0], BLOCK_K, 2)))
+    return a * wa + b * wb + c * wc + d * wd
+
+
+@triton.jit
 def panel_block(x_ptr, rows, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
                 HF: tl.constexpr, OPERAND: tl.constexpr, BLOCK_K: tl.constexpr):
     """K block kb of the Gram operand of samples ``rows`` (int64 offsets): [len(rows), BLOCK_K].
 
     ``HF=False``: columns [kb*BLOCK_K, +BLOCK_K) of the flattened (N, D) x. ``HF=True``: BLOCK_K
-    consecutive hf positions of one hf row (plane c, row y, chunk kb % chunks_w), each
-    ``wa*a + wb*b + wc*c + wd*d`` of its 2x2 block; the two input rows are read as contiguous runs of
-    2*BLOCK_K pixels and de-interleaved in registers (wide vector loads).
+    consecutive hf positions of one hf row (:func:`hf_rows`, :func:`stencil_panel`).
     """
     if HF:
-        row = kb // chunks_w
-        xc = kb - row * chunks_w
-        c = row // h
-        y = row - c * h
-        cols = xc * (2 * BLOCK_K) + tl.arange(0, 2 * BLOCK_K)
-        base = c.to(tl.int64) * s_c + (2 * y).to(tl.int64) * s_h
-        ptr = x_ptr + rows[:, None] + base + (cols * s_w)[None, :]
-        mask = (cols < 2 * w)[None, :]
-        top = tl.load(ptr, mask=mask, other=0.0).to(OPERAND)
-        bottom = tl.load(ptr + s_h, mask=mask, other=0.0).to(OPERAND)
-        a, b = tl.split(tl.reshape(top, (rows.shape[0], BLOCK_K, 2)))
-        c_, d = tl.split(tl.reshape(bottom, (rows.shape[0], BLOCK_K, 2)))
-        panel = a * wa + b * wb + c_ * wc + d * wd
+        top, bottom = hf_rows(x_ptr, rows, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
+        panel = stencil_panel(top, bottom, wa, wb, wc, wd, OPERAND, BLOCK_K)
     else:
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         panel = tl.load(x_ptr + rows[:, None] + (k * s_d)[None, :], mask=(k < D)[None, :], other=0.0).to(OPERAND)
@@ -156,27 +171,78 @@ def panel_block(x_ptr, rows, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, 
 
 
 @triton.jit
-def _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
-                   kb_start, kb_end, acc, SYMMETRIC: tl.constexpr, HF: tl.constexpr, OPERAND: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += P[rows_i, K] P[rows_j, K]ᵀ over the K blocks [kb_start, kb_end) of the operand P (panel_block)."""
-    for kb in range(kb_start, kb_end):
-        a = panel_block(x_ptr, rows_i, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF, OPERAND, BLOCK_K)
-        if SYMMETRIC:
-            acc = tl.dot(a, tl.trans(a), acc, input_precision=PRECISION, out_dtype=acc.dtype)
-        else:
-            b = panel_block(x_ptr, rows_j, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF, OPERAND,
-                            BLOCK_K)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=acc.dtype)
-    return acc
+def _dot_nt(a, b, acc, OPERAND: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a bᵀ with both operands as OPERAND."""
+    return tl.dot(a.to(OPERAND), tl.trans(b.to(OPERAND)), acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
-def _gram_partial_kernel(x_ptr, w_ptr, out_ptr, N, D, s_n, s_d, chunks_w, h, w, s_c, s_h, s_w,
-                         k_blocks, k_blocks_per_split, n_tiles,
-                         HF: tl.constexpr, OPERAND: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                         DIRECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Split ``program_id(1)`` of the Gram tile pair ``program_id(0)`` of x (``HF=False``) or of hf(x)."""
+def _gram_tile_acc(x_ptr, t_ptr, rows_i, rows_j, t_rows, row_valid, D, s_d, chunks_w, h, w, s_c, s_h, s_w,
+                   t_c, t_h, t_w, wa, wb, wc, wd, kb_start, kb_end, acc, img, sse,
+                   SYMMETRIC: tl.constexpr, HF: tl.constexpr, DS: tl.constexpr, TARGET: tl.constexpr,
+                   OPERAND: tl.constexpr, PRECISION: tl.constexpr, IMG_OPERAND: tl.constexpr,
+                   IMG_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += P[rows_i, K] P[rows_j, K]ᵀ over the K blocks [kb_start, kb_end) of the operand P (panel_block).
+
+    ``DS`` (with HF): also img += x[rows_i] x[rows_j]ᵀ over the pixels under those blocks (the two input
+    rows already loaded for P) and, in a SYMMETRIC (diagonal) tile, sse += (P - hf(t))² elementwise over
+    the valid rows (P² without TARGET).
+    """
+    for kb in range(kb_start, kb_end):
+        if DS:
+            top, bottom = hf_rows(x_ptr, rows_i, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
+            a = stencil_panel(top, bottom, wa, wb, wc, wd, OPERAND, BLOCK_K)
+        else:
+            a = panel_block(x_ptr, rows_i, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF, OPERAND,
+                            BLOCK_K)
+        if SYMMETRIC:
+            acc = _dot_nt(a, a, acc, OPERAND, PRECISION)
+            if DS:
+                img = _dot_nt(top, top, img, IMG_OPERAND, IMG_PRECISION)
+                img = _dot_nt(bottom, bottom, img, IMG_OPERAND, IMG_PRECISION)
+                diff = a
+                if TARGET:
+                    t_top, t_bottom = hf_rows(t_ptr, t_rows, kb, chunks_w, h, w, t_c, t_h, t_w, BLOCK_K)
+                    diff -= stencil_panel(t_top, t_bottom, wa, wb, wc, wd, OPERAND, BLOCK_K)
+                sse += tl.where(row_valid[:, None], diff * diff, 0.0)
+        else:
+            if DS:
+                top_j, bottom_j = hf_rows(x_ptr, rows_j, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
+                b = stencil_panel(top_j, bottom_j, wa, wb, wc, wd, OPERAND, BLOCK_K)
+                img = _dot_nt(top, top_j, img, IMG_OPERAND, IMG_PRECISION)
+                img = _dot_nt(bottom, bottom_j, img, IMG_OPERAND, IMG_PRECISION)
+            else:
+                b = panel_block(x_ptr, rows_j, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF,
+                                OPERAND, BLOCK_K)
+            acc = _dot_nt(a, b, acc, OPERAND, PRECISION)
+    return acc, img, sse
+
+
+@triton.jit
+def _store_gram_tile(out_ptr, acc, ri, rj, N, split, ti, tj, DIRECT: tl.constexpr):
+    """Tile (ti, tj) of split ``split``: into the (N, N) output with its mirror (DIRECT) or the (S, N, N) workspace."""
+    mask = (ri[:, None] < N) & (rj[None, :] < N)
+    if DIRECT:
+        tl.store(out_ptr + ri[:, None] * N + rj[None, :], acc, mask=mask)
+        if ti != tj:
+            tl.store(out_ptr + rj[None, :] * N + ri[:, None], acc, mask=mask)
+    else:
+        base = out_ptr + split.to(tl.int64) * N * N
+        tl.store(base + ri[:, None] * N + rj[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _gram_partial_kernel(x_ptr, w_ptr, out_ptr, t_ptr, img_ptr, sse_ptr, N, D, s_n, s_d, chunks_w, h, w,
+                         s_c, s_h, s_w, t_n, t_c, t_h, t_w, k_blocks, k_blocks_per_split, n_tiles,
+                         HF: tl.constexpr, DS: tl.constexpr, TARGET: tl.constexpr, OPERAND: tl.constexpr,
+                         ACC: tl.constexpr, PRECISION: tl.constexpr, IMG_OPERAND: tl.constexpr,
+                         IMG_PRECISION: tl.constexpr, DIRECT: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """Split ``program_id(1)`` of the Gram tile pair ``program_id(0)`` of x (``HF=False``) or of hf(x).
+
+    ``DS`` (the one-pass DomainStudio forward, with HF): the same program also writes the tile of x xᵀ
+    to ``img_ptr`` and, for a diagonal tile, its partial hf-MSE sum to ``sse_ptr[split, ti]``.
+    """
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     ti = pid_t // n_tiles
@@ -194,28 +260,35 @@ def _gram_partial_kernel(x_ptr, w_ptr, out_ptr, N, D, s_n, s_d, chunks_w, h, w, 
             wd = 0.0
         ri = ti * BLOCK_N + tl.arange(0, BLOCK_N)
         rj = tj * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Out-of-range rows are clamped to row 0 (their results are masked out at the store), so the
-        # operand loads need only the K mask.
+        # Out-of-range rows are clamped to row 0 (their results are masked out at the store and in the
+        # hf-MSE sum), so the operand loads need only the K mask.
         rows_i = tl.where(ri < N, ri, 0).to(tl.int64) * s_n
         rows_j = tl.where(rj < N, rj, 0).to(tl.int64) * s_n
+        t_rows = tl.where(ri < N, ri, 0).to(tl.int64) * t_n
         kb_start = split * k_blocks_per_split
         kb_end = tl.minimum(kb_start + k_blocks_per_split, k_blocks)
         acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=ACC)
+        if DS:
+            img = tl.zeros((BLOCK_N, BLOCK_N), dtype=ACC)
+            sse = tl.zeros((BLOCK_N, BLOCK_K), dtype=OPERAND)
+        else:  # unused by the plain and hf Grams
+            img = 0.0
+            sse = 0.0
         if ti == tj:
-            acc = _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
-                                 kb_start, kb_end, acc, True, HF, OPERAND, PRECISION, BLOCK_K)
+            acc, img, sse = _gram_tile_acc(
+                x_ptr, t_ptr, rows_i, rows_j, t_rows, ri < N, D, s_d, chunks_w, h, w, s_c, s_h, s_w, t_c, t_h, t_w,
+                wa, wb, wc, wd, kb_start, kb_end, acc, img, sse, True, HF, DS, TARGET, OPERAND, PRECISION,
+                IMG_OPERAND, IMG_PRECISION, BLOCK_K)
+            if DS:
+                tl.store(sse_ptr + split * n_tiles + ti, tl.sum(tl.sum(sse, axis=1), axis=0))
         else:
-            acc = _gram_tile_acc(x_ptr, rows_i, rows_j, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
-                                 kb_start, kb_end, acc, False, HF, OPERAND, PRECISION, BLOCK_K)
-        mask = (ri[:, None] < N) & (rj[None, :] < N)
-        if DIRECT:
-            # single split: write the output tile and, off the diagonal, its mirror
-            tl.store(out_ptr + ri[:, None] * N + rj[None, :], acc, mask=mask)
-            if ti != tj:
-                tl.store(out_ptr + rj[None, :] * N + ri[:, None], acc, mask=mask)
-        else:
-            base = out_ptr + split.to(tl.int64) * N * N
-            tl.store(base + ri[:, None] * N + rj[None, :], acc, mask=mask)
+            acc, img, sse = _gram_tile_acc(
+                x_ptr, t_ptr, rows_i, rows_j, t_rows, ri < N, D, s_d, chunks_w, h, w, s_c, s_h, s_w, t_c, t_h, t_w,
+                wa, wb, wc, wd, kb_start, kb_end, acc, img, sse, False, HF, DS, TARGET, OPERAND, PRECISION,
+                IMG_OPERAND, IMG_PRECISION, BLOCK_K)
+        _store_gram_tile(out_ptr, acc, ri, rj, N, split, ti, tj, DIRECT)
+        if DS:
+            _store_gram_tile(img_ptr, img, ri, rj, N, split, ti, tj, DIRECT)
 
 
 @triton.jit
@@ -307,24 +380,39 @@ def launch_gram_reduce(ws: torch.Tensor, out: torch.Tensor, tile: int) -> None:
 
 
 def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *, s_n: int, s_d: int = 1,
-                hf_geometry=(1, 1, 1, 0, 0, 1), weights=None) -> torch.Tensor:
+                hf_geometry=(1, 1, 1, 0, 0, 1), weights=None, image=None, target=None, sse=None) -> torch.Tensor:
     """Run the split-K Gram kernel (and the reduce when split) into the (N, N) ``out``.
 
     ``weights`` (the stencil as a device tensor) makes it the Gram of hf(x), with
-    ``hf_geometry = (chunks_w, h, w, s_c, s_h, s_w)`` of x.
+    ``hf_geometry = (chunks_w, h, w, s_c, s_h, s_w)`` of x. ``image`` (an (N, N) output) and ``sse``
+    (an (S, tiles) output) make it the one-pass DomainStudio forward: the same pass also writes x xᵀ to
+    ``image`` and, per split and diagonal tile, the sum of ``(hf(x) - hf(target))²`` (``hf(x)²`` without
+    ``target``) to ``sse``.
     """
     n = out.shape[0]
     d = x.shape[1] if weights is None else 0
     tiles = triton.cdiv(n, cfg.block_n)
     direct = cfg.splits == 1
-    target = out if direct else new_output((cfg.splits, n, n), out.dtype, out.device)
+    ds = image is not None
+
+    def workspace(t):
+        return t if direct else new_output((cfg.splits, n, n), t.dtype, t.device)
+
+    ws = workspace(out)
+    img_ws = workspace(image) if ds else ws
+    t = x if target is None else target
+    img_operand = dot_operand_dtype(x.dtype) if ds else operand
     _gram_partial_kernel[(tiles * tiles, cfg.splits)](
-        x, x if weights is None else weights, target, n, d, s_n, s_d, *hf_geometry, cfg.k_blocks,
-        cfg.k_blocks_per_split, tiles, HF=weights is not None, OPERAND=operand, ACC=_acc_tl(out.dtype),
-        PRECISION=dot_precision(operand), DIRECT=direct, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        x, x if weights is None else weights, ws, t, img_ws, sse if ds else ws, n, d, s_n, s_d, *hf_geometry,
+        *(t.stride() if ds else (0, 0, 0, 0)), cfg.k_blocks, cfg.k_blocks_per_split, tiles,
+        HF=weights is not None, DS=ds, TARGET=target is not None, OPERAND=operand, ACC=_acc_tl(out.dtype),
+        PRECISION=dot_precision(operand), IMG_OPERAND=img_operand, IMG_PRECISION=dot_precision(img_operand),
+        DIRECT=direct, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     if not direct:
-        launch_gram_reduce(target, out, cfg.block_n)
+        launch_gram_reduce(ws, out, cfg.block_n)
+        if ds:
+            launch_gram_reduce(img_ws, image, cfg.block_n)
     return out
 
 

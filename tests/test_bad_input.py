@@ -12,84 +12,91 @@ def batch(n=4, c=3, h=8, w=8, dtype=torch.float32):
     return torch.randn(n, c, h, w, dtype=dtype)
 
 
-PAIRWISE_OPS = [ops.pairwise_similarity_kl, ops.hf_pairwise_similarity_kl]
+def domainstudio_loss(source, adapted, **kwargs):
+    return ops.domainstudio_loss(source, adapted, adapted.detach(), **kwargs).total
+
+
+PAIRWISE_OPS = [ops.pairwise_similarity_kl, ops.hf_pairwise_similarity_kl, domainstudio_loss]
 IMAGE_OPS = [
     lambda x, b: ops.haar_dwt2(x, backend=b),
     lambda x, b: ops.haar_wavedec2(x, 1, backend=b),
     lambda x, b: ops.high_frequency(x, backend=b),
     lambda x, b: ops.hf_mse(x, x, backend=b),
     lambda x, b: ops.hf_pairwise_similarity_kl(x, x, backend=b),
+    lambda x, b: ops.domainstudio_loss(x, x, x, backend=b),
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Validation runs before the backend is chosen, so these run once on the default backend; the last
+# test checks that each backend goes through the same checks.
 @pytest.mark.parametrize("op", PAIRWISE_OPS)
 @pytest.mark.parametrize("n", [1, 2])
-def test_pairwise_needs_three_samples(op, backend, n):
+def test_pairwise_needs_three_samples(op, n):
     with pytest.raises(ValueError, match=r"N >= 3 .*got N=%d" % n):
-        op(batch(n), batch(n), backend=backend)
+        op(batch(n), batch(n))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", PAIRWISE_OPS)
-def test_pairwise_shape_mismatch(op, backend):
+def test_pairwise_shape_device_dtype_mismatch(op):
     with pytest.raises(ValueError, match="`source` and `adapted` must have the same shape"):
-        op(batch(4), batch(5), backend=backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", PAIRWISE_OPS)
-def test_pairwise_device_mismatch(op, backend):
+        op(batch(4), batch(5))
     with pytest.raises(ValueError, match="same device"):
-        op(batch().to("meta"), batch(), backend=backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", PAIRWISE_OPS)
-def test_pairwise_dtype_mismatch(op, backend):
+        op(batch().to("meta"), batch())
     with pytest.raises(TypeError, match="same dtype"):
-        op(batch(dtype=torch.float64), batch(), backend=backend)
+        op(batch(dtype=torch.float64), batch())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", PAIRWISE_OPS)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("side", ["source", "adapted"])
-def test_pairwise_non_finite(op, backend, bad, side):
+@pytest.mark.parametrize("side,bad", [("source", float("nan")), ("adapted", float("inf"))])
+def test_pairwise_non_finite(op, side, bad):
     source, adapted = batch(), batch()
     (source if side == "source" else adapted)[2, 1, 3, 3] = bad
     with pytest.raises(ValueError, match=f"`{side}` contains NaN or Inf"):
-        op(source, adapted, backend=backend)
+        op(source, adapted)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", IMAGE_OPS)
 @pytest.mark.parametrize("shape", [(4, 3, 7, 8), (4, 3, 8, 9)])
-def test_odd_sizes(op, backend, shape):
+def test_odd_sizes(op, shape):
     with pytest.raises(ValueError, match="height and width must be divisible by 2"):
-        op(torch.randn(shape), backend)
+        op(torch.randn(shape), "auto")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", IMAGE_OPS)
-@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
-def test_integer_dtype(op, backend, dtype):
+@pytest.mark.parametrize("op,dtype", zip(IMAGE_OPS, [torch.int64, torch.uint8, torch.bool, torch.int32, torch.int8]))
+def test_integer_dtype(op, dtype):
     with pytest.raises(TypeError, match="floating-point"):
-        op(torch.zeros(4, 3, 8, 8, dtype=dtype), backend)
+        op(torch.zeros(4, 3, 8, 8, dtype=dtype), "auto")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", IMAGE_OPS)
-def test_empty(op, backend):
+def test_empty_and_wrong_rank(op):
     with pytest.raises(ValueError, match="empty"):
-        op(torch.zeros(0, 3, 8, 8), backend)
+        op(torch.zeros(0, 3, 8, 8), "auto")
+    with pytest.raises(ValueError, match=r"shape \(N, C, H, W\)"):
+        op(torch.zeros(3, 8, 8), "auto")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", IMAGE_OPS)
-def test_wrong_rank(op, backend):
-    with pytest.raises(ValueError, match=r"shape \(N, C, H, W\)"):
-        op(torch.zeros(3, 8, 8), backend)
+def test_every_backend_rejects_bad_input(backend):
+    """A smoke per backend: an explicit backend gets the same errors, before any kernel runs."""
+    with pytest.raises(ValueError, match="height and width must be divisible by 2"):
+        ops.hf_pairwise_similarity_kl(torch.randn(4, 3, 7, 8), torch.randn(4, 3, 7, 8), backend=backend)
+    with pytest.raises(ValueError, match=r"N >= 3 .*got N=2"):
+        ops.pairwise_similarity_kl(batch(2), batch(2), backend=backend)
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.haar_dwt2(torch.zeros(4, 3, 8, 8, dtype=torch.int64), backend=backend)
+    source = batch()
+    source[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`source` contains NaN or Inf"):
+        ops.hf_pairwise_similarity_kl(source, batch(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_domainstudio_real_mismatch(backend):
+    with pytest.raises(ValueError, match="`adapted` and `real` must have the same shape"):
+        ops.domainstudio_loss(batch(), batch(), batch(h=4), backend=backend)
+    with pytest.raises(TypeError, match="`adapted` and `real` must have the same dtype"):
+        ops.domainstudio_loss(batch(), batch(), batch(dtype=torch.float64), backend=backend)
 
 
 def test_wavedec_levels_need_divisible_sizes():

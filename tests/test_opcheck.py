@@ -22,6 +22,9 @@ def samples(device, dtype, namespace):
         "gram_backward": (gram_grad, rand(5, 24)),
         "hf_gram": (rand(5, 2, 4, 6, grad=True), WEIGHTS),
         "hf_gram_backward": (gram_grad, rand(5, 2, 4, 6), WEIGHTS),
+        "domainstudio_grams": (rand(5, 2, 4, 6, grad=True), rand(5, 2, 4, 6), WEIGHTS),
+        "domainstudio_grams_backward": (gram_grad, gram_grad.T.contiguous(), gram_grad[0, 0], rand(5, 2, 4, 6),
+                                        rand(5, 2, 4, 6), WEIGHTS),
     }
     if namespace == "dsfast_triton":
         x = torch.randn(5, 24, device=device, dtype=torch.float64)
@@ -39,5 +42,10 @@ def samples(device, dtype, namespace):
 def test_opcheck(device, backend, dtype):
     name_space = "dsfast_triton" if backend == "triton" else "dsfast"
     namespace = getattr(torch.ops, name_space)
-    for name, args in samples(device, dtype, name_space).items():
+    # no target: the hf-MSE sum is |hf(x)|^2
+    cases = samples(device, dtype, name_space)
+    with_target, backward = cases["domainstudio_grams"], cases["domainstudio_grams_backward"]
+    extra = [("domainstudio_grams", (with_target[0], None, WEIGHTS)),
+             ("domainstudio_grams_backward", backward[:4] + (None, WEIGHTS))]
+    for name, args in list(cases.items()) + extra:
         torch.library.opcheck(getattr(namespace, name).default, args)

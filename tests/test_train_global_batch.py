@@ -20,6 +20,8 @@ from dsfast.train.engine import run_step
 from dsfast.train.models import describe, load
 from dsfast.train.testing import make_unconditional_pipeline, tiny_config, write_images
 
+pytestmark = pytest.mark.slow
+
 BATCH = 4
 
 

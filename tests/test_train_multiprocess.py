@@ -10,6 +10,8 @@ import yaml
 from dsfast.train.distributed import free_port
 from dsfast.train.testing import make_unconditional_pipeline, subprocess_env, tiny_config, write_images
 
+pytestmark = pytest.mark.slow
+
 
 def _run(cmd, timeout=400):
     p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)

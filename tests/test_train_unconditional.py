@@ -13,6 +13,8 @@ import yaml
 
 from dsfast.train.testing import make_unconditional_pipeline, subprocess_env, tiny_config, write_images
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

@@ -1,26 +1,24 @@
 """The Triton kernels (dsfast.kernels) against the float64 reference, kernel by kernel.
 
 On a CUDA machine the kernels run on the GPU; elsewhere through the Triton interpreter on CPU tensors
-(TRITON_INTERPRET=1 must be set before triton is imported, hence at the very top). Every test runs with
+(conftest sets TRITON_INTERPRET=1 before triton is imported). Every kernel runs every dtype on one
+shape, the edge shapes (N=3 and N=17, C=1, several tiles) in float32 and a non-contiguous layout;
+float32 / float64 must match to 1e-5 / 1e-10 of the reference's size, float16 / bfloat16 be no
+worse than 2x PyTorch's own error on the same inputs plus 1e-6 of the reference's size (see
+``interpreter_atol`` for bfloat16 under the interpreter). Every test runs with
 DSFAST_POISON_OUTPUTS=1, so an output element a kernel forgets to write shows up as NaN.
 """
-import os
+import importlib
+import importlib.util
+import pathlib
+import sys
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.conftest import assert_close_in_low_precision, interpreter_atol, require_backend
 
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-import zlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
+require_backend("triton")  # fails the run when DSFAST_REQUIRE_BACKENDS names triton and it is missing
 from dsfast import reference as R  # noqa: E402
 
 
@@ -40,22 +38,24 @@ def _load_kernels():
 
 _load_kernels()
 from dsfast.kernels import _launch  # noqa: E402
+from dsfast.kernels import domainstudio_loss as K_ds  # noqa: E402
 from dsfast.kernels import haar_dwt2 as K_haar  # noqa: E402
 from dsfast.kernels import hf_pairwise_similarity_kl as K_hfgram  # noqa: E402
 from dsfast.kernels import high_frequency as K_hf  # noqa: E402
 from dsfast.kernels import pairwise_similarity_kl as K_gram  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-
-# N in {3, 5, 17}, C in {1, 3}, (H, W) in {4x6, 8x8, 16x10}: a covering subset of the full grid.
-SHAPES = [(3, 1, 4, 6), (5, 3, 8, 8), (17, 3, 16, 10), (17, 1, 4, 6), (3, 3, 16, 10), (5, 1, 16, 10)]
-SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+HALF = (torch.float16, torch.bfloat16)
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# max |error| / max |reference|; 16-bit outputs are limited by their own rounding.
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-STENCILS = list(R.STENCILS)
+STANDARD = (3, 3, 16, 10)
+# (shape, dtype): every dtype on STANDARD, edge shapes in float32; N == 5 is the non-contiguous layout.
+CASES = [(STANDARD, d) for d in DTYPES] + [((17, 3, 16, 10), torch.float32), ((17, 1, 4, 6), torch.float32),
+                                           ((3, 1, 4, 6), torch.float32), ((5, 3, 8, 8), torch.float32),
+                                           ((5, 3, 8, 8), torch.float16)]
+CASE_IDS = ["x".join(map(str, s)) + f"-{str(d)[6:]}" for s, d in CASES]
+# high-frequency kernels: both stencils on float32 and float64, domainstudio elsewhere
+HF_CASES = [(s, d, "domainstudio") for s, d in CASES] + [(STANDARD, d, "pywt") for d in DTYPES[:2]]
+HF_IDS = CASE_IDS + [f"{i}-pywt" for i in CASE_IDS[:2]]
 
 
 @pytest.fixture(autouse=True)
@@ -63,11 +63,6 @@ def _poison(monkeypatch):
     monkeypatch.setenv("DSFAST_POISON_OUTPUTS", "1")
     # Under the interpreter, check the block sizes a GPU would run (not the interpreter's big tiles).
     monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")
-
-
-def _seed(*key) -> torch.Generator:
-    """A generator seeded from the test's key (reproducible: no Python hash randomisation)."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def _rand(shape, dtype, gen, noncontig=False):
@@ -84,11 +79,27 @@ def _rand(shape, dtype, gen, noncontig=False):
     return x.to(DEVICE)
 
 
-def _check(out, ref, dtype, out_dtype=None):
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |error| / max |reference|
+
+
+def _vjp(fn, x, g):
+    """d(fn(x)) / dx applied to the cotangent ``g`` (autograd of the reference)."""
+    x = x.detach().clone().requires_grad_()
+    (out,) = torch.autograd.grad(fn(x), x, g)
+    return out
+
+
+def _check(out, ref, dtype, out_dtype=None, torch_out=None):
+    """``out`` against the float64 ``ref``; a half-precision output against 2x the error of
+    ``torch_out`` (PyTorch on the same inputs, in their dtype) plus 1e-6 of the reference's size."""
     out_dtype = out_dtype or dtype
+    assert out.device.type == DEVICE
+    if out_dtype in HALF:
+        atol = interpreter_atol(out_dtype, DEVICE, "triton", 1e-6)
+        assert_close_in_low_precision(out, torch_out, ref.to(out.device), k=2.0, atol=atol, msg=str(out_dtype))
+        return
     assert out.dtype == out_dtype, (out.dtype, out_dtype)
     assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
-    assert out.device.type == DEVICE
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output elements"
     out64, ref64 = out.double().cpu(), ref.double().cpu()
     scale = ref64.abs().max().clamp_min(1e-30)
@@ -108,75 +119,74 @@ def _gram_tol_dtype(dtype):
 # --------------------------------------------------------------------------------------------------
 # haar_dwt2 / haar_idwt2
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_haar_dwt2(shape, dtype):
-    x = _rand(shape, dtype, _seed("dwt", shape, str(dtype)), noncontig=shape[0] == 5)
-    ll, (h, v, d) = R.haar_dwt2(x.double())
-    _check(K_haar.haar_dwt2(x), torch.stack((ll, h, v, d)), dtype)
+@pytest.mark.parametrize("shape,dtype", CASES, ids=CASE_IDS)
+def test_haar_dwt2(shape, dtype, gen):
+    x = _rand(shape, dtype, gen, noncontig=shape[0] == 5)
+
+    def dwt(x):
+        ll, (h, v, d) = R.haar_dwt2(x)
+        return torch.stack((ll, h, v, d))
+
+    _check(K_haar.haar_dwt2(x), dwt(x.double()), dtype, torch_out=dwt(x))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_haar_idwt2(shape, dtype):
+@pytest.mark.parametrize("shape,dtype", CASES, ids=CASE_IDS)
+def test_haar_idwt2(shape, dtype, gen):
     n, c, hh, ww = shape
-    gen = _seed("idwt", shape, str(dtype))
     bands = torch.randn((4, n, c, hh // 2, ww // 2), generator=gen, dtype=torch.float64).to(dtype)
     if n == 5:  # non-contiguous bands: band axis innermost in memory
         bands = bands.permute(1, 2, 3, 4, 0).contiguous().permute(4, 0, 1, 2, 3)
     bands = bands.to(DEVICE)
     b64 = bands.double()
     ref = R.haar_idwt2(b64[0], (b64[1], b64[2], b64[3]))
-    _check(K_haar.haar_idwt2(bands), ref, dtype)
+    _check(K_haar.haar_idwt2(bands), ref, dtype, torch_out=R.haar_idwt2(bands[0], (bands[1], bands[2], bands[3])))
 
 
-def test_haar_roundtrip():
-    x = _rand((3, 2, 8, 6), torch.float64, _seed("roundtrip"))
+def test_haar_roundtrip(gen):
+    x = _rand((3, 2, 8, 6), torch.float64, gen)
     _check(K_haar.haar_idwt2(K_haar.haar_dwt2(x)), x, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
 # high_frequency / high_frequency_backward
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stencil", STENCILS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_high_frequency(shape, dtype, stencil):
-    x = _rand(shape, dtype, _seed("hf", shape, str(dtype), stencil), noncontig=shape[0] == 5)
-    _check(K_hf.high_frequency(x, R.STENCILS[stencil]), R.high_frequency(x.double(), stencil), dtype)
+@pytest.mark.parametrize("shape,dtype,stencil", HF_CASES, ids=HF_IDS)
+def test_high_frequency(shape, dtype, stencil, gen):
+    x = _rand(shape, dtype, gen, noncontig=shape[0] == 5)
+    _check(K_hf.high_frequency(x, R.STENCILS[stencil]), R.high_frequency(x.double(), stencil), dtype,
+           torch_out=R.high_frequency(x, stencil))
 
 
-@pytest.mark.parametrize("stencil", STENCILS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_high_frequency_backward(shape, dtype, stencil):
+@pytest.mark.parametrize("shape,dtype,stencil", HF_CASES, ids=HF_IDS)
+def test_high_frequency_backward(shape, dtype, stencil, gen):
     n, c, hh, ww = shape
-    grad = _rand((n, c, hh // 2, ww // 2), dtype, _seed("hfb", shape, str(dtype), stencil),
+    grad = _rand((n, c, hh // 2, ww // 2), dtype, gen,
                  noncontig=n == 5)
     x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
     R.high_frequency(x, stencil).backward(grad.double().cpu())
-    _check(K_hf.high_frequency_backward(grad, R.STENCILS[stencil]), x.grad, dtype)
+    torch_out = _vjp(lambda x: R.high_frequency(x, stencil), torch.zeros(shape, dtype=dtype, device=DEVICE), grad)
+    _check(K_hf.high_frequency_backward(grad, R.STENCILS[stencil]), x.grad, dtype, torch_out=torch_out)
 
 
-def test_stencils_wide_rows():
+def test_stencils_wide_rows(gen):
     """Rows wider than one tile (several column tiles, partial last one) with a channels-last layout."""
-    x = _rand((2, 3, 6, 300), torch.float32, _seed("wide")).contiguous(memory_format=torch.channels_last)
+    x = _rand((2, 3, 6, 300), torch.float32, gen).contiguous(memory_format=torch.channels_last)
     w = R.STENCILS["pywt"]
     _check(K_hf.high_frequency(x, w), R.high_frequency(x.double(), "pywt"), torch.float32)
     ll, (h, v, d) = R.haar_dwt2(x.double())
     bands = K_haar.haar_dwt2(x)
     _check(bands, torch.stack((ll, h, v, d)), torch.float32)
     _check(K_haar.haar_idwt2(bands), x, torch.float32)
-    g = _rand((2, 3, 3, 150), torch.float32, _seed("wide-g"), noncontig=True)
+    g = _rand((2, 3, 3, 150), torch.float32, gen, noncontig=True)
     xg = torch.zeros((2, 3, 6, 300), dtype=torch.float64, requires_grad=True)
     R.high_frequency(xg, "pywt").backward(g.double().cpu())
     _check(K_hf.high_frequency_backward(g, w), xg.grad, torch.float32)
 
 
-def test_high_frequency_float64_weights():
+def test_high_frequency_float64_weights(gen):
     """Weights reach float64 kernels unrounded (Triton would pass Python floats as float32)."""
     w = (2**-0.5, -(2**-0.5), 1 / 3, 0.1)
-    x = _rand((3, 1, 4, 6), torch.float64, _seed("w64"))
+    x = _rand((3, 1, 4, 6), torch.float64, gen)
     a, b, c, d = R._blocks(x)
     _check(K_hf.high_frequency(x, w), w[0] * a + w[1] * b + w[2] * c + w[3] * d, torch.float64)
 
@@ -193,33 +203,32 @@ def _flat_input(n, d, dtype, gen, noncontig):
     return x.to(DEVICE)
 
 
-GRAM_SHAPES = [(3, 24), (5, 192), (17, 480), (17, 7), (5, 1000)]
+# (n, d, dtype): every dtype on (17, 480), edge shapes in float32; N == 5 is the non-contiguous layout.
+GRAM_CASES = [(17, 480, dt) for dt in DTYPES] + [(3, 24, torch.float32), (17, 7, torch.float32),
+                                                (5, 1000, torch.float32), (5, 192, torch.float16)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,d", GRAM_SHAPES)
-def test_gram(n, d, dtype):
-    x = _flat_input(n, d, dtype, _seed("gram", n, d, str(dtype)), noncontig=n == 5)
+@pytest.mark.parametrize("n,d,dtype", GRAM_CASES)
+def test_gram(n, d, dtype, gen):
+    x = _flat_input(n, d, dtype, gen, noncontig=n == 5)
     out = K_gram.gram(x)
     _check(out, R.gram(x.double()), _gram_tol_dtype(dtype), _gram_dtype(dtype))
 
 
-def test_gram_of_images_flattens_per_sample():
-    x = _rand((5, 3, 8, 8), torch.float32, _seed("gram4d"), noncontig=True)
+def test_gram_of_images_flattens_per_sample(gen):
+    x = _rand((5, 3, 8, 8), torch.float32, gen, noncontig=True)
     _check(K_gram.gram(x), R.gram(x.double()), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,d", GRAM_SHAPES)
-def test_gram_backward(n, d, dtype):
-    gen = _seed("gramb", n, d, str(dtype))
+@pytest.mark.parametrize("n,d,dtype", GRAM_CASES)
+def test_gram_backward(n, d, dtype, gen):
     x = _flat_input(n, d, dtype, gen, noncontig=n == 5)
     g = torch.randn((n, n), generator=gen, dtype=torch.float64)
     ref = (g + g.T) @ x.double().cpu()
     g = g.to(_gram_dtype(dtype)).to(DEVICE)
     if n == 17:
         g = g.T.contiguous().T  # non-contiguous grad_gram
-    _check(K_gram.gram_backward(g, x), ref, dtype)
+    _check(K_gram.gram_backward(g, x), ref, dtype, torch_out=_vjp(R.gram, x, g))
 
 
 # The N x N tail: N=3 (smallest), 16 (headline, one row block), 37 (three row blocks of 16 x 64).
@@ -270,28 +279,27 @@ def _forced_gram_config(block_n, splits):
 @pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
 @pytest.mark.parametrize("n", [17, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_gram_multi_tile(monkeypatch, n, splits, dtype):
+def test_gram_multi_tile(monkeypatch, n, splits, dtype, gen):
     """Several 16x16 tiles: off-diagonal tile pairs, the mirrored lower half, split-K and direct writes."""
     monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")  # GPU K blocks: several per split
     monkeypatch.setattr(K_gram, "gram_config", _forced_gram_config(16, splits))
-    x = _flat_input(n, 100, dtype, _seed("gram-mt", n, splits, str(dtype)), noncontig=True)
+    x = _flat_input(n, 100, dtype, gen, noncontig=True)
     _check(K_gram.gram(x), R.gram(x.double()), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_gram_two_stage_reduce(monkeypatch, dtype):
+def test_gram_two_stage_reduce(monkeypatch, dtype, gen):
     """More splits than one reduce program sums: groups first, then the groups (mirror in the first)."""
     monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")
     monkeypatch.setattr(K_gram, "gram_config", _forced_gram_config(16, 7))
     monkeypatch.setattr(K_gram, "REDUCE_GROUP", 2)
-    x = _flat_input(33, 250, dtype, _seed("gram-2stage", str(dtype)), noncontig=False)
+    x = _flat_input(33, 250, dtype, gen, noncontig=False)
     _check(K_gram.gram(x), R.gram(x.double()), dtype)
 
 
 @pytest.mark.parametrize("n", [17, 33])
-def test_gram_backward_multi_tile(monkeypatch, n):
+def test_gram_backward_multi_tile(monkeypatch, n, gen):
     monkeypatch.setattr(K_gram, "gram_backward_config", lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4, 1))
-    gen = _seed("gramb-mt", n)
     x = _flat_input(n, 40, torch.float32, gen, noncontig=False)
     g = torch.randn((n, n), generator=gen, dtype=torch.float64)
     ref = (g + g.T) @ x.double().cpu()
@@ -316,22 +324,17 @@ def _hf_flat(x, stencil):
     return R.high_frequency(x.double().cpu(), stencil).reshape(x.shape[0], -1)
 
 
-@pytest.mark.parametrize("stencil", STENCILS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_hf_gram(shape, dtype, stencil):
-    x = _rand(shape, dtype, _seed("hfgram", shape, str(dtype), stencil), noncontig=shape[0] == 5)
+@pytest.mark.parametrize("shape,dtype,stencil", HF_CASES, ids=HF_IDS)
+def test_hf_gram(shape, dtype, stencil, gen):
+    x = _rand(shape, dtype, gen, noncontig=shape[0] == 5)
     hf = _hf_flat(x, stencil)
     out = K_hfgram.hf_gram(x, R.STENCILS[stencil])
     _check(out, hf @ hf.T, _gram_tol_dtype(dtype), _gram_dtype(dtype))
 
 
-@pytest.mark.parametrize("stencil", STENCILS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_hf_gram_backward(shape, dtype, stencil):
+@pytest.mark.parametrize("shape,dtype,stencil", HF_CASES, ids=HF_IDS)
+def test_hf_gram_backward(shape, dtype, stencil, gen):
     n = shape[0]
-    gen = _seed("hfgramb", shape, str(dtype), stencil)
     x = _rand(shape, dtype, gen, noncontig=n == 5)
     g = torch.randn((n, n), generator=gen, dtype=torch.float64)
     x64 = x.double().cpu().requires_grad_(True)
@@ -340,23 +343,86 @@ def test_hf_gram_backward(shape, dtype, stencil):
     g = g.to(_gram_dtype(dtype)).to(DEVICE)
     if n == 17:
         g = g.T.contiguous().T
-    _check(K_hfgram.hf_gram_backward(g, x, R.STENCILS[stencil]), x64.grad, dtype)
+    # PyTorch's baseline keeps the hf map in float32, as the fused kernel does
+    torch_out = _vjp(lambda x: R.gram(R.high_frequency(x.float(), stencil)), x, g)
+    _check(K_hfgram.hf_gram_backward(g, x, R.STENCILS[stencil]), x64.grad, dtype, torch_out=torch_out)
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
 @pytest.mark.parametrize("n", [17, 33])
-def test_hf_gram_multi_tile(monkeypatch, n, splits):
+def test_hf_gram_multi_tile(monkeypatch, n, splits, gen):
     monkeypatch.setattr(K_hfgram, "gram_config", _forced_gram_config(16, splits))
-    x = _rand((n, 3, 8, 6), torch.float32, _seed("hfgram-mt", n, splits), noncontig=True)
+    x = _rand((n, 3, 8, 6), torch.float32, gen, noncontig=True)
     hf = _hf_flat(x, "domainstudio")
     _check(K_hfgram.hf_gram(x, R.STENCILS["domainstudio"]), hf @ hf.T, torch.float32)
 
 
+# --------------------------------------------------------------------------------------------------
+# domainstudio_grams / domainstudio_grams_backward
+# --------------------------------------------------------------------------------------------------
+def _ds_outputs(x, t, stencil):
+    """(image Gram, hf Gram, hf-MSE sum) of x (and target t) in their dtype."""
+    hf = R.high_frequency(x, stencil)
+    diff = hf if t is None else hf - R.high_frequency(t, stencil)
+    return R.gram(x), R.gram(hf), diff.pow(2).sum()
+
+
+def _ds_reference(x, t, stencil, grads=None):
+    """(image Gram, hf Gram, hf-MSE sum) in float64 and, for cotangents ``grads``, the gradient in x."""
+    x64 = x.double().cpu()
+    t64 = None if t is None else t.double().cpu()
+    if grads is None:
+        return _ds_outputs(x64, t64, stencil)
+    return _vjp(lambda x: _ds_outputs(x, t64, stencil), x64, grads)
+
+
+DS_CASES = [((3, 1, 4, 6), torch.float32), ((5, 3, 8, 8), torch.float64), ((17, 3, 16, 10), torch.bfloat16),
+            ((5, 1, 16, 10), torch.float16)]
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+@pytest.mark.parametrize("shape,dtype", DS_CASES, ids=[f"{'x'.join(map(str, s))}-{d}" for s, d in DS_CASES])
+def test_domainstudio_grams(shape, dtype, with_target, gen):
+    x = _rand(shape, dtype, gen, noncontig=shape[0] == 5)
+    t = _rand(shape, dtype, gen, noncontig=shape[0] == 3) if with_target else None
+    for out, ref in zip(K_ds.domainstudio_grams(x, t, R.STENCILS["pywt"]), _ds_reference(x, t, "pywt")):
+        _check(out, ref, _gram_tol_dtype(dtype), _gram_dtype(dtype))
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+@pytest.mark.parametrize("shape,dtype", DS_CASES, ids=[f"{'x'.join(map(str, s))}-{d}" for s, d in DS_CASES])
+def test_domainstudio_grams_backward(shape, dtype, with_target, gen):
+    n = shape[0]
+    x = _rand(shape, dtype, gen, noncontig=n == 5)
+    t = _rand(shape, dtype, gen) if with_target else None
+    grads = (torch.randn((n, n), generator=gen, dtype=torch.float64),
+             torch.randn((n, n), generator=gen, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
+    ref = _ds_reference(x, t, "domainstudio", grads)
+    gi, gh, gs = (g.to(_gram_dtype(dtype)).to(DEVICE) for g in grads)
+    out = K_ds.domainstudio_grams_backward(gi.T.contiguous().T, gh, gs, x, t, R.STENCILS["domainstudio"])
+    # PyTorch's baseline keeps the maps in float32, as the fused kernel does
+    t32 = None if t is None else t.float()
+    torch_out = _vjp(lambda x: _ds_outputs(x.float(), t32, "domainstudio"), x, (gi, gh, gs)) if dtype in HALF else None
+    _check(out, ref, dtype, torch_out=torch_out)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
+def test_domainstudio_grams_multi_tile(monkeypatch, splits, gen):
+    """Off-diagonal tile pairs (which must not add to the hf-MSE sum), the mirrored halves, split-K."""
+    monkeypatch.setattr(K_hfgram, "gram_config", _forced_gram_config(16, splits))
+    monkeypatch.setattr(K_hfgram, "gram_backward_config", lambda *a: K_gram.GramBackwardConfig(16, 32, 16, 4, 1))
+    x, t = (_rand((33, 3, 8, 6), torch.float32, gen, noncontig=True) for _ in range(2))
+    for out, ref in zip(K_ds.domainstudio_grams(x, t, R.STENCILS["domainstudio"]), _ds_reference(x, t, "domainstudio")):
+        _check(out, ref, torch.float32)
+    grads = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in ((33, 33), (33, 33), ()))
+    out = K_ds.domainstudio_grams_backward(*(g.float() for g in grads), x, t, R.STENCILS["domainstudio"])
+    _check(out, _ds_reference(x, t, "domainstudio", grads), torch.float32)
+
+
 @pytest.mark.parametrize("n", [17, 33])
-def test_hf_gram_backward_multi_tile(monkeypatch, n):
+def test_hf_gram_backward_multi_tile(monkeypatch, n, gen):
     monkeypatch.setattr(K_hfgram, "gram_backward_config",
                         lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4, 1))
-    gen = _seed("hfgramb-mt", n)
     x = _rand((n, 3, 8, 6), torch.float32, gen, noncontig=True)
     g = torch.randn((n, n), generator=gen, dtype=torch.float64)
     x64 = x.double().cpu().requires_grad_(True)
@@ -369,9 +435,8 @@ def test_hf_gram_backward_multi_tile(monkeypatch, n):
 # The interpreter's own block sizes (few big programs), all eight kernels
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(5, 3, 16, 10), (3, 2, 8, 300)], ids=["5x3x16x10", "3x2x8x300"])
-def test_interpreter_tiles(monkeypatch, shape):
+def test_interpreter_tiles(monkeypatch, shape, gen):
     monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "0")
-    gen = _seed("interp-tiles", shape)
     n, c, hh, ww = shape
     x = _rand(shape, torch.float32, gen, noncontig=True)
     w, st = R.STENCILS["domainstudio"], "domainstudio"

@@ -15,4 +15,6 @@ TORCH_LIBRARY_IMPL(dsfast, CUDA, m) {
   m.impl("gram_backward", &dsfast::gram_backward);
   m.impl("hf_gram", &dsfast::cuda::hf_gram);
   m.impl("hf_gram_backward", &dsfast::cuda::hf_gram_backward);
+  m.impl("domainstudio_grams", &dsfast::cuda::domainstudio_grams);
+  m.impl("domainstudio_grams_backward", &dsfast::cuda::domainstudio_grams_backward);
 }

@@ -5,6 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <optional>
+#include <tuple>
+
 namespace dsfast::cuda {
 
 at::Tensor haar_dwt2(const at::Tensor& x);
@@ -14,5 +17,12 @@ at::Tensor high_frequency_backward(const at::Tensor& grad, c10::ArrayRef<double>
 at::Tensor hf_gram(const at::Tensor& x, c10::ArrayRef<double> weights);
 at::Tensor hf_gram_backward(const at::Tensor& grad_gram, const at::Tensor& x,
                             c10::ArrayRef<double> weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& target,
+                                                                  c10::ArrayRef<double> weights);
+at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::Tensor& grad_hf,
+                                       const at::Tensor& grad_sse, const at::Tensor& x,
+                                       const std::optional<at::Tensor>& target,
+                                       c10::ArrayRef<double> weights);
 
 }  // namespace dsfast::cuda

@@ -164,10 +164,19 @@ def similarity_kl(
     else:
         g_source = gram_fn(source)
     g_adapted = gram_fn(adapted)
+    return kl_from_grams(op, g_source, g_adapted, tau=tau, direction=direction, reduction=reduction,
+                         anchors=anchors, check_finite=check_finite, backend=backend)
+
+
+def kl_from_grams(op: str, g_source, g_adapted, *, tau: float, direction: str, reduction: str, anchors,
+                  check_finite: bool | None = None, backend: str | None = None) -> torch.Tensor:
+    """The N x N tail shared by every pairwise loss: finite check, then the KL of the two Grams.
+
+    ``backend``: the one that computed the Grams (decides the tail, see :func:`fused_tail`)."""
     check_finite_gram(op, "source", g_source, check_finite)
     check_finite_gram(op, "adapted", g_adapted, check_finite)
     return similarity_kl_tail(g_source, g_adapted, tau=tau, direction=direction, reduction=reduction,
-                              anchors=sample_anchors(anchors, source.shape[0], source.device),
+                              anchors=sample_anchors(anchors, g_source.shape[0], g_source.device),
                               fused=fused_tail(backend or "torch", g_adapted.device))
 
 
