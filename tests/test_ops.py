@@ -298,7 +298,8 @@ def test_domainstudio_loss_reads_each_batch_once(device, backend, gen):
         total = ops.domainstudio_loss(s, a, r, backend=backend).total
     with RecordOps() as backward:
         total.backward()
-    kernels = [n for n in forward.names + backward.names if n.startswith("dsfast")]
+    # the N x N tail (its own op on the Triton backend) never reads a batch
+    kernels = [n for n in forward.names + backward.names if n.startswith("dsfast") and "similarity_kl" not in n]
     namespace = "dsfast_triton" if backend == "triton" else "dsfast"
     assert kernels == [f"{namespace}.domainstudio_grams.default"] * 2 + [f"{namespace}.domainstudio_grams_backward.default"]
 

@@ -242,10 +242,9 @@ TAIL_CASES = [
 
 
 @pytest.mark.parametrize("n,dtype,direction,reduction,anchors,tau", TAIL_CASES)
-def test_similarity_kl_tail(n, dtype, direction, reduction, anchors, tau):
+def test_similarity_kl_tail(n, dtype, direction, reduction, anchors, tau, gen):
     """Loss and both Gram gradients against the float64 reference (anchors with a repeated row)."""
     assert K_gram.COSINE_EPS == R.COSINE_EPS
-    gen = _seed("tail", n, str(dtype), direction)
     x = torch.randn((n, 40), generator=gen, dtype=torch.float64)
     y = x + 0.4 * torch.randn((n, 40), generator=gen, dtype=torch.float64)
     g_source, g_adapted = (R.gram(v).to(dtype).requires_grad_() for v in (x, y))

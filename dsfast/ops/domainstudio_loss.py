@@ -111,19 +111,22 @@ def domainstudio_loss(
     anchors: int | torch.Tensor | None = None,
     detach_source: bool = True,
     backend: str = "auto",
+    check_finite: bool | None = None,
 ) -> DomainStudioTerms:
     """``(total, image, high_frequency, hf_mse)`` of the DomainStudio regularisers on x̂0 predictions.
 
     ``image = pairwise_similarity_kl(source, adapted)``, ``high_frequency =
     hf_pairwise_similarity_kl(source, adapted)``, ``hf_mse = hf_mse(adapted, real)`` (same options),
     ``total = λ_img·image + λ_hf·high_frequency + λ_hfmse·hf_mse``. A term with weight 0 is not
-    computed (it is 0). With all three terms on a compiled backend, each batch is read once in the
+    computed (it is 0). ``check_finite`` as in :func:`pairwise_similarity_kl`.
+    With all three terms on a compiled backend, each batch is read once in the
     forward and once in the backward; otherwise (weight 0, backend ``torch``, or ``real`` needing a
     gradient) the separate ops compute the same values.
     """
     op = "domainstudio_loss"
     lambdas = (lambda_img, lambda_hf, lambda_hfmse)
-    pairwise_options = dict(tau=tau, direction=direction, reduction=reduction, anchors=anchors)
+    pairwise_options = dict(tau=tau, direction=direction, reduction=reduction, anchors=anchors,
+                            check_finite=check_finite)
     _check(op, source, adapted, real, lambdas, stencil, pairwise_options)
     chosen = resolve_backend(backend, adapted.device)
     fused = all(lambdas) and chosen != "torch" and not (real.requires_grad and torch.is_grad_enabled())
