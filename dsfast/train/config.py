@@ -39,15 +39,18 @@ class DataConfig(_Section):
     class_dir: str | None = None  # None = <output_dir>/class_images
     num_class_images: int = Field(200, ge=0)
     resolution: int | None = Field(None, ge=2)  # None = the model's sample size (pixels)
-    random_flip: bool = True
+    random_flip: bool | None = None  # None = the mode's default (dsfast: True; official: as the released code)
     center_crop: bool = True
 
 
 class LossConfig(_Section):
+    mode: Literal["dsfast", "official"] = "dsfast"  # official = the released DomainStudio training step
     prior: float | None = None  # lambda_prior (dreambooth, text-to-image domainstudio)
     image: float | None = None  # lambda_img: pairwise-similarity KL of x0
     hf: float | None = None  # lambda_hf: pairwise-similarity KL of hf(x0)
     hfmse: float | None = None  # lambda_hfmse: MSE of hf(x0) to the real image
+    # per-sample weight of the hf-MSE: none (released) | min_snr (x min(SNR_t, 1)); None = mode default
+    hfmse_weighting: Literal["none", "min_snr"] | None = None
     stencil: Literal["domainstudio", "pywt"] = "domainstudio"
     space: Literal["pixel", "latent"] = "pixel"  # text-to-image domainstudio
     source: Literal["frozen", "class_prompt", "lora_off"] | None = None  # None = method default
@@ -63,16 +66,17 @@ class TrainConfig(_Section):
     batch_size: int | None = Field(None, ge=1)  # global batch (instance images per optimizer step)
     micro_batch_size: int | None = Field(None, ge=1)  # per rank per forward; None = batch_size / world size
     lr: float | None = None
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None = the mode's default (see resolve)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float = 1.0  # 0 = no clipping
+    max_grad_norm: float | None = None  # 0 = no clipping; None = the mode's default
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     ema: float | None = Field(None, ge=0.0, lt=1.0)  # EMA decay, 0 = off
+    ema_warmup: bool | None = None  # decay min(ema, (1+t)/(10+t)); None = the mode's default
     resume: str = "auto"  # auto | latest | none | <checkpoint dir>
     log_every: int = Field(1, ge=1)
 
@@ -227,6 +231,16 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
         for key in keys:
             if section[key] is None:
                 section[key] = method.defaults[key]
+    official = loss["mode"] == "official"
+    for section, key, value in ((loss, "hfmse_weighting", "none" if official else "min_snr"),
+                                (train, "weight_decay", method.official_weight_decay if official else 0.0),
+                                (train, "max_grad_norm", 0.0 if official else 1.0),
+                                (train, "ema_warmup", not official),
+                                (data, "random_flip", method.official_flip if official else True)):
+        if section[key] is None:
+            section[key] = value
+    if official:
+        _check_official(loss)
     if data["class_dir"] is None:
         data["class_dir"] = str(Path(d["output_dir"]) / "class_images")
     if data["resolution"] is None:
@@ -251,7 +265,25 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     method.check(resolved.loss, resolved.data)
     if method.needs(resolved.loss).pairwise and batch < 3:
         raise ConfigError(f"the pairwise-similarity losses need train.batch_size >= 3 (got {batch})")
+    if official and method.needs(resolved.loss).pairwise and resolved.train.micro_batch_size < 3:
+        raise ConfigError("loss.mode=official takes the pairwise losses within each micro-batch (as the released "
+                          f"code, per GPU batch): train.micro_batch_size must be >= 3 (got "
+                          f"{resolved.train.micro_batch_size})")
     return resolved
+
+
+_OFFICIAL_LOSS = dict(stencil="domainstudio", space="pixel", tau=1.0, direction="source||adapted", reduction="mean",
+                      num_anchors=None, hfmse_weighting="none")
+
+
+def _check_official(loss: dict) -> None:
+    """loss.mode=official fixes the loss keys to the released code's values."""
+    for key, value in _OFFICIAL_LOSS.items():
+        if loss[key] != value:
+            raise ConfigError(f"loss.mode=official uses loss.{key}={value!r} (the released code); got {loss[key]!r}")
+    if loss["source"] not in ("frozen", "class_prompt"):
+        raise ConfigError(f"loss.mode=official uses the released source side; loss.source={loss['source']!r} "
+                          "is a dsfast option")
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:

@@ -70,6 +70,20 @@ class Draws:
         noise = torch.randn(shape, generator=g)
         return flip and self.random_flip, t, noise
 
+    def subset(self, step: int, k: int, n: int, size: int) -> torch.Tensor:
+        """``size`` distinct random indices among the ``n`` samples of the micro-batch starting at global
+        sample k (the released code's ``np.random.choice(n, size, replace=False)``), in drawn order."""
+        return torch.randperm(n, generator=generator(self.seed, 31337, step, k))[:size]
+
+    def shared_t(self, step: int, k: int) -> int:
+        """One timestep for the micro-batch starting at global sample k (the released text-to-image pairwise branch)."""
+        return int(torch.randint(0, self.num_timesteps, (), generator=generator(self.seed, 99991, step, k)))
+
+    def other_batch(self, step: int, k: int, n: int, m: int) -> torch.Tensor:
+        """Indices of ``m`` images of a random batch drawn independently of the micro-batch at k (the released
+        hf-MSE target: a fresh batch from a second data loader)."""
+        return torch.randperm(n, generator=generator(self.seed, 4711, step, k))[torch.arange(m) % n]
+
     def anchors(self, step: int, n: int, num: int | None) -> torch.Tensor | None:
         """Sorted random anchor rows of the pairwise loss at ``step`` (None = all rows)."""
         if not num:
@@ -94,9 +108,15 @@ class PixelBatches:
         return {"x0": torch.stack(xs), "t": torch.tensor(ts, dtype=torch.long), "noise": torch.stack(noises)}
 
 
+def _mean(cached):
+    return cached[0] if isinstance(cached, tuple) else cached
+
+
 class LatentBatches:
     """Micro-batches of cached VAE latents: ``{z, x0 (pixels), t, noise}`` and, with class latents,
-    ``{zc, noise_c}`` (a class sample per instance sample, sharing its timestep)."""
+    ``{zc, noise_c, t_c}`` (a class sample per instance sample; dsfast shares the instance's timestep,
+    ``t_c`` is the class sample's own draw, for loss.mode=official). A latent given as ``(mean, std)``
+    (official) is sampled afresh each step, mean + std·n with n a draw of its own stream."""
 
     def __init__(self, images: torch.Tensor, latents: tuple[torch.Tensor, torch.Tensor], draws: Draws,
                  class_latents: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -104,24 +124,31 @@ class LatentBatches:
 
     @property
     def latent_shape(self):
-        return tuple(self.latents[0].shape[1:])
+        return tuple(_mean(self.latents[0]).shape[1:])
+
+    def _latent(self, cached, i: int, step: int, k: int, stream: int) -> torch.Tensor:
+        if not isinstance(cached, tuple):
+            return cached[i]
+        mean, std = cached
+        return mean[i] + std[i] * self.draws.draw(step, k, mean.shape[1:], stream=stream)[2]
 
     def __call__(self, step: int, ks) -> dict:
         d, shape = self.draws, self.latent_shape
-        z, zc, x, t, n, nc = [], [], [], [], [], []
+        z, zc, x, t, n, nc, tc = [], [], [], [], [], [], []
         for k in ks:
             i = d.index(step, k, self.images.shape[0])
             flip, tk, noise = d.draw(step, k, shape)
-            z.append(self.latents[flip][i])
+            z.append(self._latent(self.latents[flip], i, step, k, 2))
             x.append(self.images[i].flip(-1) if flip else self.images[i])
             t.append(tk)
             n.append(noise)
             if self.class_latents is not None:
-                j = d.index(step, k, self.class_latents[0].shape[0], stream=1)
-                cflip, _, cnoise = d.draw(step, k, shape, stream=1)
-                zc.append(self.class_latents[cflip][j])
+                j = d.index(step, k, _mean(self.class_latents[0]).shape[0], stream=1)
+                cflip, ctk, cnoise = d.draw(step, k, shape, stream=1)
+                zc.append(self._latent(self.class_latents[cflip], j, step, k, 3))
                 nc.append(cnoise)
+                tc.append(ctk)
         mb = {"z": torch.stack(z), "x0": torch.stack(x), "t": torch.tensor(t), "noise": torch.stack(n)}
         if zc:
-            mb["zc"], mb["noise_c"] = torch.stack(zc), torch.stack(nc)
+            mb["zc"], mb["noise_c"], mb["t_c"] = torch.stack(zc), torch.stack(nc), torch.tensor(tc)
         return mb

@@ -17,6 +17,13 @@ and micro-batches:
 
 Backward hooks of the engine average over ranks and divide by the accumulation steps, hence the
 ``accum * world`` factors.
+
+On logging steps (``grad_norms``) ``grad_norm/<term>`` is the norm, over the global batch, of
+d(λ·term)/d(UNet outputs) of each loss term (autograd through the loss heads only, not the UNet):
+a per-sample term's micro-batch gradient is scaled by 1/(accum·world) (it enters the global loss as a
+mean); a global term's gradient reaches each rank's own outputs through the all-gather (one
+micro-batch) or, with several, through its own cached ``dL_term/dx0`` (pass 1) times dx0/d outputs
+(pass 2). Squared norms are summed over micro-batches and ranks.
 """
 from __future__ import annotations
 
@@ -73,21 +80,38 @@ def _with_global(logs: dict, per_sample: float, global_terms: dict, total: torch
     return logs
 
 
-def run_step(method, model, micro_batches, backward, *, step: int) -> dict[str, float]:
+def _grad_sq(acc: dict, heads: dict, outputs, scale: float) -> None:
+    """Adds scale² |d head / d outputs|² of each head (the graph is kept for the backward)."""
+    for name, head in heads.items():
+        grads = torch.autograd.grad(head, outputs, retain_graph=True, allow_unused=True)
+        sq = sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
+        acc[name] = acc.get(name, 0.0) + scale * scale * sq
+
+
+def _grad_norms(acc: dict) -> dict:
+    total = D.all_reduce_mean(acc)
+    return {f"grad_norm/{k}": (v * D.world()) ** 0.5 for k, v in total.items()}
+
+
+def run_step(method, model, micro_batches, backward, *, step: int, grad_norms: bool = False) -> dict[str, float]:
     """Forward/backward all micro-batches of this rank for one optimizer step.
 
     ``backward(loss)`` back-propagates one micro-batch (and steps the engine).
-    Returns the logged terms, averaged over micro-batches and ranks.
+    Returns the logged terms, averaged over micro-batches and ranks (+ ``grad_norm/<term>`` with ``grad_norms``).
     """
     accum, world = len(micro_batches), D.world()
     logs: dict[str, float] = {}
+    sq: dict[str, float] = {}
     if not method.has_global:
         for mb in micro_batches:
             out = method.forward(model, mb, need_source=False)
             _check(out.loss, "loss", step)
             _add_terms(logs, {"loss": out.loss, **out.terms}, 1.0 / accum)
+            if grad_norms:
+                _grad_sq(sq, out.heads, out.outputs, 1.0 / (accum * world))
             backward(out.loss)
-        return D.all_reduce_mean(logs)
+        logs = D.all_reduce_mean(logs)
+        return {**logs, **_grad_norms(sq)} if grad_norms else logs
 
     if accum == 1:
         out = method.forward(model, micro_batches[0], need_source=True)
@@ -96,9 +120,13 @@ def run_step(method, model, micro_batches, backward, *, step: int) -> dict[str, 
         total, terms = method.global_loss(_gather(out.source), D.gather_with_grad(out.adapted), _gather(out.real),
                                           step)
         _check(out.loss + total, "loss", step)
+        if grad_norms:
+            _grad_sq(sq, out.heads, out.outputs, 1.0 / world)
+            _grad_sq(sq, {k: method.global_weights[k] * v for k, v in terms.items()}, out.outputs, 1.0)
         backward(out.loss + world * total)
         logs = {k: float(v.detach()) for k, v in out.terms.items()}
-        return _with_global(logs, float(out.loss.detach()), terms, total)
+        logs = _with_global(logs, float(out.loss.detach()), terms, total)
+        return {**logs, **_grad_norms(sq)} if grad_norms else logs
 
     # Pass 1: features of every micro-batch without grad.
     with torch.no_grad():
@@ -112,10 +140,14 @@ def run_step(method, model, micro_batches, backward, *, step: int) -> dict[str, 
     ada_all = D.all_gather_cat(ada_local).detach().requires_grad_(True)
     with torch.enable_grad():
         total, terms = method.global_loss(_gather(src_local), ada_all, _gather(real_local), step)
-        (grad_all,) = torch.autograd.grad(total, ada_all)
+        (grad_all,) = torch.autograd.grad(total, ada_all, retain_graph=grad_norms)
+        term_grads = {k: torch.autograd.grad(method.global_weights[k] * v, ada_all, retain_graph=True)[0]
+                      for k, v in terms.items()} if grad_norms else {}
     _check(total, "pairwise loss", step)
     n_local, r = ada_local.shape[0], D.rank()
-    grad_own = grad_all[r * n_local:(r + 1) * n_local]
+    own = slice(r * n_local, (r + 1) * n_local)
+    grad_own = grad_all[own]
+    term_grads = {k: g[own] for k, g in term_grads.items()}
     del ada_all, grad_all, src_local, ada_local, real_local
 
     # Pass 2: re-forward each micro-batch with grad, back-propagate cached gradient + own terms.
@@ -127,8 +159,13 @@ def run_step(method, model, micro_batches, backward, *, step: int) -> dict[str, 
         _check(out.loss, "loss", step)
         _add_terms(logs, out.terms, 1.0 / accum)
         per_sample += float(out.loss.detach()) / accum
+        if grad_norms:
+            _grad_sq(sq, out.heads, out.outputs, 1.0 / (accum * world))
+            _grad_sq(sq, {k: (tg[offset - m:offset].to(out.adapted.dtype) * out.adapted).sum()
+                          for k, tg in term_grads.items()}, out.outputs, 1.0)
         backward(out.loss + (accum * world) * (g * out.adapted).sum())
-    return _with_global(logs, per_sample, terms, total)
+    logs = _with_global(logs, per_sample, terms, total)
+    return {**logs, **_grad_norms(sq)} if grad_norms else logs
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
@@ -274,7 +311,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
                         dtype=dtype)
     named = trainable_named_parameters(unet)
     # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
-    ema = EMA(named, t.ema) if t.ema and rank == 0 else None
+    ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None
     engine, _, _, lr_sched = deepspeed.initialize(
         model=unet, model_parameters=[p for _, p in named],
         config=build_ds_config(t, cfg.deepspeed, world, sum(p.numel() for _, p in named)),
@@ -308,7 +345,8 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
             mbs = [method.micro_batch(step, ks[i:i + t.micro_batch_size])
                    for i in range(0, per_rank, t.micro_batch_size)]
             try:
-                logs = run_step(method, engine, mbs, backward, step=step)
+                logs = run_step(method, engine, mbs, backward, step=step,
+                                grad_norms=(step + 1) % t.log_every == 0 or step + 1 == t.max_steps)
             except NonFiniteLoss as exc:
                 last = ckpts.latest()
                 raise TrainingError(f"{exc}: training stopped; the last good checkpoint is "

@@ -130,13 +130,16 @@ def encode_prompt(bundle: Bundle, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(bundle: Bundle, images: torch.Tensor, dtype: torch.dtype, batch: int = 8) -> torch.Tensor:
-    """VAE latents (the latent mean, not a sample) x the VAE scaling factor."""
-    out = []
+def encode_images(bundle: Bundle, images: torch.Tensor, dtype: torch.dtype, batch: int = 8,
+                  std: bool = False):
+    """VAE latents (the latent mean, not a sample) x the VAE scaling factor; with ``std`` also the
+    posterior std x the scaling factor: ``(mean, std)``."""
+    means, stds = [], []
     for i in range(0, images.shape[0], batch):
         dist = bundle.vae.encode(images[i:i + batch].to(dtype)).latent_dist
-        out.append(dist.mean.float() * bundle.vae_scale)
-    return torch.cat(out)
+        means.append(dist.mean.float() * bundle.vae_scale)
+        stds.append(dist.std.float() * bundle.vae_scale)
+    return (torch.cat(means), torch.cat(stds)) if std else torch.cat(means)
 
 
 # ----------------------------------------------------------------------------- weights under ZeRO
@@ -161,12 +164,13 @@ def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict | None:
 class EMA:
     """Exponential moving average of the trainable weights: fp32, on the training device, on rank 0.
 
-    decay_t = min(decay, (1 + t) / (10 + t)): the usual warm-up, so short few-shot runs move.
+    decay_t = min(decay, (1 + t) / (10 + t)) with ``warmup`` (the usual warm-up, so short few-shot runs move),
+    else the constant ``decay`` (the released DomainStudio code).
     ``state_dict`` (checkpoints: ``ema.pt``) holds CPU copies.
     """
 
-    def __init__(self, named_params, decay: float):
-        self.decay = decay
+    def __init__(self, named_params, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.params = {n: p.detach().to(torch.float32, copy=True) for n, p in named_params}
 
     def to(self, device) -> EMA:
@@ -174,7 +178,7 @@ class EMA:
         return self
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, named_params, step: int) -> None:

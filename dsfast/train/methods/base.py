@@ -11,7 +11,11 @@ A method is a class with
 * ``micro_batch(step, ks)``: the inputs of global samples ``ks`` of ``step``;
 * ``forward(model, mb, need_source)``: one micro-batch's per-sample loss and its x0 features;
 * ``has_global`` / ``global_loss(source, adapted, real, step)``: terms of the whole gathered global batch
-  (the engine runs them with exact gradients whatever the ranks and micro-batches).
+  (the engine runs them with exact gradients whatever the ranks and micro-batches), and
+  ``global_weights`` (their λ, for the logged gradient norms).
+
+``MicroOut.heads`` (the per-sample terms times their λ) and ``MicroOut.outputs`` (the UNet outputs they
+come from) give the logged ``grad_norm/<term>``: the norm of d(λ·term)/d(UNet output) over the global batch.
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ from typing import ClassVar
 
 import torch
 
+from dsfast import ops
 from dsfast.losses import DomainStudioLoss
 
 from ..data import Draws
+from ..diffusion import alphas
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class MicroOut:
     adapted: torch.Tensor | None = None  # (m, ...) x0 features entering the global terms (with grad)
     source: torch.Tensor | None = None  # (m, ...) source x0 features (no grad); None if not needed
     real: torch.Tensor | None = None  # (m, ...) the real x0 the hf-MSE compares with
+    heads: dict = field(default_factory=dict)  # name -> λ·term (scalar, with grad) for grad_norm/<name>
+    outputs: tuple = ()  # the UNet outputs (with grad) the heads are differentiated against
 
 
 class Method:
@@ -47,6 +55,9 @@ class Method:
     family: ClassVar[str]
     defaults: ClassVar[dict]
     has_global: bool = False
+    global_weights: dict = {}  # name of a global term -> its λ
+    official_weight_decay: ClassVar[float]  # train.weight_decay of loss.mode=official
+    official_flip: ClassVar[bool]  # data.random_flip of loss.mode=official
 
     @classmethod
     def needs(cls, loss) -> Needs:
@@ -66,25 +77,62 @@ class Method:
         raise NotImplementedError
 
 
+def hfmse_weights(scheduler, t: torch.Tensor, weighting: str, device) -> torch.Tensor:
+    """Per-sample weight of the hf-MSE of x0: ``none`` 1; ``min_snr`` min(SNR_t, 1), SNR = ᾱ/(1-ᾱ).
+
+    hf is linear, so for ε-prediction hfMSE(x̂0) = |hf(ε̂ - ε)|² / SNR_t: unweighted it is a 1/SNR-weighted
+    ε-loss (24,777 at t=999 of the linear schedule). x min(SNR_t, 1) it is never more than the ε-space hf
+    error (Min-SNR-γ weighting of an x0 loss, γ = 1).
+    """
+    if weighting == "none":
+        return torch.ones(t.shape[0], device=device)
+    a = alphas(scheduler, t, device).flatten()
+    return (a / (1 - a)).clamp(max=1.0)
+
+
+def weighted_hf_mse(adapted: torch.Tensor, real: torch.Tensor, weights: torch.Tensor, stencil: str,
+                    backend: str) -> torch.Tensor:
+    """mean_i w_i · mean((hf(adapted_i) - hf(real_i))²) (hf is linear: one hf of the difference)."""
+    hf = ops.high_frequency(adapted - real.to(adapted.dtype), stencil=stencil, backend=backend)
+    return (hf.float().pow(2).flatten(1).mean(1) * weights).mean()
+
+
+class OfficialPairwise:
+    """The released code's pairwise terms, within one micro-batch (its per-GPU batch): cosine similarities
+    among the samples ``idx`` only, softmax over the others, ``KLDivLoss()(log p_adapted, p_source)``
+    (mean), for x0 and hf(x0) (LH+HL+HH). The source side keeps its gradient when it has one."""
+
+    def __init__(self, loss):
+        self.backend = loss.backend
+
+    def __call__(self, source, adapted, idx=None):
+        if idx is not None:
+            source, adapted = source[idx], adapted[idx]
+        opts = dict(tau=1.0, direction="source||adapted", reduction="mean", detach_source=False,
+                    backend=self.backend)
+        return (ops.pairwise_similarity_kl(source, adapted, **opts),
+                ops.hf_pairwise_similarity_kl(source, adapted, stencil="domainstudio", **opts))
+
+
 class DomainStudioTerms:
     """``dsfast.losses.DomainStudioLoss`` on the gathered global batch: λ_img·KL_pair(x0_src, x0_ada)
-    + λ_hf·KL_pair(hf x0_src, hf x0_ada) + λ_hfmse·hfMSE(x0_ada, x0); anchor rows drawn per step."""
+    + λ_hf·KL_pair(hf x0_src, hf x0_ada); anchor rows drawn per step. (The hf-MSE is per sample: the
+    methods add it to their per-sample loss, weighted per ``loss.hfmse_weighting``.)"""
 
     def __init__(self, loss, draws: Draws):
-        self.fn = DomainStudioLoss(lambda_img=loss.image, lambda_hf=loss.hf, lambda_hfmse=loss.hfmse,
+        self.fn = DomainStudioLoss(lambda_img=loss.image, lambda_hf=loss.hf, lambda_hfmse=0.0,
                                    stencil=loss.stencil, tau=loss.tau, direction=loss.direction,
                                    reduction=loss.reduction, backend=loss.backend)
         self.num_anchors, self.draws = loss.num_anchors, draws
         self.pairwise = loss.image > 0 or loss.hf > 0
-        self.active = self.pairwise or loss.hfmse > 0
+        self.weights = {k: w for k, w in (("image", loss.image), ("hf", loss.hf)) if w > 0}
 
     def __call__(self, source, adapted, real, step: int):
         anchors = self.draws.anchors(step, adapted.shape[0], self.num_anchors)
         out = self.fn(adapted.detach() if source is None else source, adapted, real,
                       anchors=None if anchors is None else anchors.to(adapted.device))
         terms = {}
-        for key, weight, value in (("image", self.fn.lambda_img, out.image), ("hf", self.fn.lambda_hf,
-                                   out.high_frequency), ("hfmse", self.fn.lambda_hfmse, out.hf_mse)):
-            if weight > 0:
+        for key, value in (("image", out.image), ("hf", out.high_frequency)):
+            if key in self.weights:
                 terms[key] = value
         return out.total, terms

@@ -1,18 +1,28 @@
 """DomainStudio on a Stable-Diffusion-family pipeline (text-to-image).
 
-Loss = instance MSE + λ_prior · class MSE + the DomainStudio terms on the global batch, on x0
+Loss = instance MSE + λ_prior · class MSE + λ_hfmse·w_t·hfMSE(x0, real) per sample (w_t per
+``loss.hfmse_weighting``) + the pairwise DomainStudio terms on the global batch, on x0
 latents from the scheduler parameterisation; ``loss.space=pixel`` decodes them with the VAE *with
 gradients* (checkpointed), ``latent`` compares latents. Source side (``loss.source``):
 ``class_prompt`` (official: the class-prompt predictions of the same batch, no grad), ``frozen``
 (a frozen pretrained UNet on the instance x_t with the class prompt) or ``lora_off`` (the trained
 UNet with its LoRA adapters disabled, class prompt).
+
+``loss.mode=official``: the released ``Text-to-Image/train_domainstudio.py`` (commit cc69341). The
+pairwise/hf branch is a second UNet forward on the instance and class latents, noised with the same
+noise at one t shared by the micro-batch; x0 = the scheduler's ``pred_original_sample`` (clipped when
+the scheduler clips), decoded with gradients *without* dividing by the VAE scaling factor; the source
+side is the class half of that forward, with gradients; KL_img / KL_hf = KL(p_class || p_instance) of
+the decoded images / their hf maps; hf-MSE = MSE of hf(decoded instance x0) to hf of a different random
+batch of instance images; L_simple and the prior loss use per-sample t (the class samples their own).
 """
 from __future__ import annotations
 
 import torch
 
 from ..diffusion import predicted_x0
-from .base import DomainStudioTerms, MicroOut, Needs
+from ..errors import ConfigError
+from .base import DomainStudioTerms, Needs, OfficialPairwise, hfmse_weights, weighted_hf_mse
 from .text2image import TextToImageMethod
 
 
@@ -27,25 +37,52 @@ class DomainStudioSD(TextToImageMethod):
         return Needs(prompts=True, class_images=loss.prior > 0 or loss.source == "class_prompt",
                      frozen_source=pairwise and loss.source == "frozen", pairwise=pairwise)
 
+    @classmethod
+    def check(cls, loss, data) -> None:
+        super().check(loss, data)
+        if loss.mode == "official" and loss.source != "class_prompt":
+            raise ConfigError("loss.mode=official on a text-to-image model uses loss.source=class_prompt (the "
+                              f"released code); got {loss.source!r}")
+
     def __init__(self, *, bundle, images, draws, loss, data, sample, dtype):
         super().__init__(bundle=bundle, images=images, draws=draws, loss=loss, data=data, sample=sample, dtype=dtype)
+        self.loss, self.draws, self.images = loss, draws, images
         self.terms = DomainStudioTerms(loss, draws)
-        self.has_global = self.terms.active
+        self.has_global = self.terms.pairwise and not self.official
+        self.pairwise_official = OfficialPairwise(loss)
+        self.global_weights = self.terms.weights
         self.pixel, self.source = loss.space == "pixel", loss.source
 
+    def micro_batch(self, step, ks):
+        mb = super().micro_batch(step, ks)
+        if self.official:
+            mb["t_shared"] = torch.full((len(ks),), self.draws.shared_t(step, ks[0]), dtype=torch.long)
+            mb["x_other"] = self.images[self.draws.other_batch(step, ks[0], self.images.shape[0], len(ks))]
+        return mb
+
     def forward(self, model, mb, need_source):
-        loss, terms, zt, pred_i, zct, pred_c = self.denoise(model, mb)
-        if not self.has_global:
-            return MicroOut(loss=loss, terms=terms)
+        out, zt, pred_i, zct, pred_c = self.denoise(model, mb)
+        if self.official:
+            return self.official_terms(model, mb, out)
+        lam = self.loss
+        if not (self.has_global or lam.hfmse > 0):
+            return out
         sch, t = self.scheduler, mb["t"]
         x0_lat = predicted_x0(sch, pred_i, zt, t)
         ada = self.decode(x0_lat, torch.is_grad_enabled()) if self.pixel else x0_lat
-        src = None
-        if need_source and self.terms.pairwise:
+        if lam.hfmse > 0:
+            w = hfmse_weights(sch, t, lam.hfmse_weighting, ada.device)
+            hfmse = weighted_hf_mse(ada, mb["x0"] if self.pixel else mb["z"], w, lam.stencil, lam.backend)
+            out.loss = out.loss + lam.hfmse * hfmse
+            out.terms["hfmse"], out.heads["hfmse"] = hfmse, lam.hfmse * hfmse
+        if not self.has_global:
+            return out
+        out.adapted = ada
+        if need_source:
             with torch.no_grad():
                 src = self.source_x0(model, zt, t, zct, pred_c)
-                src = self.decode(src, False) if self.pixel else src
-        return MicroOut(loss=loss, terms=terms, adapted=ada, source=src, real=mb["x0"] if self.pixel else mb["z"])
+                out.source = self.decode(src, False) if self.pixel else src
+        return out
 
     def source_x0(self, model, zt, t, zct, pred_c):
         """Source x0 latents (no grad) per ``loss.source``."""
@@ -65,3 +102,28 @@ class DomainStudioSD(TextToImageMethod):
 
     def global_loss(self, source, adapted, real, step):
         return self.terms(source, adapted, real, step)
+
+    def official_terms(self, model, mb, out):
+        """The released pairwise/hf branch, added to ``out`` (see the module docstring)."""
+        lam, sch, t = self.loss, self.scheduler, mb["t_shared"]
+        if "zc" not in mb:  # the released script runs the branch only with prior preservation
+            return out
+        m = t.shape[0]
+        z_t = torch.cat([sch.add_noise(mb["z"], mb["noise"], t), sch.add_noise(mb["zc"], mb["noise_c"], t)])
+        emb = torch.cat([self.emb_inst.expand(m, -1, -1), self.emb_class.expand(m, -1, -1)])
+        pred = self.unet(model, z_t, torch.cat([t, t]), emb)
+        x0 = predicted_x0(sch, pred, z_t, torch.cat([t, t]))
+        if sch.config.get("clip_sample", False):  # as DDPMScheduler.step's pred_original_sample
+            r = sch.config.get("clip_sample_range", 1.0)
+            x0 = x0.clamp(-r, r)
+        grad = torch.is_grad_enabled()
+        inst, cls = self.decode(x0[:m], grad, unscale=False), self.decode(x0[m:], grad, unscale=False)
+        image, hf = self.pairwise_official(cls, inst)
+        hfmse = weighted_hf_mse(inst, mb["x_other"], torch.ones(m, device=inst.device), "domainstudio",
+                                lam.backend)
+        for key, weight, value in (("image", lam.image, image), ("hf", lam.hf, hf), ("hfmse", lam.hfmse, hfmse)):
+            if weight > 0:
+                out.loss = out.loss + weight * value
+                out.terms[key], out.heads[key] = value, weight * value
+        out.outputs = (*out.outputs, pred)
+        return out

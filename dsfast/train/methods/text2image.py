@@ -25,6 +25,7 @@ from .base import Method, MicroOut, Needs
 
 class TextToImageMethod(Method):
     family = TEXT2IMAGE
+    official_weight_decay, official_flip = 1e-2, False  # the released train_domainstudio.py (AdamW, no --hflip)
 
     @classmethod
     def needs(cls, loss) -> Needs:
@@ -39,9 +40,11 @@ class TextToImageMethod(Method):
 
     def __init__(self, *, bundle, images, draws, loss, data, sample, dtype):
         self.bundle, self.scheduler, self.dtype = bundle, bundle.scheduler, dtype
+        self.official = loss.mode == "official"  # a class sample draws its own t, as the released script
         self.emb_inst = encode_prompt(bundle, data.instance_prompt)
         self.emb_class = encode_prompt(bundle, data.class_prompt) if data.class_prompt else None
-        latents = (encode_images(bundle, images, dtype), encode_images(bundle, images.flip(-1), dtype))
+        # official: a fresh latent_dist.sample() each step, from the cached posterior mean and std
+        latents = self.encode(images)
         class_latents = None
         if self.needs(loss).class_images:
             generate_images(pretrained_pipeline(bundle), data.class_dir, data.num_class_images,
@@ -49,9 +52,13 @@ class TextToImageMethod(Method):
                             num_inference_steps=sample.num_inference_steps, guidance_scale=sample.guidance_scale,
                             what="data.class_dir")
             cimgs = load_images(data.class_dir, data.resolution, center_crop=data.center_crop, what="data.class_dir")
-            class_latents = (encode_images(bundle, cimgs, dtype), encode_images(bundle, cimgs.flip(-1), dtype))
+            class_latents = self.encode(cimgs)
         self.batches = LatentBatches(images, latents, draws, class_latents)
         self.prior = PriorPreservationLoss(loss.prior) if loss.prior > 0 and class_latents is not None else None
+
+    def encode(self, images):
+        """Cached latents of the images and of their mirror images (with the posterior std in official mode)."""
+        return tuple(encode_images(self.bundle, x, self.dtype, std=self.official) for x in (images, images.flip(-1)))
 
     def micro_batch(self, step, ks):
         return self.batches(step, ks)
@@ -59,37 +66,39 @@ class TextToImageMethod(Method):
     def unet(self, model, zt, t, emb):
         return model(zt.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.float()
 
-    def decode(self, z, grad: bool):
-        """VAE decode of latents; with ``grad`` checkpointed (the decoder's activations are recomputed)."""
-        vae, z = self.bundle.vae, z / self.bundle.vae_scale
+    def decode(self, z, grad: bool, unscale: bool = True):
+        """VAE decode of latents; with ``grad`` checkpointed (the decoder's activations are recomputed).
+        ``unscale=False`` decodes without dividing by the VAE scaling factor (the released code)."""
+        vae, z = self.bundle.vae, z / self.bundle.vae_scale if unscale else z
         if not grad:
             with torch.no_grad():
                 return vae.decode(z.to(self.dtype)).sample.float()
         return checkpoint(lambda u: vae.decode(u.to(self.dtype)).sample.float(), z, use_reentrant=False)
 
     def denoise(self, model, mb):
-        """``(loss, terms, z_t, instance output, class z_t, class output)``; the class parts are None without them."""
+        """``(MicroOut, z_t, instance output, class z_t, class output)``; the class parts are None without them."""
         sch, z, t, noise = self.scheduler, mb["z"], mb["t"], mb["noise"]
         m = z.shape[0]
         zt = sch.add_noise(z, noise, t)
         emb_i = self.emb_inst.expand(m, -1, -1)
         zct = pred_c = None
         if "zc" in mb:
-            zct = sch.add_noise(mb["zc"], mb["noise_c"], t)
-            pred = self.unet(model, torch.cat([zt, zct]), torch.cat([t, t]),
+            tc = mb["t_c"] if self.official else t
+            zct = sch.add_noise(mb["zc"], mb["noise_c"], tc)
+            pred = self.unet(model, torch.cat([zt, zct]), torch.cat([t, tc]),
                              torch.cat([emb_i, self.emb_class.expand(m, -1, -1)]))
             pred_i, pred_c = pred[:m], pred[m:]
         else:
-            pred_i = self.unet(model, zt, t, emb_i)
+            pred = pred_i = self.unet(model, zt, t, emb_i)
         target = training_target(sch, z, noise, t)
         if self.prior is not None:
-            loss, inst, prior = self.prior(pred_i, target, pred_c, training_target(sch, mb["zc"], mb["noise_c"], t))
+            loss, inst, prior = self.prior(pred_i, target, pred_c, training_target(sch, mb["zc"], mb["noise_c"], tc))
             terms = {"instance": inst, "prior": prior}
         else:
             loss = F.mse_loss(pred_i, target)
             terms = {"instance": loss}
-        return loss, terms, zt, pred_i, zct, pred_c
+        heads = {k: (self.prior.prior_weight * v if k == "prior" else v) for k, v in terms.items()}
+        return MicroOut(loss=loss, terms=terms, heads=heads, outputs=(pred,)), zt, pred_i, zct, pred_c
 
     def forward(self, model, mb, need_source):
-        loss, terms, *_ = self.denoise(model, mb)
-        return MicroOut(loss=loss, terms=terms)
+        return self.denoise(model, mb)[0]

@@ -14,6 +14,7 @@ class UnconditionalMethod(Method):
     """Loss = L_simple (+ L_vlb when the model learns sigma, improved DDPM)."""
 
     family = UNCONDITIONAL
+    official_weight_decay, official_flip = 0.0, True  # the released guided-diffusion training
 
     @classmethod
     def check(cls, loss, data) -> None:
@@ -29,10 +30,10 @@ class UnconditionalMethod(Method):
         return self.batches(step, ks)
 
     def denoise(self, model, mb):
-        """``(loss, terms, x_t, eps/v/x0 output)`` of L_simple (+ L_vlb)."""
+        """``(MicroOut with the L_simple (+ L_vlb) loss, terms, heads and UNet output, x_t, eps/v/x0 output)``."""
         x0, t, noise = mb["x0"], mb["t"], mb["noise"]
         x_t = self.scheduler.add_noise(x0, noise, t)
-        out = model(x_t.to(self.dtype), t).sample.float()
+        out = raw = model(x_t.to(self.dtype), t).sample.float()
         c = x0.shape[1]
         learned = out.shape[1] == 2 * c
         var_out = None
@@ -46,11 +47,10 @@ class UnconditionalMethod(Method):
             vlb = vlb_term(self.scheduler, out.detach(), var_out, x0, x_t, t, self.variance_type)
             loss = loss + vlb
             terms["vlb"] = vlb
-        return loss, terms, x_t, out
+        return MicroOut(loss=loss, terms=terms, heads=dict(terms), outputs=(raw,)), x_t, out
 
     def x0(self, out, x_t, t):
         return predicted_x0(self.scheduler, out, x_t, t)
 
     def forward(self, model, mb, need_source):
-        loss, terms, _, _ = self.denoise(model, mb)
-        return MicroOut(loss=loss, terms=terms)
+        return self.denoise(model, mb)[0]

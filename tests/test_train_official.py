@@ -1,0 +1,257 @@
+"""loss.mode=official reproduces the released DomainStudio training step (commit cc69341).
+
+The truth here is an independent transcription of the released loss code (its double loops with
+nn.CosineSimilarity, nn.Softmax(dim=1), nn.KLDivLoss() and a conv2d Haar with its filters), run on
+the same x_t / t / noise / subset as the method; values and gradients w.r.t. the trainable
+parameters must agree. Also: the per-term gradient norms logged on logging steps.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsfast.train import methods
+from dsfast.train.config import load_config, resolve
+from dsfast.train.data import Draws, load_images
+from dsfast.train.diffusion import vlb_term
+from dsfast.train.engine import run_step
+from dsfast.train.models import describe, load
+from dsfast.train.testing import make_unconditional_pipeline, tiny_config, write_images
+
+BATCH = 4
+
+
+def _haar_bands(x):
+    """LH, HL, HH of the released get_wave: stride-2 2x2 depthwise conv, L = [1, 1]/√2, H = [-1, 1]/√2."""
+    low = torch.ones(1, 2, dtype=x.dtype) / math.sqrt(2)
+    high = low.clone()
+    high[0, 0] = -high[0, 0]
+    c = x.shape[1]
+    out = []
+    for f in (low.T * high, high.T * low, high.T * high):
+        conv = nn.Conv2d(c, c, 2, stride=2, bias=False, groups=c)
+        conv.weight.data = f.unsqueeze(0).expand(c, -1, -1, -1).clone()
+        conv.weight.requires_grad_(False)
+        out.append(conv(x))
+    return out
+
+
+def _hf(x):
+    lh, hl, hh = _haar_bands(x)
+    return lh + hl + hh
+
+
+def _sim_loss(base, ada, sub):
+    """The released double loop on the subset ``sub`` of the batch."""
+    sim, sfm, kl = nn.CosineSimilarity(), nn.Softmax(dim=1), nn.KLDivLoss()
+    n = len(sub)
+    dist_base, dist_ada = torch.zeros(n, n - 1), torch.zeros(n, n - 1)
+    for dist, feats in ((dist_base, base), (dist_ada, ada)):
+        for p1 in range(n):
+            col = 0
+            anchor = feats[sub[p1]].reshape(-1).unsqueeze(0)
+            for p2 in range(n):
+                if p1 != p2:
+                    dist[p1, col] = sim(anchor, feats[sub[p2]].reshape(-1).unsqueeze(0))
+                    col += 1
+    return kl(torch.log(sfm(dist_ada)), sfm(dist_base))
+
+
+def _released_loss(unet, source, sched, mb):
+    x0, t, noise, sub = mb["x0"], mb["t"], mb["noise"], [int(i) for i in mb["subset"]]
+    ab = sched.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    out, base = unet(x_t, t).sample, source(x_t, t).sample
+    c = x0.shape[1]
+    learned = out.shape[1] == 2 * c
+    if learned:
+        out, var = out[:, :c], out[:, c:]
+        base = base[:, :c]
+    mean_flat = lambda v: v.mean(dim=list(range(1, v.ndim)))  # noqa: E731
+    mse = mean_flat((noise - out) ** 2)
+
+    def x0_from_eps(eps):
+        return (1 / ab).sqrt() * x_t - (1 / ab - 1).sqrt() * eps
+
+    x0_ada, x0_true, x0_base = x0_from_eps(out), x0_from_eps(noise), x0_from_eps(base)
+    mse2 = 1.0 * mean_flat((_hf(x0_ada) - _hf(x0_true)) ** 2)
+    sim = 4.0 * _sim_loss(x0_base, x0_ada, sub)
+    if not learned:
+        return (mse + sim).mean()
+    sim2 = 4.0 * _sim_loss(_hf(x0_base), _hf(x0_ada), sub)
+    # L_vlb: the released _vb_terms_bpd on the stop-gradient mean (rescaled), as dsfast's vlb_term
+    vb = vlb_term(sched, out.detach(), var, x0, x_t, t, "learned_range")
+    return (mse + sim + sim2 + mse2).mean() + vb
+
+
+def _method(root, learned, mode="official", **over):
+    model = f"{root}/model_{int(learned)}"
+    cfg = resolve(load_config(tiny_config(root, model, f"{root}/imgs", train__batch_size=BATCH, loss__mode=mode,
+                                          **over)), "unconditional")
+    bundle = load(describe(model), model, dtype=torch.float32, lora=None, frozen_source=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # adapted != source, else the pairwise gradients vanish
+        for p in bundle.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    draws = Draws(seed=0, batch_size=BATCH, num_timesteps=1000, random_flip=cfg.data.random_flip)
+    m = methods.get("domainstudio", "unconditional")(
+        bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
+        sample=cfg.sample, dtype=torch.float32)
+    return cfg, bundle, m
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("official")
+    for learned in (False, True):
+        make_unconditional_pipeline(r / f"model_{int(learned)}", learned_sigma=learned)
+    write_images(r / "imgs", 5)
+    return str(r)
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed_sigma", "learned_sigma"])
+def test_official_unconditional_step_equals_released_loss(root, learned):
+    torch.manual_seed(0)
+    cfg, bundle, method = _method(root, learned)
+    assert not method.has_global and bundle.source.training  # local per micro-batch; source in train mode
+    unet, params = bundle.unet, [p for p in bundle.unet.parameters() if p.requires_grad]
+    for step in (0, 5):
+        mb = method.micro_batch(step, list(range(BATCH)))
+        assert len(set(mb["subset"].tolist())) == 3
+        out = method.forward(unet, mb, need_source=False)
+        ref = _released_loss(unet, bundle.source, bundle.scheduler, mb)
+        assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert ("hf" in out.terms) == learned and ("hfmse" in out.terms) == learned
+        g_got = torch.autograd.grad(out.loss, params)
+        g_ref = torch.autograd.grad(ref, params)
+        scale = max(g.abs().max().item() for g in g_ref)
+        for a, b in zip(g_got, g_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale)
+
+
+def test_official_defaults_and_checks(root):
+    cfg, _, _ = _method(root, False)
+    assert (cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.train.ema_warmup, cfg.data.random_flip,
+            cfg.loss.hfmse_weighting) == (0.0, 0.0, False, True, "none")
+    cfg, _, _ = _method(root, False, mode="dsfast")
+    assert (cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.train.ema_warmup, cfg.loss.hfmse_weighting) == \
+        (0.0, 1.0, True, "min_snr")
+    from dsfast.train.errors import ConfigError
+    with pytest.raises(ConfigError, match="micro_batch_size must be >= 3"):
+        resolve(load_config(tiny_config(root, f"{root}/model_0", f"{root}/imgs", train__batch_size=4,
+                                        train__micro_batch_size=2, loss__mode="official")), "unconditional")
+    with pytest.raises(ConfigError, match="loss.num_anchors"):
+        resolve(load_config(tiny_config(root, f"{root}/model_0", f"{root}/imgs", loss__mode="official",
+                                        loss__num_anchors=2)), "unconditional")
+
+
+def test_min_snr_weighting_caps_the_hf_mse(root):
+    """min_snr: each sample's hf-MSE x min(SNR_t, 1), so it never exceeds the eps-space hf error."""
+    _, bundle, method = _method(root, False, mode="dsfast", loss__image=0.0, loss__hf=0.0)
+    mb = method.micro_batch(0, list(range(BATCH)))
+    mb["t"] = torch.tensor([0, 300, 700, 999])
+    out = method.forward(bundle.unet, mb, need_source=False)
+    ab = bundle.scheduler.alphas_cumprod[mb["t"]].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * mb["x0"] + (1 - ab).sqrt() * mb["noise"]
+    eps = bundle.unet(x_t, mb["t"]).sample
+    per_eps = _hf(eps - mb["noise"]).pow(2).flatten(1).mean(1)  # |hf(eps_hat - eps)|^2
+    snr = (ab / (1 - ab)).flatten()
+    expected = (per_eps / snr * snr.clamp(max=1)).mean()
+    assert out.terms["hfmse"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert out.terms["hfmse"].item() <= per_eps.mean().item() * (1 + 1e-5)
+
+
+def test_grad_norms_are_the_loss_head_gradients_and_do_not_depend_on_micro_batches(root):
+    _, bundle, method = _method(root, False, mode="dsfast")
+    ks = list(range(BATCH))
+    logs = {}
+    for micro in (BATCH, 2):
+        mbs = [method.micro_batch(3, ks[i:i + micro]) for i in range(0, BATCH, micro)]
+        logs[micro] = run_step(method, bundle.unet, mbs, lambda loss: None, step=3, grad_norms=True)
+    for k in ("simple", "hfmse", "image", "hf"):
+        assert logs[BATCH][f"grad_norm/{k}"] > 0
+        assert logs[2][f"grad_norm/{k}"] == pytest.approx(logs[BATCH][f"grad_norm/{k}"], rel=1e-4)
+    # L_simple = mean((eps_hat - eps)^2): its gradient w.r.t. the output is 2 (eps_hat - eps) / numel
+    mb = method.micro_batch(3, ks)
+    ab = bundle.scheduler.alphas_cumprod[mb["t"]].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps = bundle.unet(ab.sqrt() * mb["x0"] + (1 - ab).sqrt() * mb["noise"], mb["t"]).sample
+    expected = (2 * (eps - mb["noise"]) / eps.numel()).norm().item()
+    assert logs[BATCH]["grad_norm/simple"] == pytest.approx(expected, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- text-to-image
+
+
+def _released_sd_loss(unet, vae, sched, emb_i, emb_c, mb):
+    """The released train_domainstudio.py step (prior preservation on), transcribed."""
+    sim, sfm, kl = nn.CosineSimilarity(), nn.Softmax(dim=1), nn.KLDivLoss()
+
+    def dist(feats):
+        n = feats.shape[0]
+        d = torch.zeros(n, n - 1)
+        for p1 in range(n):
+            col = 0
+            anchor = feats[p1].reshape(-1).unsqueeze(0)
+            for p2 in range(n):
+                if p1 != p2:
+                    d[p1, col] = sim(anchor, feats[p2].reshape(-1).unsqueeze(0))
+                    col += 1
+        return sfm(d)
+
+    m = mb["z"].shape[0]
+    latents, noise = torch.cat([mb["z"], mb["zc"]]), torch.cat([mb["noise"], mb["noise_c"]])
+    enc = torch.cat([emb_i.expand(m, -1, -1), emb_c.expand(m, -1, -1)])
+    timestep = mb["t_shared"][:1]
+    timesteps = (timestep[0] * torch.ones(2 * m)).long()
+    noisy = sched.add_noise(latents, noise, timesteps)
+    residual = unet(noisy, timesteps, enc).sample
+    pred_sample = sched.step(residual, timestep[0], noisy).pred_original_sample
+    pred_instance, pred_class = torch.chunk(pred_sample, 2, dim=0)
+    image, image_prior = vae.decode(pred_instance.float()).sample, vae.decode(pred_class.float()).sample
+    rel_loss = kl(torch.log(dist(image)), dist(image_prior))
+    image_wave, prior_wave = _hf(image), _hf(image_prior)
+    rel_wave_loss = kl(torch.log(dist(image_wave)), dist(prior_wave))
+    wave_loss = F.mse_loss(image_wave.float(), _hf(mb["x_other"]).float(), reduction="mean")
+    timesteps = torch.cat([mb["t"], mb["t_c"]])
+    pred = unet(sched.add_noise(latents, noise, timesteps), timesteps, enc).sample
+    pred_i, pred_p = torch.chunk(pred, 2, dim=0)
+    t_i, t_p = torch.chunk(noise, 2, dim=0)
+    loss = F.mse_loss(pred_i.float(), t_i.float(), reduction="mean")
+    prior = F.mse_loss(pred_p.float(), t_p.float(), reduction="mean")
+    return loss + 1.0 * prior + 100.0 * rel_loss + 100.0 * rel_wave_loss + 0.1 * wave_loss
+
+
+def test_official_text2image_step_equals_released_loss(tmp_path):
+    from dsfast.train.testing import make_sd_pipeline
+
+    torch.manual_seed(0)
+    make_sd_pipeline(tmp_path / "sd")
+    write_images(tmp_path / "imgs", 4, size=16)
+    cfg = resolve(load_config(tiny_config(
+        tmp_path, tmp_path / "sd", tmp_path / "imgs", loss__mode="official", train__batch_size=3,
+        data__instance_prompt="a sks dog", data__class_prompt="a dog", data__num_class_images=3,
+        data__class_dir=str(tmp_path / "class"), sample__num=2)), "text2image", down_factor=4)
+    assert (cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.data.random_flip) == (1e-2, 0.0, False)
+    bundle = load(describe(str(tmp_path / "sd")), str(tmp_path / "sd"), dtype=torch.float32, lora=None,
+                  frozen_source=False)
+    assert bundle.source is None  # the released script loads a frozen copy it never uses
+    draws = Draws(seed=0, batch_size=3, num_timesteps=1000, random_flip=False)
+    method = methods.get("domainstudio", "text2image")(
+        bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
+        sample=cfg.sample, dtype=torch.float32)
+    assert not method.has_global
+    assert isinstance(method.batches.latents[0], tuple)  # (mean, std): latent_dist.sample() each step
+    unet = bundle.unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    mb = method.micro_batch(2, [0, 1, 2])
+    out = method.forward(unet, mb, need_source=False)
+    assert {"instance", "prior", "image", "hf", "hfmse"} <= set(out.terms)
+    ref = _released_sd_loss(unet, bundle.vae, bundle.scheduler, method.emb_inst, method.emb_class, mb)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    g_got, g_ref = torch.autograd.grad(out.loss, params), torch.autograd.grad(ref, params)
+    scale = max(g.abs().max().item() for g in g_ref)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale)
