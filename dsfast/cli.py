@@ -6,6 +6,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": ("dsfast.train.cli", "Train a run from a YAML config (DomainStudio, DreamBooth, finetune)."),
+    "dreambooth": ("dsfast.train.dreambooth_cli", "Train with the flags of diffusers' train_dreambooth.py."),
     "sample": ("dsfast.train.sample", "Generate images from a run's weights."),
     "eval": ("dsfast.eval.cli", "Intra-LPIPS / FID style metrics of a folder of samples."),
     "pretrain": ("dsfast.pretrain", "Train the demo's small source model from scratch."),
