@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import yaml
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 from dsfast.images import save_grid, save_images
 
@@ -129,6 +130,7 @@ def sample_images(run_or_pipeline_dir, num: int, *, seed: int = 0, prompt: str |
     one of its checkpoints) or a pipeline folder: (N, 3, H, W) in [0, 1]."""
     if checkpoint is None:
         path = _pipeline_dir(run_or_pipeline_dir)
+        diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
         pipe = DiffusionPipeline.from_pretrained(str(path))
         run = path.parent
     else:
