@@ -10,6 +10,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": ("dsfast.train.cli", "Train a run from a YAML config (DomainStudio, DreamBooth, finetune)."),
+    "dreambooth": ("dsfast.train.dreambooth_cli", "Train with the flags of diffusers' train_dreambooth.py."),
     "sample": ("dsfast.train.sample", "Generate images from a run's weights."),
     "eval": ("dsfast.eval.cli", "Intra-LPIPS / FID style metrics of a folder of samples."),
     "plan": ("dsfast.plan", "Predict peak GPU memory of a run per memory option; the largest batch x resolution that fits."),

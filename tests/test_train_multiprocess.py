@@ -3,12 +3,13 @@ checkpoint (every rank writes its shard), resume, and match a one-process run of
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from dsfast.train.distributed import free_port
-from dsfast.train.testing import make_unconditional_pipeline, subprocess_env, tiny_config, write_images
+from dsfast.train.testing import HF_ZERO2_JSON, make_unconditional_pipeline, subprocess_env, tiny_config, write_images
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +72,23 @@ def test_two_ranks_torchrun(assets, single, tmp_path, over):
     from diffusers import DiffusionPipeline
 
     DiffusionPipeline.from_pretrained(str(run / "final"))
+
+
+def test_stock_hf_zero2_json_under_the_deepspeed_launcher(assets, tmp_path):
+    """The transformers/accelerate ds_config_zero2.json ("auto" values, AdamW + WarmupLR sections, ZeRO-2 with
+    CPU optimizer offload) as deepspeed.config, 2 CPU ranks launched by `deepspeed`, trains to the end."""
+    ds = tmp_path / "ds_config_zero2.json"
+    ds.write_text(json.dumps(HF_ZERO2_JSON))
+    cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", train__max_steps=2, train__warmup_steps=4,
+                      train__ema=0.0, deepspeed={"config": str(ds)})  # the JSON sets the ZeRO stage
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    launcher = Path(sys.executable).with_name("deepspeed")
+    _run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dsfast.train",
+          "--config", str(f)])
+    run = tmp_path / "run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["deepspeed"]["zero_stage"] == 2 and resolved["deepspeed"]["offload_optimizer"] == "cpu"
+    m = _metrics(run)
+    assert [r["step"] for r in m] == [1, 2] and [r["lr"] for r in m] == pytest.approx([5e-5, 7.5e-5])  # linear warm-up (lr of the next step)
+    assert (run / "final" / "model_index.json").is_file()

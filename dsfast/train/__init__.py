@@ -4,8 +4,8 @@
 ``deepspeed``/``torchrun``; ``dsfast train --config run.yaml [key=value ...] [--resume latest]``.
 
 Layout, bottom to top: ``errors``, ``distributed``, ``diffusion`` (x0, targets, L_vlb), ``data``
-(images, per-sample draws, micro-batches), ``models`` (loading, LoRA, EMA, export), ``sample``,
-``checkpoint``; ``methods/`` (one file per training method, and the registry); ``config`` (schema and
+(images, per-sample draws, micro-batches), ``models`` (loading, LoRA, EMA, export), ``checkpoint``,
+``sample``; ``methods/`` (one file per training method, and the registry); ``config`` (schema and
 the resolve step); ``engine`` (DeepSpeed, the step loop, logging); ``cli``.
 """
 from . import distributed as _distributed

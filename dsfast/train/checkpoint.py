@@ -113,3 +113,21 @@ class CheckpointManager:
         if ema is not None and (ckpt_dir / "ema.pt").is_file():
             ema.load_state_dict(torch.load(ckpt_dir / "ema.pt", weights_only=False))
         return int(client["step"])
+
+
+def read_weights(ckpt_dir: Path, zero3: bool) -> dict:
+    """The trained module's full fp32 state dict in a complete checkpoint (one process, no engine), with the
+    EMA weights in place of the trained ones when the run keeps an EMA (as its ``final/`` would hold)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / COMPLETE).is_file():
+        raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete (no {COMPLETE} marker)")
+    if zero3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    else:
+        sd = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    sd = {k: v.detach().float().cpu() for k, v in sd.items()}
+    if (ckpt_dir / "ema.pt").is_file():
+        sd.update(torch.load(ckpt_dir / "ema.pt", map_location="cpu", weights_only=False)["params"])
+    return sd

@@ -2,17 +2,51 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import sys
 
+from pydantic import BaseModel
+
+from .config import RunConfig
 from .engine import train
 from .errors import USER_ERRORS
+
+_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+
+
+def _comments(cls: type[BaseModel]) -> dict[str, str]:
+    """The trailing ``# ...`` comment of each field line in the class body: the key's one-line help."""
+    return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines()
+            if (m := _COMMENT.match(line))}
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    value = field.default
+    return "(method / model default)" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def config_keys_help(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per config key of the schema: dotted key, default, help (sections in schema order)."""
+    lines, notes = [], _comments(cls)
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += config_keys_help(ann, f"{prefix}{name}.")
+            continue
+        help_ = notes.get(name, "")
+        lines.append(f"  {prefix + name:<30} {_default(field):<24} {help_}".rstrip())
+    return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="dsfast train",
+        prog="dsfast train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train DomainStudio / DreamBooth / finetune from a YAML config. "
-                    "Extra key=value arguments override config keys (dotted, e.g. train.lr=1e-5).")
+                    "Extra key=value arguments override config keys (dotted, e.g. train.lr=1e-5).",
+        epilog="config keys (key, default, meaning):\n" + "\n".join(config_keys_help()))
     ap.add_argument("--config", required=True, help="YAML run config")
     ap.add_argument("--resume", default=None,
                     help="'latest' (error if none), 'auto' (default: latest if present), 'none', or a checkpoint dir")

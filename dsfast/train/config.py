@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import methods
+from .ds_config import adopt_stock_json
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig", "dump_config", "load_config", "parse_overrides", "resolve"]
@@ -27,20 +28,20 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    pretrained: str = ""  # local diffusers pipeline folder or hub id
+    pretrained: str = ""  # required: a local diffusers pipeline folder or a hub id
     lora_rank: int = Field(0, ge=0)  # 0 = full fine-tune of the UNet; >0 = peft LoRA adapters on the UNet
     lora_alpha: float | None = None  # None = lora_rank
 
 
 class DataConfig(_Section):
-    instance_dir: str = ""
+    instance_dir: str = ""  # required: the folder of training images (resized and centre-cropped)
     instance_prompt: str | None = None  # text-to-image only, e.g. "a sks dog"
     class_prompt: str | None = None  # text-to-image only, e.g. "a dog"
     class_dir: str | None = None  # None = <output_dir>/class_images
-    num_class_images: int = Field(200, ge=0)
+    num_class_images: int = Field(200, ge=0)  # class images to have in class_dir (missing ones are generated)
     resolution: int | None = Field(None, ge=2)  # None = the model's sample size (pixels)
-    random_flip: bool | None = None  # None = the mode's default (dsfast: True; official: as the released code)
-    center_crop: bool = True
+    random_flip: bool | None = None  # random horizontal flips; None = the mode's default (dsfast: true; official: as released)
+    center_crop: bool = True  # centre crop after scaling the shorter side (else the top-left square)
 
 
 class LossConfig(_Section):
@@ -49,43 +50,42 @@ class LossConfig(_Section):
     image: float | None = None  # lambda_img: pairwise-similarity KL of x0
     hf: float | None = None  # lambda_hf: pairwise-similarity KL of hf(x0)
     hfmse: float | None = None  # lambda_hfmse: MSE of hf(x0) to the real image
-    # per-sample weight of the hf-MSE: none (released) | min_snr (x min(SNR_t, 1)); None = mode default
-    hfmse_weighting: Literal["none", "min_snr"] | None = None
-    stencil: Literal["domainstudio", "pywt"] = "domainstudio"
+    hfmse_weighting: Literal["none", "min_snr"] | None = None  # per-sample hf-MSE weight: none (released) | min_snr (x min(SNR_t, 1)); None = mode default
+    stencil: Literal["domainstudio", "pywt"] = "domainstudio"  # hf stencil: the official code's or pywt bands'
     space: Literal["pixel", "latent"] = "pixel"  # text-to-image domainstudio
     source: Literal["frozen", "class_prompt", "lora_off"] | None = None  # None = method default
-    tau: float = 1.0
-    direction: Literal["source||adapted", "adapted||source"] = "source||adapted"
-    reduction: Literal["mean", "batchmean", "sum"] = "mean"
+    tau: float = 1.0  # softmax temperature of the pairwise similarities
+    direction: Literal["source||adapted", "adapted||source"] = "source||adapted"  # KL direction (as the official code)
+    reduction: Literal["mean", "batchmean", "sum"] = "mean"  # KL reduction (official: mean)
     num_anchors: int | None = Field(None, ge=1)  # random anchor rows of the pairwise loss (None = all)
-    backend: str = "auto"
+    backend: str = "auto"  # dsfast.ops backend: auto | torch | cpp | triton | cuda
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(800, ge=1)
+    max_steps: int = Field(800, ge=1)  # optimizer steps
     batch_size: int | None = Field(None, ge=1)  # global batch (instance images per optimizer step)
     micro_batch_size: int | None = Field(None, ge=1)  # per rank per forward; None = batch_size / world size
-    lr: float | None = None
-    weight_decay: float | None = None  # None = the mode's default (see resolve)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float | None = None  # 0 = no clipping; None = the mode's default
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_checkpointing: bool = False
+    lr: float | None = None  # AdamW learning rate
+    weight_decay: float | None = None  # AdamW weight decay; None = the mode's default
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = Field(0, ge=0)  # linear learning-rate warm-up steps, then constant
+    max_grad_norm: float | None = None  # gradient clipping, 0 = none; None = the mode's default
+    seed: int = 0  # every random draw is a function of (seed, step, sample index)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # training precision (fp16: GPU only)
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory)
     ema: float | None = Field(None, ge=0.0, lt=1.0)  # EMA decay, 0 = off
-    ema_warmup: bool | None = None  # decay min(ema, (1+t)/(10+t)); None = the mode's default
+    ema_warmup: bool | None = None  # EMA decay min(ema, (1+t)/(10+t)); None = the mode's default
     resume: str = "auto"  # auto | latest | none | <checkpoint dir>
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1)  # metrics.jsonl / TensorBoard line every N steps
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    offload_param: Literal["none", "cpu"] = "none"
-    config: str | None = None  # stock DeepSpeed JSON; its keys win over the generated ones
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage (2: optimizer + gradients sharded; 3: weights too)
+    offload_optimizer: Literal["none", "cpu"] = "none"  # optimizer state on the CPU (stage >= 1)
+    offload_param: Literal["none", "cpu"] = "none"  # weights on the CPU (stage 3)
+    config: str | None = None  # stock (HF-style) DeepSpeed JSON: "auto" = the dsfast value; a contradiction is an error
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -97,15 +97,15 @@ class DeepSpeedConfig(_Section):
 
 
 class SampleConfig(_Section):
-    num: int = Field(16, ge=1)
-    num_inference_steps: int = Field(50, ge=1)
-    seed: int = 0
+    num: int = Field(16, ge=1)  # images per sample grid
+    num_inference_steps: int = Field(50, ge=1)  # sampler steps (grids and class images)
+    seed: int = 0  # image i of a grid uses seed + i
     prompt: str | None = None  # text-to-image; None = data.instance_prompt
-    guidance_scale: float = 7.5
+    guidance_scale: float = 7.5  # classifier-free guidance (text-to-image)
 
 
 class RunConfig(_Section):
-    method: str = "domainstudio"
+    method: str = "domainstudio"  # domainstudio | dreambooth (text-to-image) | finetune
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
@@ -214,7 +214,7 @@ def load_config(config: dict | str | Path | RunConfig, overrides=()) -> RunConfi
         _set_dotted(data, key, value)
     if data.get("output_dir") is None:
         data["output_dir"] = str(Path("runs") / (source_name or "dsfast"))
-    return _validate(data)
+    return _validate(adopt_stock_json(data))
 
 
 # ----------------------------------------------------------------------------- the resolve step

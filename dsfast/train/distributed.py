@@ -1,10 +1,14 @@
 """Process-group helpers: launcher-less single process setup, gathers with correct gradients."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,15 +25,49 @@ def free_port() -> int:
 EXTENSIONS_DIR = os.path.join(sys.prefix, ".cache", "dsfast", "torch_extensions")
 
 
+# Library log lines a user cannot act on: (logger, text of the message)
+_NOISE = (("diffusers.models.modeling_utils", "should be kept in float32: []."),  # an empty list
+          ("transformers.utils.import_utils", "requires torchvision (not installed)"))  # image processors unused
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def accelerator_env() -> None:
     """DeepSpeed on CPU-only machines, and a cache for its JIT extensions.
 
     Must run before DeepSpeed is imported (it picks its accelerator at import): ``dsfast.train`` does it.
     """
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    for name, text in _NOISE:
+        logging.getLogger(name).addFilter(_DropMessage(text))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
+
+
+SHM_OP = "deepspeed_shm_comm"  # what DeepSpeed compiles on CPU at its first process group
+
+
+def init_process_group() -> None:
+    """``deepspeed.init_distributed`` (nccl on GPUs, gloo on CPU), quietly: rank 0 says so when DeepSpeed is
+    about to compile its CPU communication op (first run in this environment), and DeepSpeed's
+    "... built successfully" print is dropped."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)) / SHM_OP / f"{SHM_OP}.so"
+    if not cuda and not built.is_file() and os.environ.get("RANK", "0") == "0":
+        print(f"dsfast: compiling DeepSpeed's CPU communication op (once per environment, about a minute; "
+              f"cached in {built.parent.parent})", file=sys.stderr, flush=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
 
 
 def setup_env() -> None:

@@ -44,12 +44,15 @@ from . import methods
 from .checkpoint import CheckpointManager, maybe_kill
 from .config import RunConfig, dump_config, load_config, resolve
 from .data import Draws, load_images
+from .ds_config import build_ds_config
 from .errors import ConfigError, DataError, NonFiniteLoss, TrainingError
 from .models import (EMA, build_pipeline, describe, export_weights, load, lora_config, save_final,
                      trainable_named_parameters, update_ema)
 from .sample import run_pipeline
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# metrics.jsonl: sec_per_step is the training step alone; checkpoint_sec / sample_sec the work after it
+_NOT_IN_BAR = ("lr", "sec_per_step", "checkpoint_sec", "sample_sec")
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -170,44 +173,6 @@ def run_step(method, model, micro_batches, backward, *, step: int, grad_norms: b
 
 # ----------------------------------------------------------------------------- DeepSpeed
 
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def build_ds_config(t, z, world: int, num_params: int) -> dict:
-    """The DeepSpeed config of the ``train`` and ``deepspeed`` sections (the stock JSON's keys win)."""
-    cuda = torch.cuda.is_available()
-    zero: dict = {"stage": z.zero_stage}
-    if z.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-    if z.offload_param == "cpu":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-    if z.zero_stage == 3 and num_params < 50_000_000:
-        zero["stage3_param_persistence_threshold"] = 0  # else small models are not partitioned at all
-    ds = {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.batch_size // (t.micro_batch_size * world),
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
-            **({} if cuda else {"torch_adam": True})}},
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.mixed_precision == "bf16"},
-        "fp16": {"enabled": t.mixed_precision == "fp16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
-    }
-    if t.max_grad_norm > 0:
-        ds["gradient_clipping"] = t.max_grad_norm
-    if z.config:
-        ds = _deep_merge(ds, json.loads(Path(z.config).read_text()))
-    return ds
-
-
 def _resume_dir(mode: str, ckpts: CheckpointManager) -> Path | None:
     if mode in ("none", ""):
         return None
@@ -278,6 +243,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     info = describe(raw.model.pretrained)
     cfg = resolve(raw, info.family, world=world, default_resolution=info.default_resolution,
                   down_factor=info.down_factor)
+    ds_config = build_ds_config(cfg.train, cfg.deepspeed, world)
     method_cls = methods.get(cfg.method, info.family)
     needs = method_cls.needs(cfg.loss)
     t = cfg.train
@@ -292,7 +258,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
                         f"{cfg.data.instance_dir} has {images.shape[0]}")
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        D.init_process_group()
     assert (D.world(), D.rank()) == (world, rank), "WORLD_SIZE/RANK disagree with the process group"
 
     run_dir = Path(cfg.output_dir)
@@ -312,9 +278,11 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     named = trainable_named_parameters(unet)
     # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
     ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None
+    if cfg.deepspeed.zero_stage == 3 and sum(p.numel() for _, p in named) < 50_000_000:
+        # else ZeRO-3 partitions no parameter of a small model at all
+        ds_config["zero_optimization"].setdefault("stage3_param_persistence_threshold", 0)
     engine, _, _, lr_sched = deepspeed.initialize(
-        model=unet, model_parameters=[p for _, p in named],
-        config=build_ds_config(t, cfg.deepspeed, world, sum(p.numel() for _, p in named)),
+        model=unet, model_parameters=[p for _, p in named], config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0))
     zero3 = cfg.deepspeed.zero_stage == 3
@@ -332,7 +300,6 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     log = MetricsLog(run_dir, start) if rank == 0 else None
     bar = tqdm(total=t.max_steps, initial=start, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
     per_rank = t.batch_size // world
-    last_time = time.perf_counter()
 
     def backward(loss):
         engine.backward(loss)
@@ -341,6 +308,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     step = start
     try:
         while step < t.max_steps:
+            started = time.perf_counter()
             ks = list(range(rank * per_rank, (rank + 1) * per_rank))
             mbs = [method.micro_batch(step, ks[i:i + t.micro_batch_size])
                    for i in range(0, per_rank, t.micro_batch_size)]
@@ -354,21 +322,23 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
             if t.ema:
                 update_ema(ema, engine.module, zero3, step)
             step += 1
-            now = time.perf_counter()
             logs["lr"] = lr_sched.get_last_lr()[0] if lr_sched is not None else t.lr
-            logs["sec_per_step"], last_time = now - last_time, now
+            logs["sec_per_step"] = time.perf_counter() - started  # the training step only
+            maybe_kill(f"step:{step}")
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == t.max_steps:
+                started = time.perf_counter()
+                ckpts.save(engine, step, ema=ema)
+                logs["checkpoint_sec"] = time.perf_counter() - started
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                started = time.perf_counter()
+                _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log)
+                D.barrier()
+                logs["sample_sec"] = time.perf_counter() - started
             if log is not None:
                 if step % t.log_every == 0 or step == t.max_steps:
                     log.write(step, logs)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k not in ("lr", "sec_per_step")},
-                                refresh=False)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k not in _NOT_IN_BAR}, refresh=False)
                 bar.update(1)
-            maybe_kill(f"step:{step}")
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == t.max_steps:
-                ckpts.save(engine, step, ema=ema)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log)
-                D.barrier()
     finally:
         bar.close()
         if log is not None:

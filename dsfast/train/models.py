@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import socket
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import deepspeed
 import torch
 from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
                        UNet2DConditionModel, UNet2DModel)
 from diffusers.utils import convert_state_dict_to_diffusers
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -36,7 +43,20 @@ class ModelInfo:
     default_resolution: int | None  # pixels
 
 
+def _hub_offline() -> bool:
+    """True when the Hugging Face Hub cannot be asked: offline mode, or its host name does not resolve."""
+    if hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        socket.getaddrinfo(urlparse(hf_constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return True
+    return False
+
+
 def _model_index(pretrained: str) -> dict:
+    """The pipeline's model_index.json: from a local folder, the local hub cache, or the hub. A missing folder,
+    or a hub id that is not cached while the hub cannot be reached, is one error at once (no hub retries)."""
     p = Path(pretrained)
     if p.exists():
         f = p / "model_index.json"
@@ -44,9 +64,21 @@ def _model_index(pretrained: str) -> dict:
             raise ModelError(f"model.pretrained={pretrained}: no model_index.json (not a diffusers pipeline folder)")
         return json.loads(f.read_text())
     try:
+        validate_repo_id(pretrained)
+    except HFValidationError:
+        raise ModelError(f"model.pretrained={pretrained}: the folder {pretrained} does not exist") from None
+    cached = try_to_load_from_cache(pretrained, "model_index.json")
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text())
+    if _hub_offline():
+        raise ModelError(f"model.pretrained={pretrained}: the folder {pretrained} does not exist, and as a hub id "
+                         "it is not in the local Hugging Face cache while the hub cannot be reached (offline, a "
+                         "local pipeline folder or a cached hub id is needed)")
+    try:
         return DiffusionPipeline.load_config(pretrained)
     except Exception as exc:
-        raise ModelError(f"model.pretrained={pretrained}: cannot load the pipeline config: {exc}") from None
+        raise ModelError(f"model.pretrained={pretrained}: no such folder, and the hub has no pipeline config "
+                         f"for it: {exc}") from None
 
 
 def _size(s) -> int | None:
@@ -237,9 +269,10 @@ def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True) -> torch.nn.
 def build_pipeline(bundle: Bundle, sd: dict, *, with_lora: bool = True):
     """A diffusers pipeline (DDPMPipeline or StableDiffusionPipeline, fp32) around the weights ``sd``."""
     unet = build_unet(bundle, sd, with_lora=with_lora)
-    scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
     if bundle.info.family == UNCONDITIONAL:
-        return DDPMPipeline(unet=unet, scheduler=scheduler)
+        return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(bundle.scheduler.config))
+    # the values StableDiffusionPipeline forces on a scheduler (with a FutureWarning dumping its config)
+    scheduler = DDPMScheduler.from_config(bundle.scheduler.config, steps_offset=1, clip_sample=False)
     return StableDiffusionPipeline(
         vae=copy.deepcopy(bundle.vae).float(), text_encoder=copy.deepcopy(bundle.text_encoder).float(),
         tokenizer=bundle.tokenizer, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,

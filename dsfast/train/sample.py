@@ -1,22 +1,33 @@
-"""``dsfast sample --run DIR [--prompt ...] --num 16 --out grid.png``: generate from a run's weights.
+"""``dsfast sample --run DIR [--checkpoint latest|step_N] [--prompt ...] --num 16 --out grid.png``.
 
-Sampling goes through the diffusers pipeline (``DDPMPipeline`` / ``StableDiffusionPipeline``) and its
-scheduler; image i uses generator seed ``seed + i``, so the first images do not depend on ``num``.
+Generates from a run's weights: its ``final/``, one of its checkpoints (a run still training, or
+one that was stopped), or any diffusers pipeline folder. Sampling goes through the diffusers pipeline
+(``DDPMPipeline`` / ``StableDiffusionPipeline``) and its scheduler; image i uses generator seed
+``seed + i``, so the first images do not depend on ``num``.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 from dsfast.images import save_grid, save_images
 
 from . import distributed as D
+from .checkpoint import CheckpointManager, read_weights, tag_of
 from .data import count_images
+from .errors import USER_ERRORS, ConfigError, ModelError
+from .models import build_pipeline, describe, load, lora_config
+
+
+def _checkpoints(run: Path) -> CheckpointManager:
+    return CheckpointManager(run / "checkpoints", keep_last=0)
 
 
 def _pipeline_dir(path: str | Path) -> Path:
@@ -25,17 +36,58 @@ def _pipeline_dir(path: str | Path) -> Path:
         return p
     if (p / "final" / "model_index.json").is_file():
         return p / "final"
-    raise FileNotFoundError(f"{p}: neither a diffusers pipeline folder nor a run folder with final/ "
-                            "(the run may not have finished)")
+    if not p.is_dir():
+        raise ModelError(f"{p}: no such folder (give a run folder or a diffusers pipeline folder)")
+    if (p / "config.yaml").is_file():
+        tags = _checkpoints(p).complete_tags()
+        hint = (f"sample from a checkpoint with --checkpoint latest or --checkpoint step_N (it has "
+                f"{', '.join(tags)})" if tags else "and it has no complete checkpoint either")
+        raise ModelError(f"{p}: the run has no final/ weights (not finished, or stopped); {hint}")
+    raise ModelError(f"{p}: neither a diffusers pipeline folder nor a run folder")
+
+
+def _checkpoint_dir(run: Path, which: str) -> Path:
+    ckpts = _checkpoints(run)
+    if which == "latest":
+        d = ckpts.latest()
+        if d is None:
+            raise ModelError(f"--checkpoint latest: no complete checkpoint under {ckpts.root}")
+        return d
+    step = which.removeprefix("step_")
+    if not step.isdigit():
+        raise ConfigError(f"--checkpoint {which}: use 'latest' or step_N (e.g. step_500)")
+    d = ckpts.root / tag_of(int(step))
+    if d.name not in ckpts.complete_tags():
+        have = ", ".join(ckpts.complete_tags()) or "none"
+        raise ModelError(f"--checkpoint {which}: no complete checkpoint {d} (complete ones: {have})")
+    return d
+
+
+def checkpoint_pipeline(run_dir: str | Path, which: str = "latest"):
+    """The pipeline of a run's checkpoint (``latest`` or ``step_N``): the run's pretrained pipeline with the
+    checkpoint's UNet weights (EMA weights when the run keeps an EMA, as in ``final/``)."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ModelError(f"--checkpoint needs a run folder (with config.yaml); {run} is not one")
+    d = _checkpoint_dir(run, which)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    model = cfg["model"]
+    info = describe(model["pretrained"])
+    lora = lora_config(model["lora_rank"], model.get("lora_alpha")) if model.get("lora_rank") else None
+    bundle = load(info, model["pretrained"], dtype=torch.float32, lora=lora, frozen_source=False)
+    return build_pipeline(bundle, read_weights(d, cfg["deepspeed"]["zero_stage"] == 3))
 
 
 def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, batch: int = 8) -> torch.Tensor:
     """``num`` images (N, 3, H, W) in [0, 1]; image i uses generator seed ``seed + i`` (stable across num)."""
+    if num < 1:
+        raise ConfigError(f"the number of images must be at least 1 (got {num})")
     out = []
     is_text = getattr(pipe, "tokenizer", None) is not None
     if is_text and not prompt:
-        raise ValueError("a text-to-image pipeline needs a prompt (--prompt)")
+        raise ConfigError("a text-to-image pipeline needs a prompt (--prompt)")
+    pipe.set_progress_bar_config(disable=True)
     for start in range(0, num, batch):
         n = min(batch, num - start)
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
@@ -64,7 +116,6 @@ def generate_images(pipe, folder: str | Path, num: int, *, prompt: str, seed: in
     if D.rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
     D.barrier()
-    pipe.set_progress_bar_config(disable=True)
     for i in range(have, num):
         if i % D.world() == D.rank():
             img = run_pipeline(pipe, 1, seed=seed + i, prompt=prompt, num_inference_steps=num_inference_steps,
@@ -74,35 +125,67 @@ def generate_images(pipe, folder: str | Path, num: int, *, prompt: str, seed: in
 
 
 def sample_images(run_or_pipeline_dir, num: int, *, seed: int = 0, prompt: str | None = None,
-                  num_inference_steps: int = 50) -> torch.Tensor:
-    """Generate ``num`` images from a run folder (its ``final/``) or a pipeline folder: (N, 3, H, W) in [0, 1]."""
-    path = _pipeline_dir(run_or_pipeline_dir)
-    pipe = DiffusionPipeline.from_pretrained(str(path))
-    pipe.set_progress_bar_config(disable=True)
+                  num_inference_steps: int = 50, checkpoint: str | None = None) -> torch.Tensor:
+    """Generate ``num`` images from a run folder (its ``final/``, or with ``checkpoint="latest"|"step_N"``
+    one of its checkpoints) or a pipeline folder: (N, 3, H, W) in [0, 1]."""
+    if checkpoint is None:
+        path = _pipeline_dir(run_or_pipeline_dir)
+        diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
+        pipe = DiffusionPipeline.from_pretrained(str(path))
+        run = path.parent
+    else:
+        pipe = checkpoint_pipeline(run_or_pipeline_dir, checkpoint)
+        run = Path(run_or_pipeline_dir)
     if prompt is None and getattr(pipe, "tokenizer", None) is not None:
-        prompt = _run_prompt(path)
+        prompt = _run_prompt(run)
     return run_pipeline(pipe, num, seed=seed, prompt=prompt, num_inference_steps=num_inference_steps)
 
 
-def _run_prompt(pipeline_dir: Path) -> str | None:
-    cfg = pipeline_dir.parent / "config.yaml"
+def _run_prompt(run: Path) -> str | None:
+    cfg = run / "config.yaml"
     if not cfg.is_file():
         return None
     data = yaml.safe_load(cfg.read_text()) or {}
     return (data.get("sample") or {}).get("prompt") or (data.get("data") or {}).get("instance_prompt")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="dsfast sample", description=__doc__.splitlines()[0])
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dsfast sample",
+        description="Generate images from a run's weights (final/ or a checkpoint) or a diffusers pipeline folder.")
     ap.add_argument("--run", required=True, help="run folder (uses its final/) or a diffusers pipeline folder")
+    ap.add_argument("--checkpoint", default=None, metavar="latest|step_N",
+                    help="sample from this checkpoint of the run instead of final/ (e.g. while it trains)")
     ap.add_argument("--prompt", default=None, help="text-to-image prompt (default: the run's sample prompt)")
-    ap.add_argument("--num", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=50, help="number of inference steps")
-    ap.add_argument("--out", default="grid.png", help="grid PNG to write")
+    ap.add_argument("--num", type=_positive, default=16, help="number of images (default: 16)")
+    ap.add_argument("--seed", type=int, default=0, help="image i uses generator seed SEED + i (default: 0)")
+    ap.add_argument("--steps", type=_positive, default=50, help="number of inference steps (default: 50)")
+    ap.add_argument("--out", default="grid.png", help="grid PNG to write; its folder must exist (default: grid.png)")
     ap.add_argument("--out-dir", default=None, help="also write each image as a PNG into this folder")
-    args = ap.parse_args(argv)
-    imgs = sample_images(args.run, args.num, seed=args.seed, prompt=args.prompt, num_inference_steps=args.steps)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        folder = Path(args.out).parent
+        if not folder.is_dir():
+            raise ConfigError(f"--out {args.out}: the folder {folder} does not exist")
+        imgs = sample_images(args.run, args.num, seed=args.seed, prompt=args.prompt, num_inference_steps=args.steps,
+                             checkpoint=args.checkpoint)
+    except USER_ERRORS as exc:
+        print(f"dsfast sample: error: {exc}", file=sys.stderr)
+        return 1
     save_grid(imgs, args.out)
     if args.out_dir:
         save_images(imgs, args.out_dir)
@@ -110,4 +193,4 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["generate_images", "main", "run_pipeline", "sample_images"]
+__all__ = ["checkpoint_pipeline", "generate_images", "main", "run_pipeline", "sample_images"]

@@ -90,7 +90,7 @@ def make_sd_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
-        sched = DDPMScheduler(num_train_timesteps=1000)
+        sched = DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False)  # as SD pipelines want
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(str(path))
@@ -128,3 +128,24 @@ def subprocess_env() -> dict:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+# The ZeRO-2 DeepSpeed JSON of the transformers / accelerate docs (ds_config_zero2.json): "auto" values,
+# an AdamW optimizer and a WarmupLR scheduler section, ZeRO-2 with CPU optimizer offload.
+HF_ZERO2_JSON = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR",
+                  "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+    "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                          "allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": True,
+                          "reduce_scatter": True, "reduce_bucket_size": 2e8, "contiguous_gradients": True},
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "steps_per_print": 2000,
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "wall_clock_breakdown": False,
+}
