@@ -18,7 +18,7 @@ def test_unknown_command_suggests(capsys):
     assert main(["trian"]) == 2
     assert capsys.readouterr().err.strip() == "dsfast: unknown command 'trian', did you mean 'train'?"
     assert main(["zzz"]) == 2
-    assert "unknown command 'zzz' (commands: train, sample, eval, plan, pretrain)" in capsys.readouterr().err
+    assert "unknown command 'zzz' (commands: train, dreambooth, sample, eval, plan, pretrain)" in capsys.readouterr().err
 
 
 def test_no_command_is_usage_error(capsys):

@@ -14,13 +14,14 @@ ROOT = Path(dsfast.__file__).parent
 # dsfast.train, bottom to top: a module may import only from lower layers (or its own methods/ package).
 TRAIN_LAYERS = [
     {"errors", "distributed", "diffusion"},
+    {"ds_config"},
     {"data", "testing"},
     {"models"},
     {"sample", "checkpoint"},
     {"methods"},
     {"config"},
     {"engine"},
-    {"cli", "__init__"},
+    {"cli", "dreambooth_cli", "__init__"},
     {"__main__"},
 ]
 
