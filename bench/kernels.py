@@ -190,7 +190,6 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, clock: 
     dst = torch.empty_like(src)
     timer = Timer(device, min_time=0.2, min_reps=5, max_reps=50, warmup=2, clock=clock)
     t = timer.measure(lambda: dst.copy_(src))["median_s"]
-    del src, dst
     return 2 * nbytes / t / 1e9
 
 

@@ -348,7 +348,8 @@ def report(rows_path: Path, out_dir: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "memory_train.png", dpi=110)
-    from dsfast.plan import OPTIONS as PLAN_OPTIONS, PRESETS, Option, Planner
+    from dsfast.plan import OPTIONS as PLAN_OPTIONS
+    from dsfast.plan import PRESETS, Option, Planner
 
     planner = Planner(PRESETS["sd-small"])
     lines = ["| option | resolution | global batch | micro-batch | ranks | measured peak MiB | vs official batch 4 "

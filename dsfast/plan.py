@@ -134,8 +134,8 @@ OPTIONS = {
 
 # ----------------------------------------------------------------------------------------- model
 def _meta_models(spec: dict, lora_rank: int):
-    import torch
     import diffusers
+    import torch
 
     with torch.device("meta"):
         if spec["family"] == "unconditional":
@@ -233,7 +233,7 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
         with torch.device("meta"), counter:
             if spec["family"] == "unconditional":
                 x = torch.randn(m, unet.config.in_channels, resolution, resolution)
-                unet(x, torch.zeros(m, dtype=torch.long)).sample
+                unet(x, torch.zeros(m, dtype=torch.long))
                 unet_bytes, decode_bytes = counter.total, 0
             else:
                 f = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -247,7 +247,7 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
                 decode_bytes = 0
                 if option.space == "pixel":
                     halves = 2 if option.official else 1  # dsfast decodes the source half without grad
-                    vae.decode(out[: m * halves]).sample
+                    vae.decode(out[: m * halves])
                     decode_bytes = counter.total - unet_bytes
     finally:
         F.scaled_dot_product_attention = sdpa

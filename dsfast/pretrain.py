@@ -186,7 +186,7 @@ It is the pretrained model that `make demo` adapts to 10 target images (bold whi
 Made with exactly (from the repository root):
 
 ```
-OMP_WAIT_POLICY=PASSIVE dsfast pretrain {shlex.join(argv)}
+OMP_WAIT_POLICY=PASSIVE {command}
 ```
 
 (`OMP_WAIT_POLICY=PASSIVE` only stops OpenMP's busy-waiting, which slows training on a shared

@@ -294,8 +294,7 @@ DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_backwa
 
 def launchers():
     """name -> function(x) calling one public launcher of dsfast.kernels on meta tensor x (N, C, H, W)."""
-    from dsfast.kernels import domainstudio_loss, haar_dwt2, hf_pairwise_similarity_kl, high_frequency, \
-        pairwise_similarity_kl
+    from dsfast.kernels import domainstudio_loss, haar_dwt2, hf_pairwise_similarity_kl, high_frequency, pairwise_similarity_kl
 
     def half(x):  # (N, C, H/2, W/2)
         return (*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)

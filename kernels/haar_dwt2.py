@@ -10,8 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (accumulate_dtype, check_float, elementwise_tile, load_blocks, new_output, row_offsets,
-                      stencil_grid, store_blocks, tile_coords)
+from ._launch import (
+    accumulate_dtype,
+    check_float,
+    elementwise_tile,
+    load_blocks,
+    new_output,
+    row_offsets,
+    stencil_grid,
+    store_blocks,
+    tile_coords,
+)
 
 
 @triton.jit

@@ -22,8 +22,17 @@ import triton
 import triton.language as tl
 
 from ._launch import accumulate_dtype, check_float, interpreter_tiles, new_output, next_pow2, weights_tensor
-from .pairwise_similarity_kl import (GramConfig, dot_precision, dot_tiles, gram_backward_config, gram_config,
-                                     gram_tile, hf_rows, launch_gram, stencil_panel)
+from .pairwise_similarity_kl import (
+    GramConfig,
+    dot_precision,
+    dot_tiles,
+    gram_backward_config,
+    gram_config,
+    gram_tile,
+    hf_rows,
+    launch_gram,
+    stencil_panel,
+)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,8 +28,15 @@ import triton
 import triton.language as tl
 
 from . import triton_interpreter_enabled
-from ._launch import (accumulate_dtype, check_float, float64_constants, interpreter_tiles, multiprocessor_count,
-                      new_output, next_pow2)
+from ._launch import (
+    accumulate_dtype,
+    check_float,
+    float64_constants,
+    interpreter_tiles,
+    multiprocessor_count,
+    new_output,
+    next_pow2,
+)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ IMAGE_OPS = [
 @pytest.mark.parametrize("op", PAIRWISE_OPS)
 @pytest.mark.parametrize("n", [1, 2])
 def test_pairwise_needs_three_samples(op, n):
-    with pytest.raises(ValueError, match=r"N >= 3 .*got N=%d" % n):
+    with pytest.raises(ValueError, match=rf"N >= 3 .*got N={n}"):
         op(batch(n), batch(n))
 
 

@@ -12,7 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsfast import ops, reference
 from tests.conftest import (
-    BACKEND_CASES, REQUIRED_BACKENDS, assert_close_in_low_precision, interpreter_atol, missing_backends,
+    BACKEND_CASES,
+    REQUIRED_BACKENDS,
+    assert_close_in_low_precision,
+    interpreter_atol,
+    missing_backends,
 )
 
 
@@ -323,7 +327,7 @@ def test_pairwise_large_samples(device, backend, gen, seed):
     """3x1024x1024 per sample: near-orthogonal random samples make the loss sensitive to Gram rounding."""
     s, a = (torch.randn((3, 3, 1024, 1024), generator=gen, dtype=torch.float64) for _ in range(2))
     for op in (ops.pairwise_similarity_kl, ops.hf_pairwise_similarity_kl):
-        outs, grads = forward_backward(lambda s, a: op(s, a, backend=backend), [s.float().to(device), a.float().to(device)], seed)
-        ref_outs, ref_grads = forward_backward(lambda s, a: op(s, a, backend="torch"), [s, a], seed)
+        outs, grads = forward_backward(lambda s, a, op=op: op(s, a, backend=backend), [s.float().to(device), a.float().to(device)], seed)
+        ref_outs, ref_grads = forward_backward(lambda s, a, op=op: op(s, a, backend="torch"), [s, a], seed)
         assert rel_err(outs[0], ref_outs[0]) <= 1e-5, f"{op.__name__} on {backend}"
         assert rel_err(grads[1], ref_grads[1]) <= 1e-5, f"{op.__name__} grad on {backend}"

@@ -9,8 +9,7 @@ import pytest
 import torch
 import yaml
 
-from dsfast.train.testing import (make_sd_pipeline, make_unconditional_pipeline, subprocess_env, tiny_config,
-                                  write_images)
+from dsfast.train.testing import make_sd_pipeline, make_unconditional_pipeline, subprocess_env, tiny_config, write_images
 
 
 @pytest.fixture(scope="module")

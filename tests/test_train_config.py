@@ -1,4 +1,5 @@
 """Config loading: unknown keys, dotted overrides, type coercion, method defaults (no training)."""
+import pydantic
 import pytest
 
 from dsfast.train.config import ConfigError, load_config, parse_overrides, resolve
@@ -83,5 +84,5 @@ def test_resolve_world_and_resolution():
         resolve(load_config(BASE, ["data.resolution=18"]), "unconditional", down_factor=4)
     with pytest.raises(ConfigError, match="batch_size >= 3"):
         resolve(load_config(BASE, ["train.batch_size=2"]), "unconditional")
-    with pytest.raises(Exception):  # frozen: nothing changes a resolved config
+    with pytest.raises(pydantic.ValidationError):  # frozen: nothing changes a resolved config
         cfg.train.lr = 1.0

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dsfast.train.testing import make_sd_pipeline, make_unconditional_pipeline, subprocess_env, tiny_config, write_images
 

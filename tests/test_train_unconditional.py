@@ -70,7 +70,8 @@ def test_domainstudio_run_folder(assets, tmp_path):
     before = UNet2DModel.from_pretrained(str(assets / "model"), subfolder="unet")
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), pipe.unet.state_dict().values()))
 
-    from dsfast.train.sample import main as sample_main, sample_images
+    from dsfast.train.sample import main as sample_main
+    from dsfast.train.sample import sample_images
 
     imgs = sample_images(run, 3, num_inference_steps=2)
     assert imgs.shape == (3, 3, 16, 16) and 0 <= imgs.min() and imgs.max() <= 1

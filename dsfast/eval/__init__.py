@@ -3,7 +3,6 @@
 ``dsfast eval --samples DIR --train DIR`` is the command line (:mod:`dsfast.eval.cli`).
 """
 from dsfast.eval.distances import HaarDistance, LpipsDistance, MetricUnavailable, get_distance
-from dsfast.images import ImageFolderError, list_images, load_folder, read_image  # one loader for all of dsfast
 from dsfast.eval.metrics import (
     assign_clusters,
     evaluate,
@@ -12,6 +11,7 @@ from dsfast.eval.metrics import (
     memorisation_rate,
     memorisation_threshold,
 )
+from dsfast.images import ImageFolderError, list_images, load_folder, read_image  # one loader for all of dsfast
 
 __all__ = [
     "HaarDistance", "LpipsDistance", "MetricUnavailable", "get_distance", "ImageFolderError", "list_images",

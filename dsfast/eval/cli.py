@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from dsfast.eval.distances import LPIPS_NETS, LPIPS_SIZE, MetricUnavailable, get_distance
-from dsfast.images import ImageFolderError, image_sizes, list_images, load_folder
 from dsfast.eval.metrics import evaluate
+from dsfast.images import ImageFolderError, image_sizes, list_images, load_folder
 
 
 def parse_args(argv):

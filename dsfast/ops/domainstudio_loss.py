@@ -10,7 +10,7 @@ recomputing hf instead of storing it. The N x N KL tails are shared with
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +23,7 @@ from dsfast.ops.validate import check_image_batch, check_pairwise, check_same, s
 
 @torch.library.custom_op("dsfast_triton::domainstudio_grams", mutates_args=())
 def _triton_domainstudio_grams(
-    x: torch.Tensor, target: Optional[torch.Tensor], weights: list[float]
+    x: torch.Tensor, target: torch.Tensor | None, weights: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from dsfast.kernels import domainstudio_loss as kernels
 
@@ -33,7 +33,7 @@ def _triton_domainstudio_grams(
 @torch.library.custom_op("dsfast_triton::domainstudio_grams_backward", mutates_args=())
 def _triton_domainstudio_grams_backward(
     grad_image: torch.Tensor, grad_hf: torch.Tensor, grad_sse: torch.Tensor, x: torch.Tensor,
-    target: Optional[torch.Tensor], weights: list[float],
+    target: torch.Tensor | None, weights: list[float],
 ) -> torch.Tensor:
     from dsfast.kernels import domainstudio_loss as kernels
 

@@ -46,8 +46,17 @@ from .config import RunConfig, dump_config, load_config, resolve
 from .data import Draws, load_images
 from .ds_config import build_ds_config
 from .errors import ConfigError, DataError, NonFiniteLoss, TrainingError
-from .models import (EMA, build_pipeline, describe, export_weights, load, lora_config, save_final,
-                     trainable_named_parameters, update_ema)
+from .models import (
+    EMA,
+    build_pipeline,
+    describe,
+    export_weights,
+    load,
+    lora_config,
+    save_final,
+    trainable_named_parameters,
+    update_ema,
+)
 from .sample import run_pipeline
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

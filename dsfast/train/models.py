@@ -14,8 +14,15 @@ from urllib.parse import urlparse
 
 import deepspeed
 import torch
-from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel, UNet2DModel)
+from diffusers import (
+    AutoencoderKL,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache

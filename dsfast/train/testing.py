@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
-                       UNet2DModel)
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
