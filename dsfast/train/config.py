@@ -79,6 +79,7 @@ class TrainConfig(_Section):
     ema_warmup: bool | None = None  # EMA decay min(ema, (1+t)/(10+t)); None = the mode's default
     resume: str = "auto"  # auto | latest | none | <checkpoint dir>
     log_every: int = Field(1, ge=1)  # metrics.jsonl / TensorBoard line every N steps
+    log_grad_norms: bool = False  # grad_norm/<term> on logging steps (one extra loss-head backward per term)
 
 
 class DeepSpeedConfig(_Section):

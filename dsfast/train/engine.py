@@ -321,9 +321,12 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
             ks = list(range(rank * per_rank, (rank + 1) * per_rank))
             mbs = [method.micro_batch(step, ks[i:i + t.micro_batch_size])
                    for i in range(0, per_rank, t.micro_batch_size)]
+            grad_norms = t.log_grad_norms and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps)
             try:
-                logs = run_step(method, engine, mbs, backward, step=step,
-                                grad_norms=(step + 1) % t.log_every == 0 or step + 1 == t.max_steps)
+                # With grad norms the forward runs on the module itself: DeepSpeed hooks the engine's outputs
+                # and would take the per-term autograd.grad for the start of the backward.
+                logs = run_step(method, engine.module if grad_norms else engine, mbs, backward, step=step,
+                                grad_norms=grad_norms)
             except NonFiniteLoss as exc:
                 last = ckpts.latest()
                 raise TrainingError(f"{exc}: training stopped; the last good checkpoint is "
