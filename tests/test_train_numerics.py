@@ -127,7 +127,6 @@ def test_dreambooth_loss_is_instance_plus_weighted_prior(dreambooth_runs):
         assert (m["instance"], m["prior"]) == pytest.approx((logs[1.0]["instance"], logs[1.0]["prior"]), rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="fails (relative error 0.8) since it was written; under investigation")
 def test_dreambooth_update_is_affine_in_prior_weight(sd, dreambooth_runs):
     """The gradient is ∇mse(inst) + λ·∇mse(prior): with the SGD-like step the update is affine in λ with
     a non-zero prior part, U(λ) = U_inst + λ·U_prior, checked from the runs at λ = ½, 1, 2."""
