@@ -4,7 +4,9 @@
 target: ``sum(hf(x)²)``); ``domainstudio_grams_backward`` writes
 ``(Gi + Giᵀ) x + hfᵀ((Gh + Ghᵀ) hf(x) + 2 g_sse (hf(x) - hf(target)))``.
 
-Both are the hf Gram kernels of :mod:`.hf_pairwise_similarity_kl` with their ``DS`` flag, same tiling:
+Both are the hf Gram kernels of :mod:`.hf_pairwise_similarity_kl` with their ``DS`` flag, on smaller tiles
+(they hold the image Gram's accumulators too: at most 32 x 32 output tiles and K = 16 forward, half the
+positions per program backward, so nothing spills):
 
 * Forward: ``hf_gram``'s split-K Gram (``_gram_partial_kernel``, upper-triangular tile pairs,
   deterministic reduce). A K block's two input rows, read once as contiguous runs, give both the hf
@@ -49,7 +51,7 @@ def domainstudio_grams(x: torch.Tensor, target: torch.Tensor | None, weights):
     if n == 0 or d == 0:
         return image.zero_(), hf.zero_(), torch.zeros((), dtype=acc_dtype, device=x.device)
     operand = _compute_tl(x.dtype)
-    cfg = hf_gram_config(n, c, h, w, operand, x.device)
+    cfg = hf_gram_config(n, c, h, w, operand, x.device, ds_dtype=x.dtype)
     sse = new_output((cfg.splits, triton.cdiv(n, cfg.block_n)), acc_dtype, x.device)
     s_n, s_c, s_h, s_w = x.stride()
     launch_gram(x, cfg, hf, operand, s_n=s_n, hf_geometry=(triton.cdiv(w, cfg.block_k), h, w, s_c, s_h, s_w),

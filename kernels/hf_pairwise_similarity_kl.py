@@ -17,6 +17,8 @@ are upcast before the dot; fp32 dots run as 3xTF32 on the tensor cores.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -128,13 +130,21 @@ def _row_block(w: int, default: int) -> int:
     return max(16, min(2048, next_pow2(w))) if interpreter_tiles() else default
 
 
-def hf_gram_config(n: int, c: int, h: int, w: int, operand, device: torch.device) -> GramConfig:
-    """Split-K tiling of an hf Gram (``hf_gram``, ``domainstudio_grams``): a K block is ``block_k``
-    consecutive positions of one hf row, ``triton.cdiv(w, block_k)`` blocks per row."""
-    block_n = gram_tile(n)
+def hf_gram_config(n: int, c: int, h: int, w: int, operand, device: torch.device,
+                   ds_dtype: torch.dtype | None = None) -> GramConfig:
+    """Split-K tiling of an hf Gram: a K block is ``block_k`` consecutive positions of one hf row,
+    ``triton.cdiv(w, block_k)`` blocks per row. ``ds_dtype``: the input dtype of the one-pass DomainStudio
+    forward (``domainstudio_grams``); None for ``hf_gram``."""
+    ds = ds_dtype is not None
+    # The one-pass DomainStudio forward also holds the image Gram tile and both tiles' input rows: tiles
+    # of at most 32 and K = 16 (tl.dot's minimum) keep it in the register file (64-wide fp32 tiles spill).
+    block_n = min(32, gram_tile(n)) if ds else gram_tile(n)
     # 64-wide tiles take K = 16: the de-interleaved [64, 2K] row runs stay within ~100 KB of shared memory
-    block_k = _row_block(w, 16 if block_n == 64 else dot_tiles(block_n, operand)[0])
-    return gram_config(n, c * h * triton.cdiv(w, block_k), block_k, operand, device)
+    block_k = _row_block(w, 16 if block_n == 64 or ds else dot_tiles(block_n, operand)[0])
+    cfg = gram_config(n, c * h * triton.cdiv(w, block_k), block_k, operand, device, block_n)
+    if ds_dtype == torch.float32:  # both Grams' operands in 3xTF32: 8 warps share them (4 spill at N = 2048)
+        cfg = dataclasses.replace(cfg, num_warps=8)
+    return cfg
 
 
 def hf_gram(x: torch.Tensor, weights) -> torch.Tensor:
@@ -164,10 +174,14 @@ def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, o
     # gram_backward's tiling with half as many positions as it has columns (a position is 4 pixels): at
     # N=16, 3x256x256 that is ~6 programs per H100 SM. A position block is one segment of an hf row.
     cfg = gram_backward_config(n, c * h * w, x.dtype, x.device)
-    block_p = _row_block(w, cfg.block_d // 2)
+    ds = grad_image is not None
+    # The one-pass DomainStudio backward holds two more [block_m, 2 * block_p] accumulators (the image
+    # term at both input rows): half the positions per program keeps it within the register file.
+    block_p = _row_block(w, max(16, cfg.block_d // (4 if ds else 2)))  # tl.dot's minimum N is 16
+    if ds:  # and 8 warps to share them (4 spill in some sm_90 fp32/fp64 launches)
+        cfg = dataclasses.replace(cfg, num_warps=8)
     chunks_w = triton.cdiv(w, block_p)
     grid = (triton.cdiv(n, cfg.block_m) * c * h * chunks_w,)
-    ds = grad_image is not None
     gi = grad_image if ds else grad_gram
     t = x if target is None else target
     _hf_gram_backward_kernel[grid](

@@ -88,9 +88,11 @@ def dot_tiles(block_n: int, operand) -> tuple[int, int]:
     return block_k, 4 if block_n <= 32 else 8
 
 
-def gram_config(n: int, k_blocks: int, block_k: int, operand, device: torch.device) -> GramConfig:
-    """Split-K tiling of a Gram over ``k_blocks`` K blocks of ``block_k`` (``gram`` and ``hf_gram``)."""
-    block_n = gram_tile(n)
+def gram_config(n: int, k_blocks: int, block_k: int, operand, device: torch.device,
+                block_n: int | None = None) -> GramConfig:
+    """Split-K tiling of a Gram over ``k_blocks`` K blocks of ``block_k`` (``gram`` and ``hf_gram``);
+    ``block_n``: the output tile edge, :func:`gram_tile` by default."""
+    block_n = block_n or gram_tile(n)
     num_warps = dot_tiles(block_n, operand)[1]
     tiles = triton.cdiv(n, block_n)
     splits, per = split_k(tiles * (tiles + 1) // 2, k_blocks, device, min_k_blocks=2)
