@@ -97,8 +97,12 @@ def eager_bytes(shape) -> dict:
         "pairwise_similarity_kl": lambda s, a: [R.pairwise_similarity_kl(s, a)],
         "high_frequency": lambda s, a: [R.high_frequency(a, "domainstudio")],
         "haar_dwt2": lambda s, a: (lambda ll, bands: [ll, *bands])(*R.haar_dwt2(a)),
+        # the whole loss, composed of the reference terms as a user would write it (lambdas 4, 4, 1)
+        "domainstudio_loss": lambda s, a: [4 * R.pairwise_similarity_kl(s, a) + 4 * R.hf_pairwise_similarity_kl(s, a)
+                                           + R.hf_mse(a, real)],
     }
     found = {}
+    real = torch.randn(small)
     for name, fn in ops.items():
         source = torch.randn(small)
         adapted = torch.randn(small, requires_grad=True)
@@ -128,6 +132,12 @@ def roofline(shape) -> list[dict]:
         ("high_frequency", "fwd+bwd"): (e + e // 4 + e // 4 + e, 11 * n * d_hf),
         ("haar_dwt2", "fwd"): (2 * e, 12 * n * d_hf),
         ("haar_dwt2", "fwd+bwd"): (4 * e, 24 * n * d_hf),
+        # fwd: read source, adapted and the hf-MSE target once each (both Grams of both batches and the
+        # hf-MSE in one pass); bwd: read adapted and target again, write the gradient. hf-MSE per position:
+        # two stencils (7 each), difference, square, sum (3); backward: recomputed difference (15), scaled
+        # and spread over the 4 pixels (5), added to the Gram terms' gradient (4).
+        ("domainstudio_loss", "fwd"): (3 * e, 2 * (gram + gram_hf) + 17 * n * d_hf),
+        ("domainstudio_loss", "fwd+bwd"): (6 * e, 3 * (gram + gram_hf) + 41 * n * d_hf),
     }
     eager = eager_bytes(shape)
     rows = []
