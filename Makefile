@@ -19,6 +19,8 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc
 	$(PIP) install -q --no-build-isolation -e '.[test]' "torch==$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])')"
 	# A CUDA torch brings the triton it was built with; a CPU torch gets one whose interpreter runs the kernel tests.
 	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda is None)" || $(PIP) install -q "triton>=3.8"
+	# DeepSpeed compiles its CPU communication op at a first CPU run (about a minute): build it now, once.
+	$(PY) -c "from dsfast.train.distributed import build_cpu_comm_op; build_cpu_comm_op()"
 	touch $(STAMP)
 	@test ! -f $(dir $(PY))activate || echo "dsfast is installed in $(dir $(PY)): run 'source $(dir $(PY))activate' to put the dsfast command on PATH."
 

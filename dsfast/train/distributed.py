@@ -55,19 +55,29 @@ def accelerator_env() -> None:
 SHM_OP = "deepspeed_shm_comm"  # what DeepSpeed compiles on CPU at its first process group
 
 
-def init_process_group() -> None:
-    """``deepspeed.init_distributed`` (nccl on GPUs, gloo on CPU), quietly: rank 0 says so when DeepSpeed is
-    about to compile its CPU communication op (first run in this environment), and DeepSpeed's
-    "... built successfully" print is dropped."""
-    import deepspeed
+def build_cpu_comm_op() -> None:
+    """Build (first run in this environment) and load the communication op DeepSpeed uses on CPU, quietly:
+    rank 0 says so when it compiles, and DeepSpeed's "... built successfully" print is dropped. Processes
+    that start many runs at once call it first, so that one compiles and the others find it built."""
+    if torch.cuda.is_available():
+        return
+    from deepspeed.comm.torch import build_shm_op
 
-    cuda = torch.cuda.is_available()
     built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)) / SHM_OP / f"{SHM_OP}.so"
-    if not cuda and not built.is_file() and os.environ.get("RANK", "0") == "0":
+    if not built.is_file() and os.environ.get("RANK", "0") == "0":
         print(f"dsfast: compiling DeepSpeed's CPU communication op (once per environment, about a minute; "
               f"cached in {built.parent.parent})", file=sys.stderr, flush=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        build_shm_op()
+
+
+def init_process_group() -> None:
+    """``deepspeed.init_distributed`` (nccl on GPUs, gloo on CPU), quietly (see :func:`build_cpu_comm_op`)."""
+    import deepspeed
+
+    build_cpu_comm_op()
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
 def setup_env() -> None:
