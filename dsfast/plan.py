@@ -20,12 +20,21 @@ A prediction, not a measurement. Per rank and per step, in bytes:
   CPU; no score matrix) — fitted as ``a·pixels + b·pixels²`` per sample and extrapolated to the run's
   resolution and micro-batch size. Gradient checkpointing keeps the block inputs plus one block's
   recomputation.
-* the two-pass micro-batch scheme adds the gathered x̃0 features and their gradient (global batch × image).
+* the **inputs** of the rank's share of the global batch, built before the step: images, latents, noise;
+* the two-pass micro-batch scheme adds the gathered adapted x̃0 and its gradient (2 × global batch × image,
+  or × latent with ``loss.space=latent``), and holds the gradients from the first micro-batch on (one
+  micro-batch allocates them during backward, as its activations are freed).
 
-At ZeRO stage ≥ 2 DeepSpeed's gradient reduce bucket (``reduce_bucket_size``, default 5e8 elements) is
-counted whole: it is allocated at that size whatever the model's. Not modelled: the CUDA context (~0.5 GiB),
-the caching allocator's fragmentation (typically 5–15 % above ``max_memory_allocated``), cuDNN workspaces.
-The table leaves 10 % head-room for them.
+DeepSpeed's own buffers (0.19, read from its ZeRO optimizers): the gradient reduce bucket
+(``reduce_bucket_size``; the trainer sets it to the trainable parameter count, at most DeepSpeed's 5e8
+elements, unless the config sets it) is allocated whole — at stage 2 at the first trained gradient of each
+backward (after the frozen decoder's backward freed its activations), at stage 3 at set-up; stage 3 keeps
+the gathered weights of a model under ``stage3_max_live_parameters`` (1e9) through the step; with
+``offload_optimizer=cpu`` the host also holds the gradient partition, at stage 2 a staging copy of the
+weight partition (and an accumulation buffer under gradient accumulation), at stage 3 the fp32 master's
+own gradient. The AdamW moments, on the device or offloaded, come with the first ``optimizer.step()``.
+Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation (typically 5–15 % above
+``max_memory_allocated``), cuDNN workspaces. The table leaves 10 % head-room for them.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ import sys
 from dataclasses import dataclass
 
 GIB = 2 ** 30
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance
 
 # Architectures, written from their published configurations (no downloads).
 _SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -116,6 +125,7 @@ class Option:
     world: int = 1  # ranks
     precision: str = "no"  # train.mixed_precision
     micro_batch: int | None = None  # train.micro_batch_size (None: global batch / world)
+    reduce_bucket: int | None = None  # zero_optimization.reduce_bucket_size of deepspeed.config (None: dsfast's)
 
 
 OPTIONS = {
@@ -269,13 +279,14 @@ def _fit(spec, models, option, r1: int, r2: int) -> dict:
     return fit
 
 
-def _activations(fit: dict, resolution: int, m: int, option: Option) -> int:
+def _activations(fit: dict, resolution: int, m: int, option: Option) -> tuple[int, int]:
+    """``(UNet, decode)`` saved-for-backward bytes of ``m`` samples."""
     px = resolution * resolution
     val = {k: m * (a * px + b * px * px) for k, (a, b) in fit.items()}
     unet = val["unet"]
     if option.checkpointing:  # block inputs kept (small), one block recomputed at a time
         unet = unet - val["blocks"] + val["max_block"]
-    return int(unet + val["decode"])
+    return int(unet), int(val["decode"])
 
 
 def _probe_sizes(models) -> tuple[int, int]:
@@ -320,49 +331,82 @@ class Planner:
         frozen_params = p_unet - p_train + _count(vae)[0] + sum(_count(t)[0] for t in text)
         w = 2 if option.precision in ("bf16", "fp16") else 4
         world, z = option.world, option.zero_stage
-        # trained parameters: weights, gradients, optimizer (AdamW moments + fp32 master under mixed precision)
+        # trained parameters: weights, gradients, an fp32 master copy (mixed precision; DeepSpeed's fp32
+        # partition at any ZeRO stage, also in float32 training), AdamW moments
         weights = p_train * w / (world if z >= 3 else 1)
         grads = p_train * w / (world if z >= 2 else 1)
-        optim = p_train * (8 + (4 if w == 2 else 0)) / (world if z >= 1 else 1)
-        if z >= 1 and w == 4:
-            optim += p_train * 4 / world  # DeepSpeed's fp32 partition copy, also in float32 training
-        host = 0.0
+        master = p_train * 4 / (world if z >= 1 else 1) if w == 2 or z >= 1 else 0.0
+        moments = p_train * 8 / (world if z >= 1 else 1)
+        micro = option.micro_batch or batch // world
+        accumulating = micro * world < batch
+        host, host_moments = 0.0, 0.0  # host memory: allocated at set-up / by the first optimizer.step()
         if option.offload_optimizer:
-            host += optim + (grads if z >= 2 else 0)
-            optim, grads = 0.0, (0.0 if z >= 2 else grads)
+            host, host_moments = master, moments
+            master = moments = 0.0
+            if z >= 2:
+                # the gradient partition and, ZeRO-2, a staging copy of the weight partition; ZeRO-3 a second
+                # fp32 gradient buffer (the master's); ZeRO-2 accumulates micro-batches in a third buffer
+                host += grads + p_train * (w if z == 2 else 4) / world
+                if z == 2 and accumulating:
+                    host += p_train * w / world
+                grads = 0.0
         if option.offload_param:
             host += weights
             weights = 0.0
         frozen = frozen_params * w
-        micro = option.micro_batch or batch // world
-        act = _activations(self.fit(option), resolution, micro, option) * w // 4  # probed in float32
-        features = 0
+        fit = self.fit(option)
         if option.official:
             micro = batch // world  # one pass over the whole batch
-            act = _activations(self.fit(option), resolution, micro, option) * w // 4
-        elif micro * world < batch and self.spec["family"] == "text2image":
-            # the two-pass scheme: pass-1 source and adapted x̃0 of the global batch, and their gradient
-            c, r = (3, resolution) if option.space == "pixel" else (4, resolution // 8)
-            features = 3 * batch * c * r * r * 4
+        act_unet, act_decode = (a * w // 4 for a in _activations(fit, resolution, micro, option))  # probed in fp32
+        act = act_unet + act_decode
+        pixels = resolution * resolution
+        if vae is None:  # unconditional: x0 and its noise per sample
+            image, latent = unet.config.in_channels * pixels, 0
+            inputs = 2 * image
+        else:  # the image (the hf-MSE target) and the instance and class latents and their noise per sample
+            f = 2 ** (len(vae.config.block_out_channels) - 1)
+            image, latent = vae.config.out_channels * pixels, vae.config.latent_channels * pixels // (f * f)
+            inputs = image + 4 * latent
+        # the rank's micro-batches, built before the step for its share of the global batch (float32)
+        inputs *= 4 * (batch // world)
+        features = 0
+        if accumulating and not option.official:
+            # the two-pass scheme: the gathered adapted x̃0 of the global batch (pass 1; the global loss's
+            # graph keeps it until the step logs the loss) and its gradient G, float32; the source x̃0 is freed
+            features = 2 * batch * (image if option.space == "pixel" else latent) * 4
+        held, transient = weights + frozen + inputs + master, 0.0
+        peak_act = act
+        if z >= 2:
+            # DeepSpeed's gradient reduce bucket, allocated whole: reduce_bucket_size, which the trainer
+            # sizes by the model unless the config sets it
+            from dsfast.train.ds_config import reduce_bucket_elements
+
+            bucket = (option.reduce_bucket or reduce_bucket_elements(p_train)) * w
+            if z == 2:
+                # allocated at the first trained gradient of each backward and freed after it: the loss
+                # heads' and the (frozen) decoder's backward are done and their activations freed by then
+                peak_act = max(act, act_unet + bucket)
+            else:
+                # ZeRO-3 allocates it at set-up, and keeps the gathered weights of a model under
+                # stage3_max_live_parameters / stage3_max_reuse_distance (1e9, not changed) through the step
+                held += bucket + min(p_train, STAGE3_MAX_LIVE) * w
         # Without ZeRO and with one micro-batch the gradients are allocated during backward as the
         # activations are freed (the step sets them to None); gradient accumulation keeps them from the
-        # first micro-batch on, and ZeRO keeps gradient buffers (partitions, buckets) for the whole step.
-        held, transient = weights + frozen, 0.0
-        if z >= 2:
-            # DeepSpeed's gradient reduce bucket: reduce_bucket_size (default 5e8 elements, which dsfast's
-            # config does not change) is allocated whole, whatever the model size (measured on CPU)
-            held += REDUCE_BUCKET * w
-        if z == 0 and micro * world >= batch:
+        # first micro-batch on, and ZeRO keeps its gradient partition for the whole step.
+        if z == 0 and not accumulating:
             transient = grads
         else:
             held += grads
         if first_step:
-            device = held + max(act + features, transient + optim)
+            device = held + max(peak_act + features, transient + moments)
+            total = held + host + max(peak_act + features, transient + moments + host_moments)
         else:
-            device = held + optim + max(act + features, transient)
-        return {"device": int(device), "total": int(device + host), "weights": int(weights), "grads": int(grads),
-                "optimizer": int(optim), "frozen": int(frozen), "activations": int(act), "features": int(features),
-                "host": int(host), "micro_batch": micro}
+            device = held + moments + max(peak_act + features, transient)
+            total = device + host + host_moments
+        return {"device": int(device), "total": int(total), "weights": int(weights), "grads": int(grads),
+                "optimizer": int(master + moments), "frozen": int(frozen), "activations": int(act),
+                "features": int(features), "inputs": int(inputs), "host": int(host + host_moments),
+                "micro_batch": micro}
 
 
 def spec_from_pretrained(path) -> dict:
@@ -392,10 +436,16 @@ def spec_from_pretrained(path) -> dict:
 
 def option_from_config(cfg, world: int) -> Option:
     t, z = cfg.train, cfg.deepspeed
+    bucket = None
+    if z.config:
+        from dsfast.train.ds_config import read_stock_json
+
+        bucket = (read_stock_json(z.config).get("zero_optimization") or {}).get("reduce_bucket_size")
     return Option("config", space=cfg.loss.space, lora_rank=cfg.model.lora_rank,
                   checkpointing=t.gradient_checkpointing, zero_stage=z.zero_stage,
                   offload_optimizer=z.offload_optimizer == "cpu", offload_param=z.offload_param == "cpu",
-                  world=world, precision=t.mixed_precision, micro_batch=t.micro_batch_size)
+                  world=world, precision=t.mixed_precision, micro_batch=t.micro_batch_size,
+                  reduce_bucket=None if bucket in (None, "auto") else int(bucket))
 
 
 def largest_micro_batch(planner: Planner, option: Option, batch: int, resolution: int, budget: float) -> int:
