@@ -18,8 +18,8 @@ A prediction, not a measurement. Per rank and per step, in bytes:
   traced on the ``meta`` device while counting the bytes autograd saves for backward (each storage once,
   parameters excluded), attention counted as the fused kernels store it (PyTorch uses them on CUDA and on
   CPU; no score matrix) — fitted as ``a·pixels + b·pixels²`` per sample and extrapolated to the run's
-  resolution and micro-batch size. Gradient checkpointing keeps the block inputs plus one block's
-  recomputation.
+  resolution and micro-batch size. Gradient checkpointing (diffusers recomputes each resnet and each
+  transformer block) keeps what is saved outside them and their inputs, plus one of them recomputed.
 * the **inputs** of the rank's share of the global batch, built before the step: images, latents, noise;
 * the two-pass micro-batch scheme adds the gathered adapted x̃0 and its gradient (2 × global batch × image,
   or × latent with ``loss.space=latent``), and holds the gradients from the first micro-batch on (one
@@ -43,6 +43,7 @@ import sys
 from dataclasses import dataclass
 
 GIB = 2 ** 30
+CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' checkpointed modules
 STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance
 
 # Architectures, written from their published configurations (no downloads).
@@ -175,18 +176,41 @@ def _count(module) -> tuple[int, int]:
 
 
 class _SavedBytes:
-    """Counts the bytes autograd saves for backward: each storage once, parameters and their views excluded."""
+    """Counts the bytes autograd saves for backward: each storage once, parameters and their views excluded;
+    and the storages gradient checkpointing would keep (``kept``): those saved outside its units (while
+    ``in_unit`` is 0) and the units' inputs."""
 
     def __init__(self, params):
-        self.seen = {p.untyped_storage()._cdata for p in params}
-        self.total = 0
+        self.params = {p.untyped_storage()._cdata for p in params}
+        self.size: dict = {}  # storage -> bytes, of every storage saved or kept
+        self.saved, self.kept = set(), set()
+        self.total, self.in_unit = 0, 0
+
+    def _storage(self, t):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.params:
+            return None
+        self.size[key] = storage.nbytes()
+        return key
 
     def pack(self, t):
-        storage = t.untyped_storage()
-        if storage._cdata not in self.seen:
-            self.seen.add(storage._cdata)
-            self.total += storage.nbytes()
+        key = self._storage(t)
+        if key is not None:
+            if key not in self.saved:
+                self.saved.add(key)
+                self.total += self.size[key]
+            if not self.in_unit:
+                self.kept.add(key)
         return t
+
+    def keep(self, t):
+        key = self._storage(t)
+        if key is not None:
+            self.kept.add(key)
+
+    def kept_bytes(self) -> int:
+        return sum(self.size[k] for k in self.kept)
 
     def __enter__(self):
         import torch
@@ -225,17 +249,24 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
     import torch
 
     unet, vae, text = models
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    per_block = []
+    # what diffusers' gradient checkpointing recomputes: each resnet and each transformer block
+    units = [u for u in unet.modules() if type(u).__name__ in CHECKPOINT_UNITS]
+    per_unit = []
     counter = _SavedBytes(list(unet.parameters()) + (list(vae.parameters()) if vae is not None else []))
 
-    def pre(mod, args):
+    def pre(mod, args, kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                counter.keep(a)
+        counter.in_unit += 1
         mod._dsfast_start = counter.total
 
     def post(mod, args, out):
-        per_block.append(counter.total - mod._dsfast_start)
+        counter.in_unit -= 1
+        per_unit.append(counter.total - mod._dsfast_start)
 
-    hooks = [b.register_forward_pre_hook(pre) for b in blocks] + [b.register_forward_hook(post) for b in blocks]
+    hooks = [u.register_forward_pre_hook(pre, with_kwargs=True) for u in units]
+    hooks += [u.register_forward_hook(post) for u in units]
     import torch.nn.functional as F
 
     sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _fused_attention
@@ -244,7 +275,7 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
             if spec["family"] == "unconditional":
                 x = torch.randn(m, unet.config.in_channels, resolution, resolution)
                 unet(x, torch.zeros(m, dtype=torch.long))
-                unet_bytes, decode_bytes = counter.total, 0
+                unet_bytes, kept, decode_bytes = counter.total, counter.kept_bytes(), 0
             else:
                 f = 2 ** (len(vae.config.block_out_channels) - 1)
                 n = 2 * m  # instance + class latents in one batch
@@ -253,7 +284,7 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
                 if spec.get("sdxl"):
                     kw["added_cond_kwargs"] = {"text_embeds": torch.randn(n, 1280), "time_ids": torch.randn(n, 6)}
                 out = unet(z, torch.zeros(n, dtype=torch.long), **kw).sample
-                unet_bytes = counter.total
+                unet_bytes, kept = counter.total, counter.kept_bytes()
                 decode_bytes = 0
                 if option.space == "pixel":
                     halves = 2 if option.official else 1  # dsfast decodes the source half without grad
@@ -263,7 +294,7 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
         F.scaled_dot_product_attention = sdpa
         for h in hooks:
             h.remove()
-    return {"unet": unet_bytes, "decode": decode_bytes, "max_block": max(per_block), "blocks": sum(per_block)}
+    return {"unet": unet_bytes, "decode": decode_bytes, "checkpoint_kept": kept, "max_unit": max(per_unit)}
 
 
 def _fit(spec, models, option, r1: int, r2: int) -> dict:
@@ -284,8 +315,8 @@ def _activations(fit: dict, resolution: int, m: int, option: Option) -> tuple[in
     px = resolution * resolution
     val = {k: m * (a * px + b * px * px) for k, (a, b) in fit.items()}
     unet = val["unet"]
-    if option.checkpointing:  # block inputs kept (small), one block recomputed at a time
-        unet = unet - val["blocks"] + val["max_block"]
+    if option.checkpointing:  # what the units do not recompute, and one unit's recomputation
+        unet = val["checkpoint_kept"] + val["max_unit"]
     return int(unet), int(val["decode"])
 
 
