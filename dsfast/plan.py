@@ -29,10 +29,14 @@ DeepSpeed's own buffers (0.19, read from its ZeRO optimizers): the gradient redu
 (``reduce_bucket_size``; the trainer sets it to the trainable parameter count, at most DeepSpeed's 5e8
 elements, unless the config sets it) is allocated whole — at stage 2 at the first trained gradient of each
 backward (after the frozen decoder's backward freed its activations), at stage 3 at set-up; stage 3 keeps
-the gathered weights of a model under ``stage3_max_live_parameters`` (1e9) through the step; with
+gathered the weights whose backward use comes within ``stage3_max_reuse_distance`` (1e9 elements: the last
+5e8 of the forward; all of a smaller model); with
 ``offload_optimizer=cpu`` the host also holds the gradient partition, at stage 2 a staging copy of the
 weight partition (and an accumulation buffer under gradient accumulation), at stage 3 the fp32 master's
-own gradient. The AdamW moments, on the device or offloaded, come with the first ``optimizer.step()``.
+own gradient; reducing a ZeRO-3 bucket concatenates its gradients (one bucket more). The AdamW moments,
+on the device or offloaded, come with the first ``optimizer.step()``. A CPU run (``total``, what
+``bench/memory.py`` measures) also has torch AdamW's two temporaries of DeepSpeed's flat fp32 partition
+(ZeRO ≥ 1) and gloo's copy of a reduced ZeRO-3 bucket.
 Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation (typically 5–15 % above
 ``max_memory_allocated``), cuDNN workspaces. The table leaves 10 % head-room for them.
 """
@@ -44,7 +48,7 @@ from dataclasses import dataclass
 
 GIB = 2 ** 30
 CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' checkpointed modules
-STAGE3_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance
+STAGE3_REUSE = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance (elements; = stage3_max_live_parameters)
 
 # Architectures, written from their published configurations (no downloads).
 _SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -406,7 +410,7 @@ class Planner:
             # graph keeps it until the step logs the loss) and its gradient G, float32; the source x̃0 is freed
             features = 2 * batch * (image if option.space == "pixel" else latent) * 4
         held, transient = weights + frozen + inputs + master, 0.0
-        peak_act = act
+        peak_act = reduce_dev = reduce_cpu = act
         if z >= 2:
             # DeepSpeed's gradient reduce bucket, allocated whole: reduce_bucket_size, which the trainer
             # sizes by the model unless the config sets it
@@ -418,9 +422,12 @@ class Planner:
                 # heads' and the (frozen) decoder's backward are done and their activations freed by then
                 peak_act = max(act, act_unet + bucket)
             else:
-                # ZeRO-3 allocates it at set-up, and keeps the gathered weights of a model under
-                # stage3_max_live_parameters / stage3_max_reuse_distance (1e9, not changed) through the step
-                held += bucket + min(p_train, STAGE3_MAX_LIVE) * w
+                # ZeRO-3 allocates it at set-up; after forward it keeps gathered the weights used again
+                # (in backward) within stage3_max_reuse_distance elements: the last half of that distance
+                held += bucket + min(p_train, STAGE3_REUSE // 2) * w
+                # reducing a bucket, DeepSpeed concatenates its gradients (gloo, a CPU run's backend, copies
+                # them once more); the last one at the end of backward, the activations freed
+                reduce_dev, reduce_cpu = bucket, 2 * bucket
         # Without ZeRO and with one micro-batch the gradients are allocated during backward as the
         # activations are freed (the step sets them to None); gradient accumulation keeps them from the
         # first micro-batch on, and ZeRO keeps its gradient partition for the whole step.
@@ -428,12 +435,17 @@ class Planner:
             transient = grads
         else:
             held += grads
+        # A CPU run (``total``) steps with torch's single-tensor AdamW (dsfast's optimizer without CUDA): on
+        # DeepSpeed's flat fp32 partition (ZeRO ≥ 1) it makes two temporaries of its size, sqrt(v) and its
+        # quotient; DeepSpeed's fused (GPU) and CPU Adam make none.
+        step_temp = 8 * p_train / world if z >= 1 else 0.0
+        peak_dev, peak_cpu = max(peak_act, reduce_dev) + features, max(peak_act, reduce_cpu) + features
         if first_step:
-            device = held + max(peak_act + features, transient + moments)
-            total = held + host + max(peak_act + features, transient + moments + host_moments)
+            device = held + max(peak_dev, transient + moments)
+            total = held + host + max(peak_cpu, transient + moments + host_moments + step_temp)
         else:
-            device = held + moments + max(peak_act + features, transient)
-            total = device + host + host_moments
+            device = held + moments + max(peak_dev, transient)
+            total = held + host + moments + host_moments + max(peak_cpu, transient + step_temp)
         return {"device": int(device), "total": int(total), "weights": int(weights), "grads": int(grads),
                 "optimizer": int(master + moments), "frozen": int(frozen), "activations": int(act),
                 "features": int(features), "inputs": int(inputs), "host": int(host + host_moments),
