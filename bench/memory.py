@@ -232,7 +232,7 @@ def cases(quick: bool) -> list[dict]:
         out += [dict(option="official", resolution=res, batch=4), dict(option="dsfast", resolution=res, batch=16, micro=2)]
     out += [dict(option=o, resolution=128, batch=4) for o in ("dsfast+latent", "dsfast+lora", "dsfast+ckpt")]
     out += [dict(option=combined, resolution=128, batch=16, micro=2)]
-    out += [dict(option=o, resolution=128, batch=16, micro=2) for o in RANKS]
+    out += [dict(option=o, resolution=res, batch=16, micro=2) for res in (128, 64) for o in RANKS]
     out += [dict(option="dsfast", resolution=128, batch=16, micro=1), dict(option="official", resolution=128, batch=8)]
     for res in (64, 192):
         out += [dict(option="dsfast", resolution=res, batch=4), dict(option=combined, resolution=res, batch=16, micro=2)]
