@@ -232,7 +232,7 @@ def cases(quick: bool) -> list[dict]:
         out += [dict(option="official", resolution=res, batch=4), dict(option="dsfast", resolution=res, batch=16, micro=2)]
     out += [dict(option=o, resolution=128, batch=4) for o in ("dsfast+latent", "dsfast+lora", "dsfast+ckpt")]
     out += [dict(option=combined, resolution=128, batch=16, micro=2)]
-    out += [dict(option=o, resolution=128, batch=16, micro=2) for o in RANKS]
+    out += [dict(option=o, resolution=res, batch=16, micro=2) for res in (128, 64) for o in RANKS]
     out += [dict(option="dsfast", resolution=128, batch=16, micro=1), dict(option="official", resolution=128, batch=8)]
     for res in (64, 192):
         out += [dict(option="dsfast", resolution=res, batch=4), dict(option=combined, resolution=res, batch=16, micro=2)]
@@ -264,7 +264,9 @@ def run_case(case: dict, assets: dict, tmp: Path) -> dict:
                str(free_port()), *code]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    row = dict(case, ranks=ranks, wall_s=round(time.perf_counter() - t0, 1))
+    from bench.run import cpu_model
+
+    row = dict(case, ranks=ranks, cpu=cpu_model(), wall_s=round(time.perf_counter() - t0, 1))
     files = sorted(tmp.glob("result.json.rank*"))
     if p.returncode != 0 or not files:
         return dict(row, status="error", reason=p.stderr.strip().splitlines()[-1][:300] if p.stderr else "")
@@ -281,6 +283,10 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated options to run")
     ap.add_argument("--redo", action="store_true", help="also run the points that already have a row")
+    ap.add_argument("--results", default=None,
+                    help="folder of the rows, table and plot (default: bench/results/<this CPU>); the bytes counted "
+                         "do not depend on the CPU model, so rows measured elsewhere may join a folder (each row "
+                         "names its CPU)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one point, in this process
     args = ap.parse_args(argv)
     if args.worker:
@@ -288,7 +294,7 @@ def main(argv=None) -> int:
         return 0
     from bench.run import cpu_model, slugify
 
-    out_dir = RESULTS / slugify(cpu_model())
+    out_dir = Path(args.results) if args.results else RESULTS / slugify(cpu_model())
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / "memory-train-cpu.jsonl"
     if not args.report_only:

@@ -18,14 +18,27 @@ A prediction, not a measurement. Per rank and per step, in bytes:
   traced on the ``meta`` device while counting the bytes autograd saves for backward (each storage once,
   parameters excluded), attention counted as the fused kernels store it (PyTorch uses them on CUDA and on
   CPU; no score matrix) — fitted as ``a·pixels + b·pixels²`` per sample and extrapolated to the run's
-  resolution and micro-batch size. Gradient checkpointing keeps the block inputs plus one block's
-  recomputation.
-* the two-pass micro-batch scheme adds the gathered x̃0 features and their gradient (global batch × image).
+  resolution and micro-batch size. Gradient checkpointing (diffusers recomputes each resnet and each
+  transformer block) keeps what is saved outside them and their inputs, plus one of them recomputed.
+* the **inputs** of the rank's share of the global batch, built before the step: images, latents, noise;
+* the two-pass micro-batch scheme adds the gathered adapted x̃0 and its gradient (2 × global batch × image,
+  or × latent with ``loss.space=latent``), and holds the gradients from the first micro-batch on (one
+  micro-batch allocates them during backward, as its activations are freed).
 
-At ZeRO stage ≥ 2 DeepSpeed's gradient reduce bucket (``reduce_bucket_size``, default 5e8 elements) is
-counted whole: it is allocated at that size whatever the model's. Not modelled: the CUDA context (~0.5 GiB),
-the caching allocator's fragmentation (typically 5–15 % above ``max_memory_allocated``), cuDNN workspaces.
-The table leaves 10 % head-room for them.
+DeepSpeed's own buffers (0.19, read from its ZeRO optimizers): the gradient reduce bucket
+(``reduce_bucket_size``; the trainer sets it to the trainable parameter count, at most DeepSpeed's 5e8
+elements, unless the config sets it) is allocated whole — at stage 2 at the first trained gradient of each
+backward (after the frozen decoder's backward freed its activations), at stage 3 at set-up; stage 3 keeps
+gathered the weights whose backward use comes within ``stage3_max_reuse_distance`` (1e9 elements: the last
+5e8 of the forward; all of a smaller model); with
+``offload_optimizer=cpu`` the host also holds the gradient partition, at stage 2 a staging copy of the
+weight partition (and an accumulation buffer under gradient accumulation), at stage 3 the fp32 master's
+own gradient; reducing a ZeRO-3 bucket concatenates its gradients (one bucket more). The AdamW moments,
+on the device or offloaded, come with the first ``optimizer.step()``. A CPU run (``total``, what
+``bench/memory.py`` measures) also has torch AdamW's two temporaries of DeepSpeed's flat fp32 partition
+(ZeRO ≥ 1) and gloo's copy of a reduced ZeRO-3 bucket.
+Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation (typically 5–15 % above
+``max_memory_allocated``), cuDNN workspaces. The table leaves 10 % head-room for them.
 """
 from __future__ import annotations
 
@@ -34,7 +47,8 @@ import sys
 from dataclasses import dataclass
 
 GIB = 2 ** 30
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' checkpointed modules
+STAGE3_REUSE = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance (elements; = stage3_max_live_parameters)
 
 # Architectures, written from their published configurations (no downloads).
 _SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -116,6 +130,7 @@ class Option:
     world: int = 1  # ranks
     precision: str = "no"  # train.mixed_precision
     micro_batch: int | None = None  # train.micro_batch_size (None: global batch / world)
+    reduce_bucket: int | None = None  # zero_optimization.reduce_bucket_size of deepspeed.config (None: dsfast's)
 
 
 OPTIONS = {
@@ -165,18 +180,41 @@ def _count(module) -> tuple[int, int]:
 
 
 class _SavedBytes:
-    """Counts the bytes autograd saves for backward: each storage once, parameters and their views excluded."""
+    """Counts the bytes autograd saves for backward: each storage once, parameters and their views excluded;
+    and the storages gradient checkpointing would keep (``kept``): those saved outside its units (while
+    ``in_unit`` is 0) and the units' inputs."""
 
     def __init__(self, params):
-        self.seen = {p.untyped_storage()._cdata for p in params}
-        self.total = 0
+        self.params = {p.untyped_storage()._cdata for p in params}
+        self.size: dict = {}  # storage -> bytes, of every storage saved or kept
+        self.saved, self.kept = set(), set()
+        self.total, self.in_unit = 0, 0
+
+    def _storage(self, t):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.params:
+            return None
+        self.size[key] = storage.nbytes()
+        return key
 
     def pack(self, t):
-        storage = t.untyped_storage()
-        if storage._cdata not in self.seen:
-            self.seen.add(storage._cdata)
-            self.total += storage.nbytes()
+        key = self._storage(t)
+        if key is not None:
+            if key not in self.saved:
+                self.saved.add(key)
+                self.total += self.size[key]
+            if not self.in_unit:
+                self.kept.add(key)
         return t
+
+    def keep(self, t):
+        key = self._storage(t)
+        if key is not None:
+            self.kept.add(key)
+
+    def kept_bytes(self) -> int:
+        return sum(self.size[k] for k in self.kept)
 
     def __enter__(self):
         import torch
@@ -215,17 +253,24 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
     import torch
 
     unet, vae, text = models
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    per_block = []
+    # what diffusers' gradient checkpointing recomputes: each resnet and each transformer block
+    units = [u for u in unet.modules() if type(u).__name__ in CHECKPOINT_UNITS]
+    per_unit = []
     counter = _SavedBytes(list(unet.parameters()) + (list(vae.parameters()) if vae is not None else []))
 
-    def pre(mod, args):
+    def pre(mod, args, kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                counter.keep(a)
+        counter.in_unit += 1
         mod._dsfast_start = counter.total
 
     def post(mod, args, out):
-        per_block.append(counter.total - mod._dsfast_start)
+        counter.in_unit -= 1
+        per_unit.append(counter.total - mod._dsfast_start)
 
-    hooks = [b.register_forward_pre_hook(pre) for b in blocks] + [b.register_forward_hook(post) for b in blocks]
+    hooks = [u.register_forward_pre_hook(pre, with_kwargs=True) for u in units]
+    hooks += [u.register_forward_hook(post) for u in units]
     import torch.nn.functional as F
 
     sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _fused_attention
@@ -234,7 +279,7 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
             if spec["family"] == "unconditional":
                 x = torch.randn(m, unet.config.in_channels, resolution, resolution)
                 unet(x, torch.zeros(m, dtype=torch.long))
-                unet_bytes, decode_bytes = counter.total, 0
+                unet_bytes, kept, decode_bytes = counter.total, counter.kept_bytes(), 0
             else:
                 f = 2 ** (len(vae.config.block_out_channels) - 1)
                 n = 2 * m  # instance + class latents in one batch
@@ -243,7 +288,7 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
                 if spec.get("sdxl"):
                     kw["added_cond_kwargs"] = {"text_embeds": torch.randn(n, 1280), "time_ids": torch.randn(n, 6)}
                 out = unet(z, torch.zeros(n, dtype=torch.long), **kw).sample
-                unet_bytes = counter.total
+                unet_bytes, kept = counter.total, counter.kept_bytes()
                 decode_bytes = 0
                 if option.space == "pixel":
                     halves = 2 if option.official else 1  # dsfast decodes the source half without grad
@@ -253,7 +298,7 @@ def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
         F.scaled_dot_product_attention = sdpa
         for h in hooks:
             h.remove()
-    return {"unet": unet_bytes, "decode": decode_bytes, "max_block": max(per_block), "blocks": sum(per_block)}
+    return {"unet": unet_bytes, "decode": decode_bytes, "checkpoint_kept": kept, "max_unit": max(per_unit)}
 
 
 def _fit(spec, models, option, r1: int, r2: int) -> dict:
@@ -269,13 +314,14 @@ def _fit(spec, models, option, r1: int, r2: int) -> dict:
     return fit
 
 
-def _activations(fit: dict, resolution: int, m: int, option: Option) -> int:
+def _activations(fit: dict, resolution: int, m: int, option: Option) -> tuple[int, int]:
+    """``(UNet, decode)`` saved-for-backward bytes of ``m`` samples."""
     px = resolution * resolution
     val = {k: m * (a * px + b * px * px) for k, (a, b) in fit.items()}
     unet = val["unet"]
-    if option.checkpointing:  # block inputs kept (small), one block recomputed at a time
-        unet = unet - val["blocks"] + val["max_block"]
-    return int(unet + val["decode"])
+    if option.checkpointing:  # what the units do not recompute, and one unit's recomputation
+        unet = val["checkpoint_kept"] + val["max_unit"]
+    return int(unet), int(val["decode"])
 
 
 def _probe_sizes(models) -> tuple[int, int]:
@@ -320,49 +366,90 @@ class Planner:
         frozen_params = p_unet - p_train + _count(vae)[0] + sum(_count(t)[0] for t in text)
         w = 2 if option.precision in ("bf16", "fp16") else 4
         world, z = option.world, option.zero_stage
-        # trained parameters: weights, gradients, optimizer (AdamW moments + fp32 master under mixed precision)
+        # trained parameters: weights, gradients, an fp32 master copy (mixed precision; DeepSpeed's fp32
+        # partition at any ZeRO stage, also in float32 training), AdamW moments
         weights = p_train * w / (world if z >= 3 else 1)
         grads = p_train * w / (world if z >= 2 else 1)
-        optim = p_train * (8 + (4 if w == 2 else 0)) / (world if z >= 1 else 1)
-        if z >= 1 and w == 4:
-            optim += p_train * 4 / world  # DeepSpeed's fp32 partition copy, also in float32 training
-        host = 0.0
+        master = p_train * 4 / (world if z >= 1 else 1) if w == 2 or z >= 1 else 0.0
+        moments = p_train * 8 / (world if z >= 1 else 1)
+        micro = option.micro_batch or batch // world
+        accumulating = micro * world < batch
+        host, host_moments = 0.0, 0.0  # host memory: allocated at set-up / by the first optimizer.step()
         if option.offload_optimizer:
-            host += optim + (grads if z >= 2 else 0)
-            optim, grads = 0.0, (0.0 if z >= 2 else grads)
+            host, host_moments = master, moments
+            master = moments = 0.0
+            if z >= 2:
+                # the gradient partition and, ZeRO-2, a staging copy of the weight partition; ZeRO-3 a second
+                # fp32 gradient buffer (the master's); ZeRO-2 accumulates micro-batches in a third buffer
+                host += grads + p_train * (w if z == 2 else 4) / world
+                if z == 2 and accumulating:
+                    host += p_train * w / world
+                grads = 0.0
         if option.offload_param:
             host += weights
             weights = 0.0
         frozen = frozen_params * w
-        micro = option.micro_batch or batch // world
-        act = _activations(self.fit(option), resolution, micro, option) * w // 4  # probed in float32
-        features = 0
+        fit = self.fit(option)
         if option.official:
             micro = batch // world  # one pass over the whole batch
-            act = _activations(self.fit(option), resolution, micro, option) * w // 4
-        elif micro * world < batch and self.spec["family"] == "text2image":
-            # the two-pass scheme: pass-1 source and adapted x̃0 of the global batch, and their gradient
-            c, r = (3, resolution) if option.space == "pixel" else (4, resolution // 8)
-            features = 3 * batch * c * r * r * 4
+        act_unet, act_decode = (a * w // 4 for a in _activations(fit, resolution, micro, option))  # probed in fp32
+        act = act_unet + act_decode
+        pixels = resolution * resolution
+        if vae is None:  # unconditional: x0 and its noise per sample
+            image, latent = unet.config.in_channels * pixels, 0
+            inputs = 2 * image
+        else:  # the image (the hf-MSE target) and the instance and class latents and their noise per sample
+            f = 2 ** (len(vae.config.block_out_channels) - 1)
+            image, latent = vae.config.out_channels * pixels, vae.config.latent_channels * pixels // (f * f)
+            inputs = image + 4 * latent
+        # the rank's micro-batches, built before the step for its share of the global batch (float32)
+        inputs *= 4 * (batch // world)
+        features = 0
+        if accumulating and not option.official:
+            # the two-pass scheme: the gathered adapted x̃0 of the global batch (pass 1; the global loss's
+            # graph keeps it until the step logs the loss) and its gradient G, float32; the source x̃0 is freed
+            features = 2 * batch * (image if option.space == "pixel" else latent) * 4
+        held, transient = weights + frozen + inputs + master, 0.0
+        peak_act = reduce_dev = reduce_cpu = act
+        if z >= 2:
+            # DeepSpeed's gradient reduce bucket, allocated whole: reduce_bucket_size, which the trainer
+            # sizes by the model unless the config sets it
+            from dsfast.train.ds_config import reduce_bucket_elements
+
+            bucket = (option.reduce_bucket or reduce_bucket_elements(p_train)) * w
+            if z == 2:
+                # allocated at the first trained gradient of each backward and freed after it: the loss
+                # heads' and the (frozen) decoder's backward are done and their activations freed by then
+                peak_act = max(act, act_unet + bucket)
+            else:
+                # ZeRO-3 allocates it at set-up; after forward it keeps gathered the weights used again
+                # (in backward) within stage3_max_reuse_distance elements: the last half of that distance
+                held += bucket + min(p_train, STAGE3_REUSE // 2) * w
+                # reducing a bucket, DeepSpeed concatenates its gradients (gloo, a CPU run's backend, copies
+                # them once more); the last one at the end of backward, the activations freed
+                reduce_dev, reduce_cpu = bucket, 2 * bucket
         # Without ZeRO and with one micro-batch the gradients are allocated during backward as the
         # activations are freed (the step sets them to None); gradient accumulation keeps them from the
-        # first micro-batch on, and ZeRO keeps gradient buffers (partitions, buckets) for the whole step.
-        held, transient = weights + frozen, 0.0
-        if z >= 2:
-            # DeepSpeed's gradient reduce bucket: reduce_bucket_size (default 5e8 elements, which dsfast's
-            # config does not change) is allocated whole, whatever the model size (measured on CPU)
-            held += REDUCE_BUCKET * w
-        if z == 0 and micro * world >= batch:
+        # first micro-batch on, and ZeRO keeps its gradient partition for the whole step.
+        if z == 0 and not accumulating:
             transient = grads
         else:
             held += grads
+        # A CPU run (``total``) steps with torch's single-tensor AdamW (dsfast's optimizer without CUDA): on
+        # DeepSpeed's flat fp32 partition (ZeRO ≥ 1) it makes two temporaries of its size, sqrt(v) and its
+        # quotient; DeepSpeed's fused (GPU) and CPU Adam make none.
+        step_temp = 8 * p_train / world if z >= 1 else 0.0
+        peak_dev, peak_cpu = max(peak_act, reduce_dev) + features, max(peak_act, reduce_cpu) + features
         if first_step:
-            device = held + max(act + features, transient + optim)
+            device = held + max(peak_dev, transient + moments)
+            total = held + host + max(peak_cpu, transient + moments + host_moments + step_temp)
         else:
-            device = held + optim + max(act + features, transient)
-        return {"device": int(device), "total": int(device + host), "weights": int(weights), "grads": int(grads),
-                "optimizer": int(optim), "frozen": int(frozen), "activations": int(act), "features": int(features),
-                "host": int(host), "micro_batch": micro}
+            device = held + moments + max(peak_dev, transient)
+            total = held + host + moments + host_moments + max(peak_cpu, transient + step_temp)
+        return {"device": int(device), "total": int(total), "weights": int(weights), "grads": int(grads),
+                "optimizer": int(master + moments), "frozen": int(frozen), "activations": int(act),
+                "features": int(features), "inputs": int(inputs), "host": int(host + host_moments),
+                "micro_batch": micro}
 
 
 def spec_from_pretrained(path) -> dict:
@@ -392,10 +479,16 @@ def spec_from_pretrained(path) -> dict:
 
 def option_from_config(cfg, world: int) -> Option:
     t, z = cfg.train, cfg.deepspeed
+    bucket = None
+    if z.config:
+        from dsfast.train.ds_config import read_stock_json
+
+        bucket = (read_stock_json(z.config).get("zero_optimization") or {}).get("reduce_bucket_size")
     return Option("config", space=cfg.loss.space, lora_rank=cfg.model.lora_rank,
                   checkpointing=t.gradient_checkpointing, zero_stage=z.zero_stage,
                   offload_optimizer=z.offload_optimizer == "cpu", offload_param=z.offload_param == "cpu",
-                  world=world, precision=t.mixed_precision, micro_batch=t.micro_batch_size)
+                  world=world, precision=t.mixed_precision, micro_batch=t.micro_batch_size,
+                  reduce_bucket=None if bucket in (None, "auto") else int(bucket))
 
 
 def largest_micro_batch(planner: Planner, option: Option, batch: int, resolution: int, budget: float) -> int:

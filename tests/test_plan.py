@@ -1,7 +1,7 @@
 """`dsfast plan` arithmetic on a tiny SD-structured architecture (meta device: no weights, seconds)."""
 import pytest
 
-from dsfast.plan import OPTIONS, REDUCE_BUCKET, Option, Planner, _count, largest_micro_batch, main
+from dsfast.plan import OPTIONS, Option, Planner, _count, largest_micro_batch, main
 
 TINY = dict(
     family="text2image", resolution=32, text_len=8,
@@ -24,16 +24,43 @@ def test_model_states_by_zero_stage_and_offload(planner):
     p = _count(planner.models(0)[0])[1]
     base = planner.predict(OPTIONS["dsfast"], 4, 32)
     assert (base["weights"], base["grads"], base["optimizer"], base["host"]) == (4 * p, 4 * p, 8 * p, 0)
-    z2 = planner.predict(Option("z2", zero_stage=2, world=2), 4, 32)
+    z2 = planner.predict(Option("z2", zero_stage=2, world=2, space="latent"), 4, 32)
     assert (z2["weights"], z2["grads"], z2["optimizer"]) == (4 * p, 2 * p, 6 * p)  # fp32 partition copy included
-    assert z2["device"] == 4 * p + 2 * p + 6 * p + z2["frozen"] + z2["activations"] + 4 * REDUCE_BUCKET
+    states = 4 * p + 2 * p + 6 * p + z2["frozen"] + z2["inputs"]
+    # the reduce bucket (the trainer's default holds every gradient: 4p) with the UNet's activations
+    assert z2["device"] == states + z2["activations"] + 4 * p
+    z2b = planner.predict(Option("z2b", zero_stage=2, world=2, space="latent", reduce_bucket=5 * 10**8), 4, 32)
+    assert z2b["device"] - z2["device"] == 4 * (5 * 10**8 - p)  # a config's value is counted as set
+    # pixel space: the bucket comes after the decoder's backward freed more than it
+    z2p = planner.predict(Option("z2p", zero_stage=2, world=2), 4, 32)
+    assert z2p["device"] == states + z2p["activations"]
+    # offload: fp32 master, its gradient, a staging copy of the weights (+ the accumulation buffer), moments
     z2o = planner.predict(Option("z2o", zero_stage=2, world=2, offload_optimizer=True), 4, 32)
-    assert (z2o["grads"], z2o["optimizer"], z2o["host"]) == (0, 0, 8 * p)
+    assert (z2o["grads"], z2o["optimizer"], z2o["host"]) == (0, 0, 2 * p + 2 * p + 2 * p + 4 * p)
+    z2a = planner.predict(Option("z2a", zero_stage=2, world=2, offload_optimizer=True, micro_batch=1), 4, 32)
+    assert z2a["host"] == z2o["host"] + 2 * p
+    # ZeRO-3: weight partition, gradient partition, master and its gradient, moments on the host; the bucket
+    # and the gathered weights on the device
     z3o = planner.predict(OPTIONS["zero3-offload"], 4, 32)
-    assert z3o["weights"] == 0 and z3o["host"] == 2 * p + 2 * p + 6 * p
+    assert z3o["weights"] == 0 and z3o["host"] == 2 * p + 2 * p + 2 * p + 2 * p + 4 * p
+    assert z3o["device"] == z3o["frozen"] + z3o["inputs"] + 4 * p + 4 * p + z3o["activations"]
     assert z3o["total"] == z3o["device"] + z3o["host"]
     bf16 = planner.predict(Option("bf16", precision="bf16"), 4, 32)
     assert (bf16["weights"], bf16["grads"], bf16["optimizer"]) == (2 * p, 2 * p, 12 * p)
+
+
+def test_option_from_config_keeps_a_stock_json_bucket(tmp_path):
+    import json
+
+    from dsfast.plan import option_from_config
+    from dsfast.train.config import load_config
+    from dsfast.train.testing import HF_ZERO2_JSON
+
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps(HF_ZERO2_JSON))
+    base = {"model": {"pretrained": "m"}, "data": {"instance_dir": "d"}, "output_dir": "o"}
+    assert option_from_config(load_config({**base, "deepspeed": {"config": str(f)}}), 2).reduce_bucket == 2 * 10**8
+    assert option_from_config(load_config(base), 2).reduce_bucket is None
 
 
 def test_lora_trains_only_adapters(planner):
@@ -46,7 +73,11 @@ def test_activations_scale_with_micro_batch_and_options(planner):
     one = planner.predict(Option("m1", micro_batch=1), 16, 32)
     two = planner.predict(Option("m2", micro_batch=2), 16, 32)
     assert abs(two["activations"] - 2 * one["activations"]) <= 2
-    assert two["features"] == one["features"] > 0  # the two-pass scheme's gathered x0 and its gradient
+    # the two-pass scheme's gathered x0 and its gradient: 2 x global batch x 3x32x32 float32
+    assert two["features"] == one["features"] == 2 * 16 * 3 * 32 * 32 * 4
+    # the micro-batches of the rank's share of the batch: image + instance/class latents and noise (4x16x16 each)
+    assert one["inputs"] == 16 * (3 * 32 * 32 + 4 * 4 * 16 * 16) * 4
+    assert planner.predict(Option("w2", world=2, zero_stage=1), 16, 32)["inputs"] == one["inputs"] // 2
     a = {k: planner.predict(OPTIONS[k], 4, 64)["activations"] for k in ("official", "dsfast", "dsfast+latent",
                                                                          "dsfast+ckpt")}
     assert a["official"] > a["dsfast"] > a["dsfast+ckpt"] and a["dsfast"] > a["dsfast+latent"]
@@ -55,9 +86,14 @@ def test_activations_scale_with_micro_batch_and_options(planner):
 def test_first_step_holds_optimizer_or_activations(planner):
     steady = planner.predict(OPTIONS["dsfast"], 4, 32)
     first = planner.predict(OPTIONS["dsfast"], 4, 32, first_step=True)
-    held, g, act, opt = steady["weights"] + steady["frozen"], steady["grads"], steady["activations"], steady["optimizer"]
+    held = steady["weights"] + steady["frozen"] + steady["inputs"]
+    g, act, opt = steady["grads"], steady["activations"], steady["optimizer"]
     assert first["device"] == held + max(act, g + opt)  # no ZeRO: gradients appear as activations go
     assert steady["device"] == held + opt + max(act, g)
+    # offloaded moments, too, come with the first step, when the activations are gone
+    p = _count(planner.models(0)[0])[1]
+    z3 = [planner.predict(OPTIONS["zero3-offload"], 4, 32, first_step=f) for f in (False, True)]
+    assert z3[1]["total"] == z3[0]["total"] - 4 * p and z3[1]["device"] == z3[0]["device"]
     z1 = planner.predict(Option("z1", zero_stage=1), 4, 32)  # ZeRO holds gradient buffers throughout
     assert z1["device"] == held + z1["grads"] + z1["optimizer"] + act
 

@@ -9,7 +9,7 @@ import pytest
 from dsfast.train import cli as train_cli
 from dsfast.train import dreambooth_cli, sample
 from dsfast.train.config import ConfigError, load_config, resolve
-from dsfast.train.ds_config import build_ds_config
+from dsfast.train.ds_config import REDUCE_BUCKET, build_ds_config, size_zero_buffers
 from dsfast.train.errors import ModelError
 from dsfast.train.models import describe
 from dsfast.train.testing import HF_ZERO2_JSON
@@ -99,6 +99,21 @@ def test_stock_json_missing_or_broken(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config({**BASE, "deepspeed": {"config": str(tmp_path / "bad.json")}})
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_buffers_sized_by_the_model_unless_set(tmp_path, stage):
+    _, ds = _ds(load_config(BASE, [f"deepspeed.zero_stage={stage}"]))
+    zero = size_zero_buffers(ds, 8_600_000)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 8_600_000  # not DeepSpeed's 5e8 (2 GiB in float32)
+    assert zero.get("stage3_param_persistence_threshold") == (0 if stage == 3 else None)
+    big = size_zero_buffers(_ds(load_config(BASE, [f"deepspeed.zero_stage={stage}"]))[1], 10**9)["zero_optimization"]
+    assert big["reduce_bucket_size"] == REDUCE_BUCKET and "stage3_param_persistence_threshold" not in big
+    # a stock JSON's value is kept; its "auto" is the dsfast value
+    for value, want in ((2e8, 2e8), ("auto", 8_600_000)):
+        f = _stock(tmp_path, zero_optimization__stage=stage, zero_optimization__reduce_bucket_size=value)
+        _, ds = _ds(load_config({**BASE, "deepspeed": {"config": f}}))
+        assert size_zero_buffers(ds, 8_600_000)["zero_optimization"]["reduce_bucket_size"] == want
 
 
 # ----------------------------------------------------------------------------- dsfast dreambooth

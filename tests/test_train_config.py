@@ -32,6 +32,20 @@ def test_dotted_overrides_and_coercion(tmp_path):
         load_config(f, ["train.max_steps=abc"])
 
 
+def test_yaml_1_2_booleans_in_overrides_and_files(tmp_path):
+    # YAML 1.1 would read no/yes/on/off as booleans: mixed_precision=no would arrive as False
+    cfg = load_config(BASE, ["train.mixed_precision=no", "train.gradient_checkpointing=true"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is True
+    assert parse_overrides(["a=yes", "b=off", "c=False", "d=TRUE"]) == [("a", "yes"), ("b", "off"), ("c", False),
+                                                                        ("d", True)]
+    f = tmp_path / "run.yaml"
+    f.write_text("model: {pretrained: m}\ndata: {instance_dir: d, random_flip: false}\n"
+                 "train: {mixed_precision: no, gradient_checkpointing: True}\n")
+    cfg = load_config(f)
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is True
+    assert cfg.data.random_flip is False
+
+
 @pytest.mark.parametrize("override, match", [
     ("method=dreamfusion", "'method'"),
     ("train.mixed_precision=fp8", "mixed_precision"),

@@ -9,6 +9,7 @@ written to ``<run>/config.yaml`` so a run is reproducible from its folder alone.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,13 +187,31 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 booleans: only true/false are booleans, so ``no``, ``yes``, ``on``
+    and ``off`` stay strings (``train.mixed_precision: no`` is the string "no", not False)."""
+
+    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_overrides(overrides) -> list[tuple[str, Any]]:
     out = []
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-5)")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() != "" else None))
+        out.append((key.strip(), _load_yaml(raw) if raw.strip() != "" else None))
     return out
 
 
@@ -207,7 +226,7 @@ def load_config(config: dict | str | Path | RunConfig, overrides=()) -> RunConfi
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a YAML mapping")
         source_name = path.stem

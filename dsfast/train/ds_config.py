@@ -17,6 +17,7 @@ on the plain config dict, so the run's ``config.yaml`` records what it trains wi
 
 :func:`build_ds_config` then builds the DeepSpeed dict from the resolved config; it runs before any
 process group exists, so a gradient-accumulation value the run cannot have is reported at once.
+:func:`size_zero_buffers` sizes DeepSpeed's ZeRO buffers by the model once it is loaded.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ _SCALARS = (
     (("scheduler", "params", "warmup_num_steps"), "train.warmup_steps", int),
 )
 OPTIMIZERS = ("AdamW",)
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+SMALL_ZERO3_MODEL = 50_000_000  # trainable parameters below which ZeRO-3 persists nothing by default
 SCHEDULERS = ("WarmupLR",)
 
 
@@ -211,3 +214,28 @@ def build_ds_config(t, z, world: int) -> dict:
         if name in stock:
             stock[name] = {**stock[name], "enabled": ds[name]["enabled"]}
     return _deep_merge(ds, _fill_auto(stock, ds))
+
+
+def reduce_bucket_elements(trainable: int) -> int:
+    """dsfast's default ``reduce_bucket_size``: DeepSpeed's, or the trainable parameter count if smaller
+    (a bucket that holds every gradient; no parameter is ever larger than it)."""
+    return min(REDUCE_BUCKET, trainable)
+
+
+def size_zero_buffers(ds: dict, trainable: int) -> dict:
+    """Sizes of DeepSpeed's ZeRO buffers for a model of ``trainable`` parameters, where ``ds`` does not set
+    them (a stock JSON's "auto" was dropped by :func:`build_ds_config`, so it gets them too); in place.
+
+    * ``reduce_bucket_size`` (:func:`reduce_bucket_elements`): ZeRO-2/3 allocate the gradient reduce bucket
+      whole, 2 GiB in float32 at DeepSpeed's default, however small the model;
+    * at stage 3 on a model under 50 M trainable parameters ``stage3_param_persistence_threshold`` 0, else
+      ZeRO-3 partitions none of its parameters.
+
+    The other sizes bound buffers that never exceed the model (prefetch, live parameters) or allocate
+    nothing (``allgather_bucket_size`` only splits the all-gather), so DeepSpeed's defaults stay."""
+    zero = ds["zero_optimization"]
+    if zero["stage"] >= 1:
+        zero.setdefault("reduce_bucket_size", reduce_bucket_elements(trainable))
+    if zero["stage"] == 3 and trainable < SMALL_ZERO3_MODEL:
+        zero.setdefault("stage3_param_persistence_threshold", 0)
+    return ds

@@ -44,7 +44,7 @@ from . import methods
 from .checkpoint import CheckpointManager, maybe_kill
 from .config import RunConfig, dump_config, load_config, resolve
 from .data import Draws, load_images
-from .ds_config import build_ds_config
+from .ds_config import build_ds_config, size_zero_buffers
 from .errors import ConfigError, DataError, NonFiniteLoss, TrainingError
 from .models import (
     EMA,
@@ -287,9 +287,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     named = trainable_named_parameters(unet)
     # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
     ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None
-    if cfg.deepspeed.zero_stage == 3 and sum(p.numel() for _, p in named) < 50_000_000:
-        # else ZeRO-3 partitions no parameter of a small model at all
-        ds_config["zero_optimization"].setdefault("stage3_param_persistence_threshold", 0)
+    size_zero_buffers(ds_config, sum(p.numel() for _, p in named))
     engine, _, _, lr_sched = deepspeed.initialize(
         model=unet, model_parameters=[p for _, p in named], config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
