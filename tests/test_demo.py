@@ -24,7 +24,10 @@ def test_demo_smoke(tmp_path):
     assert report["source"]["correspondence"] == 1.0
     # both runs went through the trainer with the demo's loss
     cfg = (out / "runs" / "domainstudio_seed0" / "config.yaml").read_text()
-    assert "hfmse: 0.0" in cfg and "random_flip: false" in cfg
+    assert "hfmse: 1.0" in cfg and "hfmse_weighting: min_snr" in cfg and "random_flip: false" in cfg
+    assert "zero_stage: 0" in cfg
+    # two at a time: each run's progress went to its own log, not the terminal
+    assert "finetune" in (out / "runs" / "finetune_seed1.log").read_text()
 
 
 def test_moving_average_has_no_partial_first_window():
