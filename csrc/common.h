@@ -69,6 +69,15 @@ inline void check_grad_gram(const at::Tensor& g, int64_t n, const at::Tensor& x,
               g.device(), " and ", x.device());
 }
 
+// The output gradients of domainstudio_grams: (N, N), (N, N) and one number.
+inline void check_domainstudio_grads(const at::Tensor& grad_image, const at::Tensor& grad_hf,
+                                     const at::Tensor& grad_sse, const at::Tensor& x, const char* op) {
+  check_grad_gram(grad_image, x.size(0), x, op, "grad_image");
+  check_grad_gram(grad_hf, x.size(0), x, op, "grad_hf");
+  check_float(grad_sse, op, "grad_sse");
+  TORCH_CHECK(grad_sse.numel() == 1, op, ": grad_sse must hold one number, got shape ", grad_sse.sizes());
+}
+
 // `t` has the shape, dtype and device of `x` (e.g. the target of a fused loss).
 inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x, got ", t.sizes(),

@@ -9,15 +9,17 @@ import pytest
 import torch
 import yaml
 
-from dsfast.train.testing import make_sd_pipeline, make_unconditional_pipeline, subprocess_env, tiny_config, write_images
+from dsfast.train.testing import (
+    sd_run_inputs,
+    subprocess_env,
+    tiny_config,
+    unconditional_run_inputs,
+)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_runs")
-    make_unconditional_pipeline(root / "model")
-    write_images(root / "imgs", 5)
-    return root
+    return unconditional_run_inputs(tmp_path_factory.mktemp("cli_runs"))
 
 
 def _train(cfg, tmp_path, env=None):
@@ -70,10 +72,7 @@ def test_sample_from_checkpoints_and_errors(assets, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def sd_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd_cli")
-    make_sd_pipeline(root / "model")
-    write_images(root / "imgs", 4, size=16)
-    return root
+    return sd_run_inputs(tmp_path_factory.mktemp("sd_cli"))
 
 
 @pytest.mark.parametrize("method_flags, terms", [

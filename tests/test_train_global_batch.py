@@ -18,7 +18,7 @@ from dsfast.train.config import load_config, resolve
 from dsfast.train.data import Draws, load_images
 from dsfast.train.engine import run_step
 from dsfast.train.models import describe, load
-from dsfast.train.testing import make_unconditional_pipeline, tiny_config, write_images
+from dsfast.train.testing import tiny_config, unconditional_run_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +68,7 @@ def _worker(rank, world, micro, root, port):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gb")
-    make_unconditional_pipeline(root / "model")
-    write_images(root / "imgs", 5)
+    root = unconditional_run_inputs(tmp_path_factory.mktemp("gb"))
     ref = compute_grads(str(root), 1, 0, BATCH)
     return str(root), ref
 

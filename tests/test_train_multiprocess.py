@@ -9,7 +9,12 @@ import pytest
 import yaml
 
 from dsfast.train.distributed import free_port
-from dsfast.train.testing import HF_ZERO2_JSON, make_unconditional_pipeline, subprocess_env, tiny_config, write_images
+from dsfast.train.testing import (
+    HF_ZERO2_JSON,
+    subprocess_env,
+    tiny_config,
+    unconditional_run_inputs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +31,7 @@ def _metrics(run):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mp")
-    make_unconditional_pipeline(root / "model")
-    write_images(root / "imgs", 5)
-    return root
+    return unconditional_run_inputs(tmp_path_factory.mktemp("mp"))
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,18 @@ import pytest
 import torch
 import yaml
 
-from dsfast.train.testing import make_sd_pipeline, subprocess_env, tiny_config, write_images
+from dsfast.train.testing import (
+    sd_run_inputs,
+    subprocess_env,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    make_sd_pipeline(root / "model")
-    write_images(root / "imgs", 4, size=16)
-    return root
+    return sd_run_inputs(tmp_path_factory.mktemp("sd"))
 
 
 def _train(assets, tmp_path, *over):

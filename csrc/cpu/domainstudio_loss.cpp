@@ -191,10 +191,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
   const BelowAutograd below_autograd;
   check_image(x_in, op);
   TORCH_CHECK(x_in.device().is_cpu(), op, ": expected a CPU tensor");
-  check_grad_gram(grad_image, x_in.size(0), x_in, op, "grad_image");
-  check_grad_gram(grad_hf, x_in.size(0), x_in, op, "grad_hf");
-  check_float(grad_sse, op, "grad_sse");
-  TORCH_CHECK(grad_sse.numel() == 1, op, ": grad_sse must hold one number, got shape ", grad_sse.sizes());
+  check_domainstudio_grads(grad_image, grad_hf, grad_sse, x_in, op);
   const auto wt = check_weights(weights, op);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);

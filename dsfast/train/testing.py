@@ -96,6 +96,22 @@ def make_sd_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
     return Path(path)
 
 
+def unconditional_run_inputs(root) -> Path:
+    """``root/model`` (:func:`make_unconditional_pipeline`) and ``root/imgs`` (5 images): a tiny run's inputs."""
+    root = Path(root)
+    make_unconditional_pipeline(root / "model")
+    write_images(root / "imgs", 5)
+    return root
+
+
+def sd_run_inputs(root) -> Path:
+    """``root/model`` (:func:`make_sd_pipeline`) and ``root/imgs`` (4 images, 16 px): a tiny text-to-image run's inputs."""
+    root = Path(root)
+    make_sd_pipeline(root / "model")
+    write_images(root / "imgs", 4, size=16)
+    return root
+
+
 def tiny_config(tmp, model: str, images: str, **over) -> dict:
     cfg = {
         "method": "domainstudio",
