@@ -11,17 +11,15 @@ import pytest
 import torch
 import yaml
 
-from dsfast.train.testing import make_unconditional_pipeline, subprocess_env, tiny_config, write_images
+from dsfast.train.testing import make_unconditional_pipeline, subprocess_env, tiny_config, unconditional_run_inputs
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("uncond")
-    make_unconditional_pipeline(root / "model")
+    root = unconditional_run_inputs(tmp_path_factory.mktemp("uncond"))
     make_unconditional_pipeline(root / "model_sigma", learned_sigma=True)
-    write_images(root / "imgs", 5)
     return root
 
 
