@@ -1,7 +1,9 @@
 """Build dsfast (metadata and dependencies: pyproject.toml).
 
-Packages: ``dsfast`` (with all its subpackages), ``dsfast.kernels``, whose sources live in the
-top-level ``kernels/`` folder (Triton kernels), and ``dsfast._csrc``: the C++/CUDA sources (csrc/),
+Packages: ``dsfast`` (with all its subpackages), ``dsfast.kernels``, whose modules live in the
+top-level ``kernels/`` folder (Triton kernels) and whose ``__init__.py`` is ``dsfast/kernels/__init__.py``
+(so ``kernels/`` is no regular package: from the repository root, ``import kernels`` still finds an
+installed distribution of that name, e.g. Hugging Face's ``kernels`` that transformers imports), and ``dsfast._csrc``: the C++/CUDA sources (csrc/),
 shipped so that an install without a compiled extension can build it at first use
 (dsfast/_extension.py). Extension ``dsfast._C`` (csrc/) is built ahead of time with
 torch.utils.cpp_extension and ninja when torch is importable here, i.e. in a build without
@@ -93,7 +95,8 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=_packages(),
     package_dir={"dsfast.kernels": "kernels", "dsfast._csrc": "csrc"},
-    package_data={"dsfast._csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cuh",
+    # the __init__.py of dsfast.kernels is dsfast/kernels/__init__.py (see the docstring)
+    package_data={"dsfast": ["kernels/__init__.py"], "dsfast._csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cuh",
                                    "cuda/*.cu", "cuda/*.cpp"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,4 +1,10 @@
-"""Triton kernels of dsfast (installed as ``dsfast.kernels``).
+"""Triton kernels of dsfast: the package ``dsfast.kernels``, whose modules are the files of the repository's
+top-level ``kernels/`` folder (setup.py maps them here; this file is the package's ``__init__``).
+
+``kernels/`` itself has no ``__init__.py`` on purpose: a Python started in the repository root has the root
+first on ``sys.path``, and a regular package named ``kernels`` there would shadow the installed distribution
+of that name (Hugging Face's ``kernels``, which transformers imports when diffusers loads peft or a VAE). A
+folder without ``__init__.py`` is at most a namespace portion, which any installed module outranks.
 
 One module per op file of the kernel contract (docs/KERNELS.md):
 
