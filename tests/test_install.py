@@ -75,3 +75,26 @@ def test_diffusers_peft_and_vae_import_from_the_repository_root():
         "import dsfast.kernels.pairwise_similarity_kl, dsfast.ops\n"
         "print('ok')")
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_kernels_as_dsfast_kernels(tmp_path):
+    """A built wheel (not the editable install) holds ``dsfast.kernels`` with its ``__init__`` and every kernel
+    module, and no top-level ``kernels``; installed alone it imports from anywhere."""
+    env = {**__import__("os").environ, "DSFAST_BUILD_EXT": "0"}
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "dist"), str(ROOT)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("dsfast-*.whl")
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    kernel_modules = {f"dsfast/kernels/{f.name}" for f in (ROOT / "kernels").glob("*.py")}
+    assert {"dsfast/kernels/__init__.py", *kernel_modules} <= names
+    assert not any(n.startswith("kernels/") for n in names)
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    p = subprocess.run([sys.executable, "-c", "import dsfast.kernels as k, dsfast.kernels.haar_dwt2 as h; "
+                        "print(k.__file__, h.__file__)"], cwd=tmp_path, env={**env, "PYTHONPATH": str(tmp_path / "site")},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert all(Path(f).is_relative_to(tmp_path / "site") for f in p.stdout.split()), p.stdout
