@@ -57,8 +57,8 @@ test-latest: install
 	DSFAST_BUILD_EXT=0 $(LATEST_PY) -m pip install -q -U --upgrade-strategy eager --no-build-isolation -e '.[test]' \
 		torch==2.13.0 "triton>=$(TRITON_CPU)"
 	@echo "test-latest: versions that differ from $(LOCK):"
-	@$(LATEST_PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|cuda-)' | sort -f \
-		| comm -13 <(sort -f $(LOCK)) - || true
+	@LC_ALL=C comm -13 <(grep -v '^#' $(LOCK) | LC_ALL=C sort) \
+		<($(LATEST_PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|cuda-)' | LC_ALL=C sort)
 	$(TEST_ENV) $(LATEST_PY) -m pytest tests -q -m drift -p no:cacheprovider
 
 # Moves the lock to the versions `make test-latest` just passed with (review the diff, then run `make test`).
