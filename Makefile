@@ -96,10 +96,26 @@ install-offline:
 bench-gpu: $(SETUP)
 	$(PY) -m bench.run --suite gpu
 
-# The kernel tests on the GPU (CUDA and Triton backends against the reference) and the compile tests.
+# The kernel tests on the GPU (CUDA and Triton backends against the reference) and the compile tests;
+# a missing CUDA extension or Triton fails them instead of skipping.
+GPU_TESTS := tests/test_triton_kernels.py tests/test_ops.py tests/test_opcheck.py tests/test_losses.py \
+	tests/test_bad_input.py tests/test_gpu_compile.py
+
 test-gpu: $(SETUP)
-	$(PY) -m pytest -q tests/test_triton_kernels.py tests/test_ops.py tests/test_opcheck.py tests/test_losses.py \
-		tests/test_bad_input.py tests/test_gpu_compile.py
+	DSFAST_REQUIRE_BACKENDS=cuda,triton $(PY) -m pytest -q $(GPU_TESTS)
+
+# gpu-wheels (here, with a package index): .whl/ gets the wheels a GPU image without diffusers, DeepSpeed
+# and PyWavelets needs (bench/gpu_wheels.py). gpu-check (on the GPU machine, the tree and .whl/ copied
+# there): installs them, builds the CUDA extension, runs the kernel tests, the fp32 accuracy canary, two
+# 10-step trainings and the headline bench in one call of at most 9.5 min, and writes a JSON report
+# (bench/gpu_check.py), e.g.   make gpu-wheels      then there:   make gpu-check PY=python3 OFFLINE=1
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: install
+	$(PY) -m bench.gpu_wheels
+
+gpu-check:
+	$(PY) -m bench.gpu_check $(if $(filter 1,$(OFFLINE)),--offline) --kernel-tests $(GPU_TESTS)
 
 demo: install
 	$(PY) -m dsfast.demo
