@@ -14,8 +14,8 @@ torch, so a plain ``pip install .`` installs pure Python and the extension is bu
 * C++ CPU ops always otherwise (-O3 -fopenmp, no -march=native: the wheel must stay portable);
 * CUDA ops (csrc/cuda/*.cu kernels + csrc/cuda/bindings.cpp) when ``DSFAST_BUILD_CUDA=1``, or
   when torch is a CUDA build and CUDA_HOME is found (``DSFAST_BUILD_CUDA=0`` forces them off). nvcc gets -O3 and no
-  --use_fast_math (results must stay exact to fp32); code for sm_80 and sm_90a unless
-  TORCH_CUDA_ARCH_LIST says otherwise.
+  --use_fast_math (results must stay exact to fp32); machine code for sm_80 and sm_90a and compute_90
+  PTX (newer GPUs) unless TORCH_CUDA_ARCH_LIST says otherwise (dsfast/_extension.py: cuda_targets).
 
 Install for development with ``pip install --no-build-isolation -e '.[test]'`` (see the Makefile).
 """

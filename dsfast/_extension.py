@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,12 +26,40 @@ LINK_FLAGS = ["-fopenmp"]
 NAME = "dsfast_C"  # the JIT build's library name (the ahead-of-time one is the module dsfast._C)
 
 
+DEFAULT_CUDA_TARGETS = ("sm_80", "sm_90a", "compute_90")
+
+
+def cuda_targets() -> list[str]:
+    """What the CUDA kernels are built as: ``sm_XY`` machine code (runs on compute capability X.y, y >= Y),
+    ``sm_XYa`` (X.Y only) and ``compute_XY`` PTX (the driver compiles it for any newer GPU).
+
+    ``TORCH_CUDA_ARCH_LIST`` in torch's syntax (``"8.0;9.0a;10.0+PTX"``: ``+PTX`` adds ``compute_XY``)
+    when set, else sm_80 (also sm_86/sm_89), sm_90a and compute_90 PTX (Blackwell and later).
+    """
+    spec = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not spec:
+        return list(DEFAULT_CUDA_TARGETS)
+    targets = []
+    for item in re.split(r"[;,\s]+", spec):
+        m = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", item)
+        if m is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: {item!r} is not X.Y[a|f][+PTX] (dsfast takes no arch names)")
+        arch = m.group(1) + m.group(2)
+        targets.append(f"sm_{arch}{m.group(3)}")
+        if m.group(4):
+            targets.append(f"compute_{arch}")
+    return targets
+
+
 def nvcc_flags() -> list[str]:
-    """-O3, no --use_fast_math (results stay exact to fp32); sm_80 and sm_90a unless TORCH_CUDA_ARCH_LIST is set."""
-    flags = ["-O3"]
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
-    return flags
+    """-O3, no --use_fast_math (results stay exact to fp32), and one -gencode per :func:`cuda_targets`
+    (explicit arch flags: torch.utils.cpp_extension then adds none of its own)."""
+    gencode = []
+    for target in cuda_targets():
+        kind, arch = target.split("_")
+        virtual = "compute_" + arch
+        gencode.append(f"-gencode=arch={virtual},code={virtual if kind == 'compute' else target}")
+    return ["-O3", *gencode]
 
 
 def source_files(root: str | os.PathLike, with_cuda: bool) -> list[str]:

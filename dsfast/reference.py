@@ -80,10 +80,14 @@ def high_frequency(x: torch.Tensor, stencil: str = "domainstudio") -> torch.Tens
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """``X Xᵀ`` of the per-sample flattened batch, accumulated in float32 (float64 stays float64)."""
-    flat = x.reshape(x.shape[0], -1)
-    flat = flat.double() if flat.dtype == torch.float64 else flat.float()
-    return flat @ flat.T
+    """``X Xᵀ`` of the per-sample flattened batch as float32 (float64 for float64 x), accumulated in float64.
+
+    A float32 matmul would follow torch's global TF32 switch (``torch.backends.cuda.matmul.allow_tf32``,
+    ``set_float32_matmul_precision``; ~1e-3 relative on a GPU): the float64 product is immune, and its one
+    rounding to float32 is the exact Gram to float32 precision.
+    """
+    flat = x.reshape(x.shape[0], -1).double()
+    return (flat @ flat.T).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def similarity_logits(g: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

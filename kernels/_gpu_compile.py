@@ -317,12 +317,12 @@ def launchers():
         "similarity_kl": lambda x: pairwise_similarity_kl.similarity_kl(
             gram_grad(x), gram_grad(x), None, 1.0, True, 0.01),
         "similarity_kl_backward": lambda x: pairwise_similarity_kl.similarity_kl_backward(
-            gram_grad(x)[0, 0], gram_grad(x), gram_grad(x), x.new_empty(x.shape[0], dtype=torch.float64), 1.0,
+            gram_grad(x).new_empty(()), gram_grad(x), gram_grad(x), x.new_empty(x.shape[0], dtype=torch.float64), 1.0,
             False, 0.01),
         # with a target (the adapted batch; the source batch's call has none)
         "domainstudio_grams": lambda x: domainstudio_loss.domainstudio_grams(x, torch.empty_like(x), WEIGHTS),
         "domainstudio_grams_backward": lambda x: domainstudio_loss.domainstudio_grams_backward(
-            gram_grad(x), gram_grad(x), gram_grad(x)[0, 0], x, torch.empty_like(x), WEIGHTS),
+            gram_grad(x), gram_grad(x), gram_grad(x).new_empty(()), x, torch.empty_like(x), WEIGHTS),
     }
 
 

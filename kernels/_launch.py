@@ -1,4 +1,5 @@
-"""Shared helpers of the Triton launchers: output allocation (with debug poisoning) and launch heuristics."""
+"""Shared helpers of the Triton launchers: the device guard, output allocation (with debug poisoning),
+float64 scalar arguments and launch heuristics."""
 from __future__ import annotations
 
 import functools
@@ -52,23 +53,32 @@ def as_weights(weights) -> tuple[float, float, float, float]:
     return w[0], w[1], w[2], w[3]
 
 
-@functools.lru_cache(maxsize=64)
-def _weights_tensor(weights: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(weights, dtype=dtype, device=device)
+def on_input_device(launcher):
+    """Run ``launcher`` with the CUDA device of its first tensor argument current.
 
-
-def weights_tensor(weights, device, dtype: torch.dtype) -> torch.Tensor:
-    """The four stencil weights as a (cached) device tensor of the compute dtype.
-
-    Loaded by the kernels instead of passed as scalars: Triton passes Python floats as float32,
-    which would round weights such as 1/sqrt(2) for float64 inputs.
+    Triton launches on the current device (and its current stream): a tensor on ``cuda:1`` while
+    ``cuda:0`` is current would otherwise be read by a kernel on the wrong GPU. A no-op for CPU and
+    meta tensors (``torch.cuda.device_of``).
     """
-    return _weights_tensor(as_weights(weights), torch.device(device), accumulate_dtype(dtype))
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device_of(first):
+            return launcher(*args, **kwargs)
+
+    return launch
 
 
-def float64_constants(values, device) -> torch.Tensor:
-    """Python floats as a (cached) float64 device tensor, for kernels that need them unrounded."""
-    return _weights_tensor(tuple(float(v) for v in values), torch.device(device), torch.float64)
+@triton.jit
+def scalar_as(value, DTYPE: tl.constexpr):
+    """A float64 scalar argument (annotated ``tl.float64``) in DTYPE.
+
+    Constants (stencil weights, tau, ...) are passed as float64 scalar arguments: no device tensor to
+    build (a host-to-device copy, illegal during CUDA-graph capture) or keep alive for a captured graph.
+    The interpreter passes them as Python floats, which ``tl.cast`` would round to float32; multiplying
+    by a DTYPE one keeps them exact there (and folds away when compiled).
+    """
+    return (value * tl.full((), 1.0, DTYPE)).to(DTYPE)
 
 
 def multiprocessor_count(device: torch.device) -> int:

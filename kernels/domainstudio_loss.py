@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._launch import accumulate_dtype, new_output, weights_tensor
+from ._launch import accumulate_dtype, as_weights, new_output, on_input_device
 from .hf_pairwise_similarity_kl import _check_x, _compute_tl, hf_gram_config, launch_hf_gram_backward
 from .pairwise_similarity_kl import launch_gram
 
@@ -38,6 +38,7 @@ def _check_target(x: torch.Tensor, target: torch.Tensor | None, name: str) -> No
                          f"{target.dtype} {target.device} and {tuple(x.shape)} {x.dtype} {x.device}")
 
 
+@on_input_device
 def domainstudio_grams(x: torch.Tensor, target: torch.Tensor | None, weights):
     """``(N, C, H, W)`` -> ``(image Gram, hf Gram, hf-MSE sum)``: (N, N), (N, N), () in fp32 (fp64)."""
     _check_x(x, "domainstudio_grams")
@@ -55,10 +56,11 @@ def domainstudio_grams(x: torch.Tensor, target: torch.Tensor | None, weights):
     sse = new_output((cfg.splits, triton.cdiv(n, cfg.block_n)), acc_dtype, x.device)
     s_n, s_c, s_h, s_w = x.stride()
     launch_gram(x, cfg, hf, operand, s_n=s_n, hf_geometry=(triton.cdiv(w, cfg.block_k), h, w, s_c, s_h, s_w),
-                weights=weights_tensor(weights, x.device, x.dtype), image=image, target=target, sse=sse)
+                weights=as_weights(weights), image=image, target=target, sse=sse)
     return image, hf, sse.sum()
 
 
+@on_input_device
 def domainstudio_grams_backward(grad_image: torch.Tensor, grad_hf: torch.Tensor, grad_sse: torch.Tensor,
                                 x: torch.Tensor, target: torch.Tensor | None, weights) -> torch.Tensor:
     """``(N, C, H, W)`` in the dtype of x: ``(Gi + Giᵀ) x + hfᵀ((Gh + Ghᵀ) hf(x) + 2 g_sse (hf(x) - hf(t)))``."""

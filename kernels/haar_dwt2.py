@@ -16,6 +16,7 @@ from ._launch import (
     elementwise_tile,
     load_blocks,
     new_output,
+    on_input_device,
     row_offsets,
     stencil_grid,
     store_blocks,
@@ -69,6 +70,7 @@ def _compute(dtype: torch.dtype):
     return tl.float64 if accumulate_dtype(dtype) == torch.float64 else tl.float32
 
 
+@on_input_device
 def haar_dwt2(x: torch.Tensor) -> torch.Tensor:
     """``(N, C, H, W)`` -> ``(4, N, C, H/2, W/2)``: bands LL, H, V, D (pywt ``dwt2(x, 'haar')``)."""
     check_float(x, "haar_dwt2")
@@ -86,6 +88,7 @@ def haar_dwt2(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@on_input_device
 def haar_idwt2(bands: torch.Tensor) -> torch.Tensor:
     """``(4, N, C, h, w)`` -> ``(N, C, 2h, 2w)``: the exact inverse of :func:`haar_dwt2` (pywt ``idwt2``)."""
     check_float(bands, "haar_idwt2")

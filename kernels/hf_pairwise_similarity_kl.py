@@ -23,7 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulate_dtype, check_float, interpreter_tiles, new_output, next_pow2, weights_tensor
+from ._launch import (
+    accumulate_dtype,
+    as_weights,
+    check_float,
+    interpreter_tiles,
+    new_output,
+    next_pow2,
+    on_input_device,
+    scalar_as,
+)
 from .pairwise_similarity_kl import (
     GramConfig,
     dot_precision,
@@ -41,7 +50,8 @@ from .pairwise_similarity_kl import (
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, w_ptr, out_ptr, N, chunks_w, h, w,
+def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, out_ptr, wa: tl.float64, wb: tl.float64,
+                             wc: tl.float64, wd: tl.float64, N, chunks_w, h, w,
                              s_g0, s_g1, s_gi0, s_gi1, s_n, s_c, s_h, s_w, t_n, t_c, t_h, t_w, s_out,
                              DS: tl.constexpr, TARGET: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -56,10 +66,10 @@ def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, w_ptr, out_ptr
     m_tiles = tl.cdiv(N, BLOCK_M)
     kb = pid // m_tiles  # the position chunk: BLOCK_P consecutive positions of one hf row
     pid_m = pid - kb * m_tiles
-    wa = tl.load(w_ptr)
-    wb = tl.load(w_ptr + 1)
-    wc = tl.load(w_ptr + 2)
-    wd = tl.load(w_ptr + 3)
+    wa = scalar_as(wa, COMPUTE)
+    wb = scalar_as(wb, COMPUTE)
+    wc = scalar_as(wc, COMPUTE)
+    wd = scalar_as(wd, COMPUTE)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     ks = tl.arange(0, BLOCK_K)
@@ -147,6 +157,7 @@ def hf_gram_config(n: int, c: int, h: int, w: int, operand, device: torch.device
     return cfg
 
 
+@on_input_device
 def hf_gram(x: torch.Tensor, weights) -> torch.Tensor:
     """``(N, C, H, W)`` -> ``(N, N) = gram(high_frequency(x, weights).reshape(N, -1))``, fused."""
     _check_x(x, "hf_gram")
@@ -161,7 +172,7 @@ def hf_gram(x: torch.Tensor, weights) -> torch.Tensor:
     cfg = hf_gram_config(n, c, h, w, operand, x.device)
     s_n, s_c, s_h, s_w = x.stride()
     return launch_gram(x, cfg, out, operand, s_n=s_n, hf_geometry=(triton.cdiv(w, cfg.block_k), h, w, s_c, s_h, s_w),
-                       weights=weights_tensor(weights, x.device, x.dtype))
+                       weights=as_weights(weights))
 
 
 def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, out: torch.Tensor, *,
@@ -185,7 +196,7 @@ def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, o
     gi = grad_image if ds else grad_gram
     t = x if target is None else target
     _hf_gram_backward_kernel[grid](
-        grad_gram, gi, grad_sse if ds else grad_gram, x, t, weights_tensor(weights, x.device, x.dtype), out, n,
+        grad_gram, gi, grad_sse if ds else grad_gram, x, t, out, *as_weights(weights), n,
         chunks_w, h, w, grad_gram.stride(0), grad_gram.stride(1), gi.stride(0), gi.stride(1), *x.stride(),
         *(t.stride() if ds else (0, 0, 0, 0)), out.stride(0),
         DS=ds, TARGET=target is not None, COMPUTE=compute, PRECISION=dot_precision(compute), BLOCK_M=cfg.block_m,
@@ -193,6 +204,7 @@ def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, o
     return out
 
 
+@on_input_device
 def hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights) -> torch.Tensor:
     """``(N, N)``, ``(N, C, H, W)`` -> ``(N, C, H, W)`` in the dtype of x:
     ``high_frequency_backward(((g + gᵀ) @ hf(x).reshape(N, -1)).view(N, C, H/2, W/2), weights)``."""

@@ -31,11 +31,12 @@ from . import triton_interpreter_enabled
 from ._launch import (
     accumulate_dtype,
     check_float,
-    float64_constants,
     interpreter_tiles,
     multiprocessor_count,
     new_output,
     next_pow2,
+    on_input_device,
+    scalar_as,
 )
 
 
@@ -241,7 +242,8 @@ def _store_gram_tile(out_ptr, acc, ri, rj, N, split, ti, tj, DIRECT: tl.constexp
 
 
 @triton.jit
-def _gram_partial_kernel(x_ptr, w_ptr, out_ptr, t_ptr, img_ptr, sse_ptr, N, D, s_n, s_d, chunks_w, h, w,
+def _gram_partial_kernel(x_ptr, out_ptr, t_ptr, img_ptr, sse_ptr, wa: tl.float64, wb: tl.float64, wc: tl.float64,
+                         wd: tl.float64, N, D, s_n, s_d, chunks_w, h, w,
                          s_c, s_h, s_w, t_n, t_c, t_h, t_w, k_blocks, k_blocks_per_split, n_tiles,
                          HF: tl.constexpr, DS: tl.constexpr, TARGET: tl.constexpr, OPERAND: tl.constexpr,
                          ACC: tl.constexpr, PRECISION: tl.constexpr, IMG_OPERAND: tl.constexpr,
@@ -256,17 +258,12 @@ def _gram_partial_kernel(x_ptr, w_ptr, out_ptr, t_ptr, img_ptr, sse_ptr, N, D, s
     split = tl.program_id(1)
     ti = pid_t // n_tiles
     tj = pid_t - ti * n_tiles
+    if HF:  # the stencil weights (unused by the plain Gram)
+        wa = scalar_as(wa, OPERAND)
+        wb = scalar_as(wb, OPERAND)
+        wc = scalar_as(wc, OPERAND)
+        wd = scalar_as(wd, OPERAND)
     if ti <= tj:  # upper-triangular tile pairs only; the lower half is the mirror
-        if HF:
-            wa = tl.load(w_ptr).to(OPERAND)
-            wb = tl.load(w_ptr + 1).to(OPERAND)
-            wc = tl.load(w_ptr + 2).to(OPERAND)
-            wd = tl.load(w_ptr + 3).to(OPERAND)
-        else:  # unused by the plain Gram
-            wa = 0.0
-            wb = 0.0
-            wc = 0.0
-            wd = 0.0
         ri = ti * BLOCK_N + tl.arange(0, BLOCK_N)
         rj = tj * BLOCK_N + tl.arange(0, BLOCK_N)
         # Out-of-range rows are clamped to row 0 (their results are masked out at the store and in the
@@ -392,7 +389,7 @@ def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *,
                 hf_geometry=(1, 1, 1, 0, 0, 1), weights=None, image=None, target=None, sse=None) -> torch.Tensor:
     """Run the split-K Gram kernel (and the reduce when split) into the (N, N) ``out``.
 
-    ``weights`` (the stencil as a device tensor) makes it the Gram of hf(x), with
+    ``weights`` (the four stencil weights, :func:`._launch.as_weights`) makes it the Gram of hf(x), with
     ``hf_geometry = (chunks_w, h, w, s_c, s_h, s_w)`` of x. ``image`` (an (N, N) output) and ``sse``
     (an (S, tiles) output) make it the one-pass DomainStudio forward: the same pass also writes x xᵀ to
     ``image`` and, per split and diagonal tile, the sum of ``(hf(x) - hf(target))²`` (``hf(x)²`` without
@@ -412,7 +409,7 @@ def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *,
     t = x if target is None else target
     img_operand = dot_operand_dtype(x.dtype) if ds else operand
     _gram_partial_kernel[(tiles * tiles, cfg.splits)](
-        x, x if weights is None else weights, ws, t, img_ws, sse if ds else ws, n, d, s_n, s_d, *hf_geometry,
+        x, ws, t, img_ws, sse if ds else ws, *(weights or (0.0, 0.0, 0.0, 0.0)), n, d, s_n, s_d, *hf_geometry,
         *(t.stride() if ds else (0, 0, 0, 0)), cfg.k_blocks, cfg.k_blocks_per_split, tiles,
         HF=weights is not None, DS=ds, TARGET=target is not None, OPERAND=operand, ACC=_acc_tl(out.dtype),
         PRECISION=dot_precision(operand), IMG_OPERAND=img_operand, IMG_PRECISION=dot_precision(img_operand),
@@ -425,6 +422,7 @@ def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *,
     return out
 
 
+@on_input_device
 def gram(x: torch.Tensor) -> torch.Tensor:
     """``(N, D)`` (or ``(N, ...)``, flattened per sample) -> ``(N, N) = x @ x.T``, float32 (float64 for float64)."""
     check_float(x, "gram")
@@ -443,6 +441,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return launch_gram(flat, cfg, out, operand, s_n=flat.stride(0), s_d=flat.stride(1))
 
 
+@on_input_device
 def gram_backward(grad_gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``(N, N)``, ``(N, D)`` -> ``(N, D)`` in the dtype of x: ``(grad_gram + grad_gram.T) @ x``."""
     check_float(x, "gram_backward")
@@ -528,13 +527,11 @@ def _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c, na_c, tau, N, HAS
 
 
 @triton.jit
-def _similarity_kl_kernel(gs_ptr, ga_ptr, w_ptr, const_ptr, out_ptr, N, HAS_W: tl.constexpr,
+def _similarity_kl_kernel(gs_ptr, ga_ptr, w_ptr, out_ptr, tau: tl.float64, scale: tl.float64, eps: tl.float64, N,
+                          HAS_W: tl.constexpr,
                           SOURCE_FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_N: tl.constexpr):
-    """loss = scale * sum_i w_i KL_i; const_ptr holds (tau, scale, COSINE_EPS) in float64."""
-    tau = tl.load(const_ptr)
-    scale = tl.load(const_ptr + 1)
-    eps = tl.load(const_ptr + 2)
+    """loss = scale * sum_i w_i KL_i (eps: COSINE_EPS)."""
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     ns_c, rs_c = _tail_norms(gs_ptr, cols, cmask, N, eps)
@@ -568,14 +565,11 @@ def _tail_grad_diag(dg_ptr, cols, cmask, acc, norm, root, N, eps):
 
 
 @triton.jit
-def _similarity_kl_backward_kernel(grad_ptr, gs_ptr, ga_ptr, w_ptr, const_ptr, dgs_ptr, dga_ptr, N,
-                                   HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr,
+def _similarity_kl_backward_kernel(grad_ptr, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga_ptr, tau: tl.float64,
+                                   scale: tl.float64, eps: tl.float64, N, HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr,
                                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Gradients of the loss w.r.t. both Grams. With c_i = grad * scale * w_i, on the logits:
     d s_P = c_i P (log P - log Q - KL_i) (the first distribution), d s_Q = c_i (Q - P) (the second)."""
-    tau = tl.load(const_ptr)
-    scale = tl.load(const_ptr + 1)
-    eps = tl.load(const_ptr + 2)
     go = tl.load(grad_ptr).to(tl.float64)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -614,17 +608,17 @@ def _check_tail(g_source: torch.Tensor, g_adapted: torch.Tensor, weights) -> int
 
 
 def _tail_launch(g_source, g_adapted, weights, tau: float, scale: float, source_first: bool, per_warp: int):
-    """Arguments and meta-parameters; ``per_warp`` tile elements per warp (no register spills up to N=1024)."""
+    """(tensor arguments, float64 scalar arguments, meta-parameters); ``per_warp`` tile elements per warp (no register spills up to N=1024)."""
     n = g_adapted.shape[0]
     block_r, block_n = tail_blocks(n)
-    consts = float64_constants((tau, scale, COSINE_EPS), g_adapted.device)
-    args = (g_source.contiguous(), g_adapted.contiguous(), g_adapted if weights is None else weights.contiguous(),
-            consts)
+    tensors = (g_source.contiguous(), g_adapted.contiguous(), g_adapted if weights is None else weights.contiguous())
+    scalars = (float(tau), float(scale), COSINE_EPS)
     meta = dict(HAS_W=weights is not None, SOURCE_FIRST=source_first, BLOCK_R=block_r,
                 BLOCK_N=block_n, num_warps=max(4, min(32, block_r * block_n // per_warp)))
-    return args, meta
+    return tensors, scalars, meta
 
 
+@on_input_device
 def similarity_kl(g_source: torch.Tensor, g_adapted: torch.Tensor, weights: torch.Tensor | None, tau: float,
                   source_first: bool, scale: float) -> torch.Tensor:
     """The pairwise-similarity KL from the two (N, N) Grams: a 0-d tensor of g_adapted's dtype (float64 math).
@@ -634,11 +628,12 @@ def similarity_kl(g_source: torch.Tensor, g_adapted: torch.Tensor, weights: torc
     """
     n = _check_tail(g_source, g_adapted, weights)
     out = new_output((), g_adapted.dtype, g_adapted.device)
-    args, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first, per_warp=32)
-    _similarity_kl_kernel[(1,)](*args, out, n, **meta)
+    tensors, scalars, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first, per_warp=32)
+    _similarity_kl_kernel[(1,)](*tensors, out, *scalars, n, **meta)
     return out
 
 
+@on_input_device
 def similarity_kl_backward(grad: torch.Tensor, g_source: torch.Tensor, g_adapted: torch.Tensor,
                            weights: torch.Tensor | None, tau: float, source_first: bool,
                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -646,6 +641,6 @@ def similarity_kl_backward(grad: torch.Tensor, g_source: torch.Tensor, g_adapted
     n = _check_tail(g_source, g_adapted, weights)
     d_source = new_output((n, n), g_source.dtype, g_source.device)
     d_adapted = new_output((n, n), g_adapted.dtype, g_adapted.device)
-    args, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first, per_warp=64)
-    _similarity_kl_backward_kernel[(1,)](grad.reshape(()), *args, d_source, d_adapted, n, **meta)
+    tensors, scalars, meta = _tail_launch(g_source, g_adapted, weights, tau, scale, source_first, per_warp=64)
+    _similarity_kl_backward_kernel[(1,)](grad.reshape(()), *tensors, d_source, d_adapted, *scalars, n, **meta)
     return d_source, d_adapted

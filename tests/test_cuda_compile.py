@@ -1,6 +1,7 @@
 """Compile the CUDA backend's sources to object files (no GPU needed, nothing is run).
 
-Every csrc/cuda/*.cu goes through nvcc for sm_80 and sm_90a with torch's include paths and the
+Every csrc/cuda/*.cu goes through nvcc for the build targets (dsfast._extension.nvcc_flags: sm_80, sm_90a and
+compute_90 PTX by default) with torch's include paths and the
 flags torch.utils.cpp_extension uses; csrc/cuda/*.cpp (the op registrations, host code that is
 only built into CUDA builds) goes through the host C++ compiler. A broken CUDA source thus
 fails CI even on machines without a GPU.
@@ -19,14 +20,13 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch.utils import cpp_extension  # noqa: E402
 
+from dsfast._extension import nvcc_flags  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 HOST_SOURCES = sorted(CUDA_DIR.glob("*.cpp"))
-GENCODE = [
-    "-gencode", "arch=compute_80,code=sm_80",
-    "-gencode", "arch=compute_90a,code=sm_90a",
-]
+GENCODE = [f for f in nvcc_flags() if f.startswith("-gencode")]  # what a build of the extension uses
 
 
 def _nvcc() -> str | None:

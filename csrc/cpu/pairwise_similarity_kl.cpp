@@ -5,7 +5,9 @@
 // CPU: fp16/bf16 inputs are upcast once, and D is summed in column chunks (see gram).
 // CUDA: one cuBLAS GEMM over all of D (its tiled, split-K accumulation has no long sequential sums),
 // 16-bit inputs go to the tensor cores as they are (mm with a float32 out_dtype, no fp32 copy).
-// float32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default).
+// float32 GEMMs run under at::NoTF32Guard: exact fp32 whatever torch's TF32 switch
+// (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision) says.
+#include <ATen/Context.h>
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
@@ -27,6 +29,7 @@ void check_2d(const at::Tensor& x, const char* op) {
 at::Tensor gram(const at::Tensor& x) {
   const BelowAutograd below_autograd;
   check_2d(x, "gram");
+  const at::NoTF32Guard no_tf32;  // exact fp32 GEMMs whatever torch's TF32 switch says
   const auto acc = acc_dtype(x.scalar_type());
   at::Tensor out = new_output({x.size(0), x.size(0)}, x.options().dtype(acc));
   if (x.is_cuda()) {
@@ -55,6 +58,7 @@ at::Tensor gram_backward(const at::Tensor& grad_gram, const at::Tensor& x) {
   const BelowAutograd below_autograd;
   check_2d(x, "gram_backward");
   check_grad_gram(grad_gram, x.size(0), x, "gram_backward");
+  const at::NoTF32Guard no_tf32;  // exact fp32 GEMMs whatever torch's TF32 switch says
   const auto acc = acc_dtype(x.scalar_type());
   const at::Tensor g = grad_gram.to(acc);
   const at::Tensor m = g.add(g.t());

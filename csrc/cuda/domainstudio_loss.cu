@@ -7,8 +7,10 @@
 //             16-bit x) and P P^T to the Grams;
 //   backward: Q = Mh P and Y = Mi X (cuBLAS, Y written into grad_x for float32/64), then a kernel
 //             writes every 2x2 block once: Y + (Q + 2 g_sse (P - hf(t))) * (wa, wb, wc, wd).
-// g_sse is read on the device (no host sync). Everything runs in order on the current stream, so
+// g_sse is read on the device (no host sync). The cuBLAS calls run under at::NoTF32Guard: float32
+// products stay float32 when a script enables TF32 (torch.backends.cuda.matmul.allow_tf32). Everything runs in order on the current stream, so
 // the workspaces are reused across chunks.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/mm.h>
@@ -128,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
   check_cuda(x_in, op);
   const auto wt = check_weights(weights, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::NoTF32Guard no_tf32;  // exact fp32 GEMMs whatever torch's TF32 switch says
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);
   const auto acc = acc_dtype(x.scalar_type());
@@ -181,6 +184,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
   check_domainstudio_grads(grad_image, grad_hf, grad_sse, x_in, op);
   const auto wt = check_weights(weights, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::NoTF32Guard no_tf32;  // exact fp32 GEMMs whatever torch's TF32 switch says
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);
   const auto acc = acc_dtype(x.scalar_type());

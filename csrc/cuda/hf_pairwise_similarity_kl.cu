@@ -7,7 +7,9 @@
 //   forward:  G += P @ P.T                            (at::addmm_, rank-L update)
 //   backward: Q  = (g + g.T) @ P, then a kernel scatters Q * (wa, wb, wc, wd) into grad_x.
 // Workspaces are bounded (kPanelBytes), so memory stays O(panel) for any image size. Everything
-// runs on the current stream, in order, so reusing the workspaces across chunks is safe.
+// runs on the current stream, in order, so reusing the workspaces across chunks is safe. cuBLAS runs
+// under at::NoTF32Guard (float32 stays float32 whatever torch's TF32 switch says).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/mm.h>
@@ -29,6 +31,7 @@ at::Tensor hf_gram(const at::Tensor& x_in, c10::ArrayRef<double> weights) {
   check_cuda(x_in, "hf_gram");
   const auto wt = check_weights(weights, "hf_gram");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::NoTF32Guard no_tf32;  // exact fp32 GEMMs whatever torch's TF32 switch says
   const at::Tensor x = x_in.contiguous();
   const auto acc = acc_dtype(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
@@ -66,6 +69,7 @@ at::Tensor hf_gram_backward(const at::Tensor& grad_gram, const at::Tensor& x_in,
   check_grad_gram(grad_gram, x_in.size(0), x_in, "hf_gram_backward");
   const auto wt = check_weights(weights, "hf_gram_backward");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::NoTF32Guard no_tf32;  // exact fp32 GEMMs whatever torch's TF32 switch says
   const at::Tensor x = x_in.contiguous();
   const auto acc = acc_dtype(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dsfast import reference
-from dsfast.ops._backend import extension_available, kernel_namespace, resolve_backend, triton_importable
+from dsfast.ops._backend import extension_available, kernel_namespace, resolve_backend, triton_runs_on
 from dsfast.ops.validate import check_finite_gram, check_pairwise
 
 
@@ -114,8 +114,9 @@ def sample_anchors(anchors, n: int, device) -> torch.Tensor | None:
 def fused_tail(backend: str, device: torch.device) -> bool:
     """Whether the N x N tail runs as the Triton kernels (one launch forward, one backward): on the Triton
     backend, and on every CUDA tensor when Triton is there (eager torch is ~40 launches forward, ~85 with
-    the backward: at N=16 launch overhead, not the Gram, would set the time). CPU backends keep the reference."""
-    return backend == "triton" or (torch.device(device).type == "cuda" and triton_importable())
+    the backward: at N=16 launch overhead, not the Gram, would set the time) where Triton runs
+    (:func:`~dsfast.ops._backend.triton_runs_on`). CPU backends keep the reference."""
+    return backend == "triton" or triton_runs_on(device)
 
 
 def similarity_kl_tail(g_source: torch.Tensor, g_adapted: torch.Tensor, *, tau: float, direction: str,
