@@ -7,6 +7,7 @@ from dsfast import demo
 from dsfast.train.testing import make_unconditional_pipeline
 
 
+@pytest.mark.slow
 @pytest.mark.drift
 def test_demo_smoke(tmp_path):
     source = make_unconditional_pipeline(tmp_path / "source", sample_size=16, channels=1)

@@ -112,6 +112,7 @@ def root(tmp_path_factory):
     return str(r)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed_sigma", "learned_sigma"])
 def test_official_unconditional_step_equals_released_loss(root, learned):
     torch.manual_seed(0)
@@ -226,6 +227,7 @@ def _released_sd_loss(unet, vae, sched, emb_i, emb_c, mb):
     return loss + 1.0 * prior + 100.0 * rel_loss + 100.0 * rel_wave_loss + 0.1 * wave_loss
 
 
+@pytest.mark.slow
 def test_official_text2image_step_equals_released_loss(tmp_path):
     from dsfast.train.testing import make_sd_pipeline
 
