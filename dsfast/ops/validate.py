@@ -40,7 +40,7 @@ def promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     compute ``x + y``: ``torch.promote_types`` over them (bfloat16 with float16 gives float32).
 
     The ops with several tensor inputs call this before they dispatch, so a kernel sees one dtype (except
-    where an op's own first step, ``hf_mse``'s subtraction and ``haar_idwt2``'s stack, promotes already).
+    ``hf_mse``, whose first step, the subtraction, promotes while it reads each input once).
     A tensor already in that dtype passes as is; each other one costs a cast copy (one read, one write of
     the lower-precision input, and the promoted copy's memory). The cast is ``Tensor.to``, whose backward
     returns each input's gradient in that input's own dtype.
