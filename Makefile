@@ -1,10 +1,17 @@
 # dsfast: `make demo` and `make test` work from a clean clone (they install what they need).
 # PY=/path/to/python installs into an existing environment instead of .venv (keeping its torch).
+SHELL   := /bin/bash
 PY      ?= .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(dir $(PY)).dsfast-installed
+# The exact versions CI last passed with: every dependency but torch, Triton and the CUDA libraries (they
+# follow the torch in the environment). pyproject.toml declares the ranges; this file is what `make install`
+# takes. It changes on purpose only: `make lock` after a green `make test-latest` (see below).
+LOCK    := constraints.txt
+# The Triton whose CPU interpreter runs the kernel tests when torch is a CPU build (a CUDA torch brings its own).
+TRITON_CPU := 3.9.0
 
-.PHONY: install install-offline test test-fast test-triton-oldest test-gpu bench bench-gpu demo clean
+.PHONY: install install-offline test test-fast test-latest lock test-triton-oldest test-gpu bench bench-gpu demo clean
 
 install: $(STAMP)
 
@@ -12,13 +19,13 @@ install: $(STAMP)
 # nothing below replaces it). Dependencies come from pyproject.toml (`.[test]` = train + eval + bench +
 # pytest); --no-build-isolation lets setup.py see torch and compile dsfast._C now, not at first use.
 # torch's version is read from its metadata: importing torch before numpy is installed prints a warning.
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
+$(STAMP): setup.py pyproject.toml $(LOCK) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q -U pip wheel 'setuptools<81'
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-build-isolation -e '.[test]' "torch==$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])')"
+	$(PIP) install -q --no-build-isolation -c $(LOCK) -e '.[test]' "torch==$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])')"
 	# A CUDA torch brings the triton it was built with; a CPU torch gets one whose interpreter runs the kernel tests.
-	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda is None)" || $(PIP) install -q "triton>=3.8"
+	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda is None)" || $(PIP) install -q "triton==$(TRITON_CPU)"
 	# DeepSpeed compiles its CPU communication op at a first CPU run (about a minute): build it now, once.
 	$(PY) -c "from dsfast.train.distributed import build_cpu_comm_op; build_cpu_comm_op()"
 	touch $(STAMP)
@@ -34,6 +41,32 @@ test: install test-triton-oldest
 test-fast: install
 	$(TEST_ENV) $(PY) -m pytest tests -q -m "not slow"
 
+# Drift check: a side environment with the newest releases of every dependency that pyproject.toml leaves
+# open (torch stays the machine's 2.13.0 CPU build, deepspeed its pinned version), then what a new user runs
+# first, from the repository root: the shadowing checks, an import of every module, a short training run of
+# each method on each model kind, and the demo at tiny settings (the tests marked `drift`). CI runs it, so an
+# upstream release that breaks dsfast fails CI instead of a user. Uses the C++ extension `make install` built.
+LATEST_VENV := .venv-latest
+LATEST_PY   := $(LATEST_VENV)/bin/python
+
+test-latest: install
+	rm -rf $(LATEST_VENV)
+	python3 -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install -q -U pip wheel 'setuptools<81'
+	$(LATEST_PY) -m pip install -q torch==2.13.0
+	DSFAST_BUILD_EXT=0 $(LATEST_PY) -m pip install -q -U --upgrade-strategy eager --no-build-isolation -e '.[test]' \
+		torch==2.13.0 "triton>=$(TRITON_CPU)"
+	@echo "test-latest: versions that differ from $(LOCK):"
+	@LC_ALL=C comm -13 <(grep -v '^#' $(LOCK) | LC_ALL=C sort) \
+		<($(LATEST_PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|cuda-)' | LC_ALL=C sort)
+	$(TEST_ENV) $(LATEST_PY) -m pytest tests -q -m drift -p no:cacheprovider
+
+# Moves the lock to the versions `make test-latest` just passed with (review the diff, then run `make test`).
+lock:
+	test -x $(LATEST_PY) || { echo "make lock: run 'make test-latest' first"; exit 1; }
+	{ echo "# Exact versions CI passed with (make lock; torch, Triton and CUDA libraries follow the environment's torch)"; \
+	  $(LATEST_PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|cuda-)'; } > $(LOCK)
+
 # The GPU compile tests (sm_80/sm_90, no GPU needed) against the oldest supported Triton, in a side
 # environment with only CPU torch, that Triton, numpy and pytest (dsfast from this tree, no extension).
 OLDEST_TRITON := 3.6.0
@@ -42,7 +75,7 @@ OLD_PY        := $(OLD_VENV)/bin/python
 
 $(OLD_VENV)/.ready:
 	test -x $(OLD_PY) || python3 -m venv $(OLD_VENV)
-	$(OLD_PY) -m pip install -q torch==2.13.0 triton==$(OLDEST_TRITON) numpy pytest 'setuptools<81' wheel
+	$(OLD_PY) -m pip install -q -c $(LOCK) torch==2.13.0 triton==$(OLDEST_TRITON) numpy pytest 'setuptools<81' wheel
 	DSFAST_BUILD_EXT=0 $(OLD_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -63,10 +96,26 @@ install-offline:
 bench-gpu: $(SETUP)
 	$(PY) -m bench.run --suite gpu
 
-# The kernel tests on the GPU (CUDA and Triton backends against the reference) and the compile tests.
+# The kernel tests on the GPU (CUDA and Triton backends against the reference) and the compile tests;
+# a missing CUDA extension or Triton fails them instead of skipping.
+GPU_TESTS := tests/test_triton_kernels.py tests/test_ops.py tests/test_opcheck.py tests/test_losses.py \
+	tests/test_bad_input.py tests/test_gpu_compile.py
+
 test-gpu: $(SETUP)
-	$(PY) -m pytest -q tests/test_triton_kernels.py tests/test_ops.py tests/test_opcheck.py tests/test_losses.py \
-		tests/test_bad_input.py tests/test_gpu_compile.py
+	DSFAST_REQUIRE_BACKENDS=cuda,triton $(PY) -m pytest -q $(GPU_TESTS)
+
+# gpu-wheels (here, with a package index): .whl/ gets the wheels a GPU image without diffusers, DeepSpeed
+# and PyWavelets needs (bench/gpu_wheels.py). gpu-check (on the GPU machine, the tree and .whl/ copied
+# there): installs them, builds the CUDA extension, runs the kernel tests, the fp32 accuracy canary, two
+# 10-step trainings and the headline bench in one call of at most 9.5 min, and writes a JSON report
+# (bench/gpu_check.py), e.g.   make gpu-wheels      then there:   make gpu-check PY=python3 OFFLINE=1
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: install
+	$(PY) -m bench.gpu_wheels
+
+gpu-check:
+	$(PY) -m bench.gpu_check $(if $(filter 1,$(OFFLINE)),--offline) --kernel-tests $(GPU_TESTS)
 
 demo: install
 	$(PY) -m dsfast.demo

@@ -38,12 +38,14 @@ def test_pairwise_needs_three_samples(op, n):
 
 @pytest.mark.parametrize("op", PAIRWISE_OPS)
 def test_pairwise_shape_device_dtype_mismatch(op):
+    """Mixed floating dtypes are promoted (tests/test_mixed_dtypes.py); a non-floating side is refused."""
     with pytest.raises(ValueError, match="`source` and `adapted` must have the same shape"):
         op(batch(4), batch(5))
     with pytest.raises(ValueError, match="same device"):
         op(batch().to("meta"), batch())
-    with pytest.raises(TypeError, match="same dtype"):
-        op(batch(dtype=torch.float64), batch())
+    for dtype in (torch.int64, torch.complex64):
+        with pytest.raises(TypeError, match="`adapted` must be a floating-point tensor"):
+            op(batch(), batch().to(dtype))
 
 
 @pytest.mark.parametrize("op", PAIRWISE_OPS)
@@ -95,8 +97,19 @@ def test_every_backend_rejects_bad_input(backend):
 def test_domainstudio_real_mismatch(backend):
     with pytest.raises(ValueError, match="`adapted` and `real` must have the same shape"):
         ops.domainstudio_loss(batch(), batch(), batch(h=4), backend=backend)
-    with pytest.raises(TypeError, match="`adapted` and `real` must have the same dtype"):
-        ops.domainstudio_loss(batch(), batch(), batch(dtype=torch.float64), backend=backend)
+    for dtype in (torch.int32, torch.complex64):
+        with pytest.raises(TypeError, match="`real` must be a floating-point tensor"):
+            ops.domainstudio_loss(batch(), batch(), batch().to(dtype), backend=backend)
+    with pytest.raises(ValueError, match="`adapted` and `real` must be on the same device"):
+        ops.domainstudio_loss(batch(), batch(), batch().to("meta"), backend=backend)
+
+
+def test_hf_mse_and_idwt_refuse_non_floating():
+    with pytest.raises(TypeError, match="`target` must be a floating-point tensor"):
+        ops.hf_mse(batch(), batch().to(torch.int64))
+    ll, (h, v, d) = ops.haar_dwt2(batch())
+    with pytest.raises(TypeError, match="`D` must be a floating-point tensor"):
+        ops.haar_idwt2(ll, (h, v, d.to(torch.complex64)))
 
 
 def test_wavedec_levels_need_divisible_sizes():

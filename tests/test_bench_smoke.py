@@ -13,6 +13,7 @@ REQUIRED = {"device", "device_type", "threads", "torch", "triton", "dsfast", "gi
             "memory_method", "gbps", "copy_gbps", "speedup_vs_reference"}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_run_quick(tmp_path):
     results, readme = tmp_path / "results", tmp_path / "README.md"

@@ -1,10 +1,14 @@
 """`python -m dsfast.demo` end to end at tiny settings (a tiny untrained source model, a few steps)."""
 import json
 
+import pytest
+
 from dsfast import demo
 from dsfast.train.testing import make_unconditional_pipeline
 
 
+@pytest.mark.slow
+@pytest.mark.drift
 def test_demo_smoke(tmp_path):
     source = make_unconditional_pipeline(tmp_path / "source", sample_size=16, channels=1)
     out = tmp_path / "run"

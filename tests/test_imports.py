@@ -28,11 +28,14 @@ TRAIN_LAYERS = [
 
 
 def _modules() -> dict[str, Path]:
-    """Every module under dsfast/ and its source, found on disk (importing nothing)."""
+    """Every module of dsfast and its source, found on disk (importing nothing): dsfast/ and the Triton kernels
+    of the top-level kernels/ folder, installed as ``dsfast.kernels``."""
     mods = {}
     for path in sorted(ROOT.rglob("*.py")):
         parts = path.relative_to(ROOT.parent).with_suffix("").parts
         mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in sorted((ROOT.parent / "kernels").glob("*.py")):
+        mods[f"dsfast.kernels.{path.stem}"] = path
     return mods
 
 
@@ -112,8 +115,11 @@ def test_train_layers_import_downwards():
 
 
 @pytest.mark.slow
+@pytest.mark.drift
 def test_each_module_imports_alone():
-    """A fresh interpreter per module (4 at a time): a cycle hidden by import order shows up here.
+    """A fresh interpreter per module (4 at a time), started in the repository root (what a user of a clone
+    does; the root is first on sys.path): a cycle hidden by import order, or a module that an installed
+    package's import breaks, shows up here.
 
     Any ``dsfast.train`` module first runs the package's ``__init__``, which imports every layer (through
     the engine), so one of them stands for all (each costs a full DeepSpeed + diffusers import)."""
@@ -122,8 +128,8 @@ def test_each_module_imports_alone():
     while pending or running:
         while pending and len(running) < 4:
             m = pending.pop()
-            running[m] = subprocess.Popen([sys.executable, "-c", f"import {m}"], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True)
+            running[m] = subprocess.Popen([sys.executable, "-c", f"import {m}"], cwd=ROOT.parent,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         m, p = next(iter(running.items()))
         _, err = p.communicate(timeout=600)
         del running[m]

@@ -16,6 +16,8 @@ from dsfast.train.testing import (
     unconditional_run_inputs,
 )
 
+pytestmark = pytest.mark.slow  # trainer launches
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

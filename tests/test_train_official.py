@@ -21,6 +21,7 @@ from dsfast.train.models import describe, load
 from dsfast.train.testing import make_unconditional_pipeline, tiny_config, write_images
 
 BATCH = 4
+CPU = torch.device("cpu")
 
 
 def _haar_bands(x):
@@ -90,7 +91,7 @@ def _method(root, learned, mode="official", **over):
     model = f"{root}/model_{int(learned)}"
     cfg = resolve(load_config(tiny_config(root, model, f"{root}/imgs", train__batch_size=BATCH, loss__mode=mode,
                                           **over)), "unconditional")
-    bundle = load(describe(model), model, dtype=torch.float32, lora=None, frozen_source=True)
+    bundle = load(describe(model), model, dtype=torch.float32, lora=None, frozen_source=True, device=CPU)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # adapted != source, else the pairwise gradients vanish
         for p in bundle.unet.parameters():
@@ -98,7 +99,7 @@ def _method(root, learned, mode="official", **over):
     draws = Draws(seed=0, batch_size=BATCH, num_timesteps=1000, random_flip=cfg.data.random_flip)
     m = methods.get("domainstudio", "unconditional")(
         bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
-        sample=cfg.sample, dtype=torch.float32)
+        sample=cfg.sample, dtype=torch.float32, device=CPU)
     return cfg, bundle, m
 
 
@@ -111,6 +112,7 @@ def root(tmp_path_factory):
     return str(r)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed_sigma", "learned_sigma"])
 def test_official_unconditional_step_equals_released_loss(root, learned):
     torch.manual_seed(0)
@@ -169,7 +171,8 @@ def test_grad_norms_are_the_loss_head_gradients_and_do_not_depend_on_micro_batch
     logs = {}
     for micro in (BATCH, 2):
         mbs = [method.micro_batch(3, ks[i:i + micro]) for i in range(0, BATCH, micro)]
-        logs[micro] = run_step(method, bundle.unet, mbs, lambda loss: None, step=3, grad_norms=True)
+        logs[micro] = run_step(method, bundle.unet, mbs, lambda loss: None, step=3, device=CPU,
+                                 grad_norms=True)
     for k in ("simple", "hfmse", "image", "hf"):
         assert logs[BATCH][f"grad_norm/{k}"] > 0
         assert logs[2][f"grad_norm/{k}"] == pytest.approx(logs[BATCH][f"grad_norm/{k}"], rel=1e-4)
@@ -224,6 +227,7 @@ def _released_sd_loss(unet, vae, sched, emb_i, emb_c, mb):
     return loss + 1.0 * prior + 100.0 * rel_loss + 100.0 * rel_wave_loss + 0.1 * wave_loss
 
 
+@pytest.mark.slow
 def test_official_text2image_step_equals_released_loss(tmp_path):
     from dsfast.train.testing import make_sd_pipeline
 
@@ -236,14 +240,14 @@ def test_official_text2image_step_equals_released_loss(tmp_path):
         data__class_dir=str(tmp_path / "class"), sample__num=2)), "text2image", down_factor=4)
     assert (cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.data.random_flip) == (1e-2, 0.0, False)
     bundle = load(describe(str(tmp_path / "sd")), str(tmp_path / "sd"), dtype=torch.float32, lora=None,
-                  frozen_source=False)
+                  frozen_source=False, device=CPU)
     assert bundle.source is None  # the released script loads a frozen copy it never uses
     draws = Draws(seed=0, batch_size=3, num_timesteps=1000, random_flip=False)
     method = methods.get("domainstudio", "text2image")(
         bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
-        sample=cfg.sample, dtype=torch.float32)
+        sample=cfg.sample, dtype=torch.float32, device=CPU)
     assert not method.has_global
-    assert isinstance(method.batches.latents[0], tuple)  # (mean, std): latent_dist.sample() each step
+    assert isinstance(method.batches.latents, tuple)  # (mean, std): latent_dist.sample() each step
     unet = bundle.unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     mb = method.micro_batch(2, [0, 1, 2])

@@ -34,6 +34,7 @@ def _train(assets, tmp_path, *over):
     return run, [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.drift
 def test_dreambooth_prior_preservation(assets, tmp_path):
     run, m = _train(assets, tmp_path, "method=dreambooth")
     assert len(list((assets / "class_images").glob("*.png"))) == 3  # generated once, reused below
@@ -48,12 +49,20 @@ def test_dreambooth_prior_preservation(assets, tmp_path):
     assert imgs.shape == (2, 3, 16, 16)
 
 
+@pytest.mark.drift
+def test_finetune(assets, tmp_path):
+    _, m = _train(assets, tmp_path, "method=finetune")
+    assert "instance" in m[-1] and not {"prior", "image", "hf", "hfmse"} & set(m[-1])
+
+
+@pytest.mark.drift
 def test_domainstudio_pixel_class_prompt(assets, tmp_path):
     _, m = _train(assets, tmp_path)  # official: VAE-decoded x0, class-prompt source, cached two-pass step
     assert {"instance", "prior", "image", "hf", "hfmse"} <= set(m[-1])
     assert all(r["loss"] == r["loss"] for r in m)
 
 
+@pytest.mark.drift
 def test_domainstudio_lora_off_latent_zero3(assets, tmp_path):
     run, m = _train(assets, tmp_path, "model.lora_rank=4", "loss.source=lora_off", "loss.space=latent",
                     "deepspeed.zero_stage=3", "checkpoint_every=2")

@@ -40,6 +40,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.drift
 def test_domainstudio_run_folder(assets, tmp_path):
     cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", checkpoint_every=1, keep_last=2, sample_every=2,
                       train__max_steps=3)
@@ -99,6 +100,7 @@ def test_zero_stages(assets, tmp_path, over):
     assert (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
 
 
+@pytest.mark.drift
 def test_finetune_learned_sigma(assets, tmp_path):
     cfg = tiny_config(tmp_path, assets / "model_sigma", assets / "imgs", method="finetune", train__max_steps=2)
     run_train(cfg, tmp_path)

@@ -18,7 +18,7 @@ from dsfast.ops._backend import extension_available, kernel_namespace, resolve_b
 from dsfast.ops.hf_pairwise_similarity_kl import hf_pairwise_similarity_kl
 from dsfast.ops.high_frequency import hf_mse
 from dsfast.ops.pairwise_similarity_kl import gram_dtype, kl_from_grams, pairwise_similarity_kl
-from dsfast.ops.validate import check_image_batch, check_pairwise, check_same, stencil_weights
+from dsfast.ops.validate import check_image_batch, check_pairwise, check_same, promote, stencil_weights
 
 
 @torch.library.custom_op("dsfast_triton::domainstudio_grams", mutates_args=())
@@ -122,12 +122,18 @@ def domainstudio_loss(
     With all three terms on a compiled backend, each batch is read once in the
     forward and once in the backward; otherwise (weight 0, backend ``torch``, or ``real`` needing a
     gradient) the separate ops compute the same values.
+    Mixed floating dtypes: with a pairwise term and the hf-MSE on, the three inputs are promoted together
+    (:func:`~dsfast.ops.validate.promote`: a cast copy of each lower-precision one, which the one-pass
+    kernels then read); otherwise each term promotes its own pair. Each term then has the dtype the
+    separate op gives for those promoted inputs.
     """
     op = "domainstudio_loss"
     lambdas = (lambda_img, lambda_hf, lambda_hfmse)
     pairwise_options = dict(tau=tau, direction=direction, reduction=reduction, anchors=anchors,
                             check_finite=check_finite)
     _check(op, source, adapted, real, lambdas, stencil, pairwise_options)
+    if (lambda_img or lambda_hf) and lambda_hfmse:  # the terms share `adapted`: one dtype for all three
+        source, adapted, real = promote(source, adapted, real)
     chosen = resolve_backend(backend, adapted.device)
     fused = all(lambdas) and chosen != "torch" and not (real.requires_grad and torch.is_grad_enabled())
     if fused:

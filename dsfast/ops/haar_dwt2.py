@@ -9,7 +9,7 @@ import torch
 
 from dsfast import reference
 from dsfast.ops._backend import extension_available, kernel_namespace, resolve_backend
-from dsfast.ops.validate import check_image_batch
+from dsfast.ops.validate import check_image_batch, promote
 
 
 # -- Triton kernels as custom ops (the launchers import triton lazily) --------------------------
@@ -66,14 +66,19 @@ def haar_dwt2(x: torch.Tensor, *, backend: str = "auto"):
 
 
 def haar_idwt2(ll: torch.Tensor, details, *, backend: str = "auto") -> torch.Tensor:
-    """Inverse of :func:`haar_dwt2`, equal to ``pywt.idwt2((LL, (H, V, D)), 'haar')``."""
+    """Inverse of :func:`haar_dwt2`, equal to ``pywt.idwt2((LL, (H, V, D)), 'haar')``.
+
+    Mixed floating dtypes are promoted (:func:`~dsfast.ops.validate.promote`: a cast copy of each
+    lower-precision band).
+    """
     check_image_batch("haar_idwt2", "LL", ll, levels=0)
     if len(details) != 3:
         raise ValueError(f"haar_idwt2: `details` must be the three bands (H, V, D), got {len(details)}")
     for name, band in zip("HVD", details):
         check_image_batch("haar_idwt2", name, band, levels=0)
-        if band.shape != ll.shape or band.device != ll.device or band.dtype != ll.dtype:
-            raise ValueError(f"haar_idwt2: band `{name}` must match LL in shape, dtype and device")
+        if band.shape != ll.shape or band.device != ll.device:
+            raise ValueError(f"haar_idwt2: band `{name}` must match LL in shape and device")
+    ll, *details = promote(ll, *details)
     chosen = resolve_backend(backend, ll.device)
     if chosen == "torch":
         return reference.haar_idwt2(ll, details)

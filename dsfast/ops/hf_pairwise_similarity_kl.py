@@ -11,7 +11,7 @@ import torch
 from dsfast import reference
 from dsfast.ops._backend import extension_available, kernel_namespace, resolve_backend
 from dsfast.ops.pairwise_similarity_kl import gram_dtype, similarity_kl
-from dsfast.ops.validate import check_image_batch, check_pairwise, stencil_weights
+from dsfast.ops.validate import check_image_batch, check_pairwise, promote, stencil_weights
 
 
 @torch.library.custom_op("dsfast_triton::hf_gram", mutates_args=())
@@ -75,6 +75,7 @@ def hf_pairwise_similarity_kl(
     check_image_batch(op, "adapted", adapted)
     check_pairwise(op, source, adapted, tau=tau, direction=direction, reduction=reduction, anchors=anchors,
                    check_finite=check_finite)
+    source, adapted = promote(source, adapted)
     chosen = resolve_backend(backend, adapted.device)
 
     def gram_fn(x):

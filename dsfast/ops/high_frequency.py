@@ -65,7 +65,9 @@ def high_frequency(x: torch.Tensor, stencil: str = "domainstudio", *, backend: s
 def hf_mse(adapted: torch.Tensor, target: torch.Tensor, *, stencil: str = "domainstudio", backend: str = "auto") -> torch.Tensor:
     """``mean((hf(adapted) - hf(target))²)``, in float32 for half inputs.
 
-    hf is linear, so this is one stencil pass over the difference instead of two.
+    hf is linear, so this is one stencil pass over the difference instead of two. Mixed floating dtypes:
+    the subtraction promotes them (as :func:`~dsfast.ops.validate.promote` would) while it reads each
+    input once, so they cost no cast copy.
     """
     check_image_batch("hf_mse", "adapted", adapted)
     check_image_batch("hf_mse", "target", target)

@@ -13,7 +13,7 @@ import torch
 
 from dsfast import reference
 from dsfast.ops._backend import extension_available, kernel_namespace, resolve_backend, triton_runs_on
-from dsfast.ops.validate import check_finite_gram, check_pairwise
+from dsfast.ops.validate import check_finite_gram, check_pairwise, promote
 
 
 @torch.library.custom_op("dsfast_triton::gram", mutates_args=())
@@ -200,10 +200,12 @@ def pairwise_similarity_kl(
     sums over j and averages over i. ``anchors``: a count of randomly drawn rows, or row indices.
     ``check_finite``: NaN/Inf inputs raise a ValueError; by default (``None``) only for CPU tensors,
     where the check needs no device sync; on a GPU they give a NaN loss unless ``check_finite=True``.
+    Mixed floating dtypes are promoted (:func:`~dsfast.ops.validate.promote`: a cast copy of the other one).
     """
     op = "pairwise_similarity_kl"
     check_pairwise(op, source, adapted, tau=tau, direction=direction, reduction=reduction, anchors=anchors,
                    check_finite=check_finite)
+    source, adapted = promote(source, adapted)
     chosen = resolve_backend(backend, adapted.device)
 
     def gram_fn(x):

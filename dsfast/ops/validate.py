@@ -1,6 +1,8 @@
 """Argument checks shared by every op, so every backend rejects bad input with the same message."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dsfast.reference import DIRECTIONS, REDUCTIONS, STENCILS
@@ -25,13 +27,26 @@ def check_image_batch(op: str, name: str, x, *, levels: int = 1) -> None:
 
 
 def check_same(op: str, source, adapted, names=("source", "adapted")) -> None:
+    """The same shape and device; the dtypes may differ (see :func:`promote`)."""
     a, b = names
     if source.shape != adapted.shape:
         raise ValueError(f"{op}: `{a}` and `{b}` must have the same shape, got {tuple(source.shape)} and {tuple(adapted.shape)}")
     if source.device != adapted.device:
         raise ValueError(f"{op}: `{a}` and `{b}` must be on the same device, got {source.device} and {adapted.device}")
-    if source.dtype != adapted.dtype:
-        raise TypeError(f"{op}: `{a}` and `{b}` must have the same dtype, got {source.dtype} and {adapted.dtype}")
+
+
+def promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs of one op (checked floating, same device) in their promoted dtype, as PyTorch would
+    compute ``x + y``: ``torch.promote_types`` over them (bfloat16 with float16 gives float32).
+
+    The ops with several tensor inputs call this before they dispatch, so a kernel sees one dtype (except
+    ``hf_mse``, whose first step, the subtraction, promotes while it reads each input once).
+    A tensor already in that dtype passes as is; each other one costs a cast copy (one read, one write of
+    the lower-precision input, and the promoted copy's memory). The cast is ``Tensor.to``, whose backward
+    returns each input's gradient in that input's own dtype.
+    """
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in tensors))
+    return tuple(x.to(dtype) for x in tensors)
 
 
 def check_pairwise(op: str, source, adapted, *, tau: float, direction: str, reduction: str, anchors,

@@ -16,7 +16,8 @@ from dsfast.images import ImageFolderError, list_images, load_folder
 
 from .errors import DataError
 
-__all__ = ["DataError", "Draws", "LatentBatches", "PixelBatches", "count_images", "generator", "load_images"]
+__all__ = ["DataError", "Draws", "LatentBatches", "PixelBatches", "count_images", "generator", "load_images",
+           "to_device"]
 
 
 def load_images(folder: str | Path, resolution: int, *, channels: int = 3, center_crop: bool = True,
@@ -70,6 +71,14 @@ class Draws:
         noise = torch.randn(shape, generator=g)
         return flip and self.random_flip, t, noise
 
+    def batch(self, step: int, ks, n: int, shape, stream: int = 0) -> tuple[torch.Tensor, ...]:
+        """``(index, flip, t, noise)`` of the global samples ``ks`` (:meth:`index`, :meth:`draw`) as CPU tensors:
+        three ``(m,)`` longs and ``(m, *shape)`` noise."""
+        draws = [self.draw(step, k, shape, stream) for k in ks]
+        return (torch.tensor([self.index(step, k, n, stream) for k in ks]),
+                torch.tensor([int(flip) for flip, _, _ in draws]), torch.tensor([t for _, t, _ in draws]),
+                torch.stack([noise for _, _, noise in draws]))
+
     def subset(self, step: int, k: int, n: int, size: int) -> torch.Tensor:
         """``size`` distinct random indices among the ``n`` samples of the micro-batch starting at global
         sample k (the released code's ``np.random.choice(n, size, replace=False)``), in drawn order."""
@@ -91,64 +100,65 @@ class Draws:
         return torch.randperm(n, generator=generator(self.seed, 424242, step))[: min(num, n)].sort().values
 
 
-class PixelBatches:
-    """Micro-batches ``{x0, t, noise}`` of pixel-space training images."""
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU-drawn tensor on the training device: on a GPU pinned and copied asynchronously (no pageable copy,
+    no host sync)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
-    def __init__(self, images: torch.Tensor, draws: Draws):
-        self.images, self.draws = images, draws
+
+def _with_mirror(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``(2, N, ...)`` on ``device``: the images as given (0) and mirrored (1), indexed by ``[flip, index]``."""
+    return torch.stack([images, images.flip(-1)]).to(device)
+
+
+class PixelBatches:
+    """Micro-batches ``{x0, t, noise}`` of pixel-space training images (kept on ``device``; only the draws,
+    made on the CPU, travel each step)."""
+
+    def __init__(self, images: torch.Tensor, draws: Draws, device: torch.device):
+        self.images, self.draws, self.device = _with_mirror(images, device), draws, device
 
     def __call__(self, step: int, ks) -> dict:
-        xs, ts, noises = [], [], []
-        for k in ks:
-            i = self.draws.index(step, k, self.images.shape[0])
-            flip, t, noise = self.draws.draw(step, k, self.images.shape[1:])
-            xs.append(self.images[i].flip(-1) if flip else self.images[i])
-            ts.append(t)
-            noises.append(noise)
-        return {"x0": torch.stack(xs), "t": torch.tensor(ts, dtype=torch.long), "noise": torch.stack(noises)}
-
-
-def _mean(cached):
-    return cached[0] if isinstance(cached, tuple) else cached
+        n, shape = self.images.shape[1], self.images.shape[2:]
+        i, flip, t, noise = (to_device(x, self.device) for x in self.draws.batch(step, ks, n, shape))
+        return {"x0": self.images[flip, i], "t": t, "noise": noise}
 
 
 class LatentBatches:
     """Micro-batches of cached VAE latents: ``{z, x0 (pixels), t, noise}`` and, with class latents,
     ``{zc, noise_c, t_c}`` (a class sample per instance sample; dsfast shares the instance's timestep,
-    ``t_c`` is the class sample's own draw, for loss.mode=official). A latent given as ``(mean, std)``
-    (official) is sampled afresh each step, mean + std·n with n a draw of its own stream."""
+    ``t_c`` is the class sample's own draw, for loss.mode=official). Latents are ``(2, N, ...)`` (the images
+    as given and mirrored, see :func:`_with_mirror`) on ``device``; given as ``(mean, std)`` (official) a latent
+    is sampled afresh each step, mean + std·n with n a draw of its own stream."""
 
-    def __init__(self, images: torch.Tensor, latents: tuple[torch.Tensor, torch.Tensor], draws: Draws,
-                 class_latents: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.images, self.latents, self.class_latents, self.draws = images, latents, class_latents, draws
+    def __init__(self, images: torch.Tensor, latents, draws: Draws, device: torch.device, class_latents=None):
+        self.images, self.latents, self.class_latents = _with_mirror(images, device), latents, class_latents
+        self.draws, self.device = draws, device
 
     @property
     def latent_shape(self):
-        return tuple(_mean(self.latents[0]).shape[1:])
+        return tuple(_mean(self.latents).shape[2:])
 
-    def _latent(self, cached, i: int, step: int, k: int, stream: int) -> torch.Tensor:
+    def _latent(self, cached, flip, i, step: int, ks, stream: int) -> torch.Tensor:
         if not isinstance(cached, tuple):
-            return cached[i]
+            return cached[flip, i]
         mean, std = cached
-        return mean[i] + std[i] * self.draws.draw(step, k, mean.shape[1:], stream=stream)[2]
+        n = torch.stack([self.draws.draw(step, k, self.latent_shape, stream=stream)[2] for k in ks])
+        return mean[flip, i] + std[flip, i] * to_device(n, self.device)
 
     def __call__(self, step: int, ks) -> dict:
         d, shape = self.draws, self.latent_shape
-        z, zc, x, t, n, nc, tc = [], [], [], [], [], [], []
-        for k in ks:
-            i = d.index(step, k, self.images.shape[0])
-            flip, tk, noise = d.draw(step, k, shape)
-            z.append(self._latent(self.latents[flip], i, step, k, 2))
-            x.append(self.images[i].flip(-1) if flip else self.images[i])
-            t.append(tk)
-            n.append(noise)
-            if self.class_latents is not None:
-                j = d.index(step, k, _mean(self.class_latents[0]).shape[0], stream=1)
-                cflip, ctk, cnoise = d.draw(step, k, shape, stream=1)
-                zc.append(self._latent(self.class_latents[cflip], j, step, k, 3))
-                nc.append(cnoise)
-                tc.append(ctk)
-        mb = {"z": torch.stack(z), "x0": torch.stack(x), "t": torch.tensor(t), "noise": torch.stack(n)}
-        if zc:
-            mb["zc"], mb["noise_c"], mb["t_c"] = torch.stack(zc), torch.stack(nc), torch.tensor(tc)
+        i, flip, t, noise = (to_device(x, self.device) for x in d.batch(step, ks, self.images.shape[1], shape))
+        mb = {"z": self._latent(self.latents, flip, i, step, ks, 2), "x0": self.images[flip, i], "t": t,
+              "noise": noise}
+        if self.class_latents is not None:
+            n_class = _mean(self.class_latents).shape[1]
+            j, cflip, tc, nc = (to_device(x, self.device) for x in d.batch(step, ks, n_class, shape, stream=1))
+            mb.update(zc=self._latent(self.class_latents, cflip, j, step, ks, 3), noise_c=nc, t_c=tc)
         return mb
+
+
+def _mean(cached):
+    return cached[0] if isinstance(cached, tuple) else cached

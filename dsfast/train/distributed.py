@@ -71,10 +71,21 @@ def build_cpu_comm_op() -> None:
         build_shm_op()
 
 
+def device() -> torch.device:
+    """This process's training device: ``LOCAL_RANK``'s GPU when CUDA is available, else the CPU (the device
+    DeepSpeed's engine puts the model on)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init_process_group() -> None:
-    """``deepspeed.init_distributed`` (nccl on GPUs, gloo on CPU), quietly (see :func:`build_cpu_comm_op`)."""
+    """``deepspeed.init_distributed`` (nccl on GPUs, gloo on CPU), quietly (see :func:`build_cpu_comm_op`);
+    on a GPU the process's current device is :func:`device` first (the one NCCL uses)."""
     import deepspeed
 
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
     build_cpu_comm_op()
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
@@ -134,11 +145,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherOwnGrad.apply(x)
 
 
+def _numbers_device() -> torch.device:
+    """Where collectives of Python numbers run: the current GPU under NCCL (it has no CPU tensors), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     if world() == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_numbers_device())
     dist.all_reduce(t)
     t /= world()
     return {k: float(v) for k, v in zip(keys, t)}
@@ -147,6 +163,6 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
 def any_flag(flag: bool) -> bool:
     if world() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_numbers_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

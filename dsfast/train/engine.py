@@ -13,7 +13,11 @@ and micro-batches:
   get the source and adapted x0, gathers them across ranks, takes the global loss and
   ``G = dL_global / d x0_adapted`` of the full batch; pass 2 re-forwards each micro-batch with grad
   and back-propagates ``per-sample loss + accum * world * <G_own, x0>``. The same timesteps/noise
-  are drawn in both passes (they are functions of (seed, step, sample)).
+  are drawn in both passes (they are functions of (seed, step, sample)), and pass 2 replays the RNG
+  state (CPU and, on a GPU, the device's) each micro-batch's pass-1 forward started from, so dropout
+  draws the same masks in both passes (as ``torch.utils.checkpoint`` with ``preserve_rng_state``);
+  afterwards the RNG is where pass 1 left it. The gradient is exactly that of the large-batch loss
+  evaluated with pass 1's masks (a model without dropout: of the large-batch loss).
 
 Backward hooks of the engine average over ranks and divide by the accumulation steps, hence the
 ``accum * world`` factors.
@@ -105,8 +109,21 @@ def _grad_norms(acc: dict) -> dict:
     return {f"grad_norm/{k}": (v * D.world()) ** 0.5 for k, v in total.items()}
 
 
-def run_step(method, model, micro_batches, backward, *, step: int, grad_norms: bool = False) -> dict[str, float]:
-    """Forward/backward all micro-batches of this rank for one optimizer step.
+def _rng_state(device: torch.device):
+    """What dropout draws from: the CPU RNG state and, on a GPU, the device's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    cpu, gpu = state
+    torch.set_rng_state(cpu)
+    if gpu is not None:
+        torch.cuda.set_rng_state(gpu, device)
+
+
+def run_step(method, model, micro_batches, backward, *, step: int, device: torch.device,
+             grad_norms: bool = False) -> dict[str, float]:
+    """Forward/backward all micro-batches of this rank for one optimizer step on ``device`` (the model's).
 
     ``backward(loss)`` back-propagates one micro-batch (and steps the engine).
     Returns the logged terms, averaged over micro-batches and ranks (+ ``grad_norm/<term>`` with ``grad_norms``).
@@ -140,9 +157,13 @@ def run_step(method, model, micro_batches, backward, *, step: int, grad_norms: b
         logs = _with_global(logs, float(out.loss.detach()), terms, total)
         return {**logs, **_grad_norms(sq)} if grad_norms else logs
 
-    # Pass 1: features of every micro-batch without grad.
+    # Pass 1: features of every micro-batch without grad, and the RNG state each forward starts from.
+    states, outs = [], []
     with torch.no_grad():
-        outs = [method.forward(model, mb, need_source=True) for mb in micro_batches]
+        for mb in micro_batches:
+            states.append(_rng_state(device))
+            outs.append(method.forward(model, mb, need_source=True))
+    after_pass1 = _rng_state(device)
     ada_local = torch.cat([o.adapted for o in outs])
     src_local, real_local = _cat([o.source for o in outs]), _cat([o.real for o in outs])
     _check(ada_local, "x0 prediction", step)
@@ -162,9 +183,10 @@ def run_step(method, model, micro_batches, backward, *, step: int, grad_norms: b
     term_grads = {k: g[own] for k, g in term_grads.items()}
     del ada_all, grad_all, src_local, ada_local, real_local
 
-    # Pass 2: re-forward each micro-batch with grad, back-propagate cached gradient + own terms.
+    # Pass 2: re-forward each micro-batch with grad (pass 1's dropout masks), back-propagate cached gradient + own terms.
     offset, per_sample = 0, 0.0
-    for mb, m in zip(micro_batches, sizes):
+    for mb, m, state in zip(micro_batches, sizes, states):
+        _set_rng_state(state, device)
         out = method.forward(model, mb, need_source=False)
         g = grad_own[offset:offset + m].to(out.adapted.dtype)
         offset += m
@@ -176,6 +198,7 @@ def run_step(method, model, micro_batches, backward, *, step: int, grad_norms: b
             _grad_sq(sq, {k: (tg[offset - m:offset].to(out.adapted.dtype) * out.adapted).sum()
                           for k, tg in term_grads.items()}, out.outputs, 1.0)
         backward(out.loss + (accum * world) * (g * out.adapted).sum())
+    _set_rng_state(after_pass1, device)
     logs = _with_global(logs, per_sample, terms, total)
     return {**logs, **_grad_norms(sq)} if grad_norms else logs
 
@@ -225,11 +248,12 @@ class MetricsLog:
         self.writer.close()
 
 
-def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: MetricsLog | None) -> None:
+def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: MetricsLog | None,
+                 device: torch.device) -> None:
     if D.rank() != 0:
         return
     s = cfg.sample
-    imgs = run_pipeline(build_pipeline(bundle, sd), s.num, seed=s.seed, prompt=s.prompt,
+    imgs = run_pipeline(build_pipeline(bundle, sd, device=device), s.num, seed=s.seed, prompt=s.prompt,
                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
     out = run_dir / "samples"
     out.mkdir(exist_ok=True)
@@ -243,6 +267,7 @@ def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: Metr
 def train(config, overrides=(), *, resume: str | None = None) -> Path:
     """Train a run; returns the run folder. See the README for the config keys."""
     D.setup_env()
+    device = D.device()  # where DeepSpeed puts the engine (engine.device): every tensor of training lives there
     raw = load_config(config, overrides)
     if resume is not None:
         raw = raw.model_copy(update={"train": raw.train.model_copy(update={"resume": resume})})
@@ -259,7 +284,8 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     dtype = DTYPES[t.mixed_precision]
     torch.manual_seed(t.seed)
     bundle = load(info, cfg.model.pretrained, dtype=dtype, frozen_source=needs.frozen_source,
-                  lora=lora_config(cfg.model.lora_rank, cfg.model.lora_alpha) if cfg.model.lora_rank else None)
+                  lora=lora_config(cfg.model.lora_rank, cfg.model.lora_alpha) if cfg.model.lora_rank else None,
+                  device=device)
     images = load_images(cfg.data.instance_dir, cfg.data.resolution, channels=info.channels,
                          center_crop=cfg.data.center_crop)
     if needs.pairwise and images.shape[0] < 3:
@@ -283,7 +309,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     draws = Draws(seed=t.seed, batch_size=t.batch_size, num_timesteps=bundle.scheduler.config.num_train_timesteps,
                   random_flip=cfg.data.random_flip)
     method = method_cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
-                        dtype=dtype)
+                        dtype=dtype, device=device)
     named = trainable_named_parameters(unet)
     # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
     ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None
@@ -294,7 +320,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
             opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0))
     zero3 = cfg.deepspeed.zero_stage == 3
     if ema is not None:
-        ema.to(engine.device)
+        ema.to(device)
 
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
     start = 0
@@ -324,7 +350,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
                 # With grad norms the forward runs on the module itself: DeepSpeed hooks the engine's outputs
                 # and would take the per-term autograd.grad for the start of the backward.
                 logs = run_step(method, engine.module if grad_norms else engine, mbs, backward, step=step,
-                                grad_norms=grad_norms)
+                                device=device, grad_norms=grad_norms)
             except NonFiniteLoss as exc:
                 last = ckpts.latest()
                 raise TrainingError(f"{exc}: training stopped; the last good checkpoint is "
@@ -341,7 +367,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
                 logs["checkpoint_sec"] = time.perf_counter() - started
             if cfg.sample_every and step % cfg.sample_every == 0:
                 started = time.perf_counter()
-                _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log)
+                _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log, device)
                 D.barrier()
                 logs["sample_sec"] = time.perf_counter() - started
             if log is not None:

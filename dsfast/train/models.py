@@ -118,8 +118,9 @@ def lora_config(rank: int, alpha: float | None) -> LoraConfig:
 
 @dataclass
 class Bundle:
-    """The loaded pipeline parts. ``unet`` trains (it goes into the DeepSpeed engine); the others are frozen:
-    in eval mode, without gradients, in the training precision, outside the engine and ZeRO-3."""
+    """The loaded pipeline parts. ``unet`` trains (it goes into the DeepSpeed engine, which places it); the others
+    are frozen: in eval mode, without gradients, in the training precision, on the training device, outside the
+    engine and ZeRO-3. The scheduler's tables (betas, alphas) are on the training device too."""
 
     info: ModelInfo
     unet: torch.nn.Module
@@ -135,26 +136,30 @@ class Bundle:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
 
-def _frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    return module.eval().requires_grad_(False).to(dtype)
+def _frozen(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    return module.eval().requires_grad_(False).to(device, dtype)
 
 
-def load(info: ModelInfo, pretrained: str, *, dtype: torch.dtype, lora: LoraConfig | None,
-         frozen_source: bool) -> Bundle:
-    """Load the pipeline's parts; ``frozen_source`` adds a frozen copy of the pretrained UNet (before LoRA)."""
+def load(info: ModelInfo, pretrained: str, *, dtype: torch.dtype, lora: LoraConfig | None, frozen_source: bool,
+         device: torch.device) -> Bundle:
+    """Load the pipeline's parts, the frozen ones on ``device``; ``frozen_source`` adds a frozen copy of the
+    pretrained UNet (before LoRA)."""
     scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+    for table in ("betas", "alphas", "alphas_cumprod"):
+        setattr(scheduler, table, getattr(scheduler, table).to(device))
     if info.family == UNCONDITIONAL:
         if lora is not None:
             raise ModelError("model.lora_rank > 0 is supported for Stable-Diffusion-family UNets only")
         b = Bundle(info, UNet2DModel.from_pretrained(pretrained, subfolder="unet"), scheduler)
     else:
         b = Bundle(info, UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet"), scheduler, lora=lora,
-                   vae=_frozen(AutoencoderKL.from_pretrained(pretrained, subfolder="vae"), dtype),
-                   text_encoder=_frozen(CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder"), dtype),
+                   vae=_frozen(AutoencoderKL.from_pretrained(pretrained, subfolder="vae"), dtype, device),
+                   text_encoder=_frozen(CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder"), dtype,
+                                        device),
                    tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer"))
     if frozen_source:
         # a plain module built before deepspeed.initialize, so ZeRO-3 never partitions it
-        b.source = _frozen(copy.deepcopy(b.unet), dtype)
+        b.source = _frozen(copy.deepcopy(b.unet), dtype, device)
     if lora is not None:
         b.unet.requires_grad_(False)
         b.unet.add_adapter(lora)  # only the adapter weights train
@@ -162,20 +167,21 @@ def load(info: ModelInfo, pretrained: str, *, dtype: torch.dtype, lora: LoraConf
 
 
 @torch.no_grad()
-def encode_prompt(bundle: Bundle, prompt: str) -> torch.Tensor:
+def encode_prompt(bundle: Bundle, prompt: str, device: torch.device) -> torch.Tensor:
+    """The text encoder's embedding of ``prompt`` (float32, on ``device``, where the text encoder is)."""
     tok = bundle.tokenizer(prompt, padding="max_length", max_length=bundle.tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
-    return bundle.text_encoder(tok.input_ids)[0].float()
+    return bundle.text_encoder(tok.input_ids.to(device))[0].float()
 
 
 @torch.no_grad()
-def encode_images(bundle: Bundle, images: torch.Tensor, dtype: torch.dtype, batch: int = 8,
+def encode_images(bundle: Bundle, images: torch.Tensor, dtype: torch.dtype, device: torch.device, batch: int = 8,
                   std: bool = False):
-    """VAE latents (the latent mean, not a sample) x the VAE scaling factor; with ``std`` also the
-    posterior std x the scaling factor: ``(mean, std)``."""
+    """VAE latents (the latent mean, not a sample) x the VAE scaling factor, on ``device`` (where the VAE is);
+    with ``std`` also the posterior std x the scaling factor: ``(mean, std)``."""
     means, stds = [], []
     for i in range(0, images.shape[0], batch):
-        dist = bundle.vae.encode(images[i:i + batch].to(dtype)).latent_dist
+        dist = bundle.vae.encode(images[i:i + batch].to(device, dtype)).latent_dist
         means.append(dist.mean.float() * bundle.vae_scale)
         stds.append(dist.std.float() * bundle.vae_scale)
     return (torch.cat(means), torch.cat(stds)) if std else torch.cat(means)
@@ -273,22 +279,23 @@ def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True) -> torch.nn.
     return unet.eval()
 
 
-def build_pipeline(bundle: Bundle, sd: dict, *, with_lora: bool = True):
-    """A diffusers pipeline (DDPMPipeline or StableDiffusionPipeline, fp32) around the weights ``sd``."""
+def build_pipeline(bundle: Bundle, sd: dict, *, device: torch.device, with_lora: bool = True):
+    """A diffusers pipeline (DDPMPipeline or StableDiffusionPipeline, fp32) around the weights ``sd``, on ``device``."""
     unet = build_unet(bundle, sd, with_lora=with_lora)
     if bundle.info.family == UNCONDITIONAL:
-        return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(bundle.scheduler.config))
+        return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(bundle.scheduler.config)).to(device)
     # the values StableDiffusionPipeline forces on a scheduler (with a FutureWarning dumping its config)
     scheduler = DDPMScheduler.from_config(bundle.scheduler.config, steps_offset=1, clip_sample=False)
     return StableDiffusionPipeline(
         vae=copy.deepcopy(bundle.vae).float(), text_encoder=copy.deepcopy(bundle.text_encoder).float(),
         tokenizer=bundle.tokenizer, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        requires_safety_checker=False).to(device)
 
 
-def pretrained_pipeline(bundle: Bundle):
-    """The pipeline of the pretrained weights (before any training step; LoRA adapters off)."""
-    return build_pipeline(bundle, {k: v.float() for k, v in bundle.unet.state_dict().items()}, with_lora=False)
+def pretrained_pipeline(bundle: Bundle, device: torch.device):
+    """The pipeline of the pretrained weights (before any training step; LoRA adapters off), on ``device``."""
+    return build_pipeline(bundle, {k: v.float() for k, v in bundle.unet.state_dict().items()}, device=device,
+                          with_lora=False)
 
 
 @contextmanager
@@ -307,7 +314,7 @@ def save_final(bundle: Bundle, sd: dict, out: Path) -> None:
     """``final/``: a pipeline folder for ``DiffusionPipeline.from_pretrained`` (adapted weights; LoRA fused),
     and for LoRA runs also ``final/lora/pytorch_lora_weights.safetensors`` for ``load_lora_weights``."""
     with _replace_dir(Path(out)) as tmp:
-        pipe = build_pipeline(bundle, sd, with_lora=False)
+        pipe = build_pipeline(bundle, sd, device=torch.device("cpu"), with_lora=False)
         if bundle.lora is not None:
             peft_unet = build_unet(bundle, sd)
             lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(peft_unet))

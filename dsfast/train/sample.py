@@ -63,9 +63,9 @@ def _checkpoint_dir(run: Path, which: str) -> Path:
     return d
 
 
-def checkpoint_pipeline(run_dir: str | Path, which: str = "latest"):
-    """The pipeline of a run's checkpoint (``latest`` or ``step_N``): the run's pretrained pipeline with the
-    checkpoint's UNet weights (EMA weights when the run keeps an EMA, as in ``final/``)."""
+def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device):
+    """The pipeline of a run's checkpoint (``latest`` or ``step_N``) on ``device``: the run's pretrained pipeline
+    with the checkpoint's UNet weights (EMA weights when the run keeps an EMA, as in ``final/``)."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ModelError(f"--checkpoint needs a run folder (with config.yaml); {run} is not one")
@@ -74,13 +74,14 @@ def checkpoint_pipeline(run_dir: str | Path, which: str = "latest"):
     model = cfg["model"]
     info = describe(model["pretrained"])
     lora = lora_config(model["lora_rank"], model.get("lora_alpha")) if model.get("lora_rank") else None
-    bundle = load(info, model["pretrained"], dtype=torch.float32, lora=lora, frozen_source=False)
-    return build_pipeline(bundle, read_weights(d, cfg["deepspeed"]["zero_stage"] == 3))
+    bundle = load(info, model["pretrained"], dtype=torch.float32, lora=lora, frozen_source=False, device=device)
+    return build_pipeline(bundle, read_weights(d, cfg["deepspeed"]["zero_stage"] == 3), device=device)
 
 
 def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, batch: int = 8) -> torch.Tensor:
-    """``num`` images (N, 3, H, W) in [0, 1]; image i uses generator seed ``seed + i`` (stable across num)."""
+    """``num`` images (N, 3, H, W) in [0, 1] of ``pipe`` on its device; image i uses CPU generator seed ``seed + i``
+    (stable across num and devices)."""
     if num < 1:
         raise ConfigError(f"the number of images must be at least 1 (got {num})")
     out = []
@@ -125,16 +126,19 @@ def generate_images(pipe, folder: str | Path, num: int, *, prompt: str, seed: in
 
 
 def sample_images(run_or_pipeline_dir, num: int, *, seed: int = 0, prompt: str | None = None,
-                  num_inference_steps: int = 50, checkpoint: str | None = None) -> torch.Tensor:
+                  num_inference_steps: int = 50, checkpoint: str | None = None,
+                  device: str | torch.device | None = None) -> torch.Tensor:
     """Generate ``num`` images from a run folder (its ``final/``, or with ``checkpoint="latest"|"step_N"``
-    one of its checkpoints) or a pipeline folder: (N, 3, H, W) in [0, 1]."""
+    one of its checkpoints) or a pipeline folder: (N, 3, H, W) in [0, 1]. The pipeline runs on ``device``
+    (default: ``LOCAL_RANK``'s GPU when there is one, else the CPU)."""
+    device = D.device() if device is None else torch.device(device)
     if checkpoint is None:
         path = _pipeline_dir(run_or_pipeline_dir)
         diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
-        pipe = DiffusionPipeline.from_pretrained(str(path))
+        pipe = DiffusionPipeline.from_pretrained(str(path)).to(device)
         run = path.parent
     else:
-        pipe = checkpoint_pipeline(run_or_pipeline_dir, checkpoint)
+        pipe = checkpoint_pipeline(run_or_pipeline_dir, checkpoint, device)
         run = Path(run_or_pipeline_dir)
     if prompt is None and getattr(pipe, "tokenizer", None) is not None:
         prompt = _run_prompt(run)

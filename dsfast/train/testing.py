@@ -31,15 +31,16 @@ def write_images(folder, n: int, size: int = 16, seed: int = 0, mode: str = "RGB
 
 def make_unconditional_pipeline(path, *, sample_size: int = 16, channels: int = 3, block_out_channels=(16, 32),
                                 learned_sigma: bool = False, prediction_type: str = "epsilon",
-                                num_train_timesteps: int = 1000, seed: int = 0) -> Path:
-    """A tiny UNet2DModel + DDPMScheduler saved as a DDPMPipeline folder."""
+                                num_train_timesteps: int = 1000, dropout: float = 0.0, seed: int = 0) -> Path:
+    """A tiny UNet2DModel (``dropout`` in its ResNet blocks, as ADM-style UNets) + DDPMScheduler saved as a
+    DDPMPipeline folder."""
     torch.manual_seed(seed)
     unet = UNet2DModel(
         sample_size=sample_size, in_channels=channels, out_channels=channels * (2 if learned_sigma else 1),
         block_out_channels=tuple(block_out_channels), layers_per_block=1,
         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (len(block_out_channels) - 1),
         up_block_types=("AttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
-        norm_num_groups=8, attention_head_dim=8)
+        norm_num_groups=8, attention_head_dim=8, dropout=dropout)
     sched = DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type,
                           variance_type="learned_range" if learned_sigma else "fixed_small")
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(str(path))

@@ -6,9 +6,9 @@ A method is a class with
   ``text2image``) and ``defaults`` (the official values of the config keys left empty);
 * ``needs(loss)``: what it needs from the model and data (a frozen source UNet? class images?
   prompts? batch-coupled terms?), and ``check(loss, data)`` for errors found at resolve time;
-* ``__init__(bundle=, images=, draws=, loss=, data=, sample=, dtype=)``: set-up before the engine exists
-  (caching latents, generating class images);
-* ``micro_batch(step, ks)``: the inputs of global samples ``ks`` of ``step``;
+* ``__init__(bundle=, images=, draws=, loss=, data=, sample=, dtype=, device=)``: set-up before the engine
+  exists (caching latents, generating class images), everything it keeps on the training ``device``;
+* ``micro_batch(step, ks)``: the inputs of global samples ``ks`` of ``step``, on the training device;
 * ``forward(model, mb, need_source)``: one micro-batch's per-sample loss and its x0 features;
 * ``has_global`` / ``global_loss(source, adapted, real, step)``: terms of the whole gathered global batch
   (the engine runs them with exact gradients whatever the ranks and micro-batches), and
@@ -27,7 +27,7 @@ import torch
 from dsfast import ops
 from dsfast.losses import DomainStudioLoss
 
-from ..data import Draws
+from ..data import Draws, to_device
 from ..diffusion import alphas
 
 
@@ -130,7 +130,7 @@ class DomainStudioTerms:
     def __call__(self, source, adapted, real, step: int):
         anchors = self.draws.anchors(step, adapted.shape[0], self.num_anchors)
         out = self.fn(adapted.detach() if source is None else source, adapted, real,
-                      anchors=None if anchors is None else anchors.to(adapted.device))
+                      anchors=None if anchors is None else to_device(anchors, adapted.device))
         terms = {}
         for key, value in (("image", out.image), ("hf", out.high_frequency)):
             if key in self.weights:

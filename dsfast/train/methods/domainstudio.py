@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data import to_device
 from .base import DomainStudioTerms, Needs, OfficialPairwise, hfmse_weights, weighted_hf_mse
 from .unconditional import UnconditionalMethod
 
@@ -28,8 +29,9 @@ class DomainStudio(UnconditionalMethod):
         pairwise = loss.image > 0 or loss.hf > 0
         return Needs(frozen_source=pairwise, pairwise=pairwise)
 
-    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype):
-        super().__init__(bundle=bundle, images=images, draws=draws, loss=loss, data=data, sample=sample, dtype=dtype)
+    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
+        super().__init__(bundle=bundle, images=images, draws=draws, loss=loss, data=data, sample=sample, dtype=dtype,
+                         device=device)
         self.loss, self.draws = loss, draws
         self.official = loss.mode == "official"
         self.terms = DomainStudioTerms(loss, draws)
@@ -43,7 +45,7 @@ class DomainStudio(UnconditionalMethod):
     def micro_batch(self, step, ks):
         mb = super().micro_batch(step, ks)
         if self.official and self.terms.pairwise:
-            mb["subset"] = self.draws.subset(step, ks[0], len(ks), SIM_SIZE)
+            mb["subset"] = to_device(self.draws.subset(step, ks[0], len(ks), SIM_SIZE), self.device)
         return mb
 
     def forward(self, model, mb, need_source):

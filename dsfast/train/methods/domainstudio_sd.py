@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data import to_device
 from ..diffusion import predicted_x0
 from ..errors import ConfigError
 from .base import DomainStudioTerms, Needs, OfficialPairwise, hfmse_weights, weighted_hf_mse
@@ -44,9 +45,10 @@ class DomainStudioSD(TextToImageMethod):
             raise ConfigError("loss.mode=official on a text-to-image model uses loss.source=class_prompt (the "
                               f"released code); got {loss.source!r}")
 
-    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype):
-        super().__init__(bundle=bundle, images=images, draws=draws, loss=loss, data=data, sample=sample, dtype=dtype)
-        self.loss, self.draws, self.images = loss, draws, images
+    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
+        super().__init__(bundle=bundle, images=images, draws=draws, loss=loss, data=data, sample=sample, dtype=dtype,
+                         device=device)
+        self.loss, self.draws, self.images = loss, draws, images.to(device)
         self.terms = DomainStudioTerms(loss, draws)
         self.has_global = self.terms.pairwise and not self.official
         self.pairwise_official = OfficialPairwise(loss)
@@ -56,8 +58,10 @@ class DomainStudioSD(TextToImageMethod):
     def micro_batch(self, step, ks):
         mb = super().micro_batch(step, ks)
         if self.official:
-            mb["t_shared"] = torch.full((len(ks),), self.draws.shared_t(step, ks[0]), dtype=torch.long)
-            mb["x_other"] = self.images[self.draws.other_batch(step, ks[0], self.images.shape[0], len(ks))]
+            mb["t_shared"] = torch.full((len(ks),), self.draws.shared_t(step, ks[0]), dtype=torch.long,
+                                        device=self.device)
+            other = self.draws.other_batch(step, ks[0], self.images.shape[0], len(ks))
+            mb["x_other"] = self.images[to_device(other, self.device)]
         return mb
 
     def forward(self, model, mb, need_source):

@@ -38,27 +38,30 @@ class TextToImageMethod(Method):
         if cls.needs(loss).class_images and not data.class_prompt:
             raise ConfigError("config key 'data.class_prompt' is required (prior preservation / class-prompt source)")
 
-    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype):
-        self.bundle, self.scheduler, self.dtype = bundle, bundle.scheduler, dtype
+    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
+        self.bundle, self.scheduler, self.dtype, self.device = bundle, bundle.scheduler, dtype, device
         self.official = loss.mode == "official"  # a class sample draws its own t, as the released script
-        self.emb_inst = encode_prompt(bundle, data.instance_prompt)
-        self.emb_class = encode_prompt(bundle, data.class_prompt) if data.class_prompt else None
+        self.emb_inst = encode_prompt(bundle, data.instance_prompt, device)
+        self.emb_class = encode_prompt(bundle, data.class_prompt, device) if data.class_prompt else None
         # official: a fresh latent_dist.sample() each step, from the cached posterior mean and std
         latents = self.encode(images)
         class_latents = None
         if self.needs(loss).class_images:
-            generate_images(pretrained_pipeline(bundle), data.class_dir, data.num_class_images,
+            generate_images(pretrained_pipeline(bundle, device), data.class_dir, data.num_class_images,
                             prompt=data.class_prompt, seed=draws.seed * 1_000_003,
                             num_inference_steps=sample.num_inference_steps, guidance_scale=sample.guidance_scale,
                             what="data.class_dir")
             cimgs = load_images(data.class_dir, data.resolution, center_crop=data.center_crop, what="data.class_dir")
             class_latents = self.encode(cimgs)
-        self.batches = LatentBatches(images, latents, draws, class_latents)
+        self.batches = LatentBatches(images, latents, draws, device, class_latents)
         self.prior = PriorPreservationLoss(loss.prior) if loss.prior > 0 and class_latents is not None else None
 
     def encode(self, images):
-        """Cached latents of the images and of their mirror images (with the posterior std in official mode)."""
-        return tuple(encode_images(self.bundle, x, self.dtype, std=self.official) for x in (images, images.flip(-1)))
+        """Cached latents ``(2, N, ...)`` of the images and of their mirror images, on the training device
+        (official: ``(mean, std)``, with the posterior std)."""
+        both = [encode_images(self.bundle, x, self.dtype, self.device, std=self.official)
+                for x in (images, images.flip(-1))]
+        return tuple(torch.stack(part) for part in zip(*both)) if self.official else torch.stack(both)
 
     def micro_batch(self, step, ks):
         return self.batches(step, ks)

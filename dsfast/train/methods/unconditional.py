@@ -21,9 +21,9 @@ class UnconditionalMethod(Method):
         if loss.source != "frozen":
             raise ConfigError("loss.source must be 'frozen' for an unconditional model")
 
-    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype):
-        self.scheduler, self.dtype = bundle.scheduler, dtype
-        self.batches = PixelBatches(images, draws)
+    def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
+        self.scheduler, self.dtype, self.device = bundle.scheduler, dtype, device
+        self.batches = PixelBatches(images, draws, device)
         self.variance_type = bundle.scheduler.config.get("variance_type", "fixed_small")
 
     def micro_batch(self, step, ks):

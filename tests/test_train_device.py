@@ -1,0 +1,146 @@
+"""Every tensor and frozen module of training lives on the training device, checked without a GPU on the
+``meta`` device: the trainable UNet, the frozen source UNet, VAE and text encoder, the cached latents and
+embeddings and every micro-batch are put there, so a tensor left on the CPU raises "Tensor on device meta is
+not on the expected device cpu" (dsfast's custom ops have fake kernels: the losses run on meta). Class-image
+generation, the engine's sample grids and ``dsfast sample`` (final/ and checkpoints) must hand the generating
+code a pipeline already on the device.
+"""
+import pytest
+import torch
+import yaml
+
+from dsfast.train import methods
+from dsfast.train import sample as sample_module
+from dsfast.train.config import load_config, resolve
+from dsfast.train.data import Draws, load_images
+from dsfast.train.engine import _sample_grid
+from dsfast.train.models import describe, load, lora_config
+from dsfast.train.testing import sd_run_inputs, tiny_config, unconditional_run_inputs, write_images
+
+META = torch.device("meta")
+BATCH = 4
+PROMPTS = dict(data__instance_prompt="a sks dog", data__class_prompt="a dog", data__num_class_images=4)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("device")
+    unconditional_run_inputs(root / "u")
+    sd_run_inputs(root / "sd")
+    write_images(root / "sd" / "class", 4, size=16, seed=1)  # class images given: none generated on meta
+    return root
+
+
+def _config(root, family, **over):
+    model = root / ("u" if family == "unconditional" else "sd")
+    if family == "text2image":
+        over = {**PROMPTS, "data__class_dir": str(model / "class"), **over}
+    raw = load_config(tiny_config(root / "out", model / "model", model / "imgs", train__batch_size=BATCH, **over))
+    return resolve(raw, family, down_factor=1 if family == "unconditional" else 4)
+
+
+def _on(args, device):
+    assert all(x.device == device for x in args if isinstance(x, torch.Tensor)), [x.device for x in args]
+
+
+def _method(cfg, device):
+    """The method of ``cfg`` built on ``device``, and the training-mode UNet there (as DeepSpeed places it)."""
+    info = describe(cfg.model.pretrained)
+    cls = methods.get(cfg.method, info.family)
+    lora = lora_config(cfg.model.lora_rank, cfg.model.lora_alpha) if cfg.model.lora_rank else None
+    bundle = load(info, cfg.model.pretrained, dtype=torch.float32, lora=lora,
+                  frozen_source=cls.needs(cfg.loss).frozen_source, device=device)
+    assert {getattr(bundle.scheduler, t).device for t in ("betas", "alphas", "alphas_cumprod")} == {device}
+    if bundle.text_encoder is not None:  # an embedding takes CPU token ids on meta: check them where they enter
+        bundle.text_encoder.register_forward_pre_hook(lambda _, args: _on(args, device))
+    images = load_images(cfg.data.instance_dir, cfg.data.resolution, channels=info.channels)
+    method = cls(bundle=bundle, images=images, draws=Draws(seed=0, batch_size=BATCH, num_timesteps=1000,
+                                                           random_flip=cfg.data.random_flip),
+                 loss=cfg.loss, data=cfg.data, sample=cfg.sample, dtype=torch.float32, device=device)
+    return bundle, bundle.unet.train().to(device), method
+
+
+CASES = {
+    "uncond_finetune": ("unconditional", dict(method="finetune")),
+    "uncond_domainstudio_anchors_min_snr": ("unconditional", dict(method="domainstudio", loss__num_anchors=2,
+                                                                  loss__hfmse_weighting="min_snr")),
+    "uncond_domainstudio_official": ("unconditional", dict(method="domainstudio", loss__mode="official")),
+    "t2i_dreambooth_prior": ("text2image", dict(method="dreambooth", loss__prior=1.0)),
+    "t2i_domainstudio_frozen_latent": ("text2image", dict(loss__source="frozen", loss__space="latent")),
+    "t2i_domainstudio_class_prompt_pixel": ("text2image", dict(loss__source="class_prompt", loss__space="pixel")),
+    "t2i_domainstudio_lora_off_pixel": ("text2image", dict(loss__source="lora_off", loss__space="pixel",
+                                                           model__lora_rank=4)),
+    "t2i_domainstudio_official": ("text2image", dict(loss__mode="official")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_step_runs_on_the_device(assets, case):
+    """micro_batch, forward with and without the source, global_loss and backward, all on meta."""
+    family, over = CASES[case]
+    _, unet, method = _method(_config(assets, family, **over), META)
+    mb = method.micro_batch(3, list(range(BATCH)))
+    assert {k: v.device for k, v in mb.items()} == {k: META for k in mb}
+    with torch.no_grad():
+        assert method.forward(unet, mb, need_source=True).loss.device == META  # pass 1 of the two-pass step
+    out = method.forward(unet, mb, need_source=True)
+    loss = out.loss + method.forward(unet, mb, need_source=False).loss
+    if method.has_global:
+        assert out.source is not None and out.source.device == META
+        total, terms = method.global_loss(out.source, out.adapted, out.real, 3)
+        assert terms and total.device == META
+        loss = loss + total
+    loss.backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.device == META for g in grads)
+
+
+def _recorder(monkeypatch, module):
+    """Replaces ``module.run_pipeline`` by one that records the device of the pipeline it is given."""
+    seen = []
+
+    def run_pipeline(pipe, num, **kw):
+        seen.append(pipe.device)
+        return torch.zeros(num, 3, 16, 16)
+
+    monkeypatch.setattr(module, "run_pipeline", run_pipeline)
+    return seen
+
+
+def test_class_images_are_generated_on_the_device(assets, tmp_path, monkeypatch):
+    seen = _recorder(monkeypatch, sample_module)
+    cfg = _config(assets, "text2image", method="dreambooth", data__class_dir=str(tmp_path / "class"),
+                  data__num_class_images=3)
+    _method(cfg, META)
+    assert seen == [META] * 3 and len(list((tmp_path / "class").iterdir())) == 3
+
+
+@pytest.mark.parametrize("family", ["unconditional", "text2image"])
+def test_sample_grid_runs_on_the_device(assets, tmp_path, monkeypatch, family):
+    import dsfast.train.engine as engine
+
+    seen = _recorder(monkeypatch, engine)
+    cfg = _config(assets, family, method="finetune")
+    bundle, _, _ = _method(cfg, torch.device("cpu"))
+    _sample_grid(cfg, bundle, bundle.unet.state_dict(), tmp_path, 1, None, META)
+    assert seen == [META] and (tmp_path / "samples" / "step_00000001.png").is_file()
+
+
+def test_dsfast_sample_runs_on_the_device(assets, tmp_path, monkeypatch):
+    """final/ (a pipeline folder) and a checkpoint of a run folder."""
+    seen = _recorder(monkeypatch, sample_module)
+    model = assets / "u" / "model"
+    sample_module.sample_images(model, 2, device="meta")
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"pretrained": str(model), "lora_rank": 0},
+                                                     "deepspeed": {"zero_stage": 0}}))
+    from diffusers import UNet2DModel
+
+    weights = UNet2DModel.from_pretrained(str(model), subfolder="unet").state_dict()
+    torch.save({"module": weights}, ckpt / "mp_rank_00_model_states.pt")
+    (ckpt / "COMPLETE").write_text("1")
+    (run / "checkpoints" / "latest").write_text(ckpt.name)
+    sample_module.sample_images(run, 2, checkpoint="latest", device="meta")
+    assert seen == [META, META]
