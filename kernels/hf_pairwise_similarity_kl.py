@@ -154,6 +154,13 @@ def hf_gram_config(n: int, c: int, h: int, w: int, operand, device: torch.device
     cfg = gram_config(n, c * h * triton.cdiv(w, block_k), block_k, operand, device, block_n)
     if ds_dtype == torch.float32:  # both Grams' operands in 3xTF32: 8 warps share them (4 spill at N = 2048)
         cfg = dataclasses.replace(cfg, num_warps=8)
+    if ds_dtype in (torch.float16, torch.bfloat16) and n > block_n:
+        # several tiles: a third stage of both tiles' input rows spilled 8 B at N = 1024 (sm_80)
+        cfg = dataclasses.replace(cfg, num_stages=min(2, cfg.num_stages))
+    elif not ds and block_n <= 32:
+        # K steps unpipelined (2 per split at the headline shape): a prefetched step spilled 8-16 B
+        # (sm_90 fp32/bf16/fp16 on Triton 3.9, fp64 on Triton 3.6)
+        cfg = dataclasses.replace(cfg, num_stages=1)
     return cfg
 
 
