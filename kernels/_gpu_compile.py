@@ -32,10 +32,13 @@ from triton.runtime.jit import JITFunction
 
 from . import triton_interpreter_enabled
 
-# Per-SM limits (CUDA occupancy rules): registers, shared memory, resident threads and CTAs.
+# Per-SM limits (CUDA occupancy rules): registers, shared memory, resident threads and CTAs; and the
+# shared memory one block may use (the opt-in maximum, which Triton's driver reports as max_shared_mem).
 SM_LIMITS = {
-    80: {"name": "A100", "sms": 108, "regs": 65536, "smem": 164 * 1024, "threads": 2048, "ctas": 32},
-    90: {"name": "H100", "sms": 132, "regs": 65536, "smem": 228 * 1024, "threads": 2048, "ctas": 32},
+    80: {"name": "A100", "sms": 108, "regs": 65536, "smem": 164 * 1024, "threads": 2048, "ctas": 32,
+         "smem_block": 163 * 1024},
+    90: {"name": "H100", "sms": 132, "regs": 65536, "smem": 228 * 1024, "threads": 2048, "ctas": 32,
+         "smem_block": 227 * 1024},
 }
 
 
@@ -45,7 +48,7 @@ class _Utils:
 
     def get_device_properties(self, device):
         limits = SM_LIMITS[self.arch]
-        return {"multiprocessor_count": limits["sms"], "max_shared_mem": limits["smem"]}
+        return {"multiprocessor_count": limits["sms"], "max_shared_mem": limits["smem_block"]}
 
 
 class StubDriver(DriverBase):
@@ -145,6 +148,23 @@ def _widest(ptx: str, op: str) -> int:
     return widest
 
 
+def dot_units(ttir: str, ttgir: str) -> tuple[int, int, int]:
+    """(dots in the TTIR, TTGIR dots on the tensor cores, TTGIR dots on the FMA units) of one kernel.
+
+    A TTGIR dot (``tt.dot``, or ``warp_group_dot`` for wgmma) runs on the tensor cores when its result
+    has an NVIDIA MMA layout, on the FMA units when it keeps a blocked one. The TTGIR may hold more
+    dots than the TTIR (3xTF32 is three dots), never fewer on the tensor cores if every one is there.
+    """
+    mma = set(re.findall(r"^(#[\w]+) = #ttg\.nvidia_mma<", ttgir, re.M))
+    tensor_core = fma = 0
+    for m in re.finditer(r"\b(?:tt\.dot|ttng\.warp_group_dot)\b.*->\s*tensor<[^,>]+,\s*(#[\w.]+)", ttgir):
+        if m.group(1) in mma or m.group(1).startswith("#ttg.nvidia_mma"):
+            tensor_core += 1
+        else:
+            fma += 1
+    return len(re.findall(r"\btt\.dot\b", ttir)), tensor_core, fma
+
+
 def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel) -> dict:
     """Static figures of one compiled launch."""
     meta = kernel.metadata
@@ -159,13 +179,14 @@ def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel) -> dict:
     ctas = 1
     for g in grid:
         ctas *= int(g)
+    dots, tc_dots, fma_dots = dot_units(kernel.asm["ttir"], kernel.asm["ttgir"])
     return {
         "arch": f"sm_{arch}", "kernel": name, "grid": list(grid), "ctas": ctas,
         "num_warps": warps, "num_stages": meta.num_stages, "registers": regs, "spill_bytes": spill,
-        "shared_bytes": meta.shared, "ctas_per_sm": ctas_per_sm,
+        "shared_bytes": meta.shared, "shared_limit": lim["smem_block"], "ctas_per_sm": ctas_per_sm,
         "waves": round(ctas / (ctas_per_sm * lim["sms"]), 2) if ctas_per_sm else None,
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)), "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
-        "fma": len(re.findall(r"\bfma\.rn\.", ptx)),
+        "fma": len(re.findall(r"\bfma\.rn\.", ptx)), "dots": dots, "tc_dots": tc_dots, "fma_dots": fma_dots,
         "load_bytes": _widest(ptx, "ld"), "store_bytes": _widest(ptx, "st"),
         "i32_overflows": i32_overflows(kernel.asm["ttir"], ints, grid),
     }
@@ -273,11 +294,15 @@ def i32_overflows(ttir: str, ints: dict, grid: tuple) -> list[str]:
 # The cases: every launcher x dtype x shape
 # --------------------------------------------------------------------------------------------------
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-# (N, C, H, W): tests, the headline DomainStudio batch, N=1024 at 1024^2 (3.2e9 elements > 2^31),
-# and 6.4e9 elements (band N*C*h*w still < 2^31, so i32-specialised, while 2*band and 3*band are not).
+# (N, C, H, W): tests, the headline DomainStudio batch, N = 17, 24 and 32 (the 32-wide Gram tiles, a
+# common batch size), N=1024 at 1024^2 (3.2e9 elements > 2^31), and 6.4e9 elements (band N*C*h*w still
+# < 2^31, so i32-specialised, while 2*band and 3*band are not).
 SHAPES = {
     "small": (4, 3, 16, 16),
     "headline": (16, 3, 256, 256),
+    "n17": (17, 3, 64, 64),
+    "n24": (24, 4, 128, 128),
+    "n32": (32, 3, 256, 256),
     "n1024": (1024, 3, 1024, 1024),
     "n2048": (2048, 3, 1024, 1024),
 }
@@ -287,7 +312,7 @@ OPS = ("haar_dwt2", "haar_idwt2", "high_frequency", "high_frequency_backward", "
        "similarity_kl", "similarity_kl_backward")
 # The N x N tail keeps whole rows in registers: compiled (and spill-free) up to N=1024.
 TAIL_OPS = ("similarity_kl", "similarity_kl_backward")
-TAIL_SHAPES = ("small", "headline", "n1024")
+TAIL_SHAPES = ("small", "headline", "n32", "n1024")
 # Kernels whose work is a matrix product: their fp32/bf16/fp16 dots must run on the tensor cores.
 DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_backward_kernel")
 

@@ -154,6 +154,13 @@ def hf_gram_config(n: int, c: int, h: int, w: int, operand, device: torch.device
     cfg = gram_config(n, c * h * triton.cdiv(w, block_k), block_k, operand, device, block_n)
     if ds_dtype == torch.float32:  # both Grams' operands in 3xTF32: 8 warps share them (4 spill at N = 2048)
         cfg = dataclasses.replace(cfg, num_warps=8)
+    if ds_dtype in (torch.float16, torch.bfloat16) and n > block_n:
+        # several tiles: a third stage of both tiles' input rows spilled 8 B at N = 1024 (sm_80)
+        cfg = dataclasses.replace(cfg, num_stages=min(2, cfg.num_stages))
+    elif not ds and block_n <= 32:
+        # K steps unpipelined (2 per split at the headline shape): a prefetched step spilled 8-16 B
+        # (sm_90 fp32/bf16/fp16 on Triton 3.9, fp64 on Triton 3.6)
+        cfg = dataclasses.replace(cfg, num_stages=1)
     return cfg
 
 
@@ -187,10 +194,16 @@ def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, o
     cfg = gram_backward_config(n, c * h * w, x.dtype, x.device)
     ds = grad_image is not None
     # The one-pass DomainStudio backward holds two more [block_m, 2 * block_p] accumulators (the image
-    # term at both input rows): half the positions per program keeps it within the register file.
-    block_p = _row_block(w, max(16, cfg.block_d // (4 if ds else 2)))  # tl.dot's minimum N is 16
-    if ds:  # and 8 warps to share them (4 spill in some sm_90 fp32/fp64 launches)
-        cfg = dataclasses.replace(cfg, num_warps=8)
+    # term at both input rows): half the positions per program (a quarter with 32-row tiles) keeps it
+    # within the register file, with 8 warps to share them (4 spill in some sm_90 fp32/fp64 launches)
+    # and no prefetched K step in fp64 (sm_90 spills at 255 registers).
+    if ds:
+        block_p = _row_block(w, max(16, cfg.block_d // (8 if cfg.block_m == 32 else 4)))  # tl.dot's minimum N is 16
+        cfg = dataclasses.replace(cfg, num_warps=8, num_stages=1 if compute == tl.float64 else cfg.num_stages)
+    else:
+        block_p = _row_block(w, cfg.block_d // 2)
+        if cfg.block_m == 32:  # N = 17..32: two K steps, and prefetching the second one spills on sm_80
+            cfg = dataclasses.replace(cfg, num_stages=1)
     chunks_w = triton.cdiv(w, block_p)
     grid = (triton.cdiv(n, cfg.block_m) * c * h * chunks_w,)
     gi = grad_image if ds else grad_gram

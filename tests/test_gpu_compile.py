@@ -2,11 +2,13 @@
 
 No GPU is needed: ``dsfast.kernels._gpu_compile`` swaps in a stub Triton driver for the target and
 launches on meta tensors (any size, no memory), in a subprocess, since the test session runs Triton's
-interpreter. Each case is an op x dtype x shape; the shapes include N=1024 x 3x1024x1024 and 6.4e9
-elements (more than 2^31). Checked per compiled launch: it compiles, nothing spills, no 32-bit index
-arithmetic can overflow for that launch's arguments, and the matrix-product kernels use tensor-core
-instructions (mma / wgmma) in fp32, bf16 and fp16. ``make test-triton-oldest`` runs this file against the
-oldest supported Triton too. Compiles are cached by Triton (~/.triton/cache), so reruns take seconds.
+interpreter. Each case is an op x dtype x shape; the shapes include N = 17, 24 and 32 (32-wide Gram
+tiles), N=1024 x 3x1024x1024 and 6.4e9 elements (more than 2^31). Checked per compiled launch: it
+compiles, nothing spills, its shared memory fits the target's per-block limit, no 32-bit index
+arithmetic can overflow for that launch's arguments, and in fp32, bf16 and fp16 every dot of the
+matrix-product kernels runs on the tensor cores (each TTGIR dot has an MMA layout, at least as many
+as the TTIR has dots, and the PTX holds mma / wgmma instructions). ``make test-triton-oldest`` runs this
+file against the oldest supported Triton too. Compiles are cached by Triton (~/.triton/cache), so reruns take seconds.
 """
 import functools
 import json
@@ -51,6 +53,11 @@ def test_compiles(arch, op, dtype, shape):
     for r in launches:
         where = f"{r['kernel']} grid={r['grid']} num_warps={r['num_warps']}"
         assert r["spill_bytes"] == 0, f"{where}: {r['registers']} registers, {r['spill_bytes']} bytes spilled"
+        assert r["shared_bytes"] <= r["shared_limit"], \
+            f"{where}: {r['shared_bytes']} bytes of shared memory > the {r['shared_limit']} a block may use"
         assert not r["i32_overflows"], f"{where}: 32-bit index arithmetic overflows: {r['i32_overflows']}"
         if r["kernel"] in DOT_KERNELS and dtype != "fp64":
+            assert r["dots"] > 0, f"{where}: no dot"
+            assert r["fma_dots"] == 0 and r["tc_dots"] >= r["dots"], \
+                f"{where}: {r['fma_dots']} dots on the FMA units, {r['tc_dots']} on the tensor cores of {r['dots']}"
             assert r["mma"] + r["wgmma"] > 0, f"{where}: no tensor-core instruction (FMA-unit dot)"
