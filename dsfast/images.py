@@ -31,13 +31,28 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
     return files
 
 
+# Pixel modes whose values are not 8-bit: PIL's convert() to "L"/"RGB" clips them at 255 (a 16-bit PNG of an
+# ordinary picture would load as solid white). 16-bit ones are scaled to 8 bits (x/257: exact for an 8-bit
+# picture saved as 16 bits); the others have no range dsfast can assume and are refused by name.
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_REFUSED = {"I": "32-bit integer", "F": "32-bit float", "I;32": "32-bit integer", "I;32L": "32-bit integer",
+            "I;32B": "32-bit integer"}
+
+
 def _open(path: Path, mode: str):
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in _REFUSED:
+                raise ImageFolderError(f"cannot read image {path}: {_REFUSED[im.mode]} pixels (PIL mode {im.mode!r}) "
+                                       "have no known range; save it as an 8- or 16-bit image")
+            if im.mode in _SIXTEEN_BIT:
+                im = im.point(lambda v: v / 257)  # 0..65535 -> 0..255, still a 16-bit image
             return im.convert(mode)
+    except ImageFolderError:
+        raise
     except Exception as exc:  # PIL raises many types for a bad file
         raise ImageFolderError(f"cannot read image {path}: {exc}") from None
 
