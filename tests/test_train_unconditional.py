@@ -154,3 +154,22 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(assets, tmp_path):
     latest = (ck / "latest").read_text()
     assert (ck / latest / "COMPLETE").is_file()
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_second_run_in_the_same_output_dir_is_refused(assets, tmp_path):
+    """A run holds its output_dir: a second ``dsfast train`` there stops with one line before writing anything."""
+    from dsfast.train.checkpoint import LOCK_NAME, lock_output_dir
+
+    cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", train__max_steps=1)
+    run = tmp_path / "run"
+    held = lock_output_dir(run)  # as a running `dsfast train` holds it (another open file: flock conflicts)
+    try:
+        p = run_train(cfg, tmp_path, check=False)
+    finally:
+        held.close()
+    assert p.returncode == 1
+    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and "is in use by another dsfast train" in lines[0] and LOCK_NAME in lines[0], p.stderr[-2000:]
+    assert sorted(x.name for x in run.iterdir()) == [LOCK_NAME]  # no config.yaml, metrics, checkpoints
+    run_train(cfg, tmp_path)  # released: the same run now goes through
+    assert (run / "config.yaml").is_file() and (run / "final").is_dir()

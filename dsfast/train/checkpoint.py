@@ -49,6 +49,26 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+LOCK_NAME = ".dsfast-train.lock"
+
+
+def lock_output_dir(run_dir: Path):
+    """Create ``run_dir`` and take an exclusive lock on ``run_dir/.dsfast-train.lock`` for this run: the open
+    file (close it to release; the OS releases it when the process ends, killed or not), or None when another
+    process holds it (two runs in one folder would write every metric twice and overwrite each other's
+    checkpoints and final weights)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_NAME, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int):
         self.root = Path(root)

@@ -45,7 +45,7 @@ from dsfast.images import make_grid, save_grid
 
 from . import distributed as D
 from . import methods
-from .checkpoint import CheckpointManager, maybe_kill
+from .checkpoint import LOCK_NAME, CheckpointManager, lock_output_dir, maybe_kill
 from .config import RunConfig, dump_config, load_config, resolve
 from .data import Draws, load_images
 from .ds_config import build_ds_config, size_zero_buffers
@@ -297,91 +297,98 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     assert (D.world(), D.rank()) == (world, rank), "WORLD_SIZE/RANK disagree with the process group"
 
     run_dir = Path(cfg.output_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    D.barrier()
-
-    unet = bundle.unet
-    if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    draws = Draws(seed=t.seed, batch_size=t.batch_size, num_timesteps=bundle.scheduler.config.num_train_timesteps,
-                  random_flip=cfg.data.random_flip)
-    method = method_cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
-                        dtype=dtype, device=device)
-    named = trainable_named_parameters(unet)
-    # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
-    ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None
-    size_zero_buffers(ds_config, sum(p.numel() for _, p in named))
-    engine, _, _, lr_sched = deepspeed.initialize(
-        model=unet, model_parameters=[p for _, p in named], config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0))
-    zero3 = cfg.deepspeed.zero_stage == 3
-    if ema is not None:
-        ema.to(device)
-
-    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
-    start = 0
-    ckpt_dir = _resume_dir(t.resume, ckpts)
-    if ckpt_dir is not None:
-        start = ckpts.load(engine, ckpt_dir, ema=ema)
-        if rank == 0:
-            print(f"dsfast: resumed from {ckpt_dir} at step {start}", flush=True)
-
-    log = MetricsLog(run_dir, start) if rank == 0 else None
-    bar = tqdm(total=t.max_steps, initial=start, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
-    per_rank = t.batch_size // world
-
-    def backward(loss):
-        engine.backward(loss)
-        engine.step()
-
-    step = start
+    lock = lock_output_dir(run_dir) if rank == 0 else None  # None on rank 0: another run holds the folder
+    if D.any_flag(rank == 0 and lock is None):
+        raise TrainingError(f"output_dir {run_dir} is in use by another dsfast train (it holds {run_dir / LOCK_NAME}); "
+                            "wait for it to finish or choose another output_dir")
     try:
-        while step < t.max_steps:
-            started = time.perf_counter()
-            ks = list(range(rank * per_rank, (rank + 1) * per_rank))
-            mbs = [method.micro_batch(step, ks[i:i + t.micro_batch_size])
-                   for i in range(0, per_rank, t.micro_batch_size)]
-            grad_norms = t.log_grad_norms and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps)
-            try:
-                # With grad norms the forward runs on the module itself: DeepSpeed hooks the engine's outputs
-                # and would take the per-term autograd.grad for the start of the backward.
-                logs = run_step(method, engine.module if grad_norms else engine, mbs, backward, step=step,
-                                device=device, grad_norms=grad_norms)
-            except NonFiniteLoss as exc:
-                last = ckpts.latest()
-                raise TrainingError(f"{exc}: training stopped; the last good checkpoint is "
-                                    f"{last if last is not None else '(none saved yet)'}") from None
-            if t.ema:
-                update_ema(ema, engine.module, zero3, step)
-            step += 1
-            logs["lr"] = lr_sched.get_last_lr()[0] if lr_sched is not None else t.lr
-            logs["sec_per_step"] = time.perf_counter() - started  # the training step only
-            maybe_kill(f"step:{step}")
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == t.max_steps:
-                started = time.perf_counter()
-                ckpts.save(engine, step, ema=ema)
-                logs["checkpoint_sec"] = time.perf_counter() - started
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                started = time.perf_counter()
-                _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log, device)
-                D.barrier()
-                logs["sample_sec"] = time.perf_counter() - started
-            if log is not None:
-                if step % t.log_every == 0 or step == t.max_steps:
-                    log.write(step, logs)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k not in _NOT_IN_BAR}, refresh=False)
-                bar.update(1)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
+        if rank == 0:
+            dump_config(cfg, run_dir / "config.yaml")
+        D.barrier()
 
-    sd = export_weights(engine.module, ema, zero3)
-    if rank == 0:
-        save_final(bundle, sd, run_dir / "final")
-    D.barrier()
-    return run_dir
+        unet = bundle.unet
+        if t.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        draws = Draws(seed=t.seed, batch_size=t.batch_size, num_timesteps=bundle.scheduler.config.num_train_timesteps,
+                      random_flip=cfg.data.random_flip)
+        method = method_cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
+                            dtype=dtype, device=device)
+        named = trainable_named_parameters(unet)
+        # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
+        ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None
+        size_zero_buffers(ds_config, sum(p.numel() for _, p in named))
+        engine, _, _, lr_sched = deepspeed.initialize(
+            model=unet, model_parameters=[p for _, p in named], config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0))
+        zero3 = cfg.deepspeed.zero_stage == 3
+        if ema is not None:
+            ema.to(device)
+
+        ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
+        start = 0
+        ckpt_dir = _resume_dir(t.resume, ckpts)
+        if ckpt_dir is not None:
+            start = ckpts.load(engine, ckpt_dir, ema=ema)
+            if rank == 0:
+                print(f"dsfast: resumed from {ckpt_dir} at step {start}", flush=True)
+
+        log = MetricsLog(run_dir, start) if rank == 0 else None
+        bar = tqdm(total=t.max_steps, initial=start, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
+        per_rank = t.batch_size // world
+
+        def backward(loss):
+            engine.backward(loss)
+            engine.step()
+
+        step = start
+        try:
+            while step < t.max_steps:
+                started = time.perf_counter()
+                ks = list(range(rank * per_rank, (rank + 1) * per_rank))
+                mbs = [method.micro_batch(step, ks[i:i + t.micro_batch_size])
+                       for i in range(0, per_rank, t.micro_batch_size)]
+                grad_norms = t.log_grad_norms and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps)
+                try:
+                    # With grad norms the forward runs on the module itself: DeepSpeed hooks the engine's outputs
+                    # and would take the per-term autograd.grad for the start of the backward.
+                    logs = run_step(method, engine.module if grad_norms else engine, mbs, backward, step=step,
+                                    device=device, grad_norms=grad_norms)
+                except NonFiniteLoss as exc:
+                    last = ckpts.latest()
+                    raise TrainingError(f"{exc}: training stopped; the last good checkpoint is "
+                                        f"{last if last is not None else '(none saved yet)'}") from None
+                if t.ema:
+                    update_ema(ema, engine.module, zero3, step)
+                step += 1
+                logs["lr"] = lr_sched.get_last_lr()[0] if lr_sched is not None else t.lr
+                logs["sec_per_step"] = time.perf_counter() - started  # the training step only
+                maybe_kill(f"step:{step}")
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == t.max_steps:
+                    started = time.perf_counter()
+                    ckpts.save(engine, step, ema=ema)
+                    logs["checkpoint_sec"] = time.perf_counter() - started
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    started = time.perf_counter()
+                    _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log, device)
+                    D.barrier()
+                    logs["sample_sec"] = time.perf_counter() - started
+                if log is not None:
+                    if step % t.log_every == 0 or step == t.max_steps:
+                        log.write(step, logs)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k not in _NOT_IN_BAR}, refresh=False)
+                    bar.update(1)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+
+        sd = export_weights(engine.module, ema, zero3)
+        if rank == 0:
+            save_final(bundle, sd, run_dir / "final")
+        D.barrier()
+        return run_dir
+    finally:
+        if lock is not None:
+            lock.close()  # the OS drops the lock of a killed process too
