@@ -46,6 +46,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from dsfast.argtypes import positive_int
+
 GIB = 2 ** 30
 CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' checkpointed modules
 STAGE3_REUSE = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance (elements; = stage3_max_live_parameters)
@@ -518,6 +520,21 @@ def table(planner: Planner, options: dict, gpus, batch: int, resolutions) -> lis
     return lines
 
 
+def _gpu_sizes(text: str) -> list[float]:
+    """Comma-separated GPU memory sizes in GB, each a positive number."""
+    try:
+        sizes = [float(g) for g in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"GPU sizes in GB, comma-separated (e.g. 24,80), got {text!r}") from None
+    if not all(0 < g < float("inf") for g in sizes):
+        raise argparse.ArgumentTypeError(f"GPU sizes must be positive numbers of GB, got {text!r}")
+    return sizes
+
+
+def _resolutions(text: str) -> list[int]:
+    return [positive_int(r) for r in text.split(",")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="dsfast plan",
@@ -528,13 +545,15 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in architecture")
     src.add_argument("--config", help="a run config (YAML); its model.pretrained must be a local pipeline folder")
-    ap.add_argument("--gpu", default="24,48,80", help="GPU memory sizes in GB, comma-separated (default 24,48,80)")
-    ap.add_argument("--batch", type=int, default=16, help="global batch (default 16)")
-    ap.add_argument("--resolution", default=None, help="resolutions in pixels, comma-separated (default: the model's)")
-    ap.add_argument("--world", type=int, default=1, help="ranks (--config only; default 1)")
+    ap.add_argument("--gpu", type=_gpu_sizes, default="24,48,80",
+                    help="GPU memory sizes in GB, comma-separated (default 24,48,80)")
+    ap.add_argument("--batch", type=positive_int, default=16, help="global batch (default 16)")
+    ap.add_argument("--resolution", type=_resolutions, default=None,
+                    help="resolutions in pixels, comma-separated (default: the model's)")
+    ap.add_argument("--world", type=positive_int, default=1, help="ranks (--config only; default 1)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (--config only)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    gpus = [float(g) for g in args.gpu.split(",")]
+    gpus = args.gpu
     if args.config:
         from dsfast.train.config import ConfigError, load_config
 
@@ -554,7 +573,7 @@ def main(argv=None) -> int:
         batch = args.batch
         res = [spec["resolution"]]
     if args.resolution:
-        res = [int(r) for r in args.resolution.split(",")]
+        res = args.resolution
     print(f"Predicted peak GPU memory per rank (global batch {batch}; 10 % of each GPU left as head-room):")
     print("\n".join(table(Planner(spec), options, gpus, batch, res)))
     return 0

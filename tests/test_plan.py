@@ -1,7 +1,7 @@
 """`dsfast plan` arithmetic on a tiny SD-structured architecture (meta device: no weights, seconds)."""
 import pytest
 
-from dsfast.plan import OPTIONS, Option, Planner, _count, largest_micro_batch, main
+from dsfast.plan import OPTIONS, PRESETS, Option, Planner, _count, largest_micro_batch, main
 
 TINY = dict(
     family="text2image", resolution=32, text_len=8,
@@ -125,3 +125,18 @@ def test_cli_from_run_config(tmp_path, capsys):
     assert main(["--config", str(f), "--gpu", "8,16"]) == 0
     out = capsys.readouterr().out
     assert "| config | 16 |" in out and "8 GB: largest micro-batch" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu", "-5"], "argument --gpu: GPU sizes must be positive"),
+    (["--gpu", "abc"], "argument --gpu: GPU sizes in GB"),
+    (["--batch", "0"], "argument --batch: must be at least 1"),
+    (["--world", "0"], "argument --world: must be at least 1"),
+    (["--resolution", "0"], "argument --resolution: must be at least 1"),
+])
+def test_cli_bad_numbers_are_one_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", sorted(PRESETS)[0], *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.strip().splitlines()[-1].startswith("dsfast plan: error:")

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from dsfast.argtypes import positive_int
 from dsfast.eval.distances import LPIPS_NETS, LPIPS_SIZE, MetricUnavailable, get_distance
 from dsfast.eval.metrics import evaluate
 from dsfast.images import ImageFolderError, image_sizes, list_images, load_folder
@@ -27,13 +28,13 @@ def parse_args(argv):
                         "package and the network's weights on disk)")
     p.add_argument("--lpips-net", choices=tuple(LPIPS_NETS), default="vgg",
                    help="LPIPS network: 'vgg' (the protocol's, default) or 'alex' (not comparable with published numbers)")
-    p.add_argument("--lpips-size", type=int, default=LPIPS_SIZE,
+    p.add_argument("--lpips-size", type=positive_int, default=LPIPS_SIZE,
                    help="LPIPS: every image is resized (bilinear) to SIZE x SIZE before the network (protocol: 256)")
     p.add_argument("--fid", action="store_true",
                    help="also compute FID (pytorch-fid or torch-fidelity with Inception weights on disk)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=positive_int, default=None,
                    help="resize every image to SIZE x SIZE (default: the training images' size when sizes differ)")
-    p.add_argument("--max-per-cluster", type=int, default=50, help="members per cluster used for the pairs")
+    p.add_argument("--max-per-cluster", type=positive_int, default=50, help="members per cluster used for the pairs")
     p.add_argument("--device", default="cpu", help="device for LPIPS / FID networks")
     p.add_argument("--json", type=Path, default=None, help="write the full result to this JSON file")
     return p.parse_args(argv)
