@@ -173,3 +173,22 @@ def test_second_run_in_the_same_output_dir_is_refused(assets, tmp_path):
     assert sorted(x.name for x in run.iterdir()) == [LOCK_NAME]  # no config.yaml, metrics, checkpoints
     run_train(cfg, tmp_path)  # released: the same run now goes through
     assert (run / "config.yaml").is_file() and (run / "final").is_dir()
+
+
+@pytest.mark.parametrize("missing", ["ema.pt", "rng_rank0.pt"])
+def test_resume_refuses_a_checkpoint_without_its_ema_or_rng(assets, baseline, tmp_path, missing):
+    """A resume that cannot continue exactly (the EMA or the random state is gone) stops with one line, before
+    training a step, instead of restarting the EMA from the pretrained weights in silence."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    (run / "checkpoints" / "step_00000004" / missing).unlink()
+    cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", checkpoint_every=2, keep_last=0,
+                      train__max_steps=6, train__micro_batch_size=2)
+    before = (run / "metrics.jsonl").read_text()
+    p = run_train(cfg, tmp_path, "--resume", str(run / "checkpoints" / "step_00000004"), check=False)
+    assert p.returncode == 1
+    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and f"has no {missing}" in lines[0], p.stderr[-2000:]
+    assert (run / "metrics.jsonl").read_text() == before and not (run / "checkpoints" / "step_00000006").exists()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from .errors import TrainingError
 
 COMPLETE = "COMPLETE"
 
@@ -133,10 +134,16 @@ class CheckpointManager:
         _, client = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
+        # A resumed run must continue exactly: state the checkpoint lacks is an error, not a silent restart.
         rng = ckpt_dir / f"rng_rank{D.rank()}.pt"
-        if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
-        if ema is not None and (ckpt_dir / "ema.pt").is_file():
+        if not rng.is_file():
+            raise TrainingError(f"checkpoint {ckpt_dir} has no {rng.name}: the random state (dropout, draws) cannot "
+                                "be restored; resume from another checkpoint")
+        set_rng_state(torch.load(rng, weights_only=False))
+        if ema is not None:
+            if not (ckpt_dir / "ema.pt").is_file():
+                raise TrainingError(f"checkpoint {ckpt_dir} has no ema.pt but the run keeps an EMA (train.ema): "
+                                    "resume from a checkpoint that has it, or set train.ema=0")
             ema.load_state_dict(torch.load(ckpt_dir / "ema.pt", weights_only=False))
         return int(client["step"])
 
