@@ -1,4 +1,6 @@
 """Config loading: unknown keys, dotted overrides, type coercion, method defaults (no training)."""
+import re
+
 import pydantic
 import pytest
 
@@ -100,3 +102,14 @@ def test_resolve_world_and_resolution():
         resolve(load_config(BASE, ["train.batch_size=2"]), "unconditional")
     with pytest.raises(pydantic.ValidationError):  # frozen: nothing changes a resolved config
         cfg.train.lr = 1.0
+
+
+def test_yaml_syntax_errors_name_the_file_or_override(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("method: domainstudio\ntrain: {lr: 1e-4\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(bad))}: not valid YAML \(line 3, column \d+\)"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("method: domainstudio\n")
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1,': not valid YAML"):
+        load_config(good, ["train.lr=[1,"])

@@ -201,8 +201,15 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+def _load_yaml(text: str, what: str):
+    """YAML 1.2 booleans (``_Loader``); a syntax error is one ConfigError naming ``what`` and the place."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what}: not valid YAML{where}: {problem}") from None
 
 
 def parse_overrides(overrides) -> list[tuple[str, Any]]:
@@ -211,7 +218,7 @@ def parse_overrides(overrides) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-5)")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), _load_yaml(raw) if raw.strip() != "" else None))
+        out.append((key.strip(), _load_yaml(raw, f"override '{item}'") if raw.strip() != "" else None))
     return out
 
 
@@ -226,7 +233,7 @@ def load_config(config: dict | str | Path | RunConfig, overrides=()) -> RunConfi
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = _load_yaml(path.read_text()) or {}
+        data = _load_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a YAML mapping")
         source_name = path.stem
