@@ -227,3 +227,18 @@ def test_sample_argument_errors(tmp_path, capsys):
     assert "does not exist" in err and err.count("\n") == 1
     assert sample.main(["--run", str(tmp_path / "nope")]) == 1
     assert "no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_output_dir_that_cannot_be_a_folder_is_refused_before_loading(tmp_path, capsys, where):
+    """Checked before the model is looked at (the model path here does not even exist): one line, exit 1."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    out = blocker if where == "file" else blocker / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({"method": "domainstudio", "model": {"pretrained": str(tmp_path / "no_model")},
+                               "data": {"instance_dir": str(tmp_path / "no_images")}, "output_dir": str(out)}))
+    assert train_cli.main(["--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"output_dir {out}" in err[0] and "no_model" not in err[0], err
+    assert blocker.read_text() == "a file"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 
 COMPLETE = "COMPLETE"
 
@@ -51,6 +51,19 @@ def set_rng_state(state: dict) -> None:
 
 
 LOCK_NAME = ".dsfast-train.lock"
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """``run_dir`` can become this run's folder: it is a folder or does not exist yet, under a folder (checked
+    before any model is loaded, so a bad ``output_dir`` costs no time and writes nothing)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} exists and is not a folder")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {run_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {run_dir}: no permission to write in {existing}")
 
 
 def lock_output_dir(run_dir: Path):

@@ -45,7 +45,7 @@ from dsfast.images import make_grid, save_grid
 
 from . import distributed as D
 from . import methods
-from .checkpoint import LOCK_NAME, CheckpointManager, lock_output_dir, maybe_kill
+from .checkpoint import LOCK_NAME, CheckpointManager, check_output_dir, lock_output_dir, maybe_kill
 from .config import RunConfig, dump_config, load_config, resolve
 from .data import Draws, load_images
 from .ds_config import build_ds_config, size_zero_buffers
@@ -274,6 +274,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
 
     # Everything that can be wrong with the input is checked before any process group exists.
+    check_output_dir(Path(raw.output_dir))
     info = describe(raw.model.pretrained)
     cfg = resolve(raw, info.family, world=world, default_resolution=info.default_resolution,
                   down_factor=info.down_factor)
