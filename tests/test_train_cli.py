@@ -227,6 +227,13 @@ def test_sample_argument_errors(tmp_path, capsys):
     assert "does not exist" in err and err.count("\n") == 1
     assert sample.main(["--run", str(tmp_path / "nope")]) == 1
     assert "no such folder" in capsys.readouterr().err
+    # checked before sampling (the run folder here is not even a run)
+    assert sample.main(["--run", str(tmp_path), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "is a folder; give the grid's file name" in err and err.count("\n") == 1
+    (tmp_path / "f.txt").write_text("x")
+    assert sample.main(["--run", str(tmp_path), "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "f.txt")]) == 1
+    assert "--out-dir" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
 
 
 @pytest.mark.parametrize("where", ["file", "under_a_file"])

@@ -182,9 +182,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        folder = Path(args.out).parent
+        out, folder = Path(args.out), Path(args.out).parent
         if not folder.is_dir():
             raise ConfigError(f"--out {args.out}: the folder {folder} does not exist")
+        if out.is_dir():
+            raise ConfigError(f"--out {args.out} is a folder; give the grid's file name (e.g. {out / 'grid.png'})")
+        if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+            raise ConfigError(f"--out-dir {args.out_dir} exists and is not a folder")
         imgs = sample_images(args.run, args.num, seed=args.seed, prompt=args.prompt, num_inference_steps=args.steps,
                              checkpoint=args.checkpoint)
     except USER_ERRORS as exc:
