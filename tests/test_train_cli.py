@@ -249,3 +249,19 @@ def test_output_dir_that_cannot_be_a_folder_is_refused_before_loading(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"output_dir {out}" in err[0] and "no_model" not in err[0], err
     assert blocker.read_text() == "a file"
+
+
+@pytest.mark.parametrize("resume", ["missing", "empty"])
+def test_resume_from_a_folder_that_is_no_checkpoint_writes_nothing(tmp_path, capsys, resume):
+    """Checked before anything is written or loaded: the run folder's config.yaml stays as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("an earlier run's config")
+    (tmp_path / "empty").mkdir()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({"method": "domainstudio", "model": {"pretrained": str(tmp_path / "no_model")},
+                               "data": {"instance_dir": str(tmp_path / "no_images")}, "output_dir": str(run)}))
+    assert train_cli.main(["--config", str(cfg), "--resume", str(tmp_path / resume)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.resume=" in err[0], err
+    assert (run / "config.yaml").read_text() == "an earlier run's config"

@@ -113,3 +113,17 @@ def test_yaml_syntax_errors_name_the_file_or_override(tmp_path):
     good.write_text("method: domainstudio\n")
     with pytest.raises(ConfigError, match=r"override 'train.lr=\[1,': not valid YAML"):
         load_config(good, ["train.lr=[1,"])
+
+
+@pytest.mark.parametrize("value, message", [("nan", "finite"), ("inf", "finite"), ("0", "greater than 0"),
+                                            ("-1e-4", "greater than 0")])
+def test_learning_rate_must_be_a_positive_finite_number(value, message):
+    """Refused when the config is read, before any output folder exists (nan used to fail after it was made,
+    inf at the second step)."""
+    with pytest.raises(ConfigError, match=rf"'train.lr'.*{message}"):
+        load_config(BASE, [f"train.lr={value}"])
+
+
+def test_no_config_float_may_be_nan_or_inf():
+    with pytest.raises(ConfigError, match="'loss.tau'.*finite"):
+        load_config(BASE, ["loss.tau=nan"])

@@ -25,7 +25,7 @@ __all__ = ["ConfigError", "RunConfig", "dump_config", "load_config", "parse_over
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True, allow_inf_nan=False)  # no nan or inf anywhere
 
 
 class ModelConfig(_Section):
@@ -66,7 +66,7 @@ class TrainConfig(_Section):
     max_steps: int = Field(800, ge=1)  # optimizer steps
     batch_size: int | None = Field(None, ge=1)  # global batch (instance images per optimizer step)
     micro_batch_size: int | None = Field(None, ge=1)  # per rank per forward; None = batch_size / world size
-    lr: float | None = None  # AdamW learning rate
+    lr: float | None = Field(None, gt=0)  # AdamW learning rate
     weight_decay: float | None = None  # AdamW weight decay; None = the mode's default
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.999  # AdamW beta2

@@ -45,7 +45,7 @@ from dsfast.images import make_grid, save_grid
 
 from . import distributed as D
 from . import methods
-from .checkpoint import LOCK_NAME, CheckpointManager, check_output_dir, lock_output_dir, maybe_kill
+from .checkpoint import COMPLETE, LOCK_NAME, CheckpointManager, check_output_dir, lock_output_dir, maybe_kill
 from .config import RunConfig, dump_config, load_config, resolve
 from .data import Draws, load_images
 from .ds_config import build_ds_config, size_zero_buffers
@@ -216,6 +216,8 @@ def _resume_dir(mode: str, ckpts: CheckpointManager) -> Path | None:
     p = Path(mode)
     if not p.is_dir():
         raise ConfigError(f"train.resume={mode}: not a checkpoint folder")
+    if not (p / COMPLETE).is_file():
+        raise ConfigError(f"train.resume={mode}: not a complete dsfast checkpoint (no {COMPLETE} marker in it)")
     return p
 
 
@@ -275,6 +277,8 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
 
     # Everything that can be wrong with the input is checked before any process group exists.
     check_output_dir(Path(raw.output_dir))
+    ckpts = CheckpointManager(Path(raw.output_dir) / "checkpoints", raw.keep_last)
+    ckpt_dir = _resume_dir(raw.train.resume, ckpts)  # before anything is written
     info = describe(raw.model.pretrained)
     cfg = resolve(raw, info.family, world=world, default_resolution=info.default_resolution,
                   down_factor=info.down_factor)
@@ -327,9 +331,7 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
         if ema is not None:
             ema.to(device)
 
-        ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
         start = 0
-        ckpt_dir = _resume_dir(t.resume, ckpts)
         if ckpt_dir is not None:
             start = ckpts.load(engine, ckpt_dir, ema=ema)
             if rank == 0:
