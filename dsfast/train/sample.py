@@ -17,6 +17,7 @@ import yaml
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
+from dsfast.argtypes import positive_int
 from dsfast.images import save_grid, save_images
 
 from . import distributed as D
@@ -153,16 +154,6 @@ def _run_prompt(run: Path) -> str | None:
     return (data.get("sample") or {}).get("prompt") or (data.get("data") or {}).get("instance_prompt")
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dsfast sample",
@@ -171,9 +162,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", default=None, metavar="latest|step_N",
                     help="sample from this checkpoint of the run instead of final/ (e.g. while it trains)")
     ap.add_argument("--prompt", default=None, help="text-to-image prompt (default: the run's sample prompt)")
-    ap.add_argument("--num", type=_positive, default=16, help="number of images (default: 16)")
+    ap.add_argument("--num", type=positive_int, default=16, help="number of images (default: 16)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses generator seed SEED + i (default: 0)")
-    ap.add_argument("--steps", type=_positive, default=50, help="number of inference steps (default: 50)")
+    ap.add_argument("--steps", type=positive_int, default=50, help="number of inference steps (default: 50)")
     ap.add_argument("--out", default="grid.png", help="grid PNG to write; its folder must exist (default: grid.png)")
     ap.add_argument("--out-dir", default=None, help="also write each image as a PNG into this folder")
     return ap
