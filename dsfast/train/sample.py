@@ -173,7 +173,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        out, folder = Path(args.out), Path(args.out).parent
+        out = Path(args.out)
+        folder = out.parent
         if not folder.is_dir():
             raise ConfigError(f"--out {args.out}: the folder {folder} does not exist")
         if out.is_dir():
