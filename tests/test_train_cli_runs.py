@@ -69,7 +69,7 @@ def test_sample_from_checkpoints_and_errors(assets, tmp_path, capsys):
     assert main(["--run", str(run), "--checkpoint", "step_1", "--num", "2", "--steps", "3",
                  "--out", str(tmp_path / "g.png")]) == 0 and (tmp_path / "g.png").is_file()
     assert main(["--run", str(run), "--checkpoint", "step_9"]) == 1
-    assert "complete ones: step_00000001, step_00000002" in capsys.readouterr().err
+    assert "usable ones: step_00000001, step_00000002" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

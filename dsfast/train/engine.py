@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,17 @@ from dsfast.images import make_grid, save_grid
 
 from . import distributed as D
 from . import methods
-from .checkpoint import COMPLETE, LOCK_NAME, CheckpointManager, check_output_dir, lock_output_dir, maybe_kill
+from .checkpoint import (
+    LOCK_NAME,
+    CheckpointManager,
+    check_output_dir,
+    disk_full_message,
+    folder_bytes,
+    is_disk_full,
+    lock_output_dir,
+    maybe_kill,
+    problem,
+)
 from .config import RunConfig, dump_config, load_config, resolve
 from .data import Draws, load_images
 from .ds_config import build_ds_config, size_zero_buffers
@@ -71,9 +82,10 @@ _NOT_IN_BAR = ("lr", "sec_per_step", "checkpoint_sec", "sample_sec")
 # ----------------------------------------------------------------------------- one optimizer step
 
 def _check(value: torch.Tensor | None, what: str, step: int) -> None:
+    """``step`` counts the updates done before this one (from 0); messages count steps from 1, as metrics do."""
     bad = value is not None and not bool(torch.isfinite(value.detach()).all())
     if D.any_flag(bad):
-        raise NonFiniteLoss(f"non-finite {what} at step {step}")
+        raise NonFiniteLoss(f"non-finite {what} in step {step + 1}")
 
 
 def _add_terms(acc: dict, terms: dict, scale: float) -> None:
@@ -216,8 +228,9 @@ def _resume_dir(mode: str, ckpts: CheckpointManager) -> Path | None:
     p = Path(mode)
     if not p.is_dir():
         raise ConfigError(f"train.resume={mode}: not a checkpoint folder")
-    if not (p / COMPLETE).is_file():
-        raise ConfigError(f"train.resume={mode}: not a complete dsfast checkpoint (no {COMPLETE} marker in it)")
+    why = problem(p)
+    if why is not None:
+        raise ConfigError(f"train.resume={mode}: not a usable dsfast checkpoint: {why}")
     return p
 
 
@@ -228,6 +241,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, start: int):
         self.path = run_dir / "metrics.jsonl"
+        self.last = 0  # the last step with a line
         if self.path.is_file():
             keep = []
             for line in self.path.read_text().splitlines():
@@ -237,11 +251,13 @@ class MetricsLog:
                 except (ValueError, KeyError):
                     pass
             self.path.write_text("".join(line + "\n" for line in keep))
+            self.last = max((json.loads(line)["step"] for line in keep), default=0)
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
 
     def write(self, step: int, logs: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **logs}) + "\n")
+        self.last = step
         for k, v in logs.items():
             self.writer.add_scalar(f"train/{k}", v, step)
 
@@ -250,21 +266,32 @@ class MetricsLog:
         self.writer.close()
 
 
+def _grid_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "samples" / f"step_{step:08d}.png"
+
+
 def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: MetricsLog | None,
                  device: torch.device) -> None:
     if D.rank() != 0:
         return
     s = cfg.sample
-    imgs = run_pipeline(build_pipeline(bundle, sd, device=device), s.num, seed=s.seed, prompt=s.prompt,
-                        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
-    out = run_dir / "samples"
-    out.mkdir(exist_ok=True)
-    save_grid(imgs, out / f"step_{step:08d}.png")
+    # the training RNG goes on as if no grid were drawn (a resumed run redraws a lost grid from the checkpoint)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        imgs = run_pipeline(build_pipeline(bundle, sd, device=device), s.num, seed=s.seed, prompt=s.prompt,
+                            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
+    out = _grid_path(run_dir, step)
+    out.parent.mkdir(exist_ok=True)
+    save_grid(imgs, out)
     if log is not None:
         log.writer.add_image("samples", torch.from_numpy(make_grid(imgs)).permute(2, 0, 1), step)
 
 
 # ----------------------------------------------------------------------------- train
+
+def _log_due(step: int, t) -> bool:
+    """Whether step ``step`` (from 1) writes a metrics line."""
+    return step % t.log_every == 0 or step == t.max_steps
+
 
 def train(config, overrides=(), *, resume: str | None = None) -> Path:
     """Train a run; returns the run folder. See the README for the config keys."""
@@ -277,7 +304,8 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
 
     # Everything that can be wrong with the input is checked before any process group exists.
     check_output_dir(Path(raw.output_dir))
-    ckpts = CheckpointManager(Path(raw.output_dir) / "checkpoints", raw.keep_last)
+    ckpts = CheckpointManager(Path(raw.output_dir) / "checkpoints", raw.keep_last,
+                              report=(lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else None)
     ckpt_dir = _resume_dir(raw.train.resume, ckpts)  # before anything is written
     info = describe(raw.model.pretrained)
     cfg = resolve(raw, info.family, world=world, default_resolution=info.default_resolution,
@@ -323,45 +351,68 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
         # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
         ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None
         size_zero_buffers(ds_config, sum(p.numel() for _, p in named))
+
+        def warmup(s: int) -> float:
+            return min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+
         engine, _, _, lr_sched = deepspeed.initialize(
             model=unet, model_parameters=[p for _, p in named], config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0))
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup))
         zero3 = cfg.deepspeed.zero_stage == 3
         if ema is not None:
             ema.to(device)
 
         start = 0
         if ckpt_dir is not None:
-            start = ckpts.load(engine, ckpt_dir, ema=ema)
+            start, saved_logs = ckpts.load(engine, ckpt_dir, ema=ema)
+            # train.lr of this run applies from here on (the loaded optimizer holds the one it was saved with):
+            # a run that diverged resumes with a smaller one; an unchanged lr continues bit-identically
+            lr_sched.base_lrs = [t.lr] * len(lr_sched.base_lrs)
+            for group in lr_sched.optimizer.param_groups:
+                group["lr"] = t.lr * warmup(lr_sched.last_epoch)
             if rank == 0:
                 print(f"dsfast: resumed from {ckpt_dir} at step {start}", flush=True)
 
         log = MetricsLog(run_dir, start) if rank == 0 else None
+        if start:  # what a kill between the checkpoint and the end of its step lost: the grid and the metrics line
+            if cfg.sample_every and start % cfg.sample_every == 0 and D.any_flag(
+                    rank == 0 and not _grid_path(run_dir, start).is_file()):
+                _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, start, log, device)
+                D.barrier()
+            if log is not None and _log_due(start, t) and log.last < start:
+                log.write(start, saved_logs)
         bar = tqdm(total=t.max_steps, initial=start, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
         per_rank = t.batch_size // world
 
+        step = start
+
         def backward(loss):
             engine.backward(loss)
+            maybe_kill(f"backward:{step + 1}")
             engine.step()
 
-        step = start
+        def stopped(exc: NonFiniteLoss) -> TrainingError:
+            # the weights after `step` updates gave it: their checkpoint, if one was saved, must not be resumed
+            ckpts.diverged(step)
+            last = ckpts.latest(quiet=True)
+            return TrainingError(f"{exc}: training stopped; the last good checkpoint is "
+                                 f"{last if last is not None else '(none saved yet)'}")
+
         try:
             while step < t.max_steps:
                 started = time.perf_counter()
                 ks = list(range(rank * per_rank, (rank + 1) * per_rank))
                 mbs = [method.micro_batch(step, ks[i:i + t.micro_batch_size])
                        for i in range(0, per_rank, t.micro_batch_size)]
-                grad_norms = t.log_grad_norms and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps)
+                grad_norms = t.log_grad_norms and _log_due(step + 1, t)
                 try:
                     # With grad norms the forward runs on the module itself: DeepSpeed hooks the engine's outputs
                     # and would take the per-term autograd.grad for the start of the backward.
                     logs = run_step(method, engine.module if grad_norms else engine, mbs, backward, step=step,
                                     device=device, grad_norms=grad_norms)
                 except NonFiniteLoss as exc:
-                    last = ckpts.latest()
-                    raise TrainingError(f"{exc}: training stopped; the last good checkpoint is "
-                                        f"{last if last is not None else '(none saved yet)'}") from None
+                    raise stopped(exc) from None
+                ckpts.confirm()  # the newest checkpoint's weights gave a finite step
                 if t.ema:
                     update_ema(ema, engine.module, zero3, step)
                 step += 1
@@ -370,18 +421,24 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
                 maybe_kill(f"step:{step}")
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == t.max_steps:
                     started = time.perf_counter()
-                    ckpts.save(engine, step, ema=ema)
+                    try:
+                        ckpts.save(engine, step, ema=ema, logs=logs)
+                    except NonFiniteLoss as exc:
+                        raise stopped(exc) from None
                     logs["checkpoint_sec"] = time.perf_counter() - started
+                    maybe_kill(f"saved:{step}")
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     started = time.perf_counter()
                     _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log, device)
                     D.barrier()
                     logs["sample_sec"] = time.perf_counter() - started
+                    maybe_kill(f"sampled:{step}")
                 if log is not None:
-                    if step % t.log_every == 0 or step == t.max_steps:
+                    if _log_due(step, t):
                         log.write(step, logs)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k not in _NOT_IN_BAR}, refresh=False)
                     bar.update(1)
+            ckpts.confirm()  # the run ended: the last checkpoint is its result
         finally:
             bar.close()
             if log is not None:
@@ -389,9 +446,23 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
 
         sd = export_weights(engine.module, ema, zero3)
         if rank == 0:
-            save_final(bundle, sd, run_dir / "final")
+            try:
+                save_final(bundle, sd, run_dir / "final")
+            except Exception as exc:  # safetensors reports a full disk as its own error type
+                if not is_disk_full(exc, run_dir):
+                    raise
+                last = ckpts.latest(quiet=True)
+                raise TrainingError(f"{disk_full_message(run_dir, 'final/', folder_bytes(last) if last else None)}; "
+                                    f"final/ was not written (nothing partial left); its weights are in {last}: "
+                                    "free space and run again with --resume latest to write it") from None
         D.barrier()
         return run_dir
+    except OSError as exc:  # a full disk anywhere else (metrics, sample grids, TensorBoard): one line too
+        if not is_disk_full(exc, run_dir):
+            raise
+        last = ckpts.latest(quiet=True)
+        raise TrainingError(f"{disk_full_message(run_dir, 'the run folder', None)} ({exc.filename or exc}); "
+                            f"the last good checkpoint is {last if last else '(none saved yet)'}") from None
     finally:
         if lock is not None:
             lock.close()  # the OS drops the lock of a killed process too

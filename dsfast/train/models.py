@@ -300,11 +300,16 @@ def pretrained_pipeline(bundle: Bundle, device: torch.device):
 
 @contextmanager
 def _replace_dir(out: Path):
-    """Write into ``<out>.tmp`` and move it to ``out`` when done, so ``out`` is never half-written."""
+    """Write into ``<out>.tmp`` and move it to ``out`` when done, so ``out`` is never half-written (and the
+    temporary folder of a write that fails is removed)."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left (a full disk, an interrupt)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -21,14 +21,15 @@ from dsfast.argtypes import positive_int
 from dsfast.images import save_grid, save_images
 
 from . import distributed as D
-from .checkpoint import CheckpointManager, read_weights, tag_of
+from .checkpoint import CheckpointManager, problem, read_weights, tag_of
 from .data import count_images
 from .errors import USER_ERRORS, ConfigError, ModelError
 from .models import build_pipeline, describe, load, lora_config
 
 
 def _checkpoints(run: Path) -> CheckpointManager:
-    return CheckpointManager(run / "checkpoints", keep_last=0)
+    """A run's checkpoints; a newest one that does not verify is passed over with one line on stderr."""
+    return CheckpointManager(run / "checkpoints", keep_last=0, report=lambda line: print(line, file=sys.stderr))
 
 
 def _pipeline_dir(path: str | Path) -> Path:
@@ -58,9 +59,10 @@ def _checkpoint_dir(run: Path, which: str) -> Path:
     if not step.isdigit():
         raise ConfigError(f"--checkpoint {which}: use 'latest' or step_N (e.g. step_500)")
     d = ckpts.root / tag_of(int(step))
-    if d.name not in ckpts.complete_tags():
+    why = problem(d)
+    if why is not None:
         have = ", ".join(ckpts.complete_tags()) or "none"
-        raise ModelError(f"--checkpoint {which}: no complete checkpoint {d} (complete ones: {have})")
+        raise ModelError(f"--checkpoint {which}: {d} cannot be used: {why} (usable ones: {have})")
     return d
 
 
@@ -101,6 +103,8 @@ def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, nu
         arr = torch.from_numpy(np.asarray(res.images)).float()
         if arr.ndim == 3:
             arr = arr[..., None]
+        if not bool(torch.isfinite(arr).all()):
+            raise ModelError("the pipeline produced non-finite images (NaN/inf): its weights have diverged")
         arr = arr.permute(0, 3, 1, 2)
         if arr.shape[1] == 1:
             arr = arr.repeat(1, 3, 1, 1)
