@@ -255,3 +255,17 @@ def test_a_diverged_checkpoint_is_never_named_and_the_named_one_resumes(assets, 
     assert f"resumed from {ck / 'step_00000002'} at step 2" in p.stdout and (run / "final").is_dir()
     lr = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lr == [10.0, 10.0, 1e-4, 1e-4, 1e-4]  # steps 1-2 kept, 3-5 retrained with the new lr
+
+
+def test_sampling_weights_that_give_non_finite_images_is_an_error_not_a_black_grid(assets):
+    from diffusers import DiffusionPipeline
+
+    from dsfast.train.errors import ModelError
+    from dsfast.train.sample import run_pipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(assets / "model"))
+    assert run_pipeline(pipe, 1, num_inference_steps=2).isfinite().all()
+    with torch.no_grad():
+        next(pipe.unet.parameters()).fill_(float("inf"))
+    with pytest.raises(ModelError, match="non-finite images"):
+        run_pipeline(pipe, 1, num_inference_steps=2)

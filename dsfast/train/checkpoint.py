@@ -121,6 +121,7 @@ def is_disk_full(exc: BaseException, path: Path) -> bool:
 
 
 def disk_full_message(path: Path, what: str, needed: int | None) -> str:
+    """One line: the file system that is full, its free space and about how much ``what`` needs."""
     mount = _mount_of(path)
     free = shutil.disk_usage(mount).free
     need = f"; it needs about {needed / MiB:.1f} MiB" if needed else ""
@@ -246,13 +247,15 @@ class CheckpointManager:
 
     def _fail(self, d: Path, exc: BaseException | None, what: str):
         """A failed save on some rank: the partial folder is removed, every rank raises one line."""
+        written = folder_bytes(d) if d.is_dir() else 0
         if D.rank() == 0:
             shutil.rmtree(d, ignore_errors=True)
             self._point_latest()
         D.barrier()
         newest = self.latest(quiet=True)
         if exc is not None and is_disk_full(exc, d):
-            msg = disk_full_message(d, what, folder_bytes(newest) if newest else None)
+            # the size of the previous checkpoint, else a lower bound: what this one wrote before the disk filled
+            msg = disk_full_message(d, what, folder_bytes(newest) if newest else written)
         else:
             msg = f"could not write {what} ({_first_line(exc) if exc is not None else 'it failed on another rank'})"
         raise TrainingError(f"{msg}; the partial checkpoint was removed; the last good checkpoint is "
@@ -285,9 +288,10 @@ class CheckpointManager:
 
     def _prune(self, keep: str, keep_last: int) -> None:
         tags = self.complete_tags()
-        # incomplete folders older than the newest complete one are debris of killed saves
+        # folders older than the newest checkpoint that do not verify are debris of killed or damaged saves
+        # (a DIVERGED one stays for inspection until a resumed run saves its step again)
         for p in self._folders():
-            if p.name < keep and not (p / COMPLETE).is_file() and not (p / DIVERGED).is_file():
+            if p.name < keep and p.name not in tags and not (p / DIVERGED).is_file():
                 shutil.rmtree(p, ignore_errors=True)
         if keep_last > 0:
             for t in tags[:-keep_last]:

@@ -445,16 +445,23 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
                 log.close()
 
         sd = export_weights(engine.module, ema, zero3)
+        failed = None
         if rank == 0:
             try:
                 save_final(bundle, sd, run_dir / "final")
-            except Exception as exc:  # safetensors reports a full disk as its own error type
-                if not is_disk_full(exc, run_dir):
-                    raise
-                last = ckpts.latest(quiet=True)
-                raise TrainingError(f"{disk_full_message(run_dir, 'final/', folder_bytes(last) if last else None)}; "
-                                    f"final/ was not written (nothing partial left); its weights are in {last}: "
-                                    "free space and run again with --resume latest to write it") from None
+            except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+                failed = exc
+        if D.any_flag(failed is not None):
+            if failed is None:
+                raise TrainingError("final/ could not be written on rank 0 (its error says why)")
+            if not is_disk_full(failed, run_dir):
+                raise failed
+            last = ckpts.latest(quiet=True)
+            pretrained = Path(cfg.model.pretrained)  # final/ is a pipeline of the same parts
+            need = folder_bytes(pretrained) if pretrained.is_dir() else None
+            raise TrainingError(f"{disk_full_message(run_dir, 'final/', need)}; final/ was not written (nothing "
+                                f"partial left); its weights are in {last}: free space and run the same command "
+                                "again to write it")
         D.barrier()
         return run_dir
     except OSError as exc:  # a full disk anywhere else (metrics, sample grids, TensorBoard): one line too
