@@ -46,7 +46,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from dsfast.argtypes import positive_int
+from dsfast.argtypes import ArgumentParser, positive_int
 
 GIB = 2 ** 30
 CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' checkpointed modules
@@ -59,8 +59,10 @@ _SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chann
 _CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                num_attention_heads=12, max_position_embeddings=77)
 PRESETS = {
-    # Stable Diffusion 1.5: UNet2DConditionModel's defaults are SD-1.5's UNet; the SD VAE; CLIP ViT-L/14 text.
-    "sd15": dict(family="text2image", resolution=512, text_len=77, unet=dict(sample_size=64, cross_attention_dim=768),
+    # Stable Diffusion 1.5: UNet2DConditionModel's defaults are SD-1.5's UNet (its levels written out: the
+    # resolution rule reads them); the SD VAE; CLIP ViT-L/14 text.
+    "sd15": dict(family="text2image", resolution=512, text_len=77,
+                 unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768),
                  vae=_SD_VAE, text=[_CLIP_L]),
     # SDXL base: 3 levels, 10 transformer layers at the lowest, two text encoders (CLIP-L + OpenCLIP bigG).
     "sdxl": dict(family="text2image", resolution=1024, text_len=77, sdxl=True,
@@ -467,7 +469,9 @@ def spec_from_pretrained(path) -> dict:
 
     unet = cfg("unet")
     if unet is None:
-        raise SystemExit(f"dsfast plan: {path} has no unet/config.json (need a local diffusers pipeline folder)")
+        from dsfast.train.errors import ModelError
+
+        raise ModelError(f"model.pretrained={path} has no unet/config.json (need a local diffusers pipeline folder)")
     vae, text = cfg("vae"), cfg("text_encoder")
     if vae is None or text is None:
         return dict(family="unconditional", resolution=unet.get("sample_size") or 256, unet=unet)
@@ -536,7 +540,7 @@ def _resolutions(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="dsfast plan",
         description="Predict the peak GPU memory of a DomainStudio / DreamBooth run per memory option, and the "
                     "largest micro-batch that fits (a global batch of any multiple of it trains with the two-pass "
@@ -550,30 +554,37 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=positive_int, default=16, help="global batch (default 16)")
     ap.add_argument("--resolution", type=_resolutions, default=None,
                     help="resolutions in pixels, comma-separated (default: the model's)")
-    ap.add_argument("--world", type=positive_int, default=1, help="ranks (--config only; default 1)")
+    ap.add_argument("--world", type=positive_int, default=None, help="ranks (--config only; default 1)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (--config only)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    gpus = args.gpu
-    if args.config:
-        from dsfast.train.config import ConfigError, load_config
+    if args.preset and (args.world is not None or args.overrides):
+        ap.error("--world and key=value overrides go with --config (a preset's options set their own ranks)")
+    from dsfast.train.config import check_resolution, load_config
+    from dsfast.train.errors import ConfigError, ModelError
+    from dsfast.train.models import down_factor
 
-        try:
+    gpus = args.gpu
+    try:
+        if args.config:
             cfg = load_config(args.config, args.overrides)
-        except ConfigError as exc:
-            print(f"dsfast plan: error: {exc}", file=sys.stderr)
-            return 1
-        spec = spec_from_pretrained(cfg.model.pretrained)
-        options = {"config": option_from_config(cfg, args.world)}
-        batch = cfg.train.batch_size or args.batch
-        res = [cfg.data.resolution or spec["resolution"]]
-    else:
-        spec = PRESETS[args.preset]
-        options = {k: v for k, v in OPTIONS.items() if spec["family"] == "text2image" or k in (
-            "dsfast", "dsfast+ckpt", "zero2-offload", "zero3-offload")}
-        batch = args.batch
-        res = [spec["resolution"]]
-    if args.resolution:
-        res = args.resolution
+            spec = spec_from_pretrained(cfg.model.pretrained)
+            options = {"config": option_from_config(cfg, args.world or 1)}
+            batch = cfg.train.batch_size or args.batch
+            res = [cfg.data.resolution or spec["resolution"]]
+        else:
+            spec = PRESETS[args.preset]
+            options = {k: v for k, v in OPTIONS.items() if spec["family"] == "text2image" or k in (
+                "dsfast", "dsfast+ckpt", "zero2-offload", "zero3-offload")}
+            batch = args.batch
+            res = [spec["resolution"]]
+        key = "data.resolution"
+        if args.resolution:
+            res, key = args.resolution, "--resolution"
+        for r in res:  # the trainer's rule, before any work
+            check_resolution(r, down_factor(spec["unet"], spec.get("vae")), key)
+    except (ConfigError, ModelError) as exc:
+        print(f"dsfast plan: error: {exc}", file=sys.stderr)
+        return 1
     print(f"Predicted peak GPU memory per rank (global batch {batch}; 10 % of each GPU left as head-room):")
     print("\n".join(table(Planner(spec), options, gpus, batch, res)))
     return 0

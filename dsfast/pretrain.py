@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsfast.argtypes import ArgumentParser, finite_float, non_negative_int, positive_float, positive_int, torch_device
+
 DEFAULTS = dict(out="assets/source_model", steps=2000, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=0.1,
                 weight_decay=0.0, ema=0.999, seed=0, threads=2, sample_num=100, sample_steps=50, save_every=250)
 BLOCK_OUT_CHANNELS = (32, 64, 64)
@@ -60,27 +62,32 @@ def build_scheduler():
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="dsfast pretrain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="dsfast pretrain", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = DEFAULTS
     p.add_argument("--out", default=d["out"], help="output folder (a diffusers DDPMPipeline)")
-    p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up steps")
-    p.add_argument("--min-lr-ratio", type=float, default=d["min_lr_ratio"], help="cosine decay floor, x lr")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--ema", type=float, default=d["ema"], help="EMA decay (0 disables EMA)")
+    p.add_argument("--steps", type=positive_int, default=d["steps"])
+    p.add_argument("--batch-size", type=positive_int, default=d["batch_size"])
+    p.add_argument("--lr", type=positive_float, default=d["lr"])
+    p.add_argument("--warmup", type=non_negative_int, default=d["warmup"], help="linear warm-up steps")
+    p.add_argument("--min-lr-ratio", type=finite_float, default=d["min_lr_ratio"],
+                   help="cosine decay floor, x lr (0 to 1)")
+    p.add_argument("--weight-decay", type=finite_float, default=d["weight_decay"], help="AdamW weight decay (>= 0)")
+    p.add_argument("--ema", type=finite_float, default=d["ema"], help="EMA decay, 0 <= ema < 1 (0 disables EMA)")
     p.add_argument("--seed", type=int, default=d["seed"], help="model init, batch order, timesteps, noise")
-    p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads (0: leave torch's default)")
-    p.add_argument("--sample-num", type=int, default=d["sample_num"], help="images in samples.png (0: none)")
-    p.add_argument("--sample-steps", type=int, default=d["sample_steps"], help="DDIM steps for samples.png")
-    p.add_argument("--save-every", type=int, default=d["save_every"],
+    p.add_argument("--threads", type=non_negative_int, default=d["threads"],
+                   help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--sample-num", type=non_negative_int, default=d["sample_num"], help="images in samples.png (0: none)")
+    p.add_argument("--sample-steps", type=positive_int, default=d["sample_steps"], help="DDIM steps for samples.png")
+    p.add_argument("--save-every", type=non_negative_int, default=d["save_every"],
                    help="also write the EMA pipeline to --out every N steps (0: only at the end)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=torch_device, default="cpu")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.save_every < 0:
-        p.error("--steps and --batch-size must be >= 1, --save-every >= 0")
+    for flag, value, ok, rule in (("--min-lr-ratio", args.min_lr_ratio, 0 <= args.min_lr_ratio <= 1, "in [0, 1]"),
+                                  ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "at least 0"),
+                                  ("--ema", args.ema, 0 <= args.ema < 1, "in [0, 1)")):
+        if not ok:
+            p.error(f"argument {flag}: must be {rule}, got {value:g}")
     return args
 
 
@@ -120,9 +127,14 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    out = Path(args.out)
+    try:  # the folder now: an --out that cannot be one costs no training
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"dsfast pretrain: error: --out {out}: cannot make this folder ({exc.strerror})", file=sys.stderr)
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
     device = torch.device(args.device)
     t_start = time.time()
 

@@ -1,7 +1,7 @@
 """`dsfast plan` arithmetic on a tiny SD-structured architecture (meta device: no weights, seconds)."""
 import pytest
 
-from dsfast.plan import OPTIONS, PRESETS, Option, Planner, _count, largest_micro_batch, main
+from dsfast.plan import OPTIONS, Option, Planner, _count, largest_micro_batch, main
 
 TINY = dict(
     family="text2image", resolution=32, text_len=8,
@@ -127,16 +127,37 @@ def test_cli_from_run_config(tmp_path, capsys):
     assert "| config | 16 |" in out and "8 GB: largest micro-batch" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--gpu", "-5"], "argument --gpu: GPU sizes must be positive"),
-    (["--gpu", "abc"], "argument --gpu: GPU sizes in GB"),
-    (["--batch", "0"], "argument --batch: must be at least 1"),
-    (["--world", "0"], "argument --world: must be at least 1"),
-    (["--resolution", "0"], "argument --resolution: must be at least 1"),
-])
-def test_cli_bad_numbers_are_one_error(capsys, argv, message):
-    with pytest.raises(SystemExit) as exc:
-        main(["--preset", sorted(PRESETS)[0], *argv])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and err.strip().splitlines()[-1].startswith("dsfast plan: error:")
+def _config_only_sd_pipeline(path):
+    """A text-to-image pipeline folder with its config files only (what both the trainer and plan read first):
+    a 2-level UNet under a 2-level VAE, so the resolution must be a multiple of 4."""
+    import json
+
+    for sub, cfg in (("unet", dict(TINY["unet"], _class_name="UNet2DConditionModel")),
+                     ("vae", dict(TINY["vae"], _class_name="AutoencoderKL")), ("text_encoder", TINY["text"][0])):
+        (path / sub).mkdir(parents=True)
+        (path / sub / "config.json").write_text(json.dumps(cfg))
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": [],
+                                                       "vae": [], "text_encoder": [], "tokenizer": []}))
+
+
+@pytest.mark.parametrize("resolution", [18, 30, 6])
+def test_cli_refuses_the_resolution_the_trainer_refuses(tmp_path, capsys, resolution):
+    """One rule (dsfast.train.config.check_resolution) with the model's factor read the same way: the trainer's
+    error is plan's, before any work (plan used to predict for any resolution)."""
+    import yaml
+
+    from dsfast.train.config import ConfigError, load_config, resolve
+    from dsfast.train.models import describe
+
+    _config_only_sd_pipeline(tmp_path / "model")
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump({"model": {"pretrained": str(tmp_path / "model")}, "output_dir": str(tmp_path / "o"),
+                                 "data": {"instance_dir": "d", "resolution": resolution},
+                                 "train": {"batch_size": 4}}))
+    info = describe(str(tmp_path / "model"))
+    with pytest.raises(ConfigError) as trainer:
+        resolve(load_config(f), info.family, down_factor=info.down_factor)
+    assert main(["--config", str(f)]) == 1
+    assert capsys.readouterr().err == f"dsfast plan: error: {trainer.value}\n"
+    assert main(["--config", str(f), "--resolution", f"16,{resolution}"]) == 1
+    assert capsys.readouterr().err == f"dsfast plan: error: {trainer.value}\n".replace("data.resolution=", "--resolution=")

@@ -7,19 +7,18 @@ The metrics are documented in :mod:`dsfast.eval.metrics` and :mod:`dsfast.eval.d
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from dsfast.argtypes import positive_int
+from dsfast.argtypes import ArgumentParser, output_file, positive_int, torch_device
 from dsfast.eval.distances import LPIPS_NETS, LPIPS_SIZE, MetricUnavailable, get_distance
 from dsfast.eval.metrics import evaluate
 from dsfast.images import ImageFolderError, image_sizes, list_images, load_folder
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="dsfast eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="dsfast eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", required=True, type=Path, help="folder of generated images")
     p.add_argument("--train", required=True, type=Path, help="folder of the (few-shot) training images")
     p.add_argument("--metric", choices=("fallback", "lpips"), default="fallback",
@@ -35,8 +34,9 @@ def parse_args(argv):
     p.add_argument("--size", type=positive_int, default=None,
                    help="resize every image to SIZE x SIZE (default: the training images' size when sizes differ)")
     p.add_argument("--max-per-cluster", type=positive_int, default=50, help="members per cluster used for the pairs")
-    p.add_argument("--device", default="cpu", help="device for LPIPS / FID networks")
-    p.add_argument("--json", type=Path, default=None, help="write the full result to this JSON file")
+    p.add_argument("--device", type=torch_device, default="cpu", help="device for LPIPS / FID networks")
+    p.add_argument("--json", type=output_file, default=None,
+                   help="write the full result to this JSON file (its folder must exist)")
     return p.parse_args(argv)
 
 
@@ -93,7 +93,6 @@ def main(argv=None) -> int:
             print(f"dsfast eval: FID not computed: {e}", file=sys.stderr)
     print(format_table(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     return 0
 

@@ -8,6 +8,8 @@ import sys
 
 from pydantic import BaseModel
 
+from dsfast.argtypes import ArgumentParser
+
 from .config import RunConfig
 from .engine import train
 from .errors import USER_ERRORS
@@ -42,7 +44,7 @@ def config_keys_help(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="dsfast train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train DomainStudio / DreamBooth / finetune from a YAML config. "
                     "Extra key=value arguments override config keys (dotted, e.g. train.lr=1e-5).",

@@ -21,7 +21,7 @@ from . import methods
 from .ds_config import adopt_stock_json
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "RunConfig", "dump_config", "load_config", "parse_overrides", "resolve"]
+__all__ = ["ConfigError", "RunConfig", "check_resolution", "dump_config", "load_config", "parse_overrides", "resolve"]
 
 
 class _Section(BaseModel):
@@ -232,7 +232,7 @@ def load_config(config: dict | str | Path | RunConfig, overrides=()) -> RunConfi
     else:
         path = Path(config)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file {path} is a folder" if path.is_dir() else f"config file not found: {path}")
         data = _load_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a YAML mapping")
@@ -282,10 +282,7 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     if batch % (train["micro_batch_size"] * world):
         raise ConfigError(f"train.batch_size={batch} must be a multiple of train.micro_batch_size x world size "
                           f"= {train['micro_batch_size']} x {world}")
-    r = data["resolution"]
-    if r % down_factor or r % 2:
-        raise ConfigError(f"data.resolution={r} must be divisible by the model's downsampling factor "
-                          f"{max(2, down_factor)}")
+    check_resolution(data["resolution"], down_factor)
     if train["mixed_precision"] == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 is not supported on CPU (use bf16 or no)")
     resolved = _validate(d)
@@ -297,6 +294,14 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
                           f"code, per GPU batch): train.micro_batch_size must be >= 3 (got "
                           f"{resolved.train.micro_batch_size})")
     return resolved
+
+
+def check_resolution(resolution: int, down_factor: int, key: str = "data.resolution") -> None:
+    """The training resolution's rule (``dsfast train``, ``dsfast plan``): a multiple of the model's downsampling
+    factor (:func:`dsfast.train.models.down_factor`) and even; ``key`` names the setting in the error."""
+    if resolution % down_factor or resolution % 2:
+        raise ConfigError(f"{key}={resolution} must be divisible by the model's downsampling factor "
+                          f"{max(2, down_factor)}")
 
 
 _OFFICIAL_LOSS = dict(stencil="domainstudio", space="pixel", tau=1.0, direction="source||adapted", reduction="mean",

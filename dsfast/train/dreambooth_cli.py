@@ -19,6 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from dsfast.argtypes import ArgumentParser, non_negative_int, positive_int
+
+from .checkpoint import check_output_dir
 from .config import load_config
 from .engine import train
 from .errors import USER_ERRORS, ConfigError
@@ -54,8 +57,8 @@ UNSUPPORTED = {
 SCHEDULES = ("constant", "constant_with_warmup")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(
         prog="dsfast dreambooth",
         description="Train with the flags of diffusers' train_dreambooth.py (and --rank of the LoRA script); "
                     "they map onto a dsfast config, written to OUTPUT_DIR/dreambooth.yaml. Extra key=value "
@@ -72,17 +75,17 @@ def parser() -> argparse.ArgumentParser:
     a("--class_prompt", help='prompt of the class images, e.g. "a dog"')
     a("--with_prior_preservation", action="store_true", help="add the prior-preservation loss on class images")
     a("--prior_loss_weight", type=float, default=None, help="lambda_prior (default 1.0 with prior preservation)")
-    a("--num_class_images", type=int, help="class images to have in --class_data_dir")
+    a("--num_class_images", type=non_negative_int, help="class images to have in --class_data_dir")
     a("--resolution", type=int, help="training resolution in pixels")
     a("--center_crop", action="store_true", help="centre-crop the images (dsfast always does)")
-    a("--train_batch_size", type=int, help="instance images per device and forward")
-    a("--gradient_accumulation_steps", type=int, default=1, help="forwards per optimizer step")
+    a("--train_batch_size", type=positive_int, help="instance images per device and forward")
+    a("--gradient_accumulation_steps", type=positive_int, default=1, help="forwards per optimizer step")
     a("--learning_rate", type=float, help="AdamW learning rate")
     a("--lr_scheduler", choices=SCHEDULES, default="constant", help="constant, or constant_with_warmup")
-    a("--lr_warmup_steps", type=int, help="linear warm-up steps (with --lr_scheduler constant_with_warmup)")
-    a("--max_train_steps", type=int, help="optimizer steps")
-    a("--checkpointing_steps", type=int, help="save a checkpoint every N steps")
-    a("--checkpoints_total_limit", type=int, help="complete checkpoints kept")
+    a("--lr_warmup_steps", type=non_negative_int, help="linear warm-up steps (with --lr_scheduler constant_with_warmup)")
+    a("--max_train_steps", type=positive_int, help="optimizer steps")
+    a("--checkpointing_steps", type=non_negative_int, help="save a checkpoint every N steps")
+    a("--checkpoints_total_limit", type=non_negative_int, help="complete checkpoints kept")
     a("--resume_from_checkpoint", help="'latest' or a dsfast checkpoint folder")
     a("--gradient_checkpointing", action="store_true", help="gradient checkpointing in the UNet")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), help="training precision")
@@ -93,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     a("--max_grad_norm", type=float, help="gradient clipping norm")
     a("--output_dir", default="runs/dreambooth", help="run folder (default: runs/dreambooth)")
     a("--seed", type=int, help="seed of every random draw")
-    a("--rank", type=int, help="LoRA rank (the LoRA script's flag); without it the whole UNet trains")
+    a("--rank", type=non_negative_int, help="LoRA rank (the LoRA script's flag); without it the whole UNet trains")
     a("--lambda_img", type=float, help="DomainStudio: weight of the pairwise-similarity KL of x0")
     a("--lambda_hf", type=float, help="DomainStudio: weight of the pairwise-similarity KL of hf(x0)")
     a("--lambda_hfmse", type=float, help="DomainStudio: weight of the hf-MSE to the real image")
@@ -161,6 +164,7 @@ def main(argv=None) -> int:
             raise _unsupported(extra)
         raw = load_config(flags_to_config(args, world=int(os.environ.get("WORLD_SIZE", "1"))), args.overrides)
         path = Path(raw.output_dir) / "dreambooth.yaml"
+        check_output_dir(path.parent)
         if int(os.environ.get("RANK", "0")) == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(raw.model_dump(exclude_defaults=True), sort_keys=False))

@@ -94,18 +94,22 @@ def _size(s) -> int | None:
     return int(s[0] if isinstance(s, (list, tuple)) else s)
 
 
+def down_factor(unet: dict, vae: dict | None = None) -> int:
+    """Pixels per UNet cell at its lowest level, from the configs: the UNet halves the size at each level but the
+    last, a VAE (text-to-image) at each of its levels but the last. A training resolution is a multiple of it."""
+    return 2 ** (len(unet["block_out_channels"]) - 1 + (len(vae["block_out_channels"]) - 1 if vae else 0))
+
+
 def describe(pretrained: str) -> ModelInfo:
     index = _model_index(pretrained)
     if "unet" in index and "vae" in index and "text_encoder" in index:
         unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
         vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
         vf = 2 ** (len(vae["block_out_channels"]) - 1)
-        return ModelInfo(TEXT2IMAGE, 3, vf * 2 ** (len(unet["block_out_channels"]) - 1),
-                         (_size(unet.get("sample_size")) or 64) * vf)
+        return ModelInfo(TEXT2IMAGE, 3, down_factor(unet, vae), (_size(unet.get("sample_size")) or 64) * vf)
     if "unet" in index and "scheduler" in index:
         unet = UNet2DModel.load_config(pretrained, subfolder="unet")
-        return ModelInfo(UNCONDITIONAL, int(unet["in_channels"]),
-                         2 ** (len(unet["block_out_channels"]) - 1), _size(unet.get("sample_size")))
+        return ModelInfo(UNCONDITIONAL, int(unet["in_channels"]), down_factor(unet), _size(unet.get("sample_size")))
     raise ModelError(f"unsupported pipeline {index.get('_class_name')}: need unet+scheduler "
                      "(unconditional) or unet+vae+text_encoder+tokenizer (Stable Diffusion family)")
 

@@ -7,7 +7,6 @@ one that was stopped), or any diffusers pipeline folder. Sampling goes through t
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import yaml
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
-from dsfast.argtypes import positive_int
+from dsfast.argtypes import ArgumentParser, output_file, positive_int
 from dsfast.images import save_grid, save_images
 
 from . import distributed as D
@@ -158,8 +157,8 @@ def _run_prompt(run: Path) -> str | None:
     return (data.get("sample") or {}).get("prompt") or (data.get("data") or {}).get("instance_prompt")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(
         prog="dsfast sample",
         description="Generate images from a run's weights (final/ or a checkpoint) or a diffusers pipeline folder.")
     ap.add_argument("--run", required=True, help="run folder (uses its final/) or a diffusers pipeline folder")
@@ -169,7 +168,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--num", type=positive_int, default=16, help="number of images (default: 16)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses generator seed SEED + i (default: 0)")
     ap.add_argument("--steps", type=positive_int, default=50, help="number of inference steps (default: 50)")
-    ap.add_argument("--out", default="grid.png", help="grid PNG to write; its folder must exist (default: grid.png)")
+    ap.add_argument("--out", type=output_file, default="grid.png",
+                    help="grid PNG to write; its folder must exist (default: grid.png)")
     ap.add_argument("--out-dir", default=None, help="also write each image as a PNG into this folder")
     return ap
 
@@ -177,12 +177,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        out = Path(args.out)
-        folder = out.parent
-        if not folder.is_dir():
-            raise ConfigError(f"--out {args.out}: the folder {folder} does not exist")
-        if out.is_dir():
-            raise ConfigError(f"--out {args.out} is a folder; give the grid's file name (e.g. {out / 'grid.png'})")
         if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
             raise ConfigError(f"--out-dir {args.out_dir} exists and is not a folder")
         imgs = sample_images(args.run, args.num, seed=args.seed, prompt=args.prompt, num_inference_steps=args.steps,
