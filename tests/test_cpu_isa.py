@@ -1,9 +1,12 @@
 """The C++ CPU loops' copies per ISA (csrc/cpu/isa.h): baseline, AVX2+FMA, AVX-512.
 
 Every copy this CPU runs is forced in turn (``torch.ops.dsfast._set_cpu_isa``, the test hook behind
-``DSFAST_CPU_ISA``) and every dispatched C++ op, forward and backward, is compared with the float64
-reference (float64 to 1e-10, float32 to 1e-5, relative), on shapes whose rows are longer than a vector
-and not a multiple of one (the vector loops and their tails both run), outputs poisoned with NaN. The
+``DSFAST_CPU_ISA``) and every C++ kernel that runs the per-ISA loops, forward and backward, is compared
+with the float64 reference (float64 to 1e-10, float32 to 1e-5, relative to the largest value), on shapes
+whose rows are longer than a vector and not a multiple of one (the vector loops and their tails both
+run) and one big enough for several chunks per thread, with unit-scale cotangents, outputs poisoned
+with NaN. (The kernels, not the losses: a loss's gradient can hide a wrong Gram backward under its
+larger hf-MSE part.) The
 choice itself: the best ISA by cpuid/xgetbv agrees with the kernel's /proc/cpuinfo flags, an ISA the
 CPU lacks or an unknown name is one clear error, and DSFAST_CPU_ISA works from the environment. The
 built library: the wider copies hold ymm/zmm FMAs, and no VEX/EVEX instruction is outside them.
@@ -22,9 +25,11 @@ import torch
 from tests.conftest import require_backend
 
 require_backend("cpp")
-from dsfast import ops  # noqa: E402
+import dsfast.ops  # noqa: E402,F401  (registers torch.ops.dsfast.*)
+from dsfast import reference as R  # noqa: E402
 from dsfast._extension import cpu_isa  # noqa: E402
-from tests.test_ops import forward_backward, rel_err  # noqa: E402
+
+OPS = torch.ops.dsfast
 
 ISAS = ("baseline", "avx2", "avx512")
 
@@ -53,6 +58,11 @@ SUPPORTED = supported_isas()
 LACKING = [isa for isa in ISAS if isa not in SUPPORTED]
 
 
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("DSFAST_POISON_OUTPUTS", "1")
+
+
 @pytest.fixture(params=SUPPORTED)
 def isa(request):
     before = torch.ops.dsfast._set_cpu_isa(request.param)
@@ -61,55 +71,83 @@ def isa(request):
     torch.ops.dsfast._set_cpu_isa(before)
 
 
-def images(count, shape):
-    return lambda gen: [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(count)]
+def rand(shape, dtype, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
+def check(out: torch.Tensor, ref: torch.Tensor, what: str):
+    """Max error relative to the largest reference value: float64 1e-10, float32 1e-5 (tests/test_cpp_kernels.py)."""
+    assert out.shape == ref.shape and torch.isfinite(out).all(), f"{what}: unwritten (NaN-poisoned) elements"
+    err = float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    assert err <= (1e-10 if out.dtype == torch.float64 else 1e-5), f"{what}: relative error {err:.2e}"
+
+
+def vjp(fn, x: torch.Tensor, cotangents):
+    """Gradient of sum(<fn(x)_i, cotangent_i>) with respect to x, by autograd of the float64 reference."""
+    x = x.double().requires_grad_()
+    outs = fn(x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    (grad,) = torch.autograd.grad(outs, x, [c.double() for c in cotangents])
+    return grad
+
+
+W = list(R.STENCILS["domainstudio"])
 ROWS = (5, 3, 36, 70)  # hf rows of 35: two AVX-512 vectors of floats and a tail; N=5: a partial 4x4 block
 BIG = (16, 3, 66, 258)  # several chunks per thread, full small_mm blocks, a ragged last chunk
-OP_CASES = {
-    "haar_dwt2": (lambda x: ops.haar_dwt2(x, backend="cpp"), images(1, ROWS)),
-    "haar_idwt2": (lambda ll, h, v, d: ops.haar_idwt2(ll, (h, v, d), backend="cpp"), images(4, (5, 3, 18, 35))),
-    "high_frequency": (lambda x: ops.high_frequency(x, backend="cpp"), images(1, ROWS)),
-    "hf_mse": (lambda a, t: ops.hf_mse(a, t, backend="cpp"), images(2, ROWS)),
-    "hf_pairwise_similarity_kl": (lambda s, a: ops.hf_pairwise_similarity_kl(s, a, backend="cpp"), images(2, ROWS)),
-    "hf_pairwise_similarity_kl[big]": (lambda s, a: ops.hf_pairwise_similarity_kl(s, a, backend="cpp"),
-                                       images(2, BIG)),
-    "domainstudio_loss": (lambda s, a, r: ops.domainstudio_loss(s, a, r, backend="cpp"), images(3, ROWS)),
-    "domainstudio_loss[big]": (lambda s, a, r: ops.domainstudio_loss(s, a, r, backend="cpp", detach_source=False),
-                               images(3, BIG)),
-}
-REFERENCE = {
-    "haar_dwt2": lambda x: ops.haar_dwt2(x, backend="torch"),
-    "haar_idwt2": lambda ll, h, v, d: ops.haar_idwt2(ll, (h, v, d), backend="torch"),
-    "high_frequency": lambda x: ops.high_frequency(x, backend="torch"),
-    "hf_mse": lambda a, t: ops.hf_mse(a, t, backend="torch"),
-    "hf_pairwise_similarity_kl": lambda s, a: ops.hf_pairwise_similarity_kl(s, a, backend="torch"),
-    "domainstudio_loss": lambda s, a, r: ops.domainstudio_loss(s, a, r, backend="torch"),
-}
-REFERENCE["hf_pairwise_similarity_kl[big]"] = REFERENCE["hf_pairwise_similarity_kl"]
-REFERENCE["domainstudio_loss[big]"] = lambda s, a, r: ops.domainstudio_loss(s, a, r, backend="torch",
-                                                                           detach_source=False)
+DTYPES = [torch.float64, torch.float32]
+SHAPES = [pytest.param(ROWS, id="rows"), pytest.param(BIG, id="big", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("name", sorted(OP_CASES))
-def test_every_isa_matches_the_reference(isa, name, dtype, gen, seed, monkeypatch):
-    monkeypatch.setenv("DSFAST_POISON_OUTPUTS", "1")
-    fn, build = OP_CASES[name]
-    inputs64 = build(gen)
-    outs, grads = forward_backward(fn, [x.to(dtype) for x in inputs64], seed)
-    ref_outs, ref_grads = forward_backward(REFERENCE[name], inputs64, seed)
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    assert len(outs) == len(ref_outs)
-    for out, ref in zip(outs, ref_outs):
-        assert out.dtype == dtype and torch.isfinite(out).all()
-        assert rel_err(out, ref) <= tol, f"{name} forward, {isa}: {rel_err(out, ref):.2e}"
-    for grad, ref in zip(grads, ref_grads):
-        assert (grad is None) == (ref is None)
-        if grad is not None:
-            assert torch.isfinite(grad).all(), f"{name} backward, {isa}: unwritten (poisoned) elements"
-            assert rel_err(grad, ref) <= tol, f"{name} backward, {isa}: {rel_err(grad, ref):.2e}"
+def hf(x):
+    return R.high_frequency(x, "domainstudio")
+
+
+def grams(x, t):
+    """The reference of domainstudio_grams: image Gram, hf Gram, hf sum of squared errors."""
+    d = hf(x) - (hf(t) if t is not None else 0)
+    return R.gram(x.flatten(1)), R.gram(hf(x).flatten(1)), (d * d).sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_haar(isa, dtype, gen):
+    x = rand(ROWS, dtype, gen)
+    ll, (h, v, d) = R.haar_dwt2(x.double())
+    check(OPS.haar_dwt2(x), torch.stack((ll, h, v, d)), f"haar_dwt2 {isa}")
+    bands = rand((4, 5, 3, 18, 35), dtype, gen)  # haar_idwt2 is also the backward of haar_dwt2
+    check(OPS.haar_idwt2(bands), R.haar_idwt2(bands[0].double(), tuple(bands[1:].double())), f"haar_idwt2 {isa}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_high_frequency(isa, dtype, gen):
+    x = rand(ROWS, dtype, gen)
+    check(OPS.high_frequency(x, W), hf(x.double()), f"high_frequency {isa}")
+    g = rand((5, 3, 18, 35), dtype, gen)
+    check(OPS.high_frequency_backward(g, W), vjp(hf, x, [g]), f"high_frequency_backward {isa}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hf_gram(isa, dtype, shape, gen):
+    x = rand(shape, dtype, gen)
+    fn = lambda x: R.gram(hf(x).flatten(1))  # noqa: E731
+    check(OPS.hf_gram(x, W), fn(x.double()), f"hf_gram {isa}")
+    g = rand((shape[0], shape[0]), dtype, gen)
+    check(OPS.hf_gram_backward(g, x, W), vjp(fn, x, [g]), f"hf_gram_backward {isa}")
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_domainstudio_grams(isa, dtype, shape, with_target, gen):
+    x = rand(shape, dtype, gen)
+    t = rand(shape, dtype, gen) if with_target else None
+    t64 = t.double() if with_target else None
+    for out, ref, what in zip(OPS.domainstudio_grams(x, t, W), grams(x.double(), t64), ("image", "hf", "sse")):
+        check(out, ref, f"domainstudio_grams {what} {isa}")
+    n = shape[0]
+    cotangents = [rand((n, n), dtype, gen), rand((n, n), dtype, gen), rand((), dtype, gen)]
+    check(OPS.domainstudio_grams_backward(*cotangents, x, t, W), vjp(lambda x: grams(x, t64), x, cotangents),
+          f"domainstudio_grams_backward {isa}")
 
 
 def test_best_isa_is_chosen():
