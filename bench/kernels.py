@@ -37,6 +37,12 @@ Bandwidth
 ``gbps`` = the op's ideal bytes (each input read once, each output written once per pass; see
 ``OpSpec.fwd_bytes``) / median time. ``pct_copy_bw`` compares it with a large same-device copy
 (``dst.copy_(src)``, 2 x bytes / time) measured in the same run.
+
+Roof (CPU)
+----------
+``roof_s`` = max(traffic bytes / copy bandwidth, FMAs / FMA peak), both measured in the same run (the
+FMA peak: a large float32 ``torch.mm`` on the same threads), with the per-op traffic and FMA models of
+:mod:`bench.roof`; ``pct_roof`` = 100 x roof_s / median time, ``roof_bound`` says which term sets it.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ import tracemalloc
 
 import torch
 
-from bench import peers
+from bench import peers, roof
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
@@ -238,6 +244,11 @@ def pass_fns(call, leaves):
 
 def measure_provider(provider: str, op: str, inputs: dict, timer: Timer, passes=PASSES, with_memory=True) -> dict:
     """``{pass: result dict}`` for one provider and op (times in seconds, memory in bytes)."""
+    with peers.isa_for(provider):
+        return _measure(provider, op, inputs, timer, passes, with_memory)
+
+
+def _measure(provider: str, op: str, inputs: dict, timer: Timer, passes, with_memory) -> dict:
     call, leaves = peers.build(provider, op, inputs)
     fns = pass_fns(call, leaves)
     device = inputs["x"].device
@@ -271,9 +282,10 @@ def shape_str(c, h, w) -> str:
 
 
 def run_sweep(plan, *, device, timer, base_row: dict, emit, deadline: float, copy_gbps: float | None,
-              max_input_bytes: int | None, log=print):
+              max_input_bytes: int | None, fma_gfmas: float | None = None, log=print):
     """Run ``plan`` (list of ``(n, c, h, w, dtype, ops, providers)``), calling ``emit(row)`` per row.
 
+    ``fma_gfmas`` (CPU: the FMA peak measured in the run) with ``copy_gbps`` adds each row's roof.
     Rows that would pass ``deadline`` (time.monotonic), exceed ``max_input_bytes`` (all the op's inputs
     together), or run out of memory are emitted with ``status`` ``skipped`` and the reason.
     """
@@ -319,6 +331,7 @@ def run_sweep(plan, *, device, timer, base_row: dict, emit, deadline: float, cop
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+                shares = {}  # pass -> % of the roof, for the log line
                 for p, res in results.items():
                     out = dict(row, **{"pass": p})
                     out.update(res)
@@ -334,12 +347,18 @@ def run_sweep(plan, *, device, timer, base_row: dict, emit, deadline: float, cop
                         out["gbps"] = ideal / res["median_s"] / 1e9
                         if copy_gbps:
                             out["pct_copy_bw"] = 100 * out["gbps"] / copy_gbps
+                        bound = (roof.roof(op, p, n, c * h * w, elt, copy_gbps, fma_gfmas)
+                                 if copy_gbps and fma_gfmas else None)
+                        if bound is not None:
+                            out.update(bound, pct_roof=100 * bound["roof_s"] / res["median_s"])
+                            shares[p] = out["pct_roof"]
                     emit(out)
                 what = f"  {op:26s} {provider:18s} N={n:<4d} {shape_str(c, h, w):12s} {dname:9s}"
                 shown = "fwd+bwd" if "fwd+bwd" in results else "fwd"
                 res = results[shown]
                 if res.get("status") == "ok":
-                    log(f"{what} {shown:7s} {res['median_s'] * 1e3:10.3f} ms")
+                    share = f" {shares[shown]:5.1f}% of roof" if shown in shares else ""
+                    log(f"{what} {shown:7s} {res['median_s'] * 1e3:10.3f} ms{share}")
                 else:
                     log(f"{what} {res.get('status')}: {res.get('reason')}")
         del inputs

@@ -20,9 +20,13 @@ Providers
 ``ptwt``               ``ptwt.wavedec2``/``waverec2`` (``mode='zero'``).
 ``dsfast-<backend>``   the public ``dsfast.ops`` API with ``backend=<backend>`` for every available backend
                        (``dsfast-torch`` is the reference behind dsfast's dispatch and float64 N x N KL).
+``dsfast-cpp-baseline`` ``dsfast-cpp`` with the baseline (SSE2) copy of the C++ CPU loops forced for the
+                       whole measurement (``DSFAST_CPU_ISA=baseline``; csrc/cpu/isa.h), where the CPU
+                       runs a wider one: what the run-time ISA dispatch gains, in the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -277,7 +281,30 @@ def providers_for(device: torch.device) -> list[str]:
         if device.type == "cpu" and b == "triton":
             continue  # the Triton interpreter is a test tool, not a CPU backend
         names.append(f"dsfast-{b}")
+    if "dsfast-cpp" in names and device.type == "cpu":
+        from dsfast._extension import cpu_isa
+
+        if cpu_isa() != "baseline":
+            names.append(BASELINE_ISA)
     return names
+
+
+BASELINE_ISA = "dsfast-cpp-baseline"
+
+
+@contextlib.contextmanager
+def isa_for(provider: str):
+    """The C++ CPU loops ``provider`` measures: the baseline copy for ``dsfast-cpp-baseline`` (restored
+    after), the active (best) one for every other provider."""
+    if provider != BASELINE_ISA:
+        yield
+        return
+    set_isa = torch.ops.dsfast._set_cpu_isa
+    before = set_isa("baseline")
+    try:
+        yield
+    finally:
+        set_isa(before)
 
 
 def official_work(op: str, n: int, tensor_bytes: int) -> int:
@@ -338,6 +365,8 @@ def build(provider: str, op: str, inputs: dict):
         fn = OFFICIAL_FNS[op]
     elif provider == "compile":
         fn = _compiled(op)
+    elif provider == BASELINE_ISA:
+        fn = _dsfast_fn(op, "cpp")
     elif provider.startswith("dsfast-"):
         fn = _dsfast_fn(op, provider.removeprefix("dsfast-"))
     else:

@@ -115,10 +115,14 @@ def _parse_shape(s: str) -> tuple[int, int, int]:
 def cpu_plan(providers: list[str], ops: list[str], quick: bool, headline_only: bool = False):
     """The reduced CPU sweep (<= 10 min on 2 cores), most important first, so a slow machine's time budget
     cuts the last rows: the headline row (N=16, 3x256x256, fp32, fused hf-KL fwd+bwd: C++ vs eager
-    reference vs official vs torch.compile), every op at that configuration (float32 and bfloat16),
+    reference vs official vs torch.compile), every op at that configuration (float32, also with the
+    baseline-ISA C++ loops, and bfloat16),
     N in {4, 16, 64, 256} at 3x64x64 (memory vs N), N=16 at 4x64x64, 4x128x128, 3x512x512 (time vs size).
     ``headline_only``: the float32 rows at N=16, 3x256x256 only (torch.compile of DomainStudioLoss included)."""
-    base = [p for p in providers if p != "compile"]
+    from bench.peers import BASELINE_ISA
+
+    head = [p for p in providers if p != "compile"]  # the baseline-ISA C++ loops at this configuration only
+    base = [p for p in head if p != BASELINE_ISA]
     fp32, bf16 = torch.float32, torch.bfloat16
     if quick:
         return [(4, 3, 32, 32, fp32, ops, base)]
@@ -126,8 +130,8 @@ def cpu_plan(providers: list[str], ops: list[str], quick: bool, headline_only: b
     rest = [o for o in ops if o not in head_ops]
     plan = []
     if head_ops:  # the headline row first, torch.compile included
-        plan.append((16, 3, 256, 256, fp32, head_ops, base + [p for p in providers if p == "compile"]))
-    plan.append((16, 3, 256, 256, fp32, rest, base))
+        plan.append((16, 3, 256, 256, fp32, head_ops, head + [p for p in providers if p == "compile"]))
+    plan.append((16, 3, 256, 256, fp32, rest, head))
     if "compile" in providers and "domainstudio_loss" in rest:
         plan.append((16, 3, 256, 256, fp32, ["domainstudio_loss"], ["compile"]))  # reference: just above
     if headline_only:
@@ -236,7 +240,7 @@ def kernel_table(rows: list[dict], with_config=True) -> str:
 
 
 PROVIDER_ORDER = ["reference", "official", "compile", "pywt", "pytorch_wavelets", "ptwt",
-                  "dsfast-cpp", "dsfast-cuda", "dsfast-triton", "dsfast-torch"]
+                  "dsfast-cpp", "dsfast-cpp-baseline", "dsfast-cuda", "dsfast-triton", "dsfast-torch"]
 
 
 def _provider_key(p):
@@ -309,20 +313,53 @@ def _skip_summary(rows) -> str:
 FUSED_OPS = ("hf_pairwise_similarity_kl", "domainstudio_loss")
 
 
-def domainstudio_summary(rows: list[dict], copy_gbps: float | None) -> str:
-    """The one-pass DomainStudio loss against torch.compile(reference), and the fused ops' share of the
-    copy bandwidth measured in the same run (minimum-traffic bytes: each input read once, each output
-    written once per pass)."""
+def _cpu_isa() -> str | None:
+    try:
+        from dsfast._extension import cpu_isa
+
+        return cpu_isa()
+    except ImportError:
+        return None
+
+
+def roof_summary(rows: list[dict]) -> str:
+    """The fused ops' forward+backward at the headline configuration: share of the roof and ratio to
+    torch.compile(reference), per C++ ISA copy measured (the closing lines of a CPU run)."""
+    ok = {(r["op"], r["pass"], r["provider"]): r for r in rows if r.get("status") == "ok"
+          and (r["n"], r["shape"], r["dtype"]) == (HEADLINE["n"], HEADLINE["shape"], HEADLINE["dtype"])}
+    lines = []
+    for op in FUSED_OPS:
+        comp = ok.get((op, "fwd+bwd", "compile"))
+        for provider in ("dsfast-cpp", "dsfast-cpp-baseline"):
+            r = ok.get((op, "fwd+bwd", provider))
+            if r is None or "pct_roof" not in r:
+                continue
+            isa = "baseline" if provider.endswith("baseline") else r.get("cpu_isa")
+            ratio = f", {comp['median_s'] / r['median_s']:.2f}x torch.compile(reference)" if comp else ""
+            lines.append(f"  {op} fwd+bwd, C++ loops {isa}: {r['median_s'] * 1e3:.2f} ms = {r['pct_roof']:.0f}% of "
+                         f"its roof ({r['roof_s'] * 1e3:.2f} ms, {r['roof_bound']}-bound){ratio}")
+    return "\n".join(["roof shares (N=16, 3x256x256, float32):"] + lines) if lines else ""
+
+
+def domainstudio_summary(rows: list[dict], copy_gbps: float | None, fma_gfmas: float | None = None) -> str:
+    """The one-pass DomainStudio loss against torch.compile(reference), and the fused ops' time as a share of
+    their roof: max(traffic / copy bandwidth, FMAs / FMA peak), both measured in the same run (bench/roof.py;
+    minimum traffic: each input read once, each output written once per pass)."""
     ok = {(r["op"], r["pass"], r["provider"]): r for r in rows if r.get("status") == "ok"}
     dsfast = sorted({p for (_, _, p) in ok if p.startswith("dsfast-") and p != "dsfast-torch"}, key=_provider_key)
     if not dsfast or not any(op == "domainstudio_loss" for op, _, _ in ok):
         return ""
+    measured = ", ".join(
+        ([f"copy bandwidth {copy_gbps:.1f} GB/s (`dst.copy_(src)` of 128 MiB)"] if copy_gbps else [])
+        + ([f"FMA peak {fma_gfmas:.0f} GFMA/s (float32 `torch.mm` 2048³)"] if fma_gfmas else []))
     lines = ["**One pass over the data** — the whole `DomainStudioLoss` (4·KL_img + 4·KL_hf + 1·hfMSE) against "
-             "`torch.compile(reference)`, and the fused ops' achieved bandwidth as a share of the copy bandwidth "
-             + (f"measured in the same run ({copy_gbps:.1f} GB/s, `dst.copy_(src)` of 128 MiB)" if copy_gbps else "")
-             + ":", "",
-             "| op | pass | provider | median ms | vs torch.compile | vs eager reference | ideal MB | GB/s | % copy BW |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "`torch.compile(reference)`, and the fused ops' time as a share of their roof, max(traffic / copy "
+             "bandwidth, FMAs / FMA peak) (`bench/roof.py`)" + (f", measured in the same run: {measured}" if measured
+                                                                else "")
+             + ". `dsfast-cpp` runs the C++ loops of the CPU's ISA, `dsfast-cpp-baseline` their baseline copy:", "",
+             "| op | pass | provider | median ms | vs torch.compile | vs eager reference | ideal MB | GB/s | % copy BW "
+             "| roof ms | bound | % of roof |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for op in FUSED_OPS:
         for pass_ in ("fwd", "bwd", "fwd+bwd"):
             comp = ok.get((op, pass_, "compile"))
@@ -334,7 +371,8 @@ def domainstudio_summary(rows: list[dict], copy_gbps: float | None) -> str:
                 lines.append(
                     f"| {op} | {pass_} | {p} | {_fmt_ms(r['median_s'])} | {vs_compile} | "
                     f"{_fmt(r.get('speedup_vs_reference'), '.2f')}× | {r['ideal_bytes'] / 1e6:.1f} | "
-                    f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('pct_copy_bw'), '.0f')} |")
+                    f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('pct_copy_bw'), '.0f')} | "
+                    f"{_fmt_ms(r.get('roof_s'))} | {r.get('roof_bound', '')} | {_fmt(r.get('pct_roof'), '.0f')} |")
     return "\n".join(lines)
 
 
@@ -349,7 +387,8 @@ def device_section(device_dir: str, rel: str) -> str:
                f"commit `{(meta.get('git_commit') or '?')[:10]}`{' (dirty)' if meta.get('git_dirty') else ''}, "
                f"{meta['threads']} thread(s), run {meta['run_id']}, suite `{meta['suite']}`"
                + (", timed in thread CPU time (`--clock thread`)." if meta.get("clock") == "thread" else ".")
-               + (f" Copy bandwidth measured in the run: {meta['copy_gbps']:.1f} GB/s." if meta.get("copy_gbps") else ""))
+               + (f" Copy bandwidth measured in the run: {meta['copy_gbps']:.1f} GB/s." if meta.get("copy_gbps") else "")
+               + (f" C++ CPU loops: {meta['cpu_isa']}." if meta.get("cpu_isa") else ""))
     out.append("")
     if kernels:
         head = [r for r in kernels if r.get("n") == HEADLINE["n"] and r.get("shape") == HEADLINE["shape"]
@@ -367,7 +406,7 @@ def device_section(device_dir: str, rel: str) -> str:
             out.append("")
             out.append(kernel_table(_order(headline), with_config=False))
             out.append("")
-        summary = domainstudio_summary(head, meta.get("copy_gbps"))
+        summary = domainstudio_summary(head, meta.get("copy_gbps"), meta.get("fma_gfmas"))
         if summary:
             out += [summary, ""]
         out.append(f"Every op at N={h0.get('n')}, {h0.get('shape')}, {h0.get('dtype')}: median ms (speed-up over "
@@ -551,7 +590,7 @@ def main(argv=None):
         print(f"updated {args.readme}")
         return 0
 
-    from bench import kernels, peers, training
+    from bench import kernels, peers, roof, training
 
     suite = args.suite
     if suite == "cpu":
@@ -604,15 +643,22 @@ def main(argv=None):
             max_input = int(args.max_input_gib * 2**30)
         copy_gbps = kernels.copy_bandwidth_gbps(device, clock=args.clock)
         env["copy_gbps"] = copy_gbps
+        fma_gfmas = None
+        if device.type == "cpu":
+            fma_gfmas = env["fma_gfmas"] = roof.fma_peak_gfmas(clock=args.clock)
+            env["cpu_isa"] = _cpu_isa()
+            print(f"FMA peak (float32 torch.mm 2048^3): {fma_gfmas:.1f} GFMA/s; C++ CPU loops: {env['cpu_isa']}")
         print(f"copy bandwidth: {copy_gbps:.1f} GB/s; {len(plan)} plan entries")
         writer = Writer(os.path.join(device_dir, f"kernels-{tag}.jsonl"))
         try:
             kernels.run_sweep(plan, device=device, timer=timer, base_row=env, emit=writer, deadline=deadline,
-                              copy_gbps=copy_gbps, max_input_bytes=max_input)
+                              copy_gbps=copy_gbps, max_input_bytes=max_input, fma_gfmas=fma_gfmas)
         finally:
             writer.close()
         ok = sum(r.get("status") == "ok" for r in writer.rows)
         print(f"{ok} rows measured, {len(writer.rows) - ok} skipped/error, {time.monotonic() - t_start:.0f} s")
+        if device.type == "cpu":
+            print(roof_summary(writer.rows))
 
     if suite == "gpu-train" or (suite == "cpu" and not args.no_training):
         models = args.models.split(",") if args.models else (["tiny"] if suite == "cpu" else ["adm256", "sd15", "sdxl"])

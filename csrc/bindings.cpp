@@ -18,6 +18,10 @@ TORCH_LIBRARY(dsfast, m) {
   m.def("domainstudio_grams(Tensor x, Tensor? target, float[] weights) -> (Tensor, Tensor, Tensor)");
   m.def("domainstudio_grams_backward(Tensor grad_image, Tensor grad_hf, Tensor grad_sse, Tensor x, "
         "Tensor? target, float[] weights) -> Tensor");
+  // Which copy of the CPU loops runs (csrc/cpu/isa.h), and two hooks for its tests.
+  m.def("cpu_isa() -> str", &dsfast::cpu::cpu_isa);
+  m.def("_set_cpu_isa(str isa) -> str", &dsfast::cpu::set_cpu_isa);
+  m.def("_check_cpu_isa(str requested, str supported) -> str", &dsfast::cpu::check_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(dsfast, CPU, m) {

@@ -21,7 +21,10 @@ import shutil
 import sys
 from pathlib import Path
 
-CXX_FLAGS = ["-O3", "-fopenmp"]  # no -march=native: a build must stay portable
+# No -march=native: a build must stay portable. The CPU loops are compiled once more per wider ISA
+# (csrc/cpu/loops_avx2.cpp, loops_avx512.cpp set their own code generation) and chosen at run time:
+# see cpu_isa().
+CXX_FLAGS = ["-O3", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 NAME = "dsfast_C"  # the JIT build's library name (the ahead-of-time one is the module dsfast._C)
 
@@ -119,3 +122,16 @@ def load() -> None:
             is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as err:
         raise ImportError(f"{prebuilt_error}; building it in {build} failed: {str(err).strip()[-400:]}") from None
+
+
+def cpu_isa() -> str:
+    """Which copy of the C++ CPU loops runs: ``"baseline"``, ``"avx2"`` (AVX2 + FMA) or ``"avx512"`` (AVX512F).
+
+    The widest one that the CPU and its OS support, chosen at the first call of a CPU op, unless the
+    environment variable ``DSFAST_CPU_ISA`` names one (a value the CPU lacks, or an unknown one, is a
+    RuntimeError saying so, here and at every CPU op). Raises ImportError when the extension is missing.
+    """
+    load()
+    import torch
+
+    return torch.ops.dsfast.cpu_isa()

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REQUIRED = {"device", "device_type", "threads", "torch", "triton", "dsfast", "git_commit", "op", "pass", "n",
             "shape", "dtype", "provider", "status", "median_s", "p20_s", "p80_s", "peak_extra_bytes",
-            "memory_method", "gbps", "copy_gbps", "speedup_vs_reference"}
+            "memory_method", "gbps", "copy_gbps", "speedup_vs_reference", "fma_gfmas", "cpu_isa", "roof_s",
+            "roof_bound", "pct_roof"}
 
 
 @pytest.mark.slow
@@ -34,6 +35,7 @@ def test_bench_run_quick(tmp_path):
         assert REQUIRED <= r.keys(), REQUIRED - r.keys()
         assert r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["median_s"] > 0
         assert r["threads"] == 1 and r["peak_extra_bytes"] >= 0
+        assert r["roof_s"] > 0 and r["pct_roof"] == pytest.approx(100 * r["roof_s"] / r["median_s"])
     from bench import peers
     from dsfast.ops import available_backends
 

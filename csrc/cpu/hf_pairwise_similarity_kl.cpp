@@ -5,7 +5,7 @@
 // image rows 2r, 2r+1 of the (C*H, W) plane stack (channel boundaries fall between hf rows).
 // The R rows are cut into chunks of `rows` hf rows (L = rows * w positions). For a chunk we build
 // the N x L panel P of hf values in the accumulation dtype (x is read once, straight from memory),
-// then
+// then (the panel and the scatter are the active ISA's loops, loops.h)
 //   forward:  G += P @ P.T                 (BLAS rank-L update of the N x N Gram)
 //   backward: Q  = (g + g.T) @ P; grad_x block = Q * (wa, wb, wc, wd)   (scatter, no reduction)
 // Chunks are split into one contiguous range per thread; every thread owns its panel (sized to
@@ -18,6 +18,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "../common.h"
+#include "isa.h"
 #include "ops.h"
 #include "panel.h"
 
@@ -48,6 +49,7 @@ at::Tensor hf_gram(const at::Tensor& x_in, c10::ArrayRef<double> weights) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hf_gram", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t w4[4] = {acc_t(wt[0]), acc_t(wt[1]), acc_t(wt[2]), acc_t(wt[3])};
+    const auto& k = loops<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     for_each_task(p, [&](int64_t t, int64_t cb, int64_t ce) {
       at::Tensor panel = at::empty({p.n * p.rows_per_chunk * p.w}, acc_opts);
@@ -55,7 +57,7 @@ at::Tensor hf_gram(const at::Tensor& x_in, c10::ArrayRef<double> weights) {
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         const int64_t r0 = chunk * p.rows_per_chunk;
         const int64_t nr = std::min(p.rows_per_chunk, p.rows - r0);
-        build_panel<scalar_t, acc_t>(xp, panel.mutable_data_ptr<acc_t>(), p, r0, nr, w4);
+        k.hf_panel(xp, panel.mutable_data_ptr<acc_t>(), geometry(p, r0, nr, 4 * nr * p.w, nr * p.w), w4);
         const at::Tensor pm = panel.narrow(0, 0, p.n * nr * p.w).view({p.n, nr * p.w});
         part.addmm_(pm, pm.t());
       }
@@ -84,9 +86,9 @@ at::Tensor hf_gram_backward(const at::Tensor& grad_gram, const at::Tensor& x_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hf_gram_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t w4[4] = {acc_t(wt[0]), acc_t(wt[1]), acc_t(wt[2]), acc_t(wt[3])};
+    const auto& k = loops<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* gp = grad_x.mutable_data_ptr<scalar_t>();
-    const int64_t sample = p.sample();
     for_each_task(p, [&](int64_t /*t*/, int64_t cb, int64_t ce) {
       at::Tensor panel = at::empty({p.n * p.rows_per_chunk * p.w}, acc_opts);
       at::Tensor qbuf = at::empty({p.n * p.rows_per_chunk * p.w}, acc_opts);
@@ -94,18 +96,11 @@ at::Tensor hf_gram_backward(const at::Tensor& grad_gram, const at::Tensor& x_in,
         const int64_t r0 = chunk * p.rows_per_chunk;
         const int64_t nr = std::min(p.rows_per_chunk, p.rows - r0);
         const int64_t len = nr * p.w;
-        build_panel<scalar_t, acc_t>(xp, panel.mutable_data_ptr<acc_t>(), p, r0, nr, w4);
+        const PanelGeometry geo = geometry(p, r0, nr, 4 * len, len);
+        k.hf_panel(xp, panel.mutable_data_ptr<acc_t>(), geo, w4);
         at::Tensor q = qbuf.narrow(0, 0, p.n * len).view({p.n, len});
         at::mm_out(q, m, panel.narrow(0, 0, p.n * len).view({p.n, len}));
-        const acc_t* qp = q.const_data_ptr<acc_t>();
-        for (int64_t i = 0; i < p.n; ++i) {
-          scalar_t* dst = gp + i * sample + r0 * 4 * p.w;
-          for (int64_t r = 0; r < nr; ++r) {
-            scalar_t* top = dst + r * 4 * p.w;
-            hf_row_backward<acc_t, scalar_t, acc_t>(qp + i * len + r * p.w, top, top + 2 * p.w, p.w,
-                                                    w4[0], w4[1], w4[2], w4[3]);
-          }
-        }
+        k.hf_panel_backward(q.const_data_ptr<acc_t>(), gp, geo, w4);
       }
     });
   });

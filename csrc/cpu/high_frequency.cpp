@@ -1,12 +1,14 @@
 // High-frequency map: the fixed 2x2 stride-2 stencil wa*a + wb*b + wc*c + wd*d per block
-// [[a, b], [c, d]], and its transpose (the backward). x (N, C, H, W) <-> map (N, C, h, w).
+// [[a, b], [c, d]], and its transpose (the backward). x (N, C, H, W) <-> map (N, C, h, w); a parallel
+// loop over the N*C*h rows of the active ISA's row loops (loops.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include "../common.h"
+#include "isa.h"
 #include "ops.h"
-#include "stencil.h"
+#include "panel.h"
 
 namespace dsfast::cpu {
 
@@ -22,14 +24,12 @@ at::Tensor high_frequency(const at::Tensor& x_in, c10::ArrayRef<double> weights)
   const int64_t rows = n * c * h;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "high_frequency", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t wa = wt[0], wb = wt[1], wc = wt[2], wd = wt[3];
+    const acc_t w4[4] = {acc_t(wt[0]), acc_t(wt[1]), acc_t(wt[2]), acc_t(wt[3])};
+    const auto& k = loops<scalar_t>();
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_rows(4 * w), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* top = src + r * 4 * w;
-        hf_row<scalar_t, scalar_t, acc_t>(top, top + 2 * w, dst + r * w, w, wa, wb, wc, wd);
-      }
+      k.hf_rows(src, dst, begin, end, w, w4);
     });
   });
   return out;
@@ -49,14 +49,12 @@ at::Tensor high_frequency_backward(const at::Tensor& grad_in, c10::ArrayRef<doub
   const int64_t rows = n * c * h;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "high_frequency_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t wa = wt[0], wb = wt[1], wc = wt[2], wd = wt[3];
+    const acc_t w4[4] = {acc_t(wt[0]), acc_t(wt[1]), acc_t(wt[2]), acc_t(wt[3])};
+    const auto& k = loops<scalar_t>();
     const scalar_t* src = g.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_rows(4 * w), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        scalar_t* top = dst + r * 4 * w;
-        hf_row_backward<scalar_t, scalar_t, acc_t>(src + r * w, top, top + 2 * w, w, wa, wb, wc, wd);
-      }
+      k.hf_rows_backward(src, dst, begin, end, w, w4);
     });
   });
   return out;

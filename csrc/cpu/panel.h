@@ -5,7 +5,8 @@
 // rows), i.e. the 4*w elements from offset r*4*w of the sample. The R rows are cut into chunks of
 // `rows_per_chunk` hf rows; a chunk's N x L panel (L = rows * w) of hf values is built in the
 // accumulation dtype, straight from x, and the chunks are split into one contiguous range per
-// thread, so every thread streams its own part of x once.
+// thread, so every thread streams its own part of x once. The loops over a chunk are the active ISA's
+// (loops.h); this header is the driver side (ATen, baseline code).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,9 +17,14 @@
 #include <cstdint>
 
 #include "../common.h"
-#include "stencil.h"
+#include "isa.h"
 
 namespace dsfast::cpu {
+
+// Rows per parallel task so that a task touches at least ~32K elements.
+inline int64_t grain_rows(int64_t elems_per_row) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, elems_per_row));
+}
 
 struct Plan {
   int64_t n, rows, w, rows_per_chunk, chunks, tasks;
@@ -41,19 +47,9 @@ inline Plan make_plan(const at::Tensor& x, int64_t panel_bytes) {
   return p;
 }
 
-// Fill panel (N, nr * w) with the hf values of hf rows [r0, r0 + nr) of every sample.
-template <typename scalar_t, typename acc_t>
-void build_panel(const scalar_t* x, acc_t* panel, const Plan& p, int64_t r0, int64_t nr,
-                 const acc_t* wt) {
-  const int64_t len = nr * p.w;
-  for (int64_t i = 0; i < p.n; ++i) {
-    const scalar_t* xs = x + i * p.sample() + r0 * 4 * p.w;
-    acc_t* out = panel + i * len;
-    for (int64_t r = 0; r < nr; ++r) {
-      const scalar_t* top = xs + r * 4 * p.w;
-      hf_row<scalar_t, acc_t, acc_t>(top, top + 2 * p.w, out + r * p.w, p.w, wt[0], wt[1], wt[2], wt[3]);
-    }
-  }
+// The loops' view of chunk [r0, r0 + nr) (isa.h), with the buffers' row strides.
+inline PanelGeometry geometry(const Plan& p, int64_t r0, int64_t nr, int64_t ldx, int64_t ldp) {
+  return {p.n, p.sample(), p.w, r0, nr, ldx, ldp};
 }
 
 // Run body(task, chunk_begin, chunk_end) for every task in parallel; ATen ops inside `body`

@@ -1,25 +1,29 @@
 // The two small-N products the fused CPU ops run per cache-resident panel of a batch (n rows):
 // G += A A^T (forward) and Out = M A (backward). BLAS handles n = 16 poorly (it packs its operands
-// per call and, for the Gram, computes both triangles); these keep 4 x 4 blocks of accumulators in
+// per call and, for the Gram, computes both triangles); these keep blocks of accumulators in
 // registers and read the strided rows in place; the Gram computes its upper triangle only.
-// float32 uses AVX-512 when the CPU has it (chosen at run time: the extension is built for the
-// baseline ISA); the portable loop (auto-vectorised) covers everything else.
+// Part of the per-ISA loop source (loops.h): plain loops for the auto-vectoriser, compiled once per ISA.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define DSFAST_X86_AVX512 1
+#ifndef DSFAST_CPU_ISA
+#error "small_gram.h is part of the per-ISA loop source: include it from a loops_<isa>.cpp (see isa.h)"
 #endif
 
-namespace dsfast::cpu {
+namespace dsfast::cpu::DSFAST_CPU_ISA {
 
 namespace small_gram_detail {
 
 constexpr int64_t kColumnBlock = 1024;  // columns of the 4 + 4 rows of a block pair: 32 KB (fp32) in L1
+
+// This copy's vector registers (set by the per-ISA file): AVX-512 32 x 64 bytes, AVX2 16 x 32, SSE2 16 x 16.
+constexpr int64_t kVectorBytes = DSFAST_CPU_VECTOR_BYTES, kVectorRegisters = DSFAST_CPU_VECTOR_REGISTERS;
+// Columns of a small_mm block: its 4 rows of sums fill half the vector registers (AVX-512 float: 4 x 64).
+template <typename T>
+constexpr int64_t kMmColumns = kVectorRegisters / 8 * kVectorBytes / static_cast<int64_t>(sizeof(T));
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // s[p * 4 + q] = sum_k r[p][k] * c[q][k]
 template <typename T>
@@ -35,90 +39,29 @@ inline void block44(const T* const* r, const T* const* c, int64_t len, T* s) {
     s20 += a2 * b0; s21 += a2 * b1; s22 += a2 * b2; s23 += a2 * b3;
     s30 += a3 * b0; s31 += a3 * b1; s32 += a3 * b2; s33 += a3 * b3;
   }
-  const T out[16] = {s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33};
-  std::copy(out, out + 16, s);
-}
-
-#ifdef DSFAST_X86_AVX512
-__attribute__((target("avx512f"))) inline void block44_avx512(const float* const* r, const float* const* c,
-                                                               int64_t len, float* s) {
-  __m512 acc[16];
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < len; k += 16) {
-    const __mmask16 m = len - k >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << (len - k)) - 1);
-    __m512 a[4], b[4];
-    for (int q = 0; q < 4; ++q) {
-      a[q] = _mm512_maskz_loadu_ps(m, r[q] + k);
-      b[q] = _mm512_maskz_loadu_ps(m, c[q] + k);
-    }
-    for (int p = 0; p < 4; ++p) {
-      for (int q = 0; q < 4; ++q) acc[p * 4 + q] = _mm512_fmadd_ps(a[p], b[q], acc[p * 4 + q]);
-    }
-  }
-  for (int i = 0; i < 16; ++i) s[i] = _mm512_reduce_add_ps(acc[i]);
-}
-
-// out[p][k0 + k] = sum_j m[p][j] * a[j][k0 + k] for the 4 rows p of m (row stride ldm), k < 64.
-__attribute__((target("avx512f"))) inline void rows4_times_avx512(const float* const* m, const float* a,
-                                                                   int64_t lda, int64_t n, int64_t k0,
-                                                                   int64_t len, float* const* out) {
-  __mmask16 mask[4];
-  for (int q = 0; q < 4; ++q) {
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, len - k0 - 16 * q));
-    mask[q] = static_cast<__mmask16>((1u << left) - 1);
-  }
-  __m512 acc[16];
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 x[4];
-    for (int q = 0; q < 4; ++q) x[q] = _mm512_maskz_loadu_ps(mask[q], a + j * lda + k0 + 16 * q);
-    for (int p = 0; p < 4; ++p) {
-      const __m512 mv = _mm512_set1_ps(m[p][j]);
-      for (int q = 0; q < 4; ++q) acc[p * 4 + q] = _mm512_fmadd_ps(mv, x[q], acc[p * 4 + q]);
-    }
-  }
-  for (int p = 0; p < 4; ++p) {
-    if (out[p] == nullptr) continue;
-    for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(out[p] + k0 + 16 * q, mask[q], acc[p * 4 + q]);
-  }
-}
-
-inline bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
-#endif
-
-template <typename T>
-inline void block44_best(const T* const* r, const T* const* c, int64_t len, T* s) {
-#ifdef DSFAST_X86_AVX512
-  if constexpr (std::is_same_v<T, float>) {
-    if (has_avx512()) return block44_avx512(r, c, len, s);
-  }
-#endif
-  block44(r, c, len, s);
+  s[0] = s00; s[1] = s01; s[2] = s02; s[3] = s03; s[4] = s10; s[5] = s11; s[6] = s12; s[7] = s13;
+  s[8] = s20; s[9] = s21; s[10] = s22; s[11] = s23; s[12] = s30; s[13] = s31; s[14] = s32; s[15] = s33;
 }
 
 }  // namespace small_gram_detail
 
 // Upper triangle (i <= j) of g (n x n, row-major) += a a^T over columns [0, len) of the n rows
-// a + i * lda. The lower triangle is left alone (see mirror_upper).
+// a + i * lda. The lower triangle is left alone (the caller mirrors it).
 template <typename T>
 void gram_update_upper(const T* a, int64_t lda, int64_t n, int64_t len, T* g) {
   using namespace small_gram_detail;
   for (int64_t k0 = 0; k0 < len; k0 += kColumnBlock) {
-    const int64_t kl = std::min(kColumnBlock, len - k0);
+    const int64_t kl = min64(kColumnBlock, len - k0);
     for (int64_t ib = 0; ib < n; ib += 4) {
       for (int64_t jb = ib; jb < n; jb += 4) {
         const T* r[4];
         const T* c[4];
         for (int q = 0; q < 4; ++q) {  // rows past n repeat row n - 1; their sums are dropped
-          r[q] = a + std::min(ib + q, n - 1) * lda + k0;
-          c[q] = a + std::min(jb + q, n - 1) * lda + k0;
+          r[q] = a + min64(ib + q, n - 1) * lda + k0;
+          c[q] = a + min64(jb + q, n - 1) * lda + k0;
         }
         T s[16];
-        block44_best(r, c, kl, s);
+        block44(r, c, kl, s);
         for (int p = 0; p < 4; ++p) {
           for (int q = 0; q < 4; ++q) {
             const int64_t i = ib + p, j = jb + q;
@@ -130,46 +73,53 @@ void gram_update_upper(const T* a, int64_t lda, int64_t n, int64_t len, T* g) {
   }
 }
 
-// out (n x len, row stride ldo) = m (n x n, row-major) @ a (n x len, row stride lda).
+// o[p][k] = sum_j m[p][j] * a[j][k] for the 4 rows p, over the n rows j of a and the kl <= kMmColumns
+// columns k. Full blocks (kl == kMmColumns<T>, a constant trip count) keep their sums in vector registers.
+template <typename T, bool full>
+inline void rows4_times(const T* const* m, const T* a, int64_t lda, int64_t n, int64_t kl, T* const* o) {
+  constexpr int64_t kc = small_gram_detail::kMmColumns<T>;
+  const int64_t cols = full ? kc : kl;
+  T acc[4][kc] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const T* aj = a + j * lda;
+    const T m0 = m[0][j], m1 = m[1][j], m2 = m[2][j], m3 = m[3][j];
+#pragma omp simd
+    for (int64_t k = 0; k < cols; ++k) {
+      const T v = aj[k];
+      acc[0][k] += m0 * v;
+      acc[1][k] += m1 * v;
+      acc[2][k] += m2 * v;
+      acc[3][k] += m3 * v;
+    }
+  }
+  for (int p = 0; p < 4; ++p) {
+    if (o[p] == nullptr) continue;
+    for (int64_t k = 0; k < cols; ++k) o[p][k] = acc[p][k];
+  }
+}
+
+// out (n x len, row stride ldo) = m (n x n, row-major) @ a (n x len, row stride lda), in blocks of
+// 4 output rows x kMmColumns<T> columns (see rows4_times).
 template <typename T>
 void small_mm(const T* m, const T* a, int64_t lda, int64_t n, int64_t len, T* out, int64_t ldo) {
   using namespace small_gram_detail;
-#ifdef DSFAST_X86_AVX512
-  if constexpr (std::is_same_v<T, float>) {
-    if (has_avx512()) {
-      for (int64_t k0 = 0; k0 < len; k0 += 64) {  // the n x 64 block of a stays in L1
-        for (int64_t ib = 0; ib < n; ib += 4) {
-          const T* mr[4];
-          T* orow[4];
-          for (int p = 0; p < 4; ++p) {  // rows past n reuse row n - 1 and are not stored
-            mr[p] = m + std::min(ib + p, n - 1) * n;
-            orow[p] = ib + p < n ? out + (ib + p) * ldo : nullptr;
-          }
-          rows4_times_avx512(mr, a, lda, n, k0, len, orow);
-        }
+  constexpr int64_t kc = kMmColumns<T>;
+  for (int64_t k0 = 0; k0 < len; k0 += kc) {
+    const int64_t kl = min64(kc, len - k0);
+    for (int64_t ib = 0; ib < n; ib += 4) {
+      const T* mr[4];
+      T* o[4];
+      for (int p = 0; p < 4; ++p) {  // rows past n repeat row n - 1 and are not stored
+        mr[p] = m + min64(ib + p, n - 1) * n;
+        o[p] = ib + p < n ? out + (ib + p) * ldo + k0 : nullptr;
       }
-      return;
-    }
-  }
-#endif
-  for (int64_t i = 0; i < n; ++i) {
-    T* o = out + i * ldo;
-    std::fill(o, o + len, T(0));
-    for (int64_t j = 0; j < n; ++j) {
-      const T mij = m[i * n + j];
-      const T* aj = a + j * lda;
-#pragma omp simd
-      for (int64_t k = 0; k < len; ++k) o[k] += mij * aj[k];
+      if (kl == kc) {
+        rows4_times<T, true>(mr, a + k0, lda, n, kl, o);
+      } else {
+        rows4_times<T, false>(mr, a + k0, lda, n, kl, o);
+      }
     }
   }
 }
 
-// g[j][i] = g[i][j] for i < j.
-template <typename T>
-void mirror_upper(T* g, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = i + 1; j < n; ++j) g[j * n + i] = g[i * n + j];
-  }
-}
-
-}  // namespace dsfast::cpu
+}  // namespace dsfast::cpu::DSFAST_CPU_ISA

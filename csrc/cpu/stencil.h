@@ -1,19 +1,16 @@
-// Row kernels of the 2x2 stride-2 stencil shared by the CPU ops. A "row" is one output row of
+// Row kernels of the 2x2 stride-2 stencil shared by the CPU loops. A "row" is one output row of
 // width w; its input is the two image rows `top` and `bot` of width 2w (blocks [[a, b], [c, d]]).
-// Loops are written for the auto-vectoriser (`omp simd`, no -march=native needed).
+// Part of the per-ISA loop source (loops.h): written for the auto-vectoriser (`omp simd`), which the
+// per-ISA files compile with SSE2, AVX2+FMA or AVX-512 code generation.
 #pragma once
 
-#include <ATen/OpMathType.h>
-
-#include <algorithm>
 #include <cstdint>
 
-namespace dsfast::cpu {
+#ifndef DSFAST_CPU_ISA
+#error "stencil.h is part of the per-ISA loop source: include it from a loops_<isa>.cpp (see isa.h)"
+#endif
 
-// Rows per parallel task so that a task touches at least ~32K elements.
-inline int64_t grain_rows(int64_t elems_per_row) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, elems_per_row));
-}
+namespace dsfast::cpu::DSFAST_CPU_ISA {
 
 // out[j] = wa*a + wb*b + wc*c + wd*d, in acc_t.
 template <typename scalar_t, typename out_t, typename acc_t>
@@ -44,4 +41,4 @@ inline void hf_row_backward(const in_t* __restrict__ g, scalar_t* __restrict__ t
   }
 }
 
-}  // namespace dsfast::cpu
+}  // namespace dsfast::cpu::DSFAST_CPU_ISA
