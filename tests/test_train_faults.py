@@ -166,11 +166,12 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_line(assets, reference,
     do, reason = DAMAGE[damage]
     do(ck / "step_00000008")
 
-    grid = tmp_path / "g.png"
-    p = sample_latest(run, grid)
-    assert p.returncode == 0 and grid.is_file(), p.stderr[-2000:]
-    skip = [x for x in lines(p.stderr) if "skipped" in x]
-    assert len(skip) == 1 and "step_00000008" in skip[0] and reason in skip[0] and "step_00000006" in skip[0], p.stderr
+    if damage == "truncated model states":  # sampling chooses as resuming does (once is enough: same function)
+        grid = tmp_path / "g.png"
+        p = sample_latest(run, grid)
+        assert p.returncode == 0 and grid.is_file(), p.stderr[-2000:]
+        skip = [x for x in lines(p.stderr) if "skipped" in x]
+        assert len(skip) == 1 and "step_00000008" in skip[0] and reason in skip[0] and "step_00000006" in skip[0]
 
     p = train(config(assets, tmp_path), tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -177,20 +177,27 @@ def test_second_run_in_the_same_output_dir_is_refused(assets, tmp_path):
     assert (run / "config.yaml").is_file() and (run / "final").is_dir()
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "legacy_marker"])
 @pytest.mark.parametrize("missing", ["ema.pt", "rng_rank0.pt"])
-def test_resume_refuses_a_checkpoint_without_its_ema_or_rng(assets, baseline, tmp_path, missing):
+def test_resume_refuses_a_checkpoint_without_its_ema_or_rng(assets, baseline, tmp_path, missing, listed):
     """A resume that cannot continue exactly (the EMA or the random state is gone) stops with one line, before
-    training a step, instead of restarting the EMA from the pretrained weights in silence."""
+    training a step, instead of restarting the EMA from the pretrained weights in silence: found by the file
+    list in COMPLETE, or, for a checkpoint whose COMPLETE holds only the step (written before the list), when
+    it is loaded."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(baseline, run)
-    (run / "checkpoints" / "step_00000004" / missing).unlink()
+    ckpt = run / "checkpoints" / "step_00000004"
+    (ckpt / missing).unlink()
+    if not listed:
+        (ckpt / "COMPLETE").write_text("4")
     cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", checkpoint_every=2, keep_last=0,
                       train__max_steps=6, train__micro_batch_size=2)
     before = (run / "metrics.jsonl").read_text()
-    p = run_train(cfg, tmp_path, "--resume", str(run / "checkpoints" / "step_00000004"), check=False)
+    p = run_train(cfg, tmp_path, "--resume", str(ckpt), check=False)
     assert p.returncode == 1
-    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and f"has no {missing}" in lines[0], p.stderr[-2000:]
+    lines = [x for x in p.stderr.strip().splitlines() if x.strip() and "%|" not in x]
+    expect = f"{missing} is missing" if listed else f"has no {missing}"
+    assert len(lines) == 1 and expect in lines[0], p.stderr[-2000:]
     assert (run / "metrics.jsonl").read_text() == before and not (run / "checkpoints" / "step_00000006").exists()

@@ -178,6 +178,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.report = report  # called with one line per checkpoint passed over (None: silent)
         self.unconfirmed: str | None = None  # the newest save whose weights have not passed a step yet
+        self._skipped: list[str] = []  # what the last latest() passed over
 
     def _folders(self) -> list[Path]:
         if not self.root.is_dir():
@@ -189,18 +190,21 @@ class CheckpointManager:
         return [p.name for p in self._folders() if problem(p) is None]
 
     def latest(self, quiet: bool = False) -> Path | None:
-        """The newest checkpoint that verifies; each newer folder passed over is reported (one line)."""
-        skipped = []
+        """The newest checkpoint that verifies. Newer folders passed over are reported in one line when one is
+        found (unless ``quiet``); when none is, :meth:`passed_over` says why for the caller's error."""
+        self._skipped = []
         for d in reversed(self._folders()):
             why = problem(d)
             if why is None:
-                if skipped and self.report is not None and not quiet:
-                    self.report(f"dsfast: skipped {'; '.join(skipped)}; using {d}")
+                if self._skipped and self.report is not None and not quiet:
+                    self.report(f"dsfast: skipped {'; '.join(self._skipped)}; using {d}")
                 return d
-            skipped.append(f"checkpoint {d} ({why})")
-        if skipped and self.report is not None and not quiet:
-            self.report(f"dsfast: skipped {'; '.join(skipped)}; no usable checkpoint left")
+            self._skipped.append(f"checkpoint {d} ({why})")
         return None
+
+    def passed_over(self) -> str:
+        """The folders the last :meth:`latest` passed over, as the end of an error message (empty if none)."""
+        return f" (passed over: {'; '.join(self._skipped)})" if self._skipped else ""
 
     def save(self, engine, step: int, *, ema=None, logs: dict | None = None) -> Path:
         """Write checkpoint ``step`` (every rank); ``logs`` (that step's metrics) go into ``COMPLETE``."""

@@ -21,7 +21,6 @@ import yaml
 
 from dsfast.argtypes import ArgumentParser, non_negative_int, positive_int
 
-from .checkpoint import check_output_dir
 from .config import load_config
 from .engine import train
 from .errors import USER_ERRORS, ConfigError
@@ -164,13 +163,15 @@ def main(argv=None) -> int:
             raise _unsupported(extra)
         raw = load_config(flags_to_config(args, world=int(os.environ.get("WORLD_SIZE", "1"))), args.overrides)
         path = Path(raw.output_dir) / "dreambooth.yaml"
-        check_output_dir(path.parent)
-        if int(os.environ.get("RANK", "0")) == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(raw.model_dump(exclude_defaults=True), sort_keys=False))
-            print(f"dsfast dreambooth: config written to {path} (the same run: dsfast train --config {path})",
-                  flush=True)
-        run = train(raw)
+
+        def write_config():  # once train has checked the input: a bad flag writes nothing
+            if int(os.environ.get("RANK", "0")) == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(yaml.safe_dump(raw.model_dump(exclude_defaults=True), sort_keys=False))
+                print(f"dsfast dreambooth: config written to {path} (the same run: dsfast train --config {path})",
+                      flush=True)
+
+        run = train(raw, on_valid=write_config)
     except USER_ERRORS as exc:
         print(f"dsfast dreambooth: error: {exc}", file=sys.stderr)
         return 1

@@ -223,7 +223,9 @@ def _resume_dir(mode: str, ckpts: CheckpointManager) -> Path | None:
     if mode in ("auto", "latest"):
         d = ckpts.latest()
         if d is None and mode == "latest":
-            raise ConfigError(f"--resume latest: no complete checkpoint under {ckpts.root}")
+            raise ConfigError(f"--resume latest: no complete checkpoint under {ckpts.root}{ckpts.passed_over()}")
+        if d is None and ckpts.passed_over() and ckpts.report is not None:
+            ckpts.report(f"dsfast: no usable checkpoint under {ckpts.root}{ckpts.passed_over()}; starting at step 0")
         return d
     p = Path(mode)
     if not p.is_dir():
@@ -293,8 +295,9 @@ def _log_due(step: int, t) -> bool:
     return step % t.log_every == 0 or step == t.max_steps
 
 
-def train(config, overrides=(), *, resume: str | None = None) -> Path:
-    """Train a run; returns the run folder. See the README for the config keys."""
+def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> Path:
+    """Train a run; returns the run folder. See the README for the config keys. ``on_valid()`` is called once
+    the input has passed every check that needs no model weights, before anything is loaded or written."""
     D.setup_env()
     device = D.device()  # where DeepSpeed puts the engine (engine.device): every tensor of training lives there
     raw = load_config(config, overrides)
@@ -312,6 +315,8 @@ def train(config, overrides=(), *, resume: str | None = None) -> Path:
                   down_factor=info.down_factor)
     ds_config = build_ds_config(cfg.train, cfg.deepspeed, world)
     method_cls = methods.get(cfg.method, info.family)
+    if on_valid is not None:
+        on_valid()
     needs = method_cls.needs(cfg.loss)
     t = cfg.train
     dtype = DTYPES[t.mixed_precision]

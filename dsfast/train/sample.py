@@ -52,7 +52,7 @@ def _checkpoint_dir(run: Path, which: str) -> Path:
     if which == "latest":
         d = ckpts.latest()
         if d is None:
-            raise ModelError(f"--checkpoint latest: no complete checkpoint under {ckpts.root}")
+            raise ModelError(f"--checkpoint latest: no complete checkpoint under {ckpts.root}{ckpts.passed_over()}")
         return d
     step = which.removeprefix("step_")
     if not step.isdigit():
