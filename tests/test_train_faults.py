@@ -270,3 +270,30 @@ def test_sampling_weights_that_give_non_finite_images_is_an_error_not_a_black_gr
         next(pipe.unet.parameters()).fill_(float("inf"))
     with pytest.raises(ModelError, match="non-finite images"):
         run_pipeline(pipe, 1, num_inference_steps=2)
+
+
+def _can_mount_tmpfs() -> bool:
+    p = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return p.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or not _can_mount_tmpfs(),
+                    reason="needs a private mount namespace (unshare -m) to mount a small tmpfs; the patched-writer "
+                           "test above covers the same path")
+def test_a_real_full_disk_is_one_line(assets, tmp_path):
+    """The run folder on a 5 MB tmpfs: the second checkpoint fills it inside torch's C++ writer (a RuntimeError,
+    not an OSError) and is still recognised as a full disk, its partial folder removed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    cfg = config(assets, mnt, sample_every=0, keep_last=0)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    code = f"import sys\nfrom dsfast.train.cli import main\nsys.exit(main(['--config', '{tmp_path / 'run.yaml'}']))"
+    script = (f"mount -t tmpfs -o size=5m tmpfs {mnt} && {sys.executable} -c \"{code}\"; rc=$?; "
+              f"ls {mnt}/run/checkpoints; exit $rc")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    out = lines(p.stderr)
+    assert len(out) == 1 and out[0].startswith(f"dsfast train: error: disk full: no space left on {mnt} "), out
+    assert "step_00000004; it needs about" in out[0] and out[0].endswith("step_00000002")
+    assert p.stdout.split() == ["latest", "step_00000002"]  # no partial step_00000004 left on the full disk

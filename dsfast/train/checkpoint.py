@@ -266,12 +266,16 @@ class CheckpointManager:
                             f"{newest if newest else '(none saved yet)'}")
 
     def _point_latest(self) -> None:
-        """``latest`` names the newest checkpoint that verifies (or is removed when none does)."""
+        """``latest`` names the newest checkpoint that verifies (or is removed when none does). It is a pointer
+        for people and tools: dsfast chooses by verifying, so a full disk that stops this write changes nothing."""
         newest = self.latest(quiet=True)
-        if newest is not None:
-            _write_atomic(self.root / "latest", newest.name)
-        else:
-            (self.root / "latest").unlink(missing_ok=True)
+        try:
+            if newest is not None:
+                _write_atomic(self.root / "latest", newest.name)
+            else:
+                (self.root / "latest").unlink(missing_ok=True)
+        except OSError:
+            (self.root / "latest.tmp").unlink(missing_ok=True)
 
     def confirm(self) -> None:
         """The newest checkpoint's weights just gave a finite step: older ones beyond ``keep_last`` may go."""
