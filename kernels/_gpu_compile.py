@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import os
 import re
@@ -86,14 +87,17 @@ class StubDriver(DriverBase):
 
 @contextlib.contextmanager
 def compiling_for(arch: int):
-    """Within the block, Triton launches compile for sm_<arch>; each is recorded as (name, grid, int args, kernel)."""
+    """Within the block, Triton launches compile for sm_<arch>; each is recorded as (name, grid, int args, kernel,
+    bytes of its tensor arguments)."""
     launches = []
     original = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
         ints = {name: v for name, v in zip(self.arg_names, args) if isinstance(v, int) and not isinstance(v, bool)}
-        launches.append((self.fn.__name__, tuple(grid), ints, kernel))
+        tensors = {id(v): v for v in args if isinstance(v, torch.Tensor)}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        launches.append((self.fn.__name__, tuple(grid), ints, kernel, nbytes))
         return kernel
 
     config = triton.runtime.driver
@@ -165,8 +169,9 @@ def dot_units(ttir: str, ttgir: str) -> tuple[int, int, int]:
     return len(re.findall(r"\btt\.dot\b", ttir)), tensor_core, fma
 
 
-def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel) -> dict:
-    """Static figures of one compiled launch."""
+def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel, nbytes: int) -> dict:
+    """Static figures of one compiled launch (``nbytes``: the bytes its tensor arguments hold; per CTA, what
+    each CTA reads or writes if every byte is touched once)."""
     meta = kernel.metadata
     regs, spill = resource_usage(kernel.asm["cubin"])
     ptx = kernel.asm["ptx"]
@@ -176,15 +181,14 @@ def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel) -> dict:
     by_regs = lim["regs"] // (regs_per_warp * warps)
     by_smem = lim["smem"] // meta.shared if meta.shared else lim["ctas"]
     ctas_per_sm = min(by_regs, by_smem, lim["threads"] // (32 * warps), lim["ctas"])
-    ctas = 1
-    for g in grid:
-        ctas *= int(g)
+    ctas = _prod(grid)
     dots, tc_dots, fma_dots = dot_units(kernel.asm["ttir"], kernel.asm["ttgir"])
     return {
         "arch": f"sm_{arch}", "kernel": name, "grid": list(grid), "ctas": ctas,
         "num_warps": warps, "num_stages": meta.num_stages, "registers": regs, "spill_bytes": spill,
         "shared_bytes": meta.shared, "shared_limit": lim["smem_block"], "ctas_per_sm": ctas_per_sm,
         "waves": round(ctas / (ctas_per_sm * lim["sms"]), 2) if ctas_per_sm else None,
+        "tensor_bytes": nbytes, "bytes_per_cta": nbytes // ctas,
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)), "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
         "fma": len(re.findall(r"\bfma\.rn\.", ptx)), "dots": dots, "tc_dots": tc_dots, "fma_dots": fma_dots,
         "load_bytes": _widest(ptx, "ld"), "store_bytes": _widest(ptx, "st"),
@@ -369,8 +373,44 @@ def compile_all(arch: int, shapes=SHAPES, dtypes=DTYPES, ops=None):
                 base = {"op": op, "dtype": dname, "shape": sname, "dims": list(shape)}
                 if error is not None:
                     yield {**base, "error": error}
-                for name, grid, ints, kernel in launches:
-                    yield {**base, **analyse(arch, name, grid, ints, kernel)}
+                for name, grid, ints, kernel, nbytes in launches:
+                    yield {**base, **analyse(arch, name, grid, ints, kernel, nbytes)}
+
+
+def loss_launches(arch: int, shape, dtype: torch.dtype) -> dict:
+    """GPU launches of one call of the whole DomainStudio loss (Triton backend, default options, the adapted
+    batch differentiated), forward and backward, at ``shape`` for sm_<arch>: {pass: {"triton": [kernel names],
+    "torch": [aten ops], "bytes_per_cta": [per Triton launch]}} (:mod:`._launch_count`, on meta tensors)."""
+    from ._launch_count import LaunchCounter
+
+    module = importlib.import_module("dsfast.ops.domainstudio_loss")  # the module (dsfast.ops exports the function)
+
+    source, adapted, real = (torch.empty(shape, dtype=dtype, device="meta") for _ in range(3))
+    adapted.requires_grad_()
+    resolve = module.resolve_backend
+    module.resolve_backend = lambda backend, device: "triton"  # meta tensors: no backend claims them
+    found = {}
+    try:
+        with compiling_for(arch) as launches:
+            with LaunchCounter() as forward:
+                total = module.domainstudio_loss(source, adapted, real, backend="triton", check_finite=False).total
+            per_cta_fwd = [nbytes // max(1, _prod(grid)) for _, grid, _, _, nbytes in launches]
+            launches.clear()
+            with LaunchCounter() as backward:
+                total.backward()
+            per_cta_bwd = [nbytes // max(1, _prod(grid)) for _, grid, _, _, nbytes in launches]
+    finally:
+        module.resolve_backend = resolve
+    for name, counter, per_cta in (("forward", forward, per_cta_fwd), ("backward", backward, per_cta_bwd)):
+        found[name] = {"triton": counter.triton, "torch": counter.torch, "bytes_per_cta": per_cta}
+    return found
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
 
 
 def main(argv=None):
