@@ -184,7 +184,7 @@ def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel, nbytes: int) 
     ctas = _prod(grid)
     dots, tc_dots, fma_dots = dot_units(kernel.asm["ttir"], kernel.asm["ttgir"])
     return {
-        "arch": f"sm_{arch}", "kernel": name, "grid": list(grid), "ctas": ctas,
+        "arch": f"sm_{arch}", "kernel": name, "hash": kernel.hash, "grid": list(grid), "ctas": ctas,
         "num_warps": warps, "num_stages": meta.num_stages, "registers": regs, "spill_bytes": spill,
         "shared_bytes": meta.shared, "shared_limit": lim["smem_block"], "ctas_per_sm": ctas_per_sm,
         "waves": round(ctas / (ctas_per_sm * lim["sms"]), 2) if ctas_per_sm else None,
@@ -312,13 +312,13 @@ SHAPES = {
 }
 WEIGHTS = (0.5, -0.5, -0.5, 0.5)
 OPS = ("haar_dwt2", "haar_idwt2", "high_frequency", "high_frequency_backward", "gram", "gram_backward", "hf_gram",
-       "hf_gram_backward", "domainstudio_grams", "domainstudio_grams_backward",
-       "similarity_kl", "similarity_kl_backward")
-# The N x N tail keeps whole rows in registers: compiled (and spill-free) up to N=1024.
-TAIL_OPS = ("similarity_kl", "similarity_kl_backward")
+       "hf_gram_backward", "domainstudio_grams", "domainstudio_grams_backward", "domainstudio_pair_grams",
+       "similarity_kl", "similarity_kl_backward", "domainstudio_terms", "domainstudio_terms_backward")
+# The N x N tails keep whole rows in registers: compiled (and spill-free) up to N=1024.
+TAIL_OPS = ("similarity_kl", "similarity_kl_backward", "domainstudio_terms", "domainstudio_terms_backward")
 TAIL_SHAPES = ("small", "headline", "n32", "n1024")
 # Kernels whose work is a matrix product: their fp32/bf16/fp16 dots must run on the tensor cores.
-DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_backward_kernel")
+DOT_KERNELS = ("_gram_kernel", "_gram_backward_kernel", "_hf_gram_backward_kernel")
 
 
 def launchers():
@@ -328,9 +328,14 @@ def launchers():
     def half(x):  # (N, C, H/2, W/2)
         return (*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
 
-    def gram_grad(x):
-        return torch.empty(x.shape[0], x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                           device=x.device)
+    def gram_grad(x, *batches):
+        return torch.empty(*batches, x.shape[0], x.shape[0],
+                           dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+
+    def scalar(x):
+        return gram_grad(x).new_empty(())
+
+    lambdas = (4.0, 4.0, 1.0)
 
     return {
         "haar_dwt2": haar_dwt2.haar_dwt2,
@@ -351,7 +356,16 @@ def launchers():
         # with a target (the adapted batch; the source batch's call has none)
         "domainstudio_grams": lambda x: domainstudio_loss.domainstudio_grams(x, torch.empty_like(x), WEIGHTS),
         "domainstudio_grams_backward": lambda x: domainstudio_loss.domainstudio_grams_backward(
-            gram_grad(x), gram_grad(x), gram_grad(x).new_empty(()), x, torch.empty_like(x), WEIGHTS),
+            gram_grad(x), gram_grad(x), scalar(x), x, torch.empty_like(x), WEIGHTS),
+        # source x, adapted and target like it: both batches in one launch
+        "domainstudio_pair_grams": lambda x: domainstudio_loss.domainstudio_pair_grams(
+            x, torch.empty_like(x), torch.empty_like(x), WEIGHTS),
+        # the whole loss's tail on the pair's Grams (anchors as row weights in the backward case)
+        "domainstudio_terms": lambda x: domainstudio_loss.domainstudio_terms(
+            gram_grad(x, 2), gram_grad(x, 2), scalar(x).new_empty(2, domainstudio_loss.sse_tiles(x.shape[0])), None, lambdas, 1.0, True, 0.01, 1e-3),
+        "domainstudio_terms_backward": lambda x: domainstudio_loss.domainstudio_terms_backward(
+            [scalar(x)] * 4, gram_grad(x, 2), gram_grad(x, 2), x.new_empty(x.shape[0], dtype=torch.float64),
+            lambdas, 1.0, False, 0.01, 1e-3),
     }
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch._library.custom_ops import OPDEFS
-from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
