@@ -26,8 +26,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent
 HBM_BYTES_PER_S = 3.0e12
-# Launch configurations reported: the headline batch, a larger image, a large N.
-SHAPES = {"headline": (16, 3, 256, 256), "n16-512": (16, 3, 512, 512), "n64-1024": (64, 3, 1024, 1024)}
+# Launch configurations reported: a small image (launch-bound), the headline batch, a larger image, a large N.
+SHAPES = {"n16-64": (16, 3, 64, 64), "headline": (16, 3, 256, 256), "n16-512": (16, 3, 512, 512),
+          "n64-1024": (64, 3, 1024, 1024)}
+# What one launch costs, host dispatch through the kernel's start (eager PyTorch + Triton on an H100: a few
+# µs; an assumption for the estimates, not a measurement).
+LAUNCH_US = 4.0
 DTYPES = ("fp32", "bf16")
 
 
@@ -51,17 +55,21 @@ def compiled(arch: int) -> tuple[list[dict], list[dict]]:
 
 
 def launch_table(calls: list[dict]) -> str:
-    """Launches of one domainstudio_loss call (Triton kernels + aten ops that are kernels on a GPU) and the bytes
-    per CTA of its Triton launches (tensor-argument bytes / CTAs)."""
-    rows = ["| dtype | shape | pass | launches | Triton kernels | torch ops | bytes per CTA (Triton launches) |",
-            "|---|---|---|---|---|---|---|"]
+    """Launches of one domainstudio_loss call (Triton kernels + aten ops that are kernels on a GPU), the bytes
+    per CTA of its Triton launches (tensor-argument bytes / CTAs), and two estimates of the pass's time: its
+    launches at LAUNCH_US each, and its ideal bytes (3 batches each way) at 3.0 TB/s."""
+    rows = ["| dtype | shape | pass | launches | Triton kernels | torch ops | KiB per CTA (Triton launches) "
+            "| est. µs in launches | est. µs of HBM traffic |", "|---|---|---|---|---|---|---|---|---|"]
     for c in calls:
+        n, ch, h, w = SHAPES[c["shape"]]
+        batch = n * ch * h * w * (4 if c["dtype"] == "fp32" else 2)
         for pass_, found in c["loss_launches"].items():
             kernels = ", ".join(f"`{k}`" for k in found["triton"]) or "-"
             ops = ", ".join(o.removeprefix("aten::") for o in found["torch"]) or "-"
-            per_cta = ", ".join(f"{b / 1024:.1f} K" for b in found["bytes_per_cta"]) or "-"
-            rows.append(f"| {c['dtype']} | {c['shape']} | {pass_} | {len(found['triton']) + len(found['torch'])} | "
-                        f"{kernels} | {ops} | {per_cta} |")
+            per_cta = ", ".join(f"{b / 1024:.1f}" for b in found["bytes_per_cta"]) or "-"
+            launches = len(found["triton"]) + len(found["torch"])
+            rows.append(f"| {c['dtype']} | {c['shape']} | {pass_} | {launches} | {kernels} | {ops} | {per_cta} | "
+                        f"{launches * LAUNCH_US:.0f} | {3 * batch / HBM_BYTES_PER_S * 1e6:.1f} |")
     return "\n".join(rows)
 
 
@@ -210,7 +218,9 @@ def main(argv=None) -> int:
             + "\n\n## Launches per domainstudio_loss call (counted, not timed)\n\n"
             "Triton backend, default options, the adapted batch differentiated, `check_finite=False` (the GPU "
             "default); the backward includes the `ones_like` seed of `.backward()`. Counted by "
-            "`dsfast.kernels._launch_count` on meta tensors.\n\n" + launch_table(calls)
+            f"`dsfast.kernels._launch_count` on meta tensors. Estimates, not timings: launches at {LAUNCH_US:.0f} "
+            "µs each (an assumed host-dispatch-to-start cost), traffic = 3 batches per pass at 3.0 TB/s.\n\n"
+            + launch_table(calls)
             + "\n\n## Roofline (float32; estimates, not timings)\n\n" + roofline_table(roof) + "\n")
         print(f"wrote {out}/ ({len(records)} launches)")
     return 0

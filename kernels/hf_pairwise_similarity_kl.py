@@ -165,9 +165,10 @@ def hf_gram_config(n: int, c: int, h: int, w: int, dtype: torch.dtype, device: t
         # several tiles: a third stage of both tiles' input rows spilled 8 B at N = 1024 (sm_80)
         cfg = dataclasses.replace(cfg, num_stages=min(2, cfg.num_stages))
     elif not ds and block_n <= 32:
-        # K steps unpipelined (2 per split at the headline shape): a prefetched step spilled 8-16 B
-        # (sm_90 fp32/bf16/fp16 on Triton 3.9, fp64 on Triton 3.6)
-        cfg = dataclasses.replace(cfg, num_stages=1)
+        # K steps unpipelined: a prefetched step spilled 8-16 B (sm_90 fp32/bf16/fp16 on Triton 3.9, fp64 on
+        # Triton 3.6); 32-wide tiles on 8 warps: with 4, the split sum after the K loop spilled 8 B (sm_90,
+        # bf16/fp16/fp64, Triton 3.9)
+        cfg = dataclasses.replace(cfg, num_stages=1, num_warps=8 if block_n == 32 else cfg.num_warps)
     return cfg
 
 

@@ -550,7 +550,7 @@ def similarity_kl_sum(gs_ptr, ga_ptr, w_ptr, tau, eps, N, HAS_W: tl.constexpr, S
     return tl.sum(total, axis=0)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit
 def _similarity_kl_kernel(gs_ptr, ga_ptr, w_ptr, out_ptr, tau: tl.float64, scale: tl.float64, eps: tl.float64, N,
                           HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_N: tl.constexpr):
@@ -608,7 +608,7 @@ def similarity_kl_grads(c, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga_ptr, tau, eps, N,
     _tail_grad_diag(dga_ptr, cols, cmask, acc_a, na_c, ra_c, N, eps)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit
 def _similarity_kl_backward_kernel(grad_ptr, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga_ptr, tau: tl.float64,
                                    scale: tl.float64, eps: tl.float64, N, HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr,
                                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
