@@ -26,30 +26,57 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent
 HBM_BYTES_PER_S = 3.0e12
-# Launch configurations reported: the headline batch, a larger image, a large N.
-SHAPES = {"headline": (16, 3, 256, 256), "n16-512": (16, 3, 512, 512), "n64-1024": (64, 3, 1024, 1024)}
+# Launch configurations reported: a small image (launch-bound), the headline batch, a larger image, a large N.
+SHAPES = {"n16-64": (16, 3, 64, 64), "headline": (16, 3, 256, 256), "n16-512": (16, 3, 512, 512),
+          "n64-1024": (64, 3, 1024, 1024)}
+# What one launch costs, host dispatch through the kernel's start (eager PyTorch + Triton on an H100: a few
+# µs; an assumption for the estimates, not a measurement).
+LAUNCH_US = 4.0
 DTYPES = ("fp32", "bf16")
 
 
 # --------------------------------------------------------------------------------------------------
 # Compiled figures (one subprocess per target: TRITON_INTERPRET must be off)
 # --------------------------------------------------------------------------------------------------
-def compiled(arch: int) -> list[dict]:
+def compiled(arch: int) -> tuple[list[dict], list[dict]]:
+    """(one record per compiled kernel launch, one per (shape, dtype) with the launches of a whole loss call)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DSFAST_POISON_OUTPUTS"] = "0"
-    code = ("import json, sys; from dsfast.kernels._gpu_compile import compile_all; "
+    code = ("import json, sys; from dsfast.kernels._gpu_compile import compile_all, loss_launches; "
             f"shapes = {SHAPES!r}; dtypes = {{k: getattr(__import__('torch'), v) for k, v in "
             "{'fp32': 'float32', 'bf16': 'bfloat16'}.items()}; "
-            f"[print(json.dumps(r)) for r in compile_all({arch}, shapes=shapes, dtypes=dtypes)]")
+            f"[print(json.dumps(r)) for r in compile_all({arch}, shapes=shapes, dtypes=dtypes)]; "
+            f"[print(json.dumps({{'loss_launches': loss_launches({arch}, shape, dtype), 'shape': s, 'dtype': d}})) "
+            "for s, shape in shapes.items() for d, dtype in dtypes.items()]")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, check=True, capture_output=True,
                          text=True).stdout
-    return [json.loads(line) for line in out.splitlines()]
+    records = [json.loads(line) for line in out.splitlines()]
+    return [r for r in records if "loss_launches" not in r], [r for r in records if "loss_launches" in r]
+
+
+def launch_table(calls: list[dict]) -> str:
+    """Launches of one domainstudio_loss call (Triton kernels + aten ops that are kernels on a GPU), the bytes
+    per CTA of its Triton launches (tensor-argument bytes / CTAs), and two estimates of the pass's time: its
+    launches at LAUNCH_US each, and its ideal bytes (3 batches each way) at 3.0 TB/s."""
+    rows = ["| dtype | shape | pass | launches | Triton kernels | torch ops | KiB per CTA (Triton launches) "
+            "| est. µs in launches | est. µs of HBM traffic |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in calls:
+        n, ch, h, w = SHAPES[c["shape"]]
+        batch = n * ch * h * w * (4 if c["dtype"] == "fp32" else 2)
+        for pass_, found in c["loss_launches"].items():
+            kernels = ", ".join(f"`{k}`" for k in found["triton"]) or "-"
+            ops = ", ".join(o.removeprefix("aten::") for o in found["torch"]) or "-"
+            per_cta = ", ".join(f"{b / 1024:.1f}" for b in found["bytes_per_cta"]) or "-"
+            launches = len(found["triton"]) + len(found["torch"])
+            rows.append(f"| {c['dtype']} | {c['shape']} | {pass_} | {launches} | {kernels} | {ops} | {per_cta} | "
+                        f"{launches * LAUNCH_US:.0f} | {3 * batch / HBM_BYTES_PER_S * 1e6:.1f} |")
+    return "\n".join(rows)
 
 
 def kernel_table(records: list[dict]) -> str:
     head = ("| op | dtype | shape | kernel | grid | warps | stages | regs | spill B | smem KiB | CTAs/SM | waves "
-            "| mma | wgmma | load B | store B |")
-    rows = [head, "|" + "---|" * 16]
+            "| KiB/CTA | mma | wgmma | load B | store B |")
+    rows = [head, "|" + "---|" * 17]
     for r in records:
         if "error" in r:
             rows.append(f"| {r['op']} | {r['dtype']} | {r['shape']} | compile error: {r['error'][:80]} |")
@@ -57,7 +84,8 @@ def kernel_table(records: list[dict]) -> str:
         rows.append(
             f"| {r['op']} | {r['dtype']} | {r['shape']} | `{r['kernel']}` | {'x'.join(map(str, r['grid']))} | "
             f"{r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['spill_bytes']} | "
-            f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} | {r['waves']} | {r['mma']} | {r['wgmma']} | "
+            f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} | {r['waves']} | {r['bytes_per_cta'] / 1024:.1f} | "
+            f"{r['mma']} | {r['wgmma']} | "
             f"{r['load_bytes']} | {r['store_bytes']} |")
     return "\n".join(rows)
 
@@ -168,13 +196,15 @@ def main(argv=None) -> int:
 
     roof = [r for shape in SHAPES.values() for r in roofline(shape)]
     for arch in args.arch:
-        records = compiled(arch)
+        records, calls = compiled(arch)
         out = args.results_dir / f"static-sm{arch}"
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "kernels.jsonl", "w") as f:
             for r in records:
                 r.pop("i32_overflows", None)
                 f.write(json.dumps(r) + "\n")
+        with open(out / "launches.json", "w") as f:
+            json.dump(calls, f, indent=1)
         with open(out / "roofline.json", "w") as f:
             json.dump(roof, f, indent=1)
         (out / "README.md").write_text(
@@ -182,8 +212,16 @@ def main(argv=None) -> int:
             f"Generated by `python -m bench.static` with Triton {triton.__version__}, torch {torch.__version__}, "
             "without a GPU: each kernel compiled for the target through dsfast's own launchers. CTAs/SM is "
             "what registers, shared memory and threads allow; waves = CTAs / (CTAs/SM x SMs); load/store B = "
-            "widest global access per thread (16 = 128-bit vectors; cp.async counts as a load).\n\n"
-            + kernel_table(records) + "\n\n## Roofline (float32; estimates, not timings)\n\n" + roofline_table(roof) + "\n")
+            "widest global access per thread (16 = 128-bit vectors; cp.async counts as a load); KiB/CTA = "
+            "bytes of the launch's tensor arguments / CTAs (what each CTA reads or writes if every byte is touched "
+            "once).\n\n" + kernel_table(records)
+            + "\n\n## Launches per domainstudio_loss call (counted, not timed)\n\n"
+            "Triton backend, default options, the adapted batch differentiated, `check_finite=False` (the GPU "
+            "default); the backward includes the `ones_like` seed of `.backward()`. Counted by "
+            f"`dsfast.kernels._launch_count` on meta tensors. Estimates, not timings: launches at {LAUNCH_US:.0f} "
+            "µs each (an assumed host-dispatch-to-start cost), traffic = 3 batches per pass at 3.0 TB/s.\n\n"
+            + launch_table(calls)
+            + "\n\n## Roofline (float32; estimates, not timings)\n\n" + roofline_table(roof) + "\n")
         print(f"wrote {out}/ ({len(records)} launches)")
     return 0
 

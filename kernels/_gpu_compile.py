@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import os
 import re
@@ -86,14 +87,17 @@ class StubDriver(DriverBase):
 
 @contextlib.contextmanager
 def compiling_for(arch: int):
-    """Within the block, Triton launches compile for sm_<arch>; each is recorded as (name, grid, int args, kernel)."""
+    """Within the block, Triton launches compile for sm_<arch>; each is recorded as (name, grid, int args, kernel,
+    bytes of its tensor arguments)."""
     launches = []
     original = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
         ints = {name: v for name, v in zip(self.arg_names, args) if isinstance(v, int) and not isinstance(v, bool)}
-        launches.append((self.fn.__name__, tuple(grid), ints, kernel))
+        tensors = {id(v): v for v in args if isinstance(v, torch.Tensor)}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        launches.append((self.fn.__name__, tuple(grid), ints, kernel, nbytes))
         return kernel
 
     config = triton.runtime.driver
@@ -165,8 +169,9 @@ def dot_units(ttir: str, ttgir: str) -> tuple[int, int, int]:
     return len(re.findall(r"\btt\.dot\b", ttir)), tensor_core, fma
 
 
-def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel) -> dict:
-    """Static figures of one compiled launch."""
+def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel, nbytes: int) -> dict:
+    """Static figures of one compiled launch (``nbytes``: the bytes its tensor arguments hold; per CTA, what
+    each CTA reads or writes if every byte is touched once)."""
     meta = kernel.metadata
     regs, spill = resource_usage(kernel.asm["cubin"])
     ptx = kernel.asm["ptx"]
@@ -176,15 +181,14 @@ def analyse(arch: int, name: str, grid: tuple, ints: dict, kernel) -> dict:
     by_regs = lim["regs"] // (regs_per_warp * warps)
     by_smem = lim["smem"] // meta.shared if meta.shared else lim["ctas"]
     ctas_per_sm = min(by_regs, by_smem, lim["threads"] // (32 * warps), lim["ctas"])
-    ctas = 1
-    for g in grid:
-        ctas *= int(g)
+    ctas = _prod(grid)
     dots, tc_dots, fma_dots = dot_units(kernel.asm["ttir"], kernel.asm["ttgir"])
     return {
-        "arch": f"sm_{arch}", "kernel": name, "grid": list(grid), "ctas": ctas,
+        "arch": f"sm_{arch}", "kernel": name, "hash": kernel.hash, "grid": list(grid), "ctas": ctas,
         "num_warps": warps, "num_stages": meta.num_stages, "registers": regs, "spill_bytes": spill,
         "shared_bytes": meta.shared, "shared_limit": lim["smem_block"], "ctas_per_sm": ctas_per_sm,
         "waves": round(ctas / (ctas_per_sm * lim["sms"]), 2) if ctas_per_sm else None,
+        "tensor_bytes": nbytes, "bytes_per_cta": nbytes // ctas,
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)), "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
         "fma": len(re.findall(r"\bfma\.rn\.", ptx)), "dots": dots, "tc_dots": tc_dots, "fma_dots": fma_dots,
         "load_bytes": _widest(ptx, "ld"), "store_bytes": _widest(ptx, "st"),
@@ -308,13 +312,13 @@ SHAPES = {
 }
 WEIGHTS = (0.5, -0.5, -0.5, 0.5)
 OPS = ("haar_dwt2", "haar_idwt2", "high_frequency", "high_frequency_backward", "gram", "gram_backward", "hf_gram",
-       "hf_gram_backward", "domainstudio_grams", "domainstudio_grams_backward",
-       "similarity_kl", "similarity_kl_backward")
-# The N x N tail keeps whole rows in registers: compiled (and spill-free) up to N=1024.
-TAIL_OPS = ("similarity_kl", "similarity_kl_backward")
+       "hf_gram_backward", "domainstudio_grams", "domainstudio_grams_backward", "domainstudio_pair_grams",
+       "similarity_kl", "similarity_kl_backward", "domainstudio_terms", "domainstudio_terms_backward")
+# The N x N tails keep whole rows in registers: compiled (and spill-free) up to N=1024.
+TAIL_OPS = ("similarity_kl", "similarity_kl_backward", "domainstudio_terms", "domainstudio_terms_backward")
 TAIL_SHAPES = ("small", "headline", "n32", "n1024")
 # Kernels whose work is a matrix product: their fp32/bf16/fp16 dots must run on the tensor cores.
-DOT_KERNELS = ("_gram_partial_kernel", "_gram_backward_kernel", "_hf_gram_backward_kernel")
+DOT_KERNELS = ("_gram_kernel", "_gram_backward_kernel", "_hf_gram_backward_kernel")
 
 
 def launchers():
@@ -324,9 +328,14 @@ def launchers():
     def half(x):  # (N, C, H/2, W/2)
         return (*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
 
-    def gram_grad(x):
-        return torch.empty(x.shape[0], x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                           device=x.device)
+    def gram_grad(x, *batches):
+        return torch.empty(*batches, x.shape[0], x.shape[0],
+                           dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+
+    def scalar(x):
+        return gram_grad(x).new_empty(())
+
+    lambdas = (4.0, 4.0, 1.0)
 
     return {
         "haar_dwt2": haar_dwt2.haar_dwt2,
@@ -347,7 +356,16 @@ def launchers():
         # with a target (the adapted batch; the source batch's call has none)
         "domainstudio_grams": lambda x: domainstudio_loss.domainstudio_grams(x, torch.empty_like(x), WEIGHTS),
         "domainstudio_grams_backward": lambda x: domainstudio_loss.domainstudio_grams_backward(
-            gram_grad(x), gram_grad(x), gram_grad(x).new_empty(()), x, torch.empty_like(x), WEIGHTS),
+            gram_grad(x), gram_grad(x), scalar(x), x, torch.empty_like(x), WEIGHTS),
+        # source x, adapted and target like it: both batches in one launch
+        "domainstudio_pair_grams": lambda x: domainstudio_loss.domainstudio_pair_grams(
+            x, torch.empty_like(x), torch.empty_like(x), WEIGHTS),
+        # the whole loss's tail on the pair's Grams (anchors as row weights in the backward case)
+        "domainstudio_terms": lambda x: domainstudio_loss.domainstudio_terms(
+            gram_grad(x, 2), gram_grad(x, 2), scalar(x).new_empty(2, domainstudio_loss.sse_tiles(x.shape[0])), None, lambdas, 1.0, True, 0.01, 1e-3),
+        "domainstudio_terms_backward": lambda x: domainstudio_loss.domainstudio_terms_backward(
+            [scalar(x)] * 4, gram_grad(x, 2), gram_grad(x, 2), x.new_empty(x.shape[0], dtype=torch.float64),
+            lambdas, 1.0, False, 0.01, 1e-3),
     }
 
 
@@ -369,8 +387,44 @@ def compile_all(arch: int, shapes=SHAPES, dtypes=DTYPES, ops=None):
                 base = {"op": op, "dtype": dname, "shape": sname, "dims": list(shape)}
                 if error is not None:
                     yield {**base, "error": error}
-                for name, grid, ints, kernel in launches:
-                    yield {**base, **analyse(arch, name, grid, ints, kernel)}
+                for name, grid, ints, kernel, nbytes in launches:
+                    yield {**base, **analyse(arch, name, grid, ints, kernel, nbytes)}
+
+
+def loss_launches(arch: int, shape, dtype: torch.dtype) -> dict:
+    """GPU launches of one call of the whole DomainStudio loss (Triton backend, default options, the adapted
+    batch differentiated), forward and backward, at ``shape`` for sm_<arch>: {pass: {"triton": [kernel names],
+    "torch": [aten ops], "bytes_per_cta": [per Triton launch]}} (:mod:`._launch_count`, on meta tensors)."""
+    from ._launch_count import LaunchCounter
+
+    module = importlib.import_module("dsfast.ops.domainstudio_loss")  # the module (dsfast.ops exports the function)
+
+    source, adapted, real = (torch.empty(shape, dtype=dtype, device="meta") for _ in range(3))
+    adapted.requires_grad_()
+    resolve = module.resolve_backend
+    module.resolve_backend = lambda backend, device: "triton"  # meta tensors: no backend claims them
+    found = {}
+    try:
+        with compiling_for(arch) as launches:
+            with LaunchCounter() as forward:
+                total = module.domainstudio_loss(source, adapted, real, backend="triton", check_finite=False).total
+            per_cta_fwd = [nbytes // max(1, _prod(grid)) for _, grid, _, _, nbytes in launches]
+            launches.clear()
+            with LaunchCounter() as backward:
+                total.backward()
+            per_cta_bwd = [nbytes // max(1, _prod(grid)) for _, grid, _, _, nbytes in launches]
+    finally:
+        module.resolve_backend = resolve
+    for name, counter, per_cta in (("forward", forward, per_cta_fwd), ("backward", backward, per_cta_bwd)):
+        found[name] = {"triton": counter.triton, "torch": counter.torch, "bytes_per_cta": per_cta}
+    return found
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
 
 
 def main(argv=None):

@@ -49,7 +49,7 @@ from .pairwise_similarity_kl import (
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, out_ptr, wa: tl.float64, wb: tl.float64,
                              wc: tl.float64, wd: tl.float64, N, chunks_w, h, w,
                              s_g0, s_g1, s_gi0, s_gi1, s_n, s_c, s_h, s_w, t_n, t_c, t_h, t_w, s_out,
@@ -83,9 +83,7 @@ def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, out_ptr, wa: t
         gm = row_mask[:, None] & k_mask[None, :]
         m = tl.load(g_ptr + rows[:, None] * s_g0 + k[None, :] * s_g1, mask=gm, other=0.0).to(COMPUTE)
         m += tl.load(g_ptr + k[None, :] * s_g0 + rows[:, None] * s_g1, mask=gm, other=0.0).to(COMPUTE)
-        # samples past N are clamped to sample 0; their M columns are 0
-        k_rows = tl.where(k_mask, k, 0).to(tl.int64) * s_n
-        top, bottom = hf_rows(x_ptr, k_rows, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_P)
+        top, bottom = hf_rows(x_ptr, k.to(tl.int64) * s_n, k_mask, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_P)
         hf = stencil_panel(top, bottom, wa, wb, wc, wd, COMPUTE, BLOCK_P)
         acc = tl.dot(m, hf, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         if DS:
@@ -94,11 +92,11 @@ def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, out_ptr, wa: t
             img_top = tl.dot(mi, top.to(COMPUTE), img_top, input_precision=PRECISION, out_dtype=acc.dtype)
             img_bottom = tl.dot(mi, bottom.to(COMPUTE), img_bottom, input_precision=PRECISION, out_dtype=acc.dtype)
     if DS:  # the hf-MSE term of this program's own rows
-        own = tl.where(row_mask, rows, 0).to(tl.int64)
-        top, bottom = hf_rows(x_ptr, own * s_n, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_P)
+        own = rows.to(tl.int64)
+        top, bottom = hf_rows(x_ptr, own * s_n, row_mask, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_P)
         diff = stencil_panel(top, bottom, wa, wb, wc, wd, COMPUTE, BLOCK_P)
         if TARGET:
-            t_top, t_bottom = hf_rows(t_ptr, own * t_n, kb, chunks_w, h, w, t_c, t_h, t_w, BLOCK_P)
+            t_top, t_bottom = hf_rows(t_ptr, own * t_n, row_mask, kb, chunks_w, h, w, t_c, t_h, t_w, BLOCK_P)
             diff -= stencil_panel(t_top, t_bottom, wa, wb, wc, wd, COMPUTE, BLOCK_P)
         acc += 2 * tl.load(gs_ptr).to(COMPUTE) * diff
     # grad_x is a fresh contiguous (N, C, 2h, 2w) tensor: the blocks of hf row (c, y) are output rows
@@ -140,27 +138,37 @@ def _row_block(w: int, default: int) -> int:
     return max(16, min(2048, next_pow2(w))) if interpreter_tiles() else default
 
 
-def hf_gram_config(n: int, c: int, h: int, w: int, operand, device: torch.device,
-                   ds_dtype: torch.dtype | None = None) -> GramConfig:
-    """Split-K tiling of an hf Gram: a K block is ``block_k`` consecutive positions of one hf row,
-    ``triton.cdiv(w, block_k)`` blocks per row. ``ds_dtype``: the input dtype of the one-pass DomainStudio
-    forward (``domainstudio_grams``); None for ``hf_gram``."""
-    ds = ds_dtype is not None
+def ds_tile(n: int) -> int:
+    """Output tile edge of the one-pass DomainStudio forward (see :func:`hf_gram_config`)."""
+    return min(32, gram_tile(n))
+
+
+def hf_gram_config(n: int, c: int, h: int, w: int, dtype: torch.dtype, device: torch.device, *, ds: bool = False,
+                   batches: int = 1) -> GramConfig:
+    """Split-K tiling of an hf Gram of ``dtype`` inputs: a K block is ``block_k`` consecutive positions of one hf
+    row, ``triton.cdiv(w, block_k)`` blocks per row. ``ds``: the one-pass DomainStudio forward
+    (``domainstudio_grams``) of ``batches`` batches; False for ``hf_gram``."""
+    operand = _compute_tl(dtype)
+    ds_dtype = dtype if ds else None
     # The one-pass DomainStudio forward also holds the image Gram tile and both tiles' input rows: tiles
     # of at most 32 and K = 16 (tl.dot's minimum) keep it in the register file (64-wide fp32 tiles spill).
-    block_n = min(32, gram_tile(n)) if ds else gram_tile(n)
+    block_n = ds_tile(n) if ds else gram_tile(n)
     # 64-wide tiles take K = 16: the de-interleaved [64, 2K] row runs stay within ~100 KB of shared memory
     block_k = _row_block(w, 16 if block_n == 64 or ds else dot_tiles(block_n, operand)[0])
-    cfg = gram_config(n, c * h * triton.cdiv(w, block_k), block_k, operand, device, block_n)
+    # bytes a diagonal tile pair reads per K block: two input rows of 2*block_k pixels per sample
+    k_block_bytes = min(n, block_n) * 4 * block_k * dtype.itemsize
+    cfg = gram_config(n, c * h * triton.cdiv(w, block_k), block_k, operand, device, block_n=block_n,
+                      k_block_bytes=k_block_bytes, grams=2 if ds else 1, batches=batches)
     if ds_dtype == torch.float32:  # both Grams' operands in 3xTF32: 8 warps share them (4 spill at N = 2048)
         cfg = dataclasses.replace(cfg, num_warps=8)
     if ds_dtype in (torch.float16, torch.bfloat16) and n > block_n:
         # several tiles: a third stage of both tiles' input rows spilled 8 B at N = 1024 (sm_80)
         cfg = dataclasses.replace(cfg, num_stages=min(2, cfg.num_stages))
     elif not ds and block_n <= 32:
-        # K steps unpipelined (2 per split at the headline shape): a prefetched step spilled 8-16 B
-        # (sm_90 fp32/bf16/fp16 on Triton 3.9, fp64 on Triton 3.6)
-        cfg = dataclasses.replace(cfg, num_stages=1)
+        # K steps unpipelined: a prefetched step spilled 8-16 B (sm_90 fp32/bf16/fp16 on Triton 3.9, fp64 on
+        # Triton 3.6); 32-wide tiles on 8 warps: with 4, the split sum after the K loop spilled 8 B (sm_90,
+        # bf16/fp16/fp64, Triton 3.9)
+        cfg = dataclasses.replace(cfg, num_stages=1, num_warps=8 if block_n == 32 else cfg.num_warps)
     return cfg
 
 
@@ -175,11 +183,11 @@ def hf_gram(x: torch.Tensor, weights) -> torch.Tensor:
         return out
     if c * h * w == 0:
         return out.zero_()
-    operand = _compute_tl(x.dtype)
-    cfg = hf_gram_config(n, c, h, w, operand, x.device)
+    cfg = hf_gram_config(n, c, h, w, x.dtype, x.device)
     s_n, s_c, s_h, s_w = x.stride()
-    return launch_gram(x, cfg, out, operand, s_n=s_n, hf_geometry=(triton.cdiv(w, cfg.block_k), h, w, s_c, s_h, s_w),
-                       weights=as_weights(weights))
+    launch_gram(x, cfg, out.view(1, n, n), _compute_tl(x.dtype), s_n=s_n,
+                hf_geometry=(triton.cdiv(w, cfg.block_k), h, w, s_c, s_h, s_w), weights=as_weights(weights))
+    return out
 
 
 def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, out: torch.Tensor, *,

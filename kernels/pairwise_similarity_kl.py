@@ -4,14 +4,15 @@ The pairwise-similarity KL needs only the N x N Gram matrix of the batch (norms 
 the kernels here are the heavy part of that loss:
 
 * ``gram``: tiles of X Xᵀ with ``tl.dot``. N is small (3 to a few hundred) while D = C*H*W is large,
-  so the reduction over D is split ("split-K") across a second grid axis to fill the GPU. Each split
-  writes its partial tile into a float32/64 workspace ``(S, N, N)`` and a small second kernel sums the
-  splits in a fixed order (deterministic; no atomics, so every output element is written exactly once
-  and NaN poisoning stays meaningful; many splits are summed in two launches, see launch_gram_reduce).
-  The same kernel, with ``HF=True``, is the Gram of hf(x) (:mod:`.hf_pairwise_similarity_kl`): only
-  the operand loads differ (:func:`panel_block`). Only the upper-triangular tile pairs are computed; the lower
-  half of the output is read from the transposed position of the workspace, so the result is exactly
-  symmetric. With a single split the partial kernel writes the output (and its mirror) directly.
+  so the reduction over D is split ("split-K") across a second grid axis, sized by bytes (each split
+  reads at least 32 KB, see :func:`split_k`). Each split writes its partial tile into a float32/64
+  workspace and takes a ticket (an atomic counter per tile pair); the split that draws the last ticket
+  sums the workspace in split order -- deterministic, whichever split finished last -- and writes the
+  output, so the whole Gram is one launch (plus the tickets' memset). The same kernel, with ``HF=True``,
+  is the Gram of hf(x) (:mod:`.hf_pairwise_similarity_kl`): only the operand loads differ
+  (:func:`panel_block`); with ``DS`` it is the one-pass DomainStudio forward of one or two batches
+  (:mod:`.domainstudio_loss`). Only the upper-triangular tile pairs are computed and each is written with
+  its mirror, so the result is exactly symmetric. Rows past N are masked (read as zero), not clamped.
 * ``gram_backward``: ``(g + gᵀ) X`` as a tiled matmul over (row tiles of N) x (column tiles of D); the
   symmetrised ``g + gᵀ`` is formed on the fly from two loads of g.
 
@@ -21,6 +22,7 @@ operands natively (their products are exact in fp32, accumulation is fp32); fp64
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,15 +61,22 @@ def gram_tile(n: int) -> int:
     return min(64, max(16, next_pow2(n)))
 
 
-def split_k(n_tiles_pairs: int, k_blocks: int, device: torch.device, min_k_blocks: int = 1) -> tuple[int, int]:
-    """(splits, k_blocks_per_split): about eight programs per SM in total, at least min_k_blocks each.
+CTA_BYTES = 32 * 1024  # the least a split reads: below that, a CTA is mostly launch and reduction overhead
 
-    A memory-bound split reads one K block per loop trip; at N=16 one program keeps ~4 KB in flight,
-    and 3 TB/s at ~1 us latency needs ~20 KB per SM, so 8 resident programs per SM.
+
+def split_k(pairs: int, k_blocks: int, k_block_bytes: int, ws_bytes: int, device: torch.device,
+            min_k_blocks: int = 1) -> tuple[int, int]:
+    """(splits, k_blocks_per_split) of a reduction over ``k_blocks`` K blocks, sized by bytes.
+
+    ``pairs``: programs per split (tile pairs x batches); ``k_block_bytes``: what one program reads per K
+    block; ``ws_bytes``: its partial result, which the last program of a tile pair reads back once per split.
+    The splits are the fewest of: at least CTA_BYTES read per split; no more partial bytes for the last
+    program to sum than a split reads (splits <= sqrt(bytes / ws_bytes)); about two programs per SM in all.
     """
-    target = 8 * multiprocessor_count(device)
-    splits = max(1, min(triton.cdiv(target, max(1, n_tiles_pairs)), triton.cdiv(k_blocks, min_k_blocks)))
-    per = triton.cdiv(k_blocks, splits)
+    total = k_blocks * k_block_bytes
+    splits = min(total // CTA_BYTES, math.isqrt(total // max(1, ws_bytes)),
+                 triton.cdiv(2 * multiprocessor_count(device), max(1, pairs)), k_blocks // max(1, min_k_blocks))
+    per = triton.cdiv(k_blocks, max(1, splits))
     return triton.cdiv(k_blocks, per), per
 
 
@@ -89,14 +98,17 @@ def dot_tiles(block_n: int, operand) -> tuple[int, int]:
     return block_k, 4 if block_n <= 32 else 8
 
 
-def gram_config(n: int, k_blocks: int, block_k: int, operand, device: torch.device,
-                block_n: int | None = None) -> GramConfig:
-    """Split-K tiling of a Gram over ``k_blocks`` K blocks of ``block_k`` (``gram`` and ``hf_gram``);
-    ``block_n``: the output tile edge, :func:`gram_tile` by default."""
+def gram_config(n: int, k_blocks: int, block_k: int, operand, device: torch.device, *, k_block_bytes: int,
+                block_n: int | None = None, grams: int = 1, batches: int = 1) -> GramConfig:
+    """Split-K tiling of a Gram over ``k_blocks`` K blocks of ``block_k`` (``gram``, ``hf_gram``, the one-pass
+    DomainStudio forward); ``k_block_bytes``: what a diagonal tile pair reads per K block; ``block_n``: the
+    output tile edge, :func:`gram_tile` by default; ``grams`` per program (partials), ``batches`` per launch."""
     block_n = block_n or gram_tile(n)
     num_warps = dot_tiles(block_n, operand)[1]
     tiles = triton.cdiv(n, block_n)
-    splits, per = split_k(tiles * (tiles + 1) // 2, k_blocks, device, min_k_blocks=2)
+    ws_bytes = grams * block_n * block_n * (8 if operand == tl.float64 else 4)
+    splits, per = split_k(batches * tiles * (tiles + 1) // 2, k_blocks, k_block_bytes, ws_bytes, device,
+                          min_k_blocks=2)
     return GramConfig(block_n, block_k, k_blocks, splits, per, num_warps, pipeline_stages(per))
 
 
@@ -136,12 +148,12 @@ def dot_operand_dtype(dtype: torch.dtype):
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def hf_rows(x_ptr, rows, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K: tl.constexpr):
+def hf_rows(x_ptr, rows, row_mask, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K: tl.constexpr):
     """The two input rows under K block kb of hf positions, as stored: ([len(rows), 2*BLOCK_K],) * 2.
 
     Block kb is BLOCK_K consecutive positions of one hf row (plane c, row y, chunk kb % chunks_w) of the
-    samples ``rows`` (int64 offsets); its input rows 2y and 2y + 1 are read as contiguous runs of
-    2*BLOCK_K pixels (wide vector loads), zero past the row end.
+    samples ``rows`` (int64 offsets; zero where ``row_mask`` is off); its input rows 2y and 2y + 1 are read
+    as contiguous runs of 2*BLOCK_K pixels (wide vector loads), zero past the row end.
     """
     row = kb // chunks_w
     xc = kb - row * chunks_w
@@ -150,7 +162,7 @@ def hf_rows(x_ptr, rows, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K: tl.constexp
     cols = xc * (2 * BLOCK_K) + tl.arange(0, 2 * BLOCK_K)
     base = c.to(tl.int64) * s_c + (2 * y).to(tl.int64) * s_h
     ptr = x_ptr + rows[:, None] + base + (cols * s_w)[None, :]
-    mask = (cols < 2 * w)[None, :]
+    mask = row_mask[:, None] & (cols < 2 * w)[None, :]
     return tl.load(ptr, mask=mask, other=0.0), tl.load(ptr + s_h, mask=mask, other=0.0)
 
 
@@ -164,19 +176,20 @@ def stencil_panel(top, bottom, wa, wb, wc, wd, OPERAND: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
-def panel_block(x_ptr, rows, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
+def panel_block(x_ptr, rows, row_mask, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd,
                 HF: tl.constexpr, OPERAND: tl.constexpr, BLOCK_K: tl.constexpr):
-    """K block kb of the Gram operand of samples ``rows`` (int64 offsets): [len(rows), BLOCK_K].
+    """K block kb of the Gram operand of samples ``rows`` (int64 offsets, zero off ``row_mask``): [len(rows), BLOCK_K].
 
     ``HF=False``: columns [kb*BLOCK_K, +BLOCK_K) of the flattened (N, D) x. ``HF=True``: BLOCK_K
     consecutive hf positions of one hf row (:func:`hf_rows`, :func:`stencil_panel`).
     """
     if HF:
-        top, bottom = hf_rows(x_ptr, rows, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
+        top, bottom = hf_rows(x_ptr, rows, row_mask, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
         panel = stencil_panel(top, bottom, wa, wb, wc, wd, OPERAND, BLOCK_K)
     else:
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        panel = tl.load(x_ptr + rows[:, None] + (k * s_d)[None, :], mask=(k < D)[None, :], other=0.0).to(OPERAND)
+        mask = row_mask[:, None] & (k < D)[None, :]
+        panel = tl.load(x_ptr + rows[:, None] + (k * s_d)[None, :], mask=mask, other=0.0).to(OPERAND)
     return panel
 
 
@@ -187,24 +200,24 @@ def _dot_nt(a, b, acc, OPERAND: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _gram_tile_acc(x_ptr, t_ptr, rows_i, rows_j, t_rows, row_valid, D, s_d, chunks_w, h, w, s_c, s_h, s_w,
-                   t_c, t_h, t_w, wa, wb, wc, wd, kb_start, kb_end, acc, img, sse,
+def _gram_tile_acc(x_ptr, t_ptr, rows_i, rows_j, mask_i, mask_j, t_rows, t_mask, D, s_d, chunks_w, h, w, s_c, s_h,
+                   s_w, t_c, t_h, t_w, wa, wb, wc, wd, kb_start, kb_end, acc, img, sse,
                    SYMMETRIC: tl.constexpr, HF: tl.constexpr, DS: tl.constexpr, TARGET: tl.constexpr,
                    OPERAND: tl.constexpr, PRECISION: tl.constexpr, IMG_OPERAND: tl.constexpr,
                    IMG_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += P[rows_i, K] P[rows_j, K]ᵀ over the K blocks [kb_start, kb_end) of the operand P (panel_block).
 
-    ``DS`` (with HF): also img += x[rows_i] x[rows_j]ᵀ over the pixels under those blocks (the two input
-    rows already loaded for P) and, in a SYMMETRIC (diagonal) tile, sse += (P - hf(t))² elementwise over
-    the valid rows (P² without TARGET).
+    Rows off their mask read as zero. ``DS`` (with HF): also img += x[rows_i] x[rows_j]ᵀ over the pixels
+    under those blocks (the two input rows already loaded for P) and, in a SYMMETRIC (diagonal) tile,
+    sse += (P - hf(t))² elementwise (the target rows read where ``t_mask``, else P²).
     """
     for kb in range(kb_start, kb_end):
         if DS:
-            top, bottom = hf_rows(x_ptr, rows_i, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
+            top, bottom = hf_rows(x_ptr, rows_i, mask_i, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
             a = stencil_panel(top, bottom, wa, wb, wc, wd, OPERAND, BLOCK_K)
         else:
-            a = panel_block(x_ptr, rows_i, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF, OPERAND,
-                            BLOCK_K)
+            a = panel_block(x_ptr, rows_i, mask_i, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF,
+                            OPERAND, BLOCK_K)
         if SYMMETRIC:
             acc = _dot_nt(a, a, acc, OPERAND, PRECISION)
             if DS:
@@ -212,65 +225,88 @@ def _gram_tile_acc(x_ptr, t_ptr, rows_i, rows_j, t_rows, row_valid, D, s_d, chun
                 img = _dot_nt(bottom, bottom, img, IMG_OPERAND, IMG_PRECISION)
                 diff = a
                 if TARGET:
-                    t_top, t_bottom = hf_rows(t_ptr, t_rows, kb, chunks_w, h, w, t_c, t_h, t_w, BLOCK_K)
+                    t_top, t_bottom = hf_rows(t_ptr, t_rows, t_mask, kb, chunks_w, h, w, t_c, t_h, t_w, BLOCK_K)
                     diff -= stencil_panel(t_top, t_bottom, wa, wb, wc, wd, OPERAND, BLOCK_K)
-                sse += tl.where(row_valid[:, None], diff * diff, 0.0)
+                sse += diff * diff
         else:
             if DS:
-                top_j, bottom_j = hf_rows(x_ptr, rows_j, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
+                top_j, bottom_j = hf_rows(x_ptr, rows_j, mask_j, kb, chunks_w, h, w, s_c, s_h, s_w, BLOCK_K)
                 b = stencil_panel(top_j, bottom_j, wa, wb, wc, wd, OPERAND, BLOCK_K)
                 img = _dot_nt(top, top_j, img, IMG_OPERAND, IMG_PRECISION)
                 img = _dot_nt(bottom, bottom_j, img, IMG_OPERAND, IMG_PRECISION)
             else:
-                b = panel_block(x_ptr, rows_j, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF,
+                b = panel_block(x_ptr, rows_j, mask_j, kb, D, s_d, chunks_w, h, w, s_c, s_h, s_w, wa, wb, wc, wd, HF,
                                 OPERAND, BLOCK_K)
             acc = _dot_nt(a, b, acc, OPERAND, PRECISION)
     return acc, img, sse
 
 
 @triton.jit
-def _store_gram_tile(out_ptr, acc, ri, rj, N, split, ti, tj, DIRECT: tl.constexpr):
-    """Tile (ti, tj) of split ``split``: into the (N, N) output with its mirror (DIRECT) or the (S, N, N) workspace."""
-    mask = (ri[:, None] < N) & (rj[None, :] < N)
-    if DIRECT:
-        tl.store(out_ptr + ri[:, None] * N + rj[None, :], acc, mask=mask)
-        if ti != tj:
-            tl.store(out_ptr + rj[None, :] * N + ri[:, None], acc, mask=mask)
-    else:
-        base = out_ptr + split.to(tl.int64) * N * N
-        tl.store(base + ri[:, None] * N + rj[None, :], acc, mask=mask)
+def _sum_splits(ws_ptr, splits, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Sum of the (splits, BLOCK_N, BLOCK_N) partial tiles at ws_ptr, BLOCK_S splits per trip in index order
+    (a fixed order: the result does not depend on which program arrived last). Read past L1 (``.cg``): the
+    partials were written by other SMs during this launch."""
+    ss = tl.arange(0, BLOCK_S)
+    e = tl.arange(0, BLOCK_N)
+    tile = e[:, None] * BLOCK_N + e[None, :]
+    total = tl.zeros((BLOCK_N, BLOCK_N), dtype=ws_ptr.dtype.element_ty)
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + ss
+        ptr = ws_ptr + s.to(tl.int64)[:, None, None] * (BLOCK_N * BLOCK_N) + tile[None, :, :]
+        total += tl.sum(tl.load(ptr, mask=(s < splits)[:, None, None], other=0.0, cache_modifier=".cg"), axis=0)
+    return total
 
 
 @triton.jit
-def _gram_partial_kernel(x_ptr, out_ptr, t_ptr, img_ptr, sse_ptr, wa: tl.float64, wb: tl.float64, wc: tl.float64,
-                         wd: tl.float64, N, D, s_n, s_d, chunks_w, h, w,
-                         s_c, s_h, s_w, t_n, t_c, t_h, t_w, k_blocks, k_blocks_per_split, n_tiles,
-                         HF: tl.constexpr, DS: tl.constexpr, TARGET: tl.constexpr, OPERAND: tl.constexpr,
-                         ACC: tl.constexpr, PRECISION: tl.constexpr, IMG_OPERAND: tl.constexpr,
-                         IMG_PRECISION: tl.constexpr, DIRECT: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    """Split ``program_id(1)`` of the Gram tile pair ``program_id(0)`` of x (``HF=False``) or of hf(x).
+def _store_gram_tile(out_ptr, tile, ri, rj, N, ti, tj):
+    """Tile (ti, tj) of the (N, N) output and, off the diagonal, its mirror (tj, ti)."""
+    mask = (ri[:, None] < N) & (rj[None, :] < N)
+    tl.store(out_ptr + ri[:, None] * N + rj[None, :], tile, mask=mask)
+    if ti != tj:
+        tl.store(out_ptr + rj[None, :] * N + ri[:, None], tile, mask=mask)
 
-    ``DS`` (the one-pass DomainStudio forward, with HF): the same program also writes the tile of x xᵀ
-    to ``img_ptr`` and, for a diagonal tile, its partial hf-MSE sum to ``sse_ptr[split, ti]``.
+
+@triton.jit(do_not_specialize=["N", "D", "k_blocks", "k_blocks_per_split", "n_tiles", "splits", "t_batch"])
+def _gram_kernel(x_ptr, y_ptr, t_ptr, ws_ptr, sse_ws_ptr, ticket_ptr, out_ptr, img_ptr, sse_ptr, wa: tl.float64,
+                 wb: tl.float64, wc: tl.float64, wd: tl.float64, N, D, s_n, s_d, chunks_w, h, w, s_c, s_h, s_w,
+                 t_n, t_c, t_h, t_w, k_blocks, k_blocks_per_split, n_tiles, splits, t_batch,
+                 HF: tl.constexpr, DS: tl.constexpr, TARGET: tl.constexpr, OPERAND: tl.constexpr, ACC: tl.constexpr,
+                 PRECISION: tl.constexpr, IMG_OPERAND: tl.constexpr, IMG_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Split ``program_id(1)`` of the Gram tile pair ``program_id(0)`` of batch ``program_id(2)`` (x at
+    x_ptr, a second batch of the same layout at y_ptr) -- of x itself (``HF=False``) or of hf(x) -- and, for
+    the last split of a tile pair to finish, the sum of all its splits into the output.
+
+    Each split writes its partial tile to the workspace, then takes a ticket (an atomic counter per tile
+    pair); the program that draws the last ticket sums the workspace in split order (deterministic) and
+    writes the tile and its mirror to ``out_ptr[batch]``, an (N, N) Gram.
+    ``DS`` (the one-pass DomainStudio forward, with HF): the same program also accumulates x xᵀ (summed
+    likewise into ``img_ptr[batch]``) and, for a diagonal tile, the sum of ``(hf(x) - hf(t))²`` (batch ``t_batch`` with
+    TARGET) or ``hf(x)²``, summed like the tiles into ``sse_ptr[batch, ti]``.
     """
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
+    batch = tl.program_id(2)
     ti = pid_t // n_tiles
     tj = pid_t - ti * n_tiles
+    GRAMS: tl.constexpr = 2 if DS else 1
     if HF:  # the stencil weights (unused by the plain Gram)
         wa = scalar_as(wa, OPERAND)
         wb = scalar_as(wb, OPERAND)
         wc = scalar_as(wc, OPERAND)
         wd = scalar_as(wd, OPERAND)
     if ti <= tj:  # upper-triangular tile pairs only; the lower half is the mirror
+        if batch == 0:
+            x = x_ptr
+        else:
+            x = y_ptr
         ri = ti * BLOCK_N + tl.arange(0, BLOCK_N)
         rj = tj * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Out-of-range rows are clamped to row 0 (their results are masked out at the store and in the
-        # hf-MSE sum), so the operand loads need only the K mask.
-        rows_i = tl.where(ri < N, ri, 0).to(tl.int64) * s_n
-        rows_j = tl.where(rj < N, rj, 0).to(tl.int64) * s_n
-        t_rows = tl.where(ri < N, ri, 0).to(tl.int64) * t_n
+        mask_i = ri < N
+        mask_j = rj < N
+        rows_i = ri.to(tl.int64) * s_n
+        rows_j = rj.to(tl.int64) * s_n
+        t_rows = ri.to(tl.int64) * t_n
         kb_start = split * k_blocks_per_split
         kb_end = tl.minimum(kb_start + k_blocks_per_split, k_blocks)
         acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=ACC)
@@ -282,48 +318,41 @@ def _gram_partial_kernel(x_ptr, out_ptr, t_ptr, img_ptr, sse_ptr, wa: tl.float64
             sse = 0.0
         if ti == tj:
             acc, img, sse = _gram_tile_acc(
-                x_ptr, t_ptr, rows_i, rows_j, t_rows, ri < N, D, s_d, chunks_w, h, w, s_c, s_h, s_w, t_c, t_h, t_w,
-                wa, wb, wc, wd, kb_start, kb_end, acc, img, sse, True, HF, DS, TARGET, OPERAND, PRECISION,
-                IMG_OPERAND, IMG_PRECISION, BLOCK_K)
-            if DS:
-                tl.store(sse_ptr + split * n_tiles + ti, tl.sum(tl.sum(sse, axis=1), axis=0))
+                x, t_ptr, rows_i, rows_j, mask_i, mask_j, t_rows, ri < tl.where(batch == t_batch, N, 0), D, s_d, chunks_w,
+                h, w, s_c, s_h, s_w, t_c, t_h, t_w, wa, wb, wc, wd, kb_start, kb_end, acc, img, sse, True, HF, DS,
+                TARGET, OPERAND, PRECISION, IMG_OPERAND, IMG_PRECISION, BLOCK_K)
         else:
             acc, img, sse = _gram_tile_acc(
-                x_ptr, t_ptr, rows_i, rows_j, t_rows, ri < N, D, s_d, chunks_w, h, w, s_c, s_h, s_w, t_c, t_h, t_w,
-                wa, wb, wc, wd, kb_start, kb_end, acc, img, sse, False, HF, DS, TARGET, OPERAND, PRECISION,
-                IMG_OPERAND, IMG_PRECISION, BLOCK_K)
-        _store_gram_tile(out_ptr, acc, ri, rj, N, split, ti, tj, DIRECT)
+                x, t_ptr, rows_i, rows_j, mask_i, mask_j, t_rows, mask_i, D, s_d, chunks_w, h, w, s_c, s_h, s_w,
+                t_c, t_h, t_w, wa, wb, wc, wd, kb_start, kb_end, acc, img, sse, False, HF, DS, TARGET, OPERAND,
+                PRECISION, IMG_OPERAND, IMG_PRECISION, BLOCK_K)
+        # workspace (batch, tile pair, gram, split, BLOCK_N, BLOCK_N); hf-MSE partials (batch, tile pair, split)
+        pair = batch * n_tiles * n_tiles + pid_t
+        ws = ws_ptr + pair.to(tl.int64) * GRAMS * splits * (BLOCK_N * BLOCK_N)
+        e = tl.arange(0, BLOCK_N)
+        tile = e[:, None] * BLOCK_N + e[None, :]
+        tl.store(ws + split * (BLOCK_N * BLOCK_N) + tile, acc)
         if DS:
-            _store_gram_tile(img_ptr, img, ri, rj, N, split, ti, tj, DIRECT)
+            tl.store(ws + (splits + split) * (BLOCK_N * BLOCK_N) + tile, img)
+            if ti == tj:
+                tl.store(sse_ws_ptr + pair * splits + split, tl.sum(tl.sum(sse, axis=1), axis=0).to(ACC))
+        tl.debug_barrier()  # every thread's partial stored before the ticket (released by the atomic)
+        if tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            out = batch.to(tl.int64) * N * N
+            _store_gram_tile(out_ptr + out, _sum_splits(ws, splits, BLOCK_N, BLOCK_S), ri, rj, N, ti, tj)
+            if DS:
+                img = _sum_splits(ws + splits * (BLOCK_N * BLOCK_N), splits, BLOCK_N, BLOCK_S)
+                _store_gram_tile(img_ptr + out, img, ri, rj, N, ti, tj)
+                if ti == tj:
+                    s = tl.arange(0, BLOCK_S)
+                    part = tl.zeros((BLOCK_S,), dtype=ACC)
+                    for s0 in range(0, splits, BLOCK_S):
+                        part += tl.load(sse_ws_ptr + pair * splits + s0 + s, mask=s0 + s < splits, other=0.0,
+                                        cache_modifier=".cg")
+                    tl.store(sse_ptr + batch * n_tiles + ti, tl.sum(part, axis=0))
 
 
-@triton.jit
-def _gram_reduce_kernel(ws_ptr, out_ptr, N, splits, splits_per_group, TILE: tl.constexpr, MIRROR: tl.constexpr,
-                        BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[g, r, c] = sum over the splits s of group g = program_id(1), in order, of ws[s, r, c] -- or, with
-    MIRROR, of ws[s, c, r] below the diagonal tile pairs (the partial kernel fills the upper ones only)."""
-    g = tl.program_id(1)
-    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e < N * N
-    if MIRROR:
-        r = e // N
-        c = e - r * N
-        src = tl.where(r // TILE > c // TILE, c * N + r, e)
-    else:
-        src = e
-    s_begin = g * splits_per_group
-    s_end = tl.minimum(s_begin + splits_per_group, splits)
-    acc = tl.zeros((BLOCK_E,), dtype=out_ptr.dtype.element_ty)
-    ss = tl.arange(0, BLOCK_S)
-    for s0 in range(s_begin, s_end, BLOCK_S):
-        s = s0 + ss
-        mask = (s[:, None] < s_end) & e_mask[None, :]
-        v = tl.load(ws_ptr + s[:, None].to(tl.int64) * N * N + src[None, :], mask=mask, other=0.0)
-        acc += tl.sum(v, axis=0)
-    tl.store(out_ptr + g.to(tl.int64) * N * N + e, acc, mask=e_mask)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _gram_backward_kernel(g_ptr, x_ptr, out_ptr, N, D, s_g0, s_g1, s_n, s_d,
                           ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_K: tl.constexpr):
@@ -359,67 +388,41 @@ def _acc_tl(dtype: torch.dtype):
     return tl.float64 if accumulate_dtype(dtype) == torch.float64 else tl.float32
 
 
-REDUCE_GROUP = 32  # splits one reduce program sums; more splits than this are reduced in two launches
-
-
-def launch_gram_reduce(ws: torch.Tensor, out: torch.Tensor, tile: int) -> None:
-    """Sum the (S, N, N) split-K workspace (upper tile pairs filled) into the symmetric (N, N) out.
-
-    Deterministic (a fixed order). Up to REDUCE_GROUP splits one launch does it; beyond, groups of
-    REDUCE_GROUP splits are summed by parallel programs into (G, N, N) partials first, so no single
-    program streams a long workspace (at N=16 on an H100 there are ~1000 splits).
-    """
-    splits, n, _ = ws.shape
-    block_e = min(256, next_pow2(n * n))
-    block_s = min(8, next_pow2(splits))  # [8, 256] per trip: ~16 values per thread, no register spills
-    e_blocks = triton.cdiv(n * n, block_e)
-    if splits > REDUCE_GROUP:
-        groups = triton.cdiv(splits, REDUCE_GROUP)
-        partial = new_output((groups, n, n), out.dtype, out.device)
-        _gram_reduce_kernel[(e_blocks, groups)](ws, partial, n, splits, REDUCE_GROUP, TILE=tile, MIRROR=True,
-                                                BLOCK_E=block_e, BLOCK_S=block_s, num_warps=4)
-        ws, splits, mirror = partial, groups, False
-    else:
-        mirror = True
-    _gram_reduce_kernel[(e_blocks, 1)](ws, out, n, splits, splits, TILE=tile, MIRROR=mirror, BLOCK_E=block_e,
-                                       BLOCK_S=min(8, next_pow2(splits)), num_warps=4)
+SUM_ELEMENTS = 4096  # partial-tile values the last program of a tile pair sums per trip (BLOCK_S tiles)
 
 
 def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *, s_n: int, s_d: int = 1,
-                hf_geometry=(1, 1, 1, 0, 0, 1), weights=None, image=None, target=None, sse=None) -> torch.Tensor:
-    """Run the split-K Gram kernel (and the reduce when split) into the (N, N) ``out``.
+                hf_geometry=(1, 1, 1, 0, 0, 1), weights=None, y=None, image=None, target=None, sse=None) -> None:
+    """Run the split-K Gram kernel (one launch; the last split of each tile pair sums them) into ``out``:
+    (batches, N, N), a batch being x (and y, a second batch in x's layout).
 
     ``weights`` (the four stencil weights, :func:`._launch.as_weights`) makes it the Gram of hf(x), with
-    ``hf_geometry = (chunks_w, h, w, s_c, s_h, s_w)`` of x. ``image`` (an (N, N) output) and ``sse``
-    (an (S, tiles) output) make it the one-pass DomainStudio forward: the same pass also writes x xᵀ to
-    ``image`` and, per split and diagonal tile, the sum of ``(hf(x) - hf(target))²`` (``hf(x)²`` without
-    ``target``) to ``sse``.
+    ``hf_geometry = (chunks_w, h, w, s_c, s_h, s_w)`` of x. ``image`` (like out) and ``sse`` (a (batches,
+    tiles) output) make it the one-pass DomainStudio forward: hf(x) hf(x)ᵀ into out and x xᵀ into image from
+    the same loads, and per diagonal
+    tile the sum of ``(hf(x) - hf(target))²`` (``target``: of the last batch) or ``hf(x)²`` into ``sse``.
+    The per-tile-pair tickets are one zero-filled int32 per tile pair (a memset launch).
     """
-    n = out.shape[0]
+    batches, n, _ = out.shape
     d = x.shape[1] if weights is None else 0
     tiles = triton.cdiv(n, cfg.block_n)
-    direct = cfg.splits == 1
     ds = image is not None
-
-    def workspace(t):
-        return t if direct else new_output((cfg.splits, n, n), t.dtype, t.device)
-
-    ws = workspace(out)
-    img_ws = workspace(image) if ds else ws
+    grams = 2 if ds else 1
+    acc_dtype = out.dtype
+    ws = new_output((batches * tiles * tiles * grams * cfg.splits, cfg.block_n, cfg.block_n), acc_dtype, x.device)
+    sse_ws = new_output((batches * tiles * tiles, cfg.splits), acc_dtype, x.device) if ds else ws
+    tickets = torch.zeros(batches * tiles * tiles, dtype=torch.int32, device=x.device)
     t = x if target is None else target
     img_operand = dot_operand_dtype(x.dtype) if ds else operand
-    _gram_partial_kernel[(tiles * tiles, cfg.splits)](
-        x, ws, t, img_ws, sse if ds else ws, *(weights or (0.0, 0.0, 0.0, 0.0)), n, d, s_n, s_d, *hf_geometry,
-        *(t.stride() if ds else (0, 0, 0, 0)), cfg.k_blocks, cfg.k_blocks_per_split, tiles,
+    _gram_kernel[(tiles * tiles, cfg.splits, batches)](
+        x, x if y is None else y, t, ws, sse_ws, tickets, out, image if ds else out, sse if ds else out,
+        *(weights or (0.0, 0.0, 0.0, 0.0)), n, d, s_n, s_d, *hf_geometry,
+        *(t.stride() if ds else (0, 0, 0, 0)), cfg.k_blocks, cfg.k_blocks_per_split, tiles, cfg.splits,
+        batches - 1 if target is not None else -1,
         HF=weights is not None, DS=ds, TARGET=target is not None, OPERAND=operand, ACC=_acc_tl(out.dtype),
         PRECISION=dot_precision(operand), IMG_OPERAND=img_operand, IMG_PRECISION=dot_precision(img_operand),
-        DIRECT=direct, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
-    if not direct:
-        launch_gram_reduce(ws, out, cfg.block_n)
-        if ds:
-            launch_gram_reduce(img_ws, image, cfg.block_n)
-    return out
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_S=max(1, SUM_ELEMENTS // cfg.block_n ** 2),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @on_input_device
@@ -437,10 +440,12 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         return out.zero_()
     operand = dot_operand_dtype(x.dtype)
     block_k = min(2048, max(16, next_pow2(d))) if interpreter_tiles() else dot_tiles(gram_tile(n), operand)[0]
-    cfg = gram_config(n, triton.cdiv(d, block_k), block_k, operand, x.device)
+    cfg = gram_config(n, triton.cdiv(d, block_k), block_k, operand, x.device,
+                      k_block_bytes=min(n, gram_tile(n)) * block_k * x.element_size())
     if operand == tl.float64 and cfg.block_n == 32:  # a prefetched K step spilled 8 B (sm_90, Triton 3.6)
         cfg = replace(cfg, num_stages=1)
-    return launch_gram(flat, cfg, out, operand, s_n=flat.stride(0), s_d=flat.stride(1))
+    launch_gram(flat, cfg, out.view(1, n, n), operand, s_n=flat.stride(0), s_d=flat.stride(1))
+    return out
 
 
 @on_input_device
@@ -529,11 +534,9 @@ def _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c, na_c, tau, N, HAS
 
 
 @triton.jit
-def _similarity_kl_kernel(gs_ptr, ga_ptr, w_ptr, out_ptr, tau: tl.float64, scale: tl.float64, eps: tl.float64, N,
-                          HAS_W: tl.constexpr,
-                          SOURCE_FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    """loss = scale * sum_i w_i KL_i (eps: COSINE_EPS)."""
+def similarity_kl_sum(gs_ptr, ga_ptr, w_ptr, tau, eps, N, HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum_i w_i KL_i of the Grams at gs_ptr, ga_ptr (float64; one program walks the rows)."""
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     ns_c, rs_c = _tail_norms(gs_ptr, cols, cmask, N, eps)
@@ -544,7 +547,16 @@ def _similarity_kl_kernel(gs_ptr, ga_ptr, w_ptr, out_ptr, tau: tl.float64, scale
         valid, ns_r, na_r, s_s, s_a, lp, lq, kl, w = _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c, na_c, tau, N,
                                                                 HAS_W, SOURCE_FIRST, eps)
         total += w * kl
-    tl.store(out_ptr, tl.sum(total, axis=0) * scale)
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _similarity_kl_kernel(gs_ptr, ga_ptr, w_ptr, out_ptr, tau: tl.float64, scale: tl.float64, eps: tl.float64, N,
+                          HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """loss = scale * sum_i w_i KL_i (eps: COSINE_EPS)."""
+    total = similarity_kl_sum(gs_ptr, ga_ptr, w_ptr, tau, eps, N, HAS_W, SOURCE_FIRST, BLOCK_R, BLOCK_N)
+    tl.store(out_ptr, total * scale)
 
 
 @triton.jit
@@ -567,12 +579,10 @@ def _tail_grad_diag(dg_ptr, cols, cmask, acc, norm, root, N, eps):
 
 
 @triton.jit
-def _similarity_kl_backward_kernel(grad_ptr, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga_ptr, tau: tl.float64,
-                                   scale: tl.float64, eps: tl.float64, N, HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr,
-                                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Gradients of the loss w.r.t. both Grams. With c_i = grad * scale * w_i, on the logits:
+def similarity_kl_grads(c, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga_ptr, tau, eps, N, HAS_W: tl.constexpr,
+                        SOURCE_FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the gradients of ``c * sum_i w_i KL_i`` w.r.t. both Grams. With c_i = c * w_i, on the logits:
     d s_P = c_i P (log P - log Q - KL_i) (the first distribution), d s_Q = c_i (Q - P) (the second)."""
-    go = tl.load(grad_ptr).to(tl.float64)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     ns_c, rs_c = _tail_norms(gs_ptr, cols, cmask, N, eps)
@@ -583,11 +593,11 @@ def _similarity_kl_backward_kernel(grad_ptr, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga
         rows = r0 + tl.arange(0, BLOCK_R)
         valid, ns_r, na_r, s_s, s_a, lp, lq, kl, w = _tail_rows(gs_ptr, ga_ptr, w_ptr, rows, cols, cmask, ns_c,
                                                                 na_c, tau, N, HAS_W, SOURCE_FIRST, eps)
-        c = (go * scale * w)[:, None]
+        ci = (c * w)[:, None]
         p = tl.where(valid, tl.exp(lp), 0.0)
         q = tl.where(valid, tl.exp(lq), 0.0)
-        d_first = tl.where(valid, c * p * (lp - lq - kl[:, None]), 0.0)
-        d_second = c * (q - p)
+        d_first = tl.where(valid, ci * p * (lp - lq - kl[:, None]), 0.0)
+        d_second = ci * (q - p)
         if SOURCE_FIRST:
             ds_s, ds_a = d_first, d_second
         else:
@@ -596,6 +606,15 @@ def _similarity_kl_backward_kernel(grad_ptr, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga
         acc_a += _tail_grad_block(dga_ptr, rows, cols, valid, ds_a, s_a, na_r, na_c, tau, N)
     _tail_grad_diag(dgs_ptr, cols, cmask, acc_s, ns_c, rs_c, N, eps)
     _tail_grad_diag(dga_ptr, cols, cmask, acc_a, na_c, ra_c, N, eps)
+
+
+@triton.jit
+def _similarity_kl_backward_kernel(grad_ptr, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga_ptr, tau: tl.float64,
+                                   scale: tl.float64, eps: tl.float64, N, HAS_W: tl.constexpr, SOURCE_FIRST: tl.constexpr,
+                                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gradients of the loss w.r.t. both Grams (:func:`similarity_kl_grads` with c = grad * scale)."""
+    c = tl.load(grad_ptr).to(tl.float64) * scale
+    similarity_kl_grads(c, gs_ptr, ga_ptr, w_ptr, dgs_ptr, dga_ptr, tau, eps, N, HAS_W, SOURCE_FIRST, BLOCK_R, BLOCK_N)
 
 
 def _check_tail(g_source: torch.Tensor, g_adapted: torch.Tensor, weights) -> int:

@@ -61,3 +61,15 @@ def test_compiles(arch, op, dtype, shape):
             assert r["fma_dots"] == 0 and r["tc_dots"] >= r["dots"], \
                 f"{where}: {r['fma_dots']} dots on the FMA units, {r['tc_dots']} on the tensor cores of {r['dots']}"
             assert r["mma"] + r["wgmma"] > 0, f"{where}: no tensor-core instruction (FMA-unit dot)"
+
+
+@pytest.mark.parametrize("op", ["domainstudio_pair_grams", "gram"])
+def test_no_recompile_within_a_size_class(op):
+    """N = 17, 24 and 32 (one Gram tile class, 32) with other images: one compiled split-K kernel (N, D, the
+    split counts are not specialised; strides and widths keep their divisibility)."""
+    for arch in ARCHS:
+        kernels = defaultdict(set)
+        for shape in ("n17", "n24", "n32"):
+            for r in compiled()[(arch, op, "fp32", shape)]:
+                kernels[r["kernel"]].add(r["hash"])
+        assert kernels and all(len(h) == 1 for h in kernels.values()), f"sm_{arch}: {dict(kernels)}"

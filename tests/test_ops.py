@@ -296,7 +296,8 @@ class RecordOps(TorchDispatchMode):
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_domainstudio_loss_reads_each_batch_once(device, backend, gen):
-    """With every term on, the loss is one domainstudio_grams per batch forward and one backward."""
+    """With every term on, the loss reads each batch once forward (one domainstudio_grams per batch; on the
+    Triton backend one domainstudio_pair_grams for both) and the adapted batch once backward."""
     s, a, r = (torch.randn(IMAGE, generator=gen).to(device) for _ in range(3))
     a.requires_grad_()
     with RecordOps() as forward:
@@ -304,9 +305,13 @@ def test_domainstudio_loss_reads_each_batch_once(device, backend, gen):
     with RecordOps() as backward:
         total.backward()
     # the N x N tail (its own op on the Triton backend) never reads a batch
-    kernels = [n for n in forward.names + backward.names if n.startswith("dsfast") and "similarity_kl" not in n]
-    namespace = "dsfast_triton" if backend == "triton" else "dsfast"
-    assert kernels == [f"{namespace}.domainstudio_grams.default"] * 2 + [f"{namespace}.domainstudio_grams_backward.default"]
+    kernels = [n for n in forward.names + backward.names
+               if n.startswith("dsfast") and "similarity_kl" not in n and "domainstudio_terms" not in n]
+    if backend == "triton":
+        assert kernels == ["dsfast_triton.domainstudio_pair_grams.default",
+                           "dsfast_triton.domainstudio_grams_backward.default"]
+    else:
+        assert kernels == ["dsfast.domainstudio_grams.default"] * 2 + ["dsfast.domainstudio_grams_backward.default"]
 
 
 @pytest.mark.slow  # an inductor compile: ~30 s on two cores
@@ -332,3 +337,39 @@ def test_pairwise_large_samples(device, backend, gen, seed):
         ref_outs, ref_grads = forward_backward(lambda s, a, op=op: op(s, a, backend="torch"), [s, a], seed)
         assert rel_err(outs[0], ref_outs[0]) <= 1e-5, f"{op.__name__} on {backend}"
         assert rel_err(grads[1], ref_grads[1]) <= 1e-5, f"{op.__name__} grad on {backend}"
+
+
+TRITON_CASES = [(d, b) for d, b in BACKEND_CASES if b == "triton"]
+ONE_PASS_OPTIONS = {
+    # the defaults, and the gradient of the total only (the other terms' gradients are never materialised)
+    "total": (dict(), True),
+    # every term's cotangent, the source differentiated too, anchors as row weights, another reduction
+    "terms": (dict(detach_source=False, anchors=torch.tensor([2, 0, 2]), reduction="sum", tau=0.7,
+                   direction="adapted||source", lambda_img=0.5), False),
+}
+
+
+@pytest.mark.parametrize("options", ONE_PASS_OPTIONS)
+@pytest.mark.parametrize("n", [17, *(pytest.param(n, marks=pytest.mark.slow) for n in (3, 5, 16, 24, 32, 64))])
+@pytest.mark.parametrize("device,backend", TRITON_CASES)
+def test_domainstudio_loss_one_pass(device, backend, n, options, seed, gen):
+    """The Triton backend's whole loss (both batches' Grams in one launch, the tail in one; backward the
+    tail and the batches' gradients) against the float64 reference, forward and backward, outputs
+    NaN-poisoned: the four terms and the gradients, masked rows (N < 16, N = 17) and two Gram tiles (N > 32)."""
+    kwargs, total_only = ONE_PASS_OPTIONS[options]
+    s, a, r = (torch.randn((n, 2, 4, 6), generator=gen, dtype=torch.float64) for _ in range(3))
+
+    def loss(backend):
+        def fn(s, a):
+            terms = ops.domainstudio_loss(s, a, r.to(s.device), backend=backend, **kwargs)
+            return terms.total if total_only else terms
+        return fn
+
+    outs, grads = forward_backward(loss(backend), [s.to(device), a.to(device)], seed)
+    ref_outs, ref_grads = forward_backward(loss("torch"), [s, a], seed)
+    for out, ref in zip(outs, ref_outs):
+        assert out.dtype == ref.dtype and rel_err(out, ref) <= 1e-10
+    for grad, ref in zip(grads, ref_grads):
+        assert (grad is None) == (ref is None)
+        if ref is not None:
+            assert rel_err(grad, ref) <= 1e-10

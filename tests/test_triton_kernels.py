@@ -269,17 +269,17 @@ def test_similarity_kl_tail(n, dtype, direction, reduction, anchors, tau, gen):
 
 
 def _forced_gram_config(block_n, splits):
-    def config(n, k_blocks, block_k, operand, device, _block_n=None):  # the caller's tile edge is overridden
+    def config(n, k_blocks, block_k, operand, device, **_):  # the caller's tile edge and sizing are overridden
         per = -(-k_blocks // splits)
         return K_gram.GramConfig(block_n, block_k, k_blocks, -(-k_blocks // per), per, 4, 1)
     return config
 
 
-@pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "splitk"])
 @pytest.mark.parametrize("n", [17, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gram_multi_tile(monkeypatch, n, splits, dtype, gen):
-    """Several 16x16 tiles: off-diagonal tile pairs, the mirrored lower half, split-K and direct writes."""
+    """Several 16x16 tiles: off-diagonal tile pairs, the mirrored lower half, split-K (summed by the last split)."""
     monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")  # GPU K blocks: several per split
     monkeypatch.setattr(K_gram, "gram_config", _forced_gram_config(16, splits))
     x = _flat_input(n, 100, dtype, gen, noncontig=True)
@@ -287,11 +287,11 @@ def test_gram_multi_tile(monkeypatch, n, splits, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_gram_two_stage_reduce(monkeypatch, dtype, gen):
-    """More splits than one reduce program sums: groups first, then the groups (mirror in the first)."""
+def test_gram_split_sum_in_trips(monkeypatch, dtype, gen):
+    """More splits than the last program sums per trip (2 here): several trips, the last one partial."""
     monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")
     monkeypatch.setattr(K_gram, "gram_config", _forced_gram_config(16, 7))
-    monkeypatch.setattr(K_gram, "REDUCE_GROUP", 2)
+    monkeypatch.setattr(K_gram, "SUM_ELEMENTS", 2 * 16 * 16)
     x = _flat_input(33, 250, dtype, gen, noncontig=False)
     _check(K_gram.gram(x), R.gram(x.double()), dtype)
 
@@ -305,15 +305,22 @@ def test_gram_backward_multi_tile(monkeypatch, n, gen):
     _check(K_gram.gram_backward(g.float().to(DEVICE), x), ref, torch.float32)
 
 
-def test_split_k_heuristic(monkeypatch):
-    """GPU-sized heuristics: every K block in exactly one split, no empty split, enough programs."""
+def test_split_k_by_bytes(monkeypatch):
+    """GPU-sized heuristics: every K block in exactly one split, no empty split, and every split reads at least
+    CTA_BYTES (32 KB) when there are several; the headline one-pass forward (N=16, 3x256², both batches) is
+    split by its bytes, not into ~8 programs per SM."""
     monkeypatch.setattr(K_gram, "multiprocessor_count", lambda device: 132)
-    for pairs, k_blocks in [(1, 1), (1, 7), (1, 3072), (10, 512), (1, 100000), (300, 64)]:
-        splits, per = K_gram.split_k(pairs, k_blocks, torch.device(DEVICE), min_k_blocks=2)
+    for pairs, k_blocks, k_block_bytes in [(1, 1, 4096), (1, 7, 4096), (1, 3072, 4096), (10, 512, 16384),
+                                           (1, 100000, 2048), (300, 64, 65536), (2, 3072, 64)]:
+        splits, per = K_gram.split_k(pairs, k_blocks, k_block_bytes, 2048, torch.device(DEVICE), min_k_blocks=2)
         assert splits >= 1 and per >= 1
         assert (splits - 1) * per < k_blocks <= splits * per
-    cfg = K_gram.gram_config(8, 3 * 256 * 256 // 32, 32, K_gram.dot_operand_dtype(torch.float32), torch.device(DEVICE))
-    assert cfg.block_n == 16 and cfg.splits >= 132
+        assert splits == 1 or per * k_block_bytes >= K_gram.CTA_BYTES
+        assert splits * 2048 <= max(K_gram.CTA_BYTES, k_blocks * k_block_bytes // splits)  # the last split's sum
+    monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")
+    cfg = K_hfgram.hf_gram_config(16, 3, 128, 128, torch.float32, torch.device(DEVICE), ds=True, batches=2)
+    assert cfg.block_n == 16 and 16 <= cfg.splits <= 132
+    assert cfg.k_blocks_per_split * 16 * 4 * cfg.block_k * 4 >= K_gram.CTA_BYTES
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _launch_all(monkeypatch, device: str) -> dict:
     monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", exchange)
     monkeypatch.setattr(K_gram, "multiprocessor_count", lambda dev: 4)
     launches = []
-    kernel_type = type(K_gram._gram_partial_kernel)  # JITFunction, or InterpretedFunction under the interpreter
+    kernel_type = type(K_gram._gram_kernel)  # JITFunction, or InterpretedFunction under the interpreter
 
     def run(self, *args, grid, warmup, **kwargs):
         launches.append((self.__name__, current[0]))
@@ -78,3 +78,27 @@ def test_no_device_switch_off_cuda(monkeypatch, device):
     """CPU (interpreter) and meta (GPU compile without a GPU) inputs leave the current device alone."""
     for launches in _launch_all(monkeypatch, device).values():
         assert all(dev == 0 for _, dev in launches)
+
+
+# the headline batch size, small images: the count does not depend on them (bench.static counts the same 3 + 3
+# at N=16 and 3x64² to 3x1024² on meta tensors)
+LOSS_SHAPE = (16, 3, 32, 32)
+
+
+def test_domainstudio_loss_launch_count(monkeypatch):
+    """The whole DomainStudio loss (Triton backend, all three terms) is at most 3 GPU launches forward and 3
+    backward: Triton kernels plus the aten ops that would be kernels on a GPU, counted on CPU tensors.
+    (check_finite=False: the default on a GPU, where the check would need a sync.)"""
+    from dsfast import ops
+    from dsfast.kernels._launch_count import LaunchCounter
+
+    monkeypatch.setenv("DSFAST_POISON_OUTPUTS", "0")  # NaN-filling outputs is a debugging launch
+    s, a, r = (torch.randn(LOSS_SHAPE) for _ in range(3))
+    a.requires_grad_()
+    with LaunchCounter() as forward:
+        total = ops.domainstudio_loss(s, a, r, backend="triton", check_finite=False).total
+    with LaunchCounter() as backward:
+        total.backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+    counts = f"forward {forward.triton} + {forward.torch}; backward {backward.triton} + {backward.torch}"
+    assert forward.total <= 3 and backward.total <= 3, counts

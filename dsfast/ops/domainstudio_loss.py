@@ -17,8 +17,21 @@ import torch
 from dsfast.ops._backend import extension_available, kernel_namespace, resolve_backend
 from dsfast.ops.hf_pairwise_similarity_kl import hf_pairwise_similarity_kl
 from dsfast.ops.high_frequency import hf_mse
-from dsfast.ops.pairwise_similarity_kl import gram_dtype, kl_from_grams, pairwise_similarity_kl
-from dsfast.ops.validate import check_image_batch, check_pairwise, check_same, promote, stencil_weights
+from dsfast.ops.pairwise_similarity_kl import (
+    gram_dtype,
+    kl_from_grams,
+    pairwise_similarity_kl,
+    row_weights,
+    sample_anchors,
+)
+from dsfast.ops.validate import (
+    check_finite_gram,
+    check_image_batch,
+    check_pairwise,
+    check_same,
+    promote,
+    stencil_weights,
+)
 
 
 @torch.library.custom_op("dsfast_triton::domainstudio_grams", mutates_args=())
@@ -38,6 +51,104 @@ def _triton_domainstudio_grams_backward(
     from dsfast.kernels import domainstudio_loss as kernels
 
     return kernels.domainstudio_grams_backward(grad_image, grad_hf, grad_sse, x, target, weights)
+
+
+@torch.library.custom_op("dsfast_triton::domainstudio_pair_grams", mutates_args=())
+def _triton_domainstudio_pair_grams(
+    source: torch.Tensor, adapted: torch.Tensor, target: torch.Tensor, weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dsfast.kernels import domainstudio_loss as kernels
+
+    return kernels.domainstudio_pair_grams(source, adapted, target, weights)
+
+
+@torch.library.register_fake("dsfast_triton::domainstudio_pair_grams")
+def _(source, adapted, target, weights):
+    from dsfast.kernels import domainstudio_loss as kernels
+
+    n, dtype = adapted.shape[0], gram_dtype(adapted.dtype)
+    return (adapted.new_empty((2, n, n), dtype=dtype), adapted.new_empty((2, n, n), dtype=dtype),
+            adapted.new_empty((2, kernels.sse_tiles(n)), dtype=dtype))
+
+
+@torch.library.custom_op("dsfast_triton::domainstudio_terms", mutates_args=())
+def _triton_domainstudio_terms(
+    hf: torch.Tensor, image: torch.Tensor, sse: torch.Tensor, row_weights: torch.Tensor | None, lambdas: list[float],
+    tau: float, source_first: bool, scale: float, inv_count: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dsfast.kernels import domainstudio_loss as kernels
+
+    return kernels.domainstudio_terms(hf, image, sse, row_weights, lambdas, tau, source_first, scale, inv_count)
+
+
+@torch.library.register_fake("dsfast_triton::domainstudio_terms")
+def _(hf, image, sse, row_weights, lambdas, tau, source_first, scale, inv_count):
+    return tuple(hf.new_empty(()) for _ in range(4))
+
+
+@torch.library.custom_op("dsfast_triton::domainstudio_terms_backward", mutates_args=())
+def _triton_domainstudio_terms_backward(
+    g_total: torch.Tensor | None, g_image: torch.Tensor | None, g_hf: torch.Tensor | None, g_mse: torch.Tensor | None,
+    hf: torch.Tensor, image: torch.Tensor, row_weights: torch.Tensor | None, lambdas: list[float], tau: float,
+    source_first: bool, scale: float, inv_count: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dsfast.kernels import domainstudio_loss as kernels
+
+    return kernels.domainstudio_terms_backward((g_total, g_image, g_hf, g_mse), hf, image, row_weights, lambdas, tau,
+                                               source_first, scale, inv_count)
+
+
+@torch.library.register_fake("dsfast_triton::domainstudio_terms_backward")
+def _(g_total, g_image, g_hf, g_mse, hf, image, row_weights, lambdas, tau, source_first, scale, inv_count):
+    return torch.empty_like(hf), torch.empty_like(image), hf.new_empty((2,))
+
+
+class _TritonDomainStudioLoss(torch.autograd.Function):
+    """The whole loss on the Triton backend in 3 launches forward (tickets' memset, both batches' Grams and
+    hf-MSE sums, the tail) and 2 backward (the tail's gradients, the adapted batch's; 3 with a source gradient).
+
+    Returns ``(total, image, high_frequency, hf_mse, hf Grams, image Grams)``, the Grams (2, N, N) for the
+    finite check only. Gradients are not materialised: a term nobody differentiates costs no zero-fill.
+    """
+
+    @staticmethod
+    def forward(ctx, source, adapted, real, weights, row_weights, options):
+        ops = torch.ops.dsfast_triton
+        hf, image, sse = ops.domainstudio_pair_grams(source, adapted, real, weights)
+        terms = ops.domainstudio_terms(hf, image, sse, row_weights, *options)
+        ctx.save_for_backward(source, adapted, real, hf, image, row_weights)
+        ctx.weights, ctx.options = weights, options
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(hf, image)
+        return (*terms, hf, image)
+
+    @staticmethod
+    def backward(ctx, g_total, g_image, g_hf, g_mse, _hf, _image):
+        grads = (g_total, g_image, g_hf, g_mse)
+        if all(g is None for g in grads):
+            return None, None, None, None, None, None
+        ops = torch.ops.dsfast_triton
+        source, adapted, real, hf, image, row_weights = ctx.saved_tensors
+        d_hf, d_image, g_sse = ops.domainstudio_terms_backward(*grads, hf, image, row_weights, *ctx.options)
+        grad_source = grad_adapted = None
+        if ctx.needs_input_grad[1]:
+            grad_adapted = ops.domainstudio_grams_backward(d_image[1], d_hf[1], g_sse[1], adapted, real, ctx.weights)
+        if ctx.needs_input_grad[0]:
+            grad_source = ops.domainstudio_grams_backward(d_image[0], d_hf[0], g_sse[0], source, None, ctx.weights)
+        return grad_source, grad_adapted, None, None, None, None
+
+
+def _triton_terms(op, source, adapted, real, lambdas, weights, *, tau, direction, reduction, anchors, check_finite):
+    """The four terms through :class:`_TritonDomainStudioLoss` (all lambdas nonzero, arguments checked)."""
+    n = adapted.shape[0]
+    rows, scale = row_weights(sample_anchors(anchors, n, adapted.device), n, reduction, adapted.device)
+    options = ([float(v) for v in lambdas], float(tau), direction == "source||adapted", scale, 1.0 / (adapted.numel() // 4))
+    total, image, high_frequency, mse, hf_grams, image_grams = _TritonDomainStudioLoss.apply(
+        source, adapted, real, weights, rows, options)
+    for b, name in enumerate(("source", "adapted")):
+        check_finite_gram(op, name, image_grams[b], check_finite)
+        check_finite_gram(op, name, hf_grams[b], check_finite)
+    return DomainStudioTerms(total=total, image=image, high_frequency=high_frequency, hf_mse=mse)
 
 
 def _register(namespace: str) -> None:
@@ -136,6 +247,9 @@ def domainstudio_loss(
         source, adapted, real = promote(source, adapted, real)
     chosen = resolve_backend(backend, adapted.device)
     fused = all(lambdas) and chosen != "torch" and not (real.requires_grad and torch.is_grad_enabled())
+    if fused and chosen == "triton":
+        return _triton_terms(op, source.detach() if detach_source else source, adapted, real, lambdas,
+                             stencil_weights(op, stencil), **pairwise_options)
     if fused:
         grams = kernel_namespace(chosen).domainstudio_grams
         weights = stencil_weights(op, stencil)

@@ -129,17 +129,22 @@ def similarity_kl_tail(g_source: torch.Tensor, g_adapted: torch.Tensor, *, tau: 
         loss = reference.similarity_kl_from_gram(g_source.double(), g_adapted.double(), tau=tau,
                                                  direction=direction, reduction=reduction, anchors=anchors)
         return loss.to(g_adapted.dtype)
-    n = g_adapted.shape[0]
+    weights, scale = row_weights(anchors, g_adapted.shape[0], reduction, g_adapted.device)
+    return torch.ops.dsfast_triton.similarity_kl(g_source, g_adapted, weights, float(tau),
+                                                 direction == "source||adapted", scale)
+
+
+def row_weights(anchors: torch.Tensor | None, n: int, reduction: str, device) -> tuple[torch.Tensor | None, float]:
+    """(how often each row counts as an anchor, float64 (N,) or None for every row once; the reduction's
+    scale) of the Triton tails."""
     weights = None
     rows = n
     if anchors is not None:
-        anchors = anchors.to(g_adapted.device).reshape(-1)
+        anchors = anchors.to(device).reshape(-1)
         rows = anchors.numel()
-        weights = torch.zeros(n, dtype=torch.float64, device=g_adapted.device).index_add_(
-            0, anchors, torch.ones(rows, dtype=torch.float64, device=g_adapted.device))
-    scale = {"mean": 1.0 / (rows * (n - 1)), "batchmean": 1.0 / rows, "sum": 1.0}[reduction]
-    return torch.ops.dsfast_triton.similarity_kl(g_source, g_adapted, weights, float(tau),
-                                                 direction == "source||adapted", scale)
+        weights = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
+            0, anchors, torch.ones(rows, dtype=torch.float64, device=device))
+    return weights, {"mean": 1.0 / (rows * (n - 1)), "batchmean": 1.0 / rows, "sum": 1.0}[reduction]
 
 
 def similarity_kl(
