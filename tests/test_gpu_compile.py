@@ -21,6 +21,8 @@ import pytest
 
 from dsfast.kernels._gpu_compile import DOT_KERNELS, DTYPES, OPS, SHAPES, TAIL_OPS, TAIL_SHAPES
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it to make test
+
 ARCHS = (80, 90)
 CASES = [(arch, op, dtype, shape) for arch in ARCHS for op in OPS for dtype in DTYPES for shape in SHAPES
          if op not in TAIL_OPS or shape in TAIL_SHAPES]

@@ -65,6 +65,7 @@ def test_repository_packages_have_no_installed_namesake():
     assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/ must not become a regular package again"
 
 
+@pytest.mark.slow  # a fresh interpreter imports diffusers and peft (~10 s)
 def test_diffusers_peft_and_vae_import_from_the_repository_root():
     """The path that broke: diffusers' peft loader and AutoencoderKL pull in transformers' hub-kernels
     integration, which imports the installed ``kernels``; and dsfast's own Triton kernels still import."""

@@ -5,6 +5,8 @@ import torch
 import dsfast.ops  # noqa: F401  (registers the fake impls and autograd formulas)
 from tests.conftest import BACKEND_CASES
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it to make test
+
 WEIGHTS = [-0.5, -0.5, -0.5, 1.5]
 
 

@@ -17,6 +17,8 @@ from dsfast.train.engine import _sample_grid
 from dsfast.train.models import describe, load, lora_config
 from dsfast.train.testing import sd_run_inputs, tiny_config, unconditional_run_inputs, write_images
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it to make test
+
 META = torch.device("meta")
 BATCH = 4
 PROMPTS = dict(data__instance_prompt="a sks dog", data__class_prompt="a dog", data__num_class_images=4)
