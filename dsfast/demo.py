@@ -133,6 +133,10 @@ def train_and_sample(args, config: dict, stops: list[int], log: Path | None = No
 
 def _one_thread() -> None:
     torch.set_num_threads(1)
+    # each worker is its own one-process run: a rendezvous inherited from the parent (an in-process train()
+    # sets MASTER_PORT) would give every worker the same port
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
 
 
 def run_all(args, runs: dict[str, tuple[dict, list[int]]]):

@@ -105,7 +105,10 @@ def check_bad_input(t: Path, argv: list[str], names: str, capfd, roots=()) -> No
 def t(tmp_path, monkeypatch):
     make_inputs(tmp_path)
     monkeypatch.chdir(tmp_path / "cwd")  # relative defaults (grid.png, runs/..., assets/...) land in the snapshot
+    environ = dict(os.environ)  # an in-process train() sets MASTER_PORT, RANK, ...: later tests must not inherit them
     yield tmp_path
+    os.environ.clear()
+    os.environ.update(environ)
     (tmp_path / "readonly").chmod(0o755)
 
 
