@@ -31,7 +31,7 @@ def _stock(tmp_path, **changes):
 
 
 def _ds(cfg, world=1):
-    r = resolve(cfg, "unconditional", world=world)
+    r = resolve(cfg, "unet2d", world=world)
     return r, build_ds_config(r.train, r.deepspeed, world)
 
 
@@ -146,7 +146,7 @@ def test_dreambooth_flags_map_onto_the_config():
         "output_dir": "out",
         "checkpoint_every": 20,
     }
-    r = resolve(load_config(cfg), "text2image", world=2)
+    r = resolve(load_config(cfg), "sd", world=2)
     assert (r.train.batch_size, r.train.micro_batch_size) == (12, 2)  # 3 micro-batches per rank
 
 

@@ -69,37 +69,37 @@ def test_required_keys():
 
 
 def test_official_defaults():
-    cfg = resolve(load_config(BASE), "unconditional")
+    cfg = resolve(load_config(BASE), "unet2d")
     assert (cfg.loss.image, cfg.loss.hf, cfg.loss.hfmse) == (4.0, 4.0, 1.0)
     assert cfg.train.lr == 1e-4 and cfg.train.ema == 0.9999 and cfg.loss.source == "frozen"
     t2i = {**BASE, "data": {"instance_dir": "i", "instance_prompt": "a sks dog", "class_prompt": "a dog"}}
-    cfg = resolve(load_config(t2i), "text2image")
+    cfg = resolve(load_config(t2i), "sd")
     assert (cfg.loss.prior, cfg.loss.image, cfg.loss.hf, cfg.loss.hfmse) == (1.0, 100.0, 100.0, 0.1)
     assert cfg.train.lr == 5e-6 and cfg.loss.source == "class_prompt"
-    cfg = resolve(load_config({**t2i, "method": "dreambooth"}), "text2image")
+    cfg = resolve(load_config({**t2i, "method": "dreambooth"}), "sd")
     assert cfg.loss.prior == 1.0 and cfg.train.lr == 5e-6
     with pytest.raises(ConfigError, match="text-to-image"):
-        resolve(load_config({**BASE, "method": "dreambooth"}), "unconditional")
+        resolve(load_config({**BASE, "method": "dreambooth"}), "unet2d")
     with pytest.raises(ConfigError, match="class_prompt"):
         resolve(load_config({**BASE, "data": {"instance_dir": "i", "instance_prompt": "a sks dog"}}),
-                         "text2image")
+                         "sd")
     # explicit values win over the defaults
     raw = load_config(BASE, ["loss.image=1", "train.lr=2e-4"])
-    cfg = resolve(raw, "unconditional")
+    cfg = resolve(raw, "unet2d")
     assert cfg.loss.image == 1.0 and cfg.train.lr == 2e-4
     assert raw.loss.hf is None and raw.train.micro_batch_size is None  # resolve returns a new config
 
 
 def test_resolve_world_and_resolution():
-    cfg = resolve(load_config(BASE, ["train.batch_size=8"]), "unconditional", world=2, default_resolution=32,
+    cfg = resolve(load_config(BASE, ["train.batch_size=8"]), "unet2d", world=2, default_resolution=32,
                   down_factor=4)
     assert cfg.train.micro_batch_size == 4 and cfg.data.resolution == 32
     with pytest.raises(ConfigError, match="world size"):
-        resolve(load_config(BASE, ["train.batch_size=5"]), "unconditional", world=2)
+        resolve(load_config(BASE, ["train.batch_size=5"]), "unet2d", world=2)
     with pytest.raises(ConfigError, match="downsampling factor"):
-        resolve(load_config(BASE, ["data.resolution=18"]), "unconditional", down_factor=4)
+        resolve(load_config(BASE, ["data.resolution=18"]), "unet2d", down_factor=4)
     with pytest.raises(ConfigError, match="batch_size >= 3"):
-        resolve(load_config(BASE, ["train.batch_size=2"]), "unconditional")
+        resolve(load_config(BASE, ["train.batch_size=2"]), "unet2d")
     with pytest.raises(pydantic.ValidationError):  # frozen: nothing changes a resolved config
         cfg.train.lr = 1.0
 

@@ -34,11 +34,11 @@ def assets(tmp_path_factory):
 
 
 def _config(root, family, **over):
-    model = root / ("u" if family == "unconditional" else "sd")
-    if family == "text2image":
+    model = root / ("u" if family == "unet2d" else "sd")
+    if family == "sd":
         over = {**PROMPTS, "data__class_dir": str(model / "class"), **over}
     raw = load_config(tiny_config(root / "out", model / "model", model / "imgs", train__batch_size=BATCH, **over))
-    return resolve(raw, family, down_factor=1 if family == "unconditional" else 4)
+    return resolve(raw, family, down_factor=1 if family == "unet2d" else 4)
 
 
 def _on(args, device):
@@ -49,7 +49,7 @@ def _method(cfg, device):
     """The method of ``cfg`` built on ``device``, and the training-mode UNet there (as DeepSpeed places it)."""
     info = describe(cfg.model.pretrained)
     cls = methods.get(cfg.method, info.family)
-    lora = lora_config(cfg.model.lora_rank, cfg.model.lora_alpha) if cfg.model.lora_rank else None
+    lora = lora_config(info, cfg.model.lora_rank, cfg.model.lora_alpha)
     bundle = load(info, cfg.model.pretrained, dtype=torch.float32, lora=lora,
                   frozen_source=cls.needs(cfg.loss).frozen_source, device=device)
     assert {getattr(bundle.scheduler, t).device for t in ("betas", "alphas", "alphas_cumprod")} == {device}
@@ -63,16 +63,16 @@ def _method(cfg, device):
 
 
 CASES = {
-    "uncond_finetune": ("unconditional", dict(method="finetune")),
-    "uncond_domainstudio_anchors_min_snr": ("unconditional", dict(method="domainstudio", loss__num_anchors=2,
+    "uncond_finetune": ("unet2d", dict(method="finetune")),
+    "uncond_domainstudio_anchors_min_snr": ("unet2d", dict(method="domainstudio", loss__num_anchors=2,
                                                                   loss__hfmse_weighting="min_snr")),
-    "uncond_domainstudio_official": ("unconditional", dict(method="domainstudio", loss__mode="official")),
-    "t2i_dreambooth_prior": ("text2image", dict(method="dreambooth", loss__prior=1.0)),
-    "t2i_domainstudio_frozen_latent": ("text2image", dict(loss__source="frozen", loss__space="latent")),
-    "t2i_domainstudio_class_prompt_pixel": ("text2image", dict(loss__source="class_prompt", loss__space="pixel")),
-    "t2i_domainstudio_lora_off_pixel": ("text2image", dict(loss__source="lora_off", loss__space="pixel",
+    "uncond_domainstudio_official": ("unet2d", dict(method="domainstudio", loss__mode="official")),
+    "t2i_dreambooth_prior": ("sd", dict(method="dreambooth", loss__prior=1.0)),
+    "t2i_domainstudio_frozen_latent": ("sd", dict(loss__source="frozen", loss__space="latent")),
+    "t2i_domainstudio_class_prompt_pixel": ("sd", dict(loss__source="class_prompt", loss__space="pixel")),
+    "t2i_domainstudio_lora_off_pixel": ("sd", dict(loss__source="lora_off", loss__space="pixel",
                                                            model__lora_rank=4)),
-    "t2i_domainstudio_official": ("text2image", dict(loss__mode="official")),
+    "t2i_domainstudio_official": ("sd", dict(loss__mode="official")),
 }
 
 
@@ -111,13 +111,13 @@ def _recorder(monkeypatch, module):
 
 def test_class_images_are_generated_on_the_device(assets, tmp_path, monkeypatch):
     seen = _recorder(monkeypatch, sample_module)
-    cfg = _config(assets, "text2image", method="dreambooth", data__class_dir=str(tmp_path / "class"),
+    cfg = _config(assets, "sd", method="dreambooth", data__class_dir=str(tmp_path / "class"),
                   data__num_class_images=3)
     _method(cfg, META)
     assert seen == [META] * 3 and len(list((tmp_path / "class").iterdir())) == 3
 
 
-@pytest.mark.parametrize("family", ["unconditional", "text2image"])
+@pytest.mark.parametrize("family", ["unet2d", "sd"])
 def test_sample_grid_runs_on_the_device(assets, tmp_path, monkeypatch, family):
     import dsfast.train.engine as engine
 

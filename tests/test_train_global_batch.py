@@ -37,7 +37,7 @@ def _method(root, model="model", image=1000.0, hf=1000.0, hfmse=1e-3):
     """The training-mode UNet (weights moved off the pretrained ones) and its DomainStudio method."""
     torch.set_num_threads(1)
     cfg = resolve(load_config(tiny_config(root, f"{root}/{model}", f"{root}/imgs", train__batch_size=BATCH,
-                                          loss__image=image, loss__hf=hf, loss__hfmse=hfmse)), "unconditional")
+                                          loss__image=image, loss__hf=hf, loss__hfmse=hfmse)), "unet2d")
     bundle = load(describe(f"{root}/{model}"), f"{root}/{model}", dtype=torch.float32, lora=None, frozen_source=True,
                   device=CPU)
     unet = bundle.unet.train()
@@ -46,7 +46,7 @@ def _method(root, model="model", image=1000.0, hf=1000.0, hfmse=1e-3):
         for p in unet.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     draws = Draws(seed=cfg.train.seed, batch_size=BATCH, num_timesteps=1000, random_flip=cfg.data.random_flip)
-    method = methods.get("domainstudio", "unconditional")(
+    method = methods.get("domainstudio", "unet2d")(
         bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
         sample=cfg.sample, dtype=torch.float32, device=CPU)
     return unet, method

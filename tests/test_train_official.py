@@ -90,14 +90,14 @@ def _released_loss(unet, source, sched, mb):
 def _method(root, learned, mode="official", **over):
     model = f"{root}/model_{int(learned)}"
     cfg = resolve(load_config(tiny_config(root, model, f"{root}/imgs", train__batch_size=BATCH, loss__mode=mode,
-                                          **over)), "unconditional")
+                                          **over)), "unet2d")
     bundle = load(describe(model), model, dtype=torch.float32, lora=None, frozen_source=True, device=CPU)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # adapted != source, else the pairwise gradients vanish
         for p in bundle.unet.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     draws = Draws(seed=0, batch_size=BATCH, num_timesteps=1000, random_flip=cfg.data.random_flip)
-    m = methods.get("domainstudio", "unconditional")(
+    m = methods.get("domainstudio", "unet2d")(
         bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
         sample=cfg.sample, dtype=torch.float32, device=CPU)
     return cfg, bundle, m
@@ -143,10 +143,10 @@ def test_official_defaults_and_checks(root):
     from dsfast.train.errors import ConfigError
     with pytest.raises(ConfigError, match="micro_batch_size must be >= 3"):
         resolve(load_config(tiny_config(root, f"{root}/model_0", f"{root}/imgs", train__batch_size=4,
-                                        train__micro_batch_size=2, loss__mode="official")), "unconditional")
+                                        train__micro_batch_size=2, loss__mode="official")), "unet2d")
     with pytest.raises(ConfigError, match="loss.num_anchors"):
         resolve(load_config(tiny_config(root, f"{root}/model_0", f"{root}/imgs", loss__mode="official",
-                                        loss__num_anchors=2)), "unconditional")
+                                        loss__num_anchors=2)), "unet2d")
 
 
 def test_min_snr_weighting_caps_the_hf_mse(root):
@@ -237,13 +237,13 @@ def test_official_text2image_step_equals_released_loss(tmp_path):
     cfg = resolve(load_config(tiny_config(
         tmp_path, tmp_path / "sd", tmp_path / "imgs", loss__mode="official", train__batch_size=3,
         data__instance_prompt="a sks dog", data__class_prompt="a dog", data__num_class_images=3,
-        data__class_dir=str(tmp_path / "class"), sample__num=2)), "text2image", down_factor=4)
+        data__class_dir=str(tmp_path / "class"), sample__num=2)), "sd", down_factor=4)
     assert (cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.data.random_flip) == (1e-2, 0.0, False)
     bundle = load(describe(str(tmp_path / "sd")), str(tmp_path / "sd"), dtype=torch.float32, lora=None,
                   frozen_source=False, device=CPU)
     assert bundle.source is None  # the released script loads a frozen copy it never uses
     draws = Draws(seed=0, batch_size=3, num_timesteps=1000, random_flip=False)
-    method = methods.get("domainstudio", "text2image")(
+    method = methods.get("domainstudio", "sd")(
         bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
         sample=cfg.sample, dtype=torch.float32, device=CPU)
     assert not method.has_global

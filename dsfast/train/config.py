@@ -17,11 +17,12 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import methods
+from . import families, methods
 from .ds_config import adopt_stock_json
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "RunConfig", "check_resolution", "dump_config", "load_config", "parse_overrides", "resolve"]
+__all__ = ["ConfigError", "RunConfig", "check_resolution", "dump_config", "family_options", "load_config", "parse_overrides",
+           "resolve"]
 
 
 class _Section(BaseModel):
@@ -29,9 +30,12 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    pretrained: str = ""  # required: a local diffusers pipeline folder or a hub id
-    lora_rank: int = Field(0, ge=0)  # 0 = full fine-tune of the UNet; >0 = peft LoRA adapters on the UNet
+    pretrained: str = ""  # required: a local diffusers pipeline folder or a hub id (unet2d, sd, sdxl, sd3 or flux)
+    lora_rank: int = Field(0, ge=0)  # 0 = full fine-tune of the UNet/transformer; >0 = peft LoRA adapters on it
     lora_alpha: float | None = None  # None = lora_rank
+    vae: str | None = None  # a VAE folder or hub id to use instead of the pipeline's (e.g. an fp16-safe SDXL VAE)
+    max_sequence_length: int | None = Field(None, ge=1)  # T5 prompt tokens (sd3: 256, flux: 512 when None)
+    guidance: float | None = None  # flux: the guidance embedding's value in training (guidance-distilled FLUX.1-dev); None = 3.5
 
 
 class DataConfig(_Section):
@@ -51,9 +55,9 @@ class LossConfig(_Section):
     image: float | None = None  # lambda_img: pairwise-similarity KL of x0
     hf: float | None = None  # lambda_hf: pairwise-similarity KL of hf(x0)
     hfmse: float | None = None  # lambda_hfmse: MSE of hf(x0) to the real image
-    hfmse_weighting: Literal["none", "min_snr"] | None = None  # per-sample hf-MSE weight: none (released) | min_snr (x min(SNR_t, 1)); None = mode default
+    hfmse_weighting: Literal["none", "min_snr"] | None = None  # per-sample hf-MSE weight: none | min_snr (x min(SNR_t, 1)); None = min_snr on DDPM families, none on flow-matching ones and in official mode
     stencil: Literal["domainstudio", "pywt"] = "domainstudio"  # hf stencil: the official code's or pywt bands'
-    space: Literal["pixel", "latent"] = "pixel"  # text-to-image domainstudio
+    space: Literal["pixel", "latent"] | None = None  # text-to-image domainstudio: compare decoded images or latents; None = pixel on sd, latent on sdxl/sd3/flux
     source: Literal["frozen", "class_prompt", "lora_off"] | None = None  # None = method default
     tau: float = 1.0  # softmax temperature of the pairwise similarities
     direction: Literal["source||adapted", "adapted||source"] = "source||adapted"  # KL direction (as the official code)
@@ -81,6 +85,11 @@ class TrainConfig(_Section):
     resume: str = "auto"  # auto | latest | none | <checkpoint dir>
     log_every: int = Field(1, ge=1)  # metrics.jsonl / TensorBoard line every N steps
     log_grad_norms: bool = False  # grad_norm/<term> on logging steps (one extra loss-head backward per term)
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] | None = None  # sd3/flux: timestep density and loss weighting (diffusers' training_utils); None = sd3 logit_normal, flux none
+    logit_mean: float = 0.0  # weighting_scheme=logit_normal: mean
+    logit_std: float = 1.0  # weighting_scheme=logit_normal: standard deviation
+    mode_scale: float = 1.29  # weighting_scheme=mode: scale
+    precondition_outputs: bool = False  # sd3/flux: regress x0 = x_t - σ·v̂ on x0 instead of v on ε - x0
 
 
 class DeepSpeedConfig(_Section):
@@ -248,10 +257,11 @@ def load_config(config: dict | str | Path | RunConfig, overrides=()) -> RunConfi
 
 def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: int | None = None,
             down_factor: int = 1) -> RunConfig:
-    """The resolved config of a run on a model of ``family`` with ``world`` ranks: every ``None`` filled
-    (method defaults, class_dir, resolution, sample prompt, micro-batch size) and every check that needs
-    the model kind or the world size done. Returns a new config; ``cfg`` is not changed."""
+    """The resolved config of a run on a model of ``family`` (a family name) with ``world`` ranks: every
+    ``None`` filled (method and family defaults, class_dir, resolution, sample prompt, micro-batch size) and
+    every check that needs the model kind or the world size done. Returns a new config; ``cfg`` is not changed."""
     method = methods.get(cfg.method, family)
+    fam = families.get(family)
     d = cfg.model_dump()
     loss, train, data = d["loss"], d["train"], d["data"]
     for section, keys in ((loss, ("image", "hf", "hfmse", "prior", "source")), (train, ("lr", "ema", "batch_size"))):
@@ -259,7 +269,15 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
             if section[key] is None:
                 section[key] = method.defaults[key]
     official = loss["mode"] == "official"
-    for section, key, value in ((loss, "hfmse_weighting", "none" if official else "min_snr"),
+    for key, value, applies in (("train.weighting_scheme", train["weighting_scheme"] not in (None, "none"), "sd3, flux"),
+                                ("train.precondition_outputs", train["precondition_outputs"], "sd3, flux"),
+                                ("model.max_sequence_length", d["model"]["max_sequence_length"] is not None, "sd3, flux"),
+                                ("model.guidance", d["model"]["guidance"] is not None, "flux")):
+        if value and family not in applies.split(", "):
+            raise ConfigError(f"{key} applies to {applies} models only; the model is {family}")
+    for section, key, value in ((loss, "hfmse_weighting", "none" if official else fam.default_hfmse_weighting),
+                                (loss, "space", "pixel" if official else fam.default_space),
+                                (train, "weighting_scheme", fam.default_weighting or "none"),
                                 (train, "weight_decay", method.official_weight_decay if official else 0.0),
                                 (train, "max_grad_norm", 0.0 if official else 1.0),
                                 (train, "ema_warmup", not official),
@@ -294,6 +312,16 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
                           f"code, per GPU batch): train.micro_batch_size must be >= 3 (got "
                           f"{resolved.train.micro_batch_size})")
     return resolved
+
+
+def family_options(cfg: RunConfig) -> families.FamilyOptions:
+    """The model family's settings of a resolved config."""
+    m, t = cfg.model, cfg.train
+    return families.FamilyOptions(vae=m.vae, max_sequence_length=m.max_sequence_length,
+                                  guidance=3.5 if m.guidance is None else m.guidance,
+                                  weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                                  mode_scale=t.mode_scale, precondition_outputs=t.precondition_outputs,
+                                  resolution=cfg.data.resolution)
 
 
 def check_resolution(resolution: int, down_factor: int, key: str = "data.resolution") -> None:

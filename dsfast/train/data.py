@@ -7,6 +7,7 @@ uninterrupted run would have done.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class Draws:
     batch_size: int  # global batch
     num_timesteps: int
     random_flip: bool
+    sample_t: Callable[[torch.Generator], int] | None = None  # a timestep index from a generator; None = uniform
 
     def index(self, step: int, k: int, n: int, stream: int = 0) -> int:
         """Dataset index of global sample k of a step: shuffled epochs, a fresh permutation per epoch."""
@@ -67,7 +69,7 @@ class Draws:
         """``(flip, t, noise[shape])`` of global sample k at ``step`` (flip already False without random_flip)."""
         g = generator(self.seed, 7 + stream, step, k)
         flip = bool(torch.rand((), generator=g) < 0.5)
-        t = int(torch.randint(0, self.num_timesteps, (), generator=g))
+        t = self.sample_t(g) if self.sample_t is not None else int(torch.randint(0, self.num_timesteps, (), generator=g))
         noise = torch.randn(shape, generator=g)
         return flip and self.random_flip, t, noise
 

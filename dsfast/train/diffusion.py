@@ -1,12 +1,20 @@
-"""Diffusion math of training: x0 from the model output, regression targets, L_vlb of improved DDPM.
+"""Diffusion math of training: the two noise processes the model families train with, and L_vlb of
+improved DDPM.
 
-Everything follows the scheduler's ``prediction_type`` (``epsilon`` / ``v_prediction`` / ``sample``).
+A process turns a drawn timestep index ``t`` (a long per sample, a function of (seed, step, sample))
+into the noisy input, the regression target, x0 from the model output, the SNR and the per-sample loss
+weight. :class:`DDPM` follows the scheduler's ``prediction_type`` (``epsilon`` / ``v_prediction`` /
+``sample``); :class:`FlowMatching` is rectified flow (SD3, FLUX): x_t = (1-σ)x0 + σε, the model predicts
+v = ε - x0, so x0 = x_t - σ·v̂ (the stochastic branch of ``FlowMatchEulerDiscreteScheduler.step``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
 def alphas(scheduler, t: torch.Tensor, device) -> torch.Tensor:
@@ -37,6 +45,92 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     if kind == "sample":
         return x0
     raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+class DDPM:
+    """The discrete DDPM process of ``scheduler`` (a ``DDPMScheduler`` whose tables are on the training device)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+
+    draw = None  # t uniform over the timesteps (Draws' own draw)
+
+    def noisy(self, x0, noise, t):
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0, noise, t):
+        return training_target(self.scheduler, x0, noise, t)
+
+    def x0(self, out, x_t, t):
+        return predicted_x0(self.scheduler, out, x_t, t)
+
+    def model_time(self, t):
+        return t
+
+    def regressed(self, out, x_t, t):
+        """What the diffusion loss compares with :meth:`target`: the model output itself."""
+        return out
+
+    def snr(self, t):
+        a = alphas(self.scheduler, t, t.device).flatten()
+        return a / (1 - a)
+
+    def weight(self, t):
+        """Per-sample weight of the diffusion loss: None (uniform, as the DreamBooth/DDPM scripts)."""
+        return None
+
+
+class FlowMatching:
+    """Rectified flow on the σ table of a ``FlowMatchEulerDiscreteScheduler`` (shifted when the scheduler shifts
+    statically, as SD3's; FLUX's dynamic shift is left out in training, as diffusers' scripts do). Timestep
+    indices are drawn with diffusers' ``compute_density_for_timestep_sampling`` and the loss is weighted with
+    ``compute_loss_weighting_for_sd3`` (``weighting``: none | logit_normal | mode | sigma_sqrt | cosmap).
+    ``precondition``: the regression is on x̂0 = x_t - σ·v̂ against x0 (SD3's ``--precondition_outputs``)."""
+
+    def __init__(self, scheduler, device, *, weighting: str = "none", logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29, precondition: bool = False):
+        if weighting not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting scheme must be one of {', '.join(WEIGHTING_SCHEMES)}; got {weighting!r}")
+        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+        self.sigmas = scheduler.sigmas.to(device, torch.float32)
+        self.timesteps = scheduler.timesteps.to(device, torch.float32)
+        self.weighting, self.precondition = weighting, precondition
+        self.density = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
+
+    def draw(self, g: torch.Generator) -> int:
+        """A timestep index from ``g``, as the SD3/FLUX scripts draw it: int(u·T), u from the density."""
+        u = compute_density_for_timestep_sampling(self.weighting, 1, generator=g, **self.density)
+        return min(int(u.item() * self.num_timesteps), self.num_timesteps - 1)
+
+    def sigma(self, t):
+        return self.sigmas[t].view(-1, 1, 1, 1)
+
+    def noisy(self, x0, noise, t):
+        s = self.sigma(t)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0, noise, t):
+        return x0 if self.precondition else noise - x0
+
+    def x0(self, out, x_t, t):
+        return x_t - self.sigma(t) * out
+
+    def model_time(self, t):
+        """The ``timestep`` the transformer takes (the scheduler's, σ·T)."""
+        return self.timesteps[t]
+
+    def regressed(self, out, x_t, t):
+        return self.x0(out, x_t, t) if self.precondition else out
+
+    def snr(self, t):
+        s = self.sigmas[t]
+        return ((1 - s) / s) ** 2
+
+    def weight(self, t):
+        if self.weighting not in ("sigma_sqrt", "cosmap"):
+            return None
+        return compute_loss_weighting_for_sd3(self.weighting, self.sigmas[t]).float()
 
 
 # ----------------------------------------------------------------------------- L_vlb (learned sigma)

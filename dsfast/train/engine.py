@@ -57,7 +57,7 @@ from .checkpoint import (
     maybe_kill,
     problem,
 )
-from .config import RunConfig, dump_config, load_config, resolve
+from .config import RunConfig, dump_config, family_options, load_config, resolve
 from .data import Draws, load_images
 from .ds_config import build_ds_config, size_zero_buffers
 from .errors import ConfigError, DataError, NonFiniteLoss, TrainingError
@@ -280,7 +280,8 @@ def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: Metr
     # the training RNG goes on as if no grid were drawn (a resumed run redraws a lost grid from the checkpoint)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         imgs = run_pipeline(build_pipeline(bundle, sd, device=device), s.num, seed=s.seed, prompt=s.prompt,
-                            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
+                            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                            resolution=cfg.data.resolution)
     out = _grid_path(run_dir, step)
     out.parent.mkdir(exist_ok=True)
     save_grid(imgs, out)
@@ -322,8 +323,8 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
     dtype = DTYPES[t.mixed_precision]
     torch.manual_seed(t.seed)
     bundle = load(info, cfg.model.pretrained, dtype=dtype, frozen_source=needs.frozen_source,
-                  lora=lora_config(cfg.model.lora_rank, cfg.model.lora_alpha) if cfg.model.lora_rank else None,
-                  device=device)
+                  lora=lora_config(info, cfg.model.lora_rank, cfg.model.lora_alpha), device=device,
+                  options=family_options(cfg))
     images = load_images(cfg.data.instance_dir, cfg.data.resolution, channels=info.channels,
                          center_crop=cfg.data.center_crop)
     if needs.pairwise and images.shape[0] < 3:
@@ -348,8 +349,9 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
-        draws = Draws(seed=t.seed, batch_size=t.batch_size, num_timesteps=bundle.scheduler.config.num_train_timesteps,
-                      random_flip=cfg.data.random_flip)
+        process = bundle.family.process
+        draws = Draws(seed=t.seed, batch_size=t.batch_size, num_timesteps=process.num_timesteps,
+                      random_flip=cfg.data.random_flip, sample_t=process.draw)
         method = method_cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
                             dtype=dtype, device=device)
         named = trainable_named_parameters(unet)

@@ -23,6 +23,7 @@ from . import distributed as D
 from .checkpoint import CheckpointManager, problem, read_weights, tag_of
 from .data import count_images
 from .errors import USER_ERRORS, ConfigError, ModelError
+from .families import FamilyOptions
 from .models import build_pipeline, describe, load, lora_config
 
 
@@ -75,15 +76,16 @@ def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     model = cfg["model"]
     info = describe(model["pretrained"])
-    lora = lora_config(model["lora_rank"], model.get("lora_alpha")) if model.get("lora_rank") else None
-    bundle = load(info, model["pretrained"], dtype=torch.float32, lora=lora, frozen_source=False, device=device)
+    lora = lora_config(info, model["lora_rank"], model.get("lora_alpha"))
+    bundle = load(info, model["pretrained"], dtype=torch.float32, lora=lora, frozen_source=False, device=device,
+                  options=FamilyOptions(vae=model.get("vae")))
     return build_pipeline(bundle, read_weights(d, cfg["deepspeed"]["zero_stage"] == 3), device=device)
 
 
 def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, batch: int = 8) -> torch.Tensor:
+                 guidance_scale: float = 7.5, batch: int = 8, resolution: int | None = None) -> torch.Tensor:
     """``num`` images (N, 3, H, W) in [0, 1] of ``pipe`` on its device; image i uses CPU generator seed ``seed + i``
-    (stable across num and devices)."""
+    (stable across num and devices). ``resolution``: the size of text-to-image images (None: the pipeline's)."""
     if num < 1:
         raise ConfigError(f"the number of images must be at least 1 (got {num})")
     out = []
@@ -95,8 +97,9 @@ def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, nu
         n = min(batch, num - start)
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
         if is_text:
+            size = {} if resolution is None else {"height": resolution, "width": resolution}
             res = pipe(prompt=[prompt] * n, generator=gens, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, output_type="np")
+                       guidance_scale=guidance_scale, output_type="np", **size)
         else:
             res = pipe(batch_size=n, generator=gens, num_inference_steps=num_inference_steps, output_type="np")
         arr = torch.from_numpy(np.asarray(res.images)).float()
@@ -112,7 +115,7 @@ def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, nu
 
 
 def generate_images(pipe, folder: str | Path, num: int, *, prompt: str, seed: int, num_inference_steps: int,
-                    guidance_scale: float, what: str) -> None:
+                    guidance_scale: float, what: str, resolution: int | None = None) -> None:
     """Fill ``folder`` up to ``num`` images of ``pipe`` (``class_<i>.png``, seed ``seed + i``), split across ranks."""
     folder = Path(folder)
     have = count_images(folder, what)
@@ -124,7 +127,7 @@ def generate_images(pipe, folder: str | Path, num: int, *, prompt: str, seed: in
     for i in range(have, num):
         if i % D.world() == D.rank():
             img = run_pipeline(pipe, 1, seed=seed + i, prompt=prompt, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale)
+                               guidance_scale=guidance_scale, resolution=resolution)
             save_images(img, folder, prefix=f"class_{i:05d}_")
     D.barrier()
 

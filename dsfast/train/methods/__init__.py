@@ -1,12 +1,15 @@
-"""Training methods, one file each; the registry maps (config ``method``, model family) to the class.
+"""Training methods, one file each; the registry maps (config ``method``, the kind of model: unconditional or
+text-to-image) to the class. A text-to-image method trains every text-to-image family (sd, sdxl, sd3, flux)
+through the family interface (``dsfast.train.families``).
 
 A new method: a file here with a :class:`~dsfast.train.methods.base.Method` subclass (``name``,
 ``family``, ``defaults``, ``needs``, ``forward``, optionally ``global_loss``), added to ``METHODS``.
 """
 from __future__ import annotations
 
+from .. import families
 from ..errors import ConfigError
-from ..models import TEXT2IMAGE
+from ..families import TEXT2IMAGE
 from .base import Method, MicroOut, Needs
 from .domainstudio import DomainStudio
 from .domainstudio_sd import DomainStudioSD
@@ -18,14 +21,15 @@ NAMES = tuple(sorted({m.name for m in METHODS}))
 
 
 def get(name: str, family: str) -> type[Method]:
-    """The method class of config ``method`` for a model of ``family``."""
+    """The method class of config ``method`` for a model of ``family`` (a family name, e.g. ``sdxl``)."""
+    kind = families.get(family).kind
     for m in METHODS:
-        if m.name == name and m.family == family:
+        if m.name == name and m.family == kind:
             return m
     if name not in NAMES:
         raise ConfigError(f"config key 'method' must be one of {', '.join(NAMES)}; got {name!r}")
-    kind = "a text-to-image (Stable Diffusion family)" if family != TEXT2IMAGE else "an unconditional"
-    raise ConfigError(f"method '{name}' needs {kind} model; the pretrained model is {family}")
+    need = "a text-to-image" if kind != TEXT2IMAGE else "an unconditional"
+    raise ConfigError(f"method '{name}' needs {need} model; the pretrained model is {family} ({kind})")
 
 
 __all__ = ["METHODS", "NAMES", "Method", "MicroOut", "Needs", "get"]

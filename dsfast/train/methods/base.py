@@ -28,7 +28,6 @@ from dsfast import ops
 from dsfast.losses import DomainStudioLoss
 
 from ..data import Draws, to_device
-from ..diffusion import alphas
 
 
 @dataclass(frozen=True)
@@ -77,17 +76,18 @@ class Method:
         raise NotImplementedError
 
 
-def hfmse_weights(scheduler, t: torch.Tensor, weighting: str, device) -> torch.Tensor:
-    """Per-sample weight of the hf-MSE of x0: ``none`` 1; ``min_snr`` min(SNR_t, 1), SNR = ᾱ/(1-ᾱ).
+def hfmse_weights(process, t: torch.Tensor, weighting: str, device) -> torch.Tensor:
+    """Per-sample weight of the hf-MSE of x0: ``none`` 1; ``min_snr`` min(SNR_t, 1) (the process's SNR:
+    ᾱ/(1-ᾱ) for DDPM, ((1-σ)/σ)² for flow matching).
 
     hf is linear, so for ε-prediction hfMSE(x̂0) = |hf(ε̂ - ε)|² / SNR_t: unweighted it is a 1/SNR-weighted
     ε-loss (24,777 at t=999 of the linear schedule). x min(SNR_t, 1) it is never more than the ε-space hf
-    error (Min-SNR-γ weighting of an x0 loss, γ = 1).
+    error (Min-SNR-γ weighting of an x0 loss, γ = 1). For flow matching x̂0 - x0 = σ(v - v̂), so unweighted the
+    hf-MSE is σ²|hf(v̂ - v)|², never more than the v-space hf error: ``none`` is the flow families' default.
     """
     if weighting == "none":
         return torch.ones(t.shape[0], device=device)
-    a = alphas(scheduler, t, device).flatten()
-    return (a / (1 - a)).clamp(max=1.0)
+    return process.snr(t).to(device, torch.float32).clamp(max=1.0)
 
 
 def weighted_hf_mse(adapted: torch.Tensor, real: torch.Tensor, weights: torch.Tensor, stencil: str,

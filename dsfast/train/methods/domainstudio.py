@@ -56,7 +56,7 @@ class DomainStudio(UnconditionalMethod):
         if lam.hfmse > 0 or self.terms.pairwise:
             ada = self.x0(eps, x_t, t)
         if lam.hfmse > 0 and full:
-            w = hfmse_weights(self.scheduler, t, lam.hfmse_weighting, x0.device)
+            w = hfmse_weights(self.process, t, lam.hfmse_weighting, x0.device)
             hfmse = weighted_hf_mse(ada, x0, w, lam.stencil, lam.backend)
             out.loss = out.loss + lam.hfmse * hfmse
             out.terms["hfmse"], out.heads["hfmse"] = hfmse, lam.hfmse * hfmse
@@ -76,7 +76,7 @@ class DomainStudio(UnconditionalMethod):
 
     def source_x0(self, x_t, t, channels):
         with torch.no_grad():
-            s = self.source(x_t.to(self.dtype), t).sample.float()[:, :channels]
+            s = self.family.predict(self.source, x_t, t, {})[:, :channels]
             return self.x0(s, x_t, t)
 
     def global_loss(self, source, adapted, real, step):

@@ -23,6 +23,7 @@ import torch
 from ..data import to_device
 from ..diffusion import predicted_x0
 from ..errors import ConfigError
+from ..families.base import cat, expand
 from .base import DomainStudioTerms, Needs, OfficialPairwise, hfmse_weights, weighted_hf_mse
 from .text2image import TextToImageMethod
 
@@ -71,11 +72,11 @@ class DomainStudioSD(TextToImageMethod):
         lam = self.loss
         if not (self.has_global or lam.hfmse > 0):
             return out
-        sch, t = self.scheduler, mb["t"]
-        x0_lat = predicted_x0(sch, pred_i, zt, t)
-        ada = self.decode(x0_lat, torch.is_grad_enabled()) if self.pixel else x0_lat
+        t = mb["t"]
+        x0_lat = self.process.x0(pred_i, zt, t)
+        ada = self.family.decode(x0_lat, torch.is_grad_enabled()) if self.pixel else x0_lat
         if lam.hfmse > 0:
-            w = hfmse_weights(sch, t, lam.hfmse_weighting, ada.device)
+            w = hfmse_weights(self.process, t, lam.hfmse_weighting, ada.device)
             hfmse = weighted_hf_mse(ada, mb["x0"] if self.pixel else mb["z"], w, lam.stencil, lam.backend)
             out.loss = out.loss + lam.hfmse * hfmse
             out.terms["hfmse"], out.heads["hfmse"] = hfmse, lam.hfmse * hfmse
@@ -85,43 +86,42 @@ class DomainStudioSD(TextToImageMethod):
         if need_source:
             with torch.no_grad():
                 src = self.source_x0(model, zt, t, zct, pred_c)
-                out.source = self.decode(src, False) if self.pixel else src
+                out.source = self.family.decode(src, False) if self.pixel else src
         return out
 
     def source_x0(self, model, zt, t, zct, pred_c):
         """Source x0 latents (no grad) per ``loss.source``."""
         if self.source == "class_prompt":
-            return predicted_x0(self.scheduler, pred_c.detach(), zct, t)
-        emb = (self.emb_inst if self.emb_class is None else self.emb_class).expand(zt.shape[0], -1, -1)
+            return self.process.x0(pred_c.detach(), zct, t)
+        cond = expand(self.emb_inst if self.emb_class is None else self.emb_class, zt.shape[0])
         if self.source == "frozen":
-            s = self.unet(self.bundle.source, zt, t, emb)
+            s = self.family.predict(self.bundle.source, zt, t, cond)
         else:  # lora_off
             module = getattr(model, "module", model)
             module.disable_adapters()
             try:
-                s = self.unet(model, zt, t, emb)
+                s = self.family.predict(model, zt, t, cond)
             finally:
                 module.enable_adapters()
-        return predicted_x0(self.scheduler, s, zt, t)
+        return self.process.x0(s, zt, t)
 
     def global_loss(self, source, adapted, real, step):
         return self.terms(source, adapted, real, step)
 
     def official_terms(self, model, mb, out):
         """The released pairwise/hf branch, added to ``out`` (see the module docstring)."""
-        lam, sch, t = self.loss, self.scheduler, mb["t_shared"]
+        lam, sch, t = self.loss, self.process.scheduler, mb["t_shared"]
         if "zc" not in mb:  # the released script runs the branch only with prior preservation
             return out
         m = t.shape[0]
         z_t = torch.cat([sch.add_noise(mb["z"], mb["noise"], t), sch.add_noise(mb["zc"], mb["noise_c"], t)])
-        emb = torch.cat([self.emb_inst.expand(m, -1, -1), self.emb_class.expand(m, -1, -1)])
-        pred = self.unet(model, z_t, torch.cat([t, t]), emb)
+        pred = self.family.predict(model, z_t, torch.cat([t, t]), cat(expand(self.emb_inst, m), expand(self.emb_class, m)))
         x0 = predicted_x0(sch, pred, z_t, torch.cat([t, t]))
         if sch.config.get("clip_sample", False):  # as DDPMScheduler.step's pred_original_sample
             r = sch.config.get("clip_sample_range", 1.0)
             x0 = x0.clamp(-r, r)
         grad = torch.is_grad_enabled()
-        inst, cls = self.decode(x0[:m], grad, unscale=False), self.decode(x0[m:], grad, unscale=False)
+        inst, cls = self.family.decode(x0[:m], grad, unscale=False), self.family.decode(x0[m:], grad, unscale=False)
         image, hf = self.pairwise_official(cls, inst)
         hfmse = weighted_hf_mse(inst, mb["x_other"], torch.ones(m, device=inst.device), "domainstudio",
                                 lam.backend)

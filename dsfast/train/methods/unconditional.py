@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..data import PixelBatches
-from ..diffusion import predicted_x0, training_target, vlb_term
+from ..diffusion import vlb_term
 from ..errors import ConfigError
-from ..models import UNCONDITIONAL
+from ..families import UNCONDITIONAL
 from .base import Method, MicroOut
 
 
@@ -22,7 +22,8 @@ class UnconditionalMethod(Method):
             raise ConfigError("loss.source must be 'frozen' for an unconditional model")
 
     def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
-        self.scheduler, self.dtype, self.device = bundle.scheduler, dtype, device
+        self.family, self.process, self.scheduler = bundle.family, bundle.family.process, bundle.scheduler
+        self.dtype, self.device = dtype, device
         self.batches = PixelBatches(images, draws, device)
         self.variance_type = bundle.scheduler.config.get("variance_type", "fixed_small")
 
@@ -32,14 +33,14 @@ class UnconditionalMethod(Method):
     def denoise(self, model, mb):
         """``(MicroOut with the L_simple (+ L_vlb) loss, terms, heads and UNet output, x_t, eps/v/x0 output)``."""
         x0, t, noise = mb["x0"], mb["t"], mb["noise"]
-        x_t = self.scheduler.add_noise(x0, noise, t)
-        out = raw = model(x_t.to(self.dtype), t).sample.float()
+        x_t = self.process.noisy(x0, noise, t)
+        out = raw = self.family.predict(model, x_t, t, {})
         c = x0.shape[1]
         learned = out.shape[1] == 2 * c
         var_out = None
         if learned:
             out, var_out = out[:, :c], out[:, c:]
-        l_simple = F.mse_loss(out, training_target(self.scheduler, x0, noise, t))
+        l_simple = F.mse_loss(out, self.process.target(x0, noise, t))
         loss, terms = l_simple, {"simple": l_simple}
         if learned and self.variance_type in ("learned", "learned_range"):
             if self.scheduler.config.prediction_type != "epsilon":
@@ -50,7 +51,7 @@ class UnconditionalMethod(Method):
         return MicroOut(loss=loss, terms=terms, heads=dict(terms), outputs=(raw,)), x_t, out
 
     def x0(self, out, x_t, t):
-        return predicted_x0(self.scheduler, out, x_t, t)
+        return self.process.x0(out, x_t, t)
 
     def forward(self, model, mb, need_source):
         return self.denoise(model, mb)[0]

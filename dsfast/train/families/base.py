@@ -1,0 +1,299 @@
+"""What a model family is: the small interface every method trains through.
+
+A family knows one kind of diffusers pipeline: how to recognise it from its ``model_index.json``
+(:meth:`Family.matches`), its size rules (:meth:`Family.info`), how to load its parts, turn prompts into
+the conditioning its denoiser takes (:meth:`encode_prompts`), images into what it diffuses and back
+(:meth:`encode` / :meth:`decode`), call the denoiser (:meth:`predict`), which noise process it trains
+with (``process``: :class:`~dsfast.train.diffusion.DDPM` or :class:`~dsfast.train.diffusion.FlowMatching`),
+where LoRA adapters go (``lora_targets``) and which pipeline samples from and exports the weights
+(:meth:`pipeline`). Conditioning is a dict of batch-first float32 tensors on the training device, so a
+method can index, expand and concatenate it without knowing what is inside.
+
+A new family is a file in this folder with a subclass, and a line in ``families/__init__.py``.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlparse
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import convert_state_dict_to_diffusers
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torch.utils.checkpoint import checkpoint
+
+from ..diffusion import DDPM, FlowMatching
+from ..errors import ModelError
+
+UNCONDITIONAL, TEXT2IMAGE = "unconditional", "text2image"  # the two kinds of model the methods know
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pretrained pipeline is, read from its config files (no weights loaded)."""
+
+    family: str  # the family's name (unet2d | sd | sdxl | sd3 | flux)
+    kind: str  # UNCONDITIONAL (no prompts) | TEXT2IMAGE
+    channels: int  # pixel channels of the training images
+    down_factor: int  # the resolution must be a multiple of this
+    default_resolution: int | None  # pixels
+
+
+@dataclass(frozen=True)
+class FamilyOptions:
+    """The family settings of a run (``model.*`` and ``train.weighting_scheme`` ... of the config)."""
+
+    vae: str | None = None  # a VAE folder or hub id used instead of the pipeline's (e.g. an fp16-safe SDXL VAE)
+    max_sequence_length: int | None = None  # T5 tokens (sd3: 256, flux: 512 when None)
+    guidance: float = 3.5  # the guidance embedding's value while training a guidance-distilled FLUX
+    weighting_scheme: str | None = None  # flow matching: timestep density and loss weighting (None = family default)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    precondition_outputs: bool = False  # flow matching: regress x0 = x_t - σ·v̂ on x0 (SD3 script's flag)
+    resolution: int | None = None  # training images' size in pixels (SDXL's size conditioning)
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub cannot be asked: offline mode, or its host name does not resolve."""
+    if hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        socket.getaddrinfo(urlparse(hf_constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return True
+    return False
+
+
+def model_index(pretrained: str) -> dict:
+    """The pipeline's model_index.json: from a local folder, the local hub cache, or the hub. A missing folder,
+    or a hub id that is not cached while the hub cannot be reached, is one error at once (no hub retries)."""
+    p = Path(pretrained)
+    if p.exists():
+        f = p / "model_index.json"
+        if not f.is_file():
+            raise ModelError(f"model.pretrained={pretrained}: no model_index.json (not a diffusers pipeline folder)")
+        return json.loads(f.read_text())
+    try:
+        validate_repo_id(pretrained)
+    except HFValidationError:
+        raise ModelError(f"model.pretrained={pretrained}: the folder {pretrained} does not exist") from None
+    cached = try_to_load_from_cache(pretrained, "model_index.json")
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text())
+    if hub_offline():
+        raise ModelError(f"model.pretrained={pretrained}: the folder {pretrained} does not exist, and as a hub id "
+                         "it is not in the local Hugging Face cache while the hub cannot be reached (offline, a "
+                         "local pipeline folder or a cached hub id is needed)")
+    try:
+        return DiffusionPipeline.load_config(pretrained)
+    except Exception as exc:
+        raise ModelError(f"model.pretrained={pretrained}: no such folder, and the hub has no pipeline config "
+                         f"for it: {exc}") from None
+
+
+def size_of(s) -> int | None:
+    if s is None:
+        return None
+    return int(s[0] if isinstance(s, (list, tuple)) else s)
+
+
+def vae_factor(vae: dict) -> int:
+    """Pixels per latent cell of a VAE config: it halves the size at each level but the last."""
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def part_class(index: dict, name: str):
+    """The class ``model_index.json`` names for part ``name``."""
+    library, cls = index[name]
+    return getattr(importlib.import_module(library), cls)
+
+
+def frozen(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    return module.eval().requires_grad_(False).to(device, dtype)
+
+
+class Family:
+    """One kind of diffusers pipeline; an instance holds the loaded frozen parts of one run (see the module
+    docstring). Subclasses set the class attributes and implement the methods that raise here."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = TEXT2IMAGE
+    denoiser: ClassVar[str] = "unet"  # the pipeline part that trains ("unet" | "transformer")
+    pipeline_class: ClassVar[type]
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")  # peft target_modules
+    skip_parts: ClassVar[tuple[str, ...]] = ()  # parts of the folder a run never loads (safety checker ...)
+    default_space: ClassVar[str] = "latent"  # where DomainStudio compares samples by default (loss.space)
+    default_hfmse_weighting: ClassVar[str] = "min_snr"
+    default_weighting: ClassVar[str | None] = None  # flow matching: train.weighting_scheme's default (None: DDPM)
+    pipeline_flags: ClassVar[dict] = {}  # pipeline arguments that override the folder's model_index.json
+
+    # ---------------------------------------------------------------- what the folder is (no weights)
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def info(cls, pretrained: str, index: dict) -> ModelInfo:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- loading
+
+    def __init__(self, pretrained: str, *, dtype: torch.dtype, device: torch.device, trained_dtype: torch.dtype,
+                 options: FamilyOptions):
+        """Loads every part but the denoiser, frozen (eval, no grad) in ``dtype`` on ``device``; the denoiser
+        (``self.model``) in ``trained_dtype`` on the CPU (the DeepSpeed engine places it)."""
+        self.pretrained, self.dtype, self.device, self.options = pretrained, dtype, device, options
+        self.index = model_index(pretrained)
+        self.parts: dict = {}
+        for name, spec in self.index.items():
+            if name.startswith("_") or not isinstance(spec, (list, tuple)):
+                continue
+            if spec[0] is None or name in self.skip_parts:
+                self.parts[name] = None
+                continue
+            cls = part_class(self.index, name)
+            if name == self.denoiser:
+                self.model = cls.from_pretrained(pretrained, subfolder=name, torch_dtype=trained_dtype)
+            elif issubclass(cls, torch.nn.Module):
+                self.parts[name] = frozen(cls.from_pretrained(pretrained, subfolder=name), self.part_dtype(name), device)
+            else:  # scheduler, tokenizers
+                self.parts[name] = cls.from_pretrained(pretrained, subfolder=name)
+        if options.vae and "vae" in self.parts:
+            self.parts["vae"] = frozen(part_class(self.index, "vae").from_pretrained(options.vae), dtype, device)
+        self.process = self.make_process()
+
+    def part_dtype(self, name: str) -> torch.dtype:
+        return self.dtype
+
+    def make_process(self):
+        """The noise process of training (:func:`ddpm` or :func:`flow_matching` of this family)."""
+        raise NotImplementedError
+
+    @property
+    def vae(self):
+        return self.parts.get("vae")
+
+    @classmethod
+    def lora_config(cls, rank: int, alpha: float | None) -> LoraConfig:
+        return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                          target_modules=list(cls.lora_targets))
+
+    # ---------------------------------------------------------------- conditioning and latents
+
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        """The denoiser's conditioning of each prompt: ``{name: (len(prompts), ...) float32}`` on the device."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch: int = 8, std: bool = False):
+        """What the denoiser diffuses, from images in [-1, 1] (on the device): VAE latent means, shifted and
+        scaled as the family's pipeline un-does before decoding; with ``std`` also the posterior std, scaled."""
+        vae, scale, shift = self.vae, self.scaling, self.shift
+        means, stds = [], []
+        for i in range(0, images.shape[0], batch):
+            dist = vae.encode(images[i:i + batch].to(self.device, vae.dtype)).latent_dist
+            means.append((dist.mean.float() - shift) * scale)
+            stds.append(dist.std.float() * scale)
+        return (torch.cat(means), torch.cat(stds)) if std else torch.cat(means)
+
+    @property
+    def scaling(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", None) or 0.18215)
+
+    @property
+    def shift(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    def decode(self, z: torch.Tensor, grad: bool, unscale: bool = True) -> torch.Tensor:
+        """Pixels (float32) of latents; with ``grad`` checkpointed (the decoder's activations are recomputed).
+        ``unscale=False`` decodes ``z`` as it is (the released DomainStudio code forgot the scaling factor)."""
+        vae = self.vae
+        if unscale:
+            z = z / self.scaling + self.shift
+
+        def run(u):
+            return vae.decode(u.to(vae.dtype)).sample.float()
+
+        if not grad:
+            with torch.no_grad():
+                return run(z)
+        return checkpoint(run, z, use_reentrant=False)
+
+    # ---------------------------------------------------------------- the denoiser
+
+    def predict(self, model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The denoiser's output (float32, the layout of ``x_t``) at timestep indices ``t``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- pipelines
+
+    def sampling_scheduler(self):
+        """The scheduler of sample grids, class images and ``final/``: the pipeline's own."""
+        return copy.deepcopy(self.parts["scheduler"])
+
+    def pipeline(self, model: torch.nn.Module, device: torch.device):
+        """The family's diffusers pipeline (float32) around ``model``, on ``device``."""
+        parts = {}
+        for name, part in self.parts.items():
+            parts[name] = copy.deepcopy(part).float() if isinstance(part, torch.nn.Module) else part
+        parts["scheduler"] = self.sampling_scheduler()
+        accepted = inspect.signature(self.pipeline_class.__init__).parameters
+        flags = {k: v for k, v in self.index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))
+                 and k in accepted}
+        flags.update(self.pipeline_flags)
+        parts = {k: v for k, v in parts.items() if k in accepted}
+        return self.pipeline_class(**parts, **flags, **{self.denoiser: model}).to(device)
+
+    def lora_state_dict(self, peft_model: torch.nn.Module) -> dict:
+        """The adapters of ``peft_model`` as ``load_lora_weights`` reads them."""
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(peft_model))
+
+    def save_lora(self, folder: Path, peft_model: torch.nn.Module) -> None:
+        self.pipeline_class.save_lora_weights(folder, safe_serialization=True,
+                                              **{f"{self.denoiser}_lora_layers": self.lora_state_dict(peft_model)})
+
+
+def expand(cond: dict, m: int) -> dict:
+    """A one-prompt conditioning repeated for ``m`` samples (views, no copies)."""
+    return {k: v.expand(m, *v.shape[1:]) for k, v in cond.items()}
+
+
+def cat(*conds: dict) -> dict:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def take(cond: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def ddpm(family: Family) -> DDPM:
+    """The DDPM process of the pipeline's scheduler config (a ``DDPMScheduler`` built from it, as diffusers'
+    training scripts do), its tables on the training device."""
+    scheduler = DDPMScheduler.from_config(family.parts["scheduler"].config)
+    for table in ("betas", "alphas", "alphas_cumprod"):
+        setattr(scheduler, table, getattr(scheduler, table).to(family.device))
+    return DDPM(scheduler)
+
+
+def flow_matching(family: Family) -> FlowMatching:
+    """Rectified flow on the pipeline's ``FlowMatchEulerDiscreteScheduler`` config, weighted per the options."""
+    o = family.options
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(family.parts["scheduler"].config)
+    return FlowMatching(scheduler, family.device, weighting=o.weighting_scheme or family.default_weighting,
+                        logit_mean=o.logit_mean, logit_std=o.logit_std, mode_scale=o.mode_scale,
+                        precondition=o.precondition_outputs)

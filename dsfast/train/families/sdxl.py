@@ -1,0 +1,60 @@
+"""``sdxl``: Stable Diffusion XL (``StableDiffusionXLPipeline``): ``UNet2DConditionModel`` with text-and-time
+added conditioning, two CLIP text encoders (penultimate hidden states concatenated; pooled output of the
+second), DDPM ε-prediction. The SDXL VAE overflows in float16: it stays in float32 unless ``model.vae`` names
+another (e.g. an fp16-safe one), which then runs in the training precision."""
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from .base import Family, ModelInfo, ddpm, size_of, vae_factor
+from .unet2d import down_factor
+
+
+class SDXL(Family):
+    name = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
+    skip_parts = ("image_encoder", "feature_extractor")
+
+    @classmethod
+    def matches(cls, index):
+        return "unet" in index and "text_encoder_2" in index
+
+    @classmethod
+    def info(cls, pretrained, index):
+        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
+        vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
+        return ModelInfo(cls.name, cls.kind, 3, down_factor(unet, vae),
+                         (size_of(unet.get("sample_size")) or 128) * vae_factor(vae))
+
+    def part_dtype(self, name):
+        return torch.float32 if name == "vae" else self.dtype
+
+    def make_process(self):
+        return ddpm(self)
+
+    def _encoder(self) -> StableDiffusionXLPipeline:
+        """The pipeline's own prompt encoding over the loaded parts (references, no copies)."""
+        p = self.parts
+        return StableDiffusionXLPipeline(vae=p["vae"], text_encoder=p["text_encoder"], text_encoder_2=p["text_encoder_2"],
+                                         tokenizer=p["tokenizer"], tokenizer_2=p["tokenizer_2"], unet=self.model,
+                                         scheduler=p["scheduler"])
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        """As the pipeline conditions its UNet: the size/crop ids of a centre-cropped image of the training
+        resolution, ``(R, R) + (0, 0) + (R, R)``."""
+        pipe = self._encoder()
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        r = self.options.resolution or pipe.default_sample_size * pipe.vae_scale_factor
+        ids = pipe._get_add_time_ids((r, r), (0, 0), (r, r), dtype=torch.float32,
+                                     text_encoder_projection_dim=self.parts["text_encoder_2"].config.projection_dim)
+        return {"encoder_hidden_states": embeds.float(), "text_embeds": pooled.float(),
+                "time_ids": ids.to(self.device).expand(len(prompts), -1)}
+
+    def predict(self, model, x_t, t, cond):
+        d = self.dtype
+        added = {"text_embeds": cond["text_embeds"].to(d), "time_ids": cond["time_ids"].to(d)}
+        return model(x_t.to(d), t, encoder_hidden_states=cond["encoder_hidden_states"].to(d),
+                     added_cond_kwargs=added).sample.float()
