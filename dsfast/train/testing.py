@@ -3,14 +3,37 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMPipeline,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from .distributed import EXTENSIONS_DIR
 
@@ -165,3 +188,128 @@ HF_ZERO2_JSON = {
     "train_micro_batch_size_per_gpu": "auto",
     "wall_clock_breakdown": False,
 }
+
+
+# ---- Tiny SD-XL, SD3 and FLUX.1 pipelines (random weights, built from config: nothing is downloaded) ----
+
+def _tiny_clip_encoder(vocab_size: int, hidden_size: int, projection_dim: int | None = None):
+    """A one-layer CLIP text encoder over the :func:`_tiny_clip_tokenizer` vocabulary (16 positions);
+    ``projection_dim`` given: a ``CLIPTextModelWithProjection`` (its ``text_embeds`` are the pooled embedding)."""
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1, projection_dim=projection_dim or hidden_size)
+    return CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
+
+
+def _tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A T5 tokenizer without sentencepiece: a Unigram model over single characters (letters, digits,
+    punctuation) and a few whole words, T5's layout (<pad> 0, </s> 1, <unk> 2), no sentinel tokens;
+    it saves as tokenizer.json + tokenizer_config.json."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    vocab += [("\u2581" + w, -1.0) for w in ("a", "photo", "of", "sks", "dog", "cat", "painting")]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _tiny_t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0))
+
+
+def _tiny_vae(sample_size: int, latent_channels: int, **config) -> AutoencoderKL:
+    """A 2x AutoencoderKL (two blocks): images are ``sample_size * 2`` pixels."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2, **config)
+
+
+def make_sdxl_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
+    """A tiny Stable-Diffusion-XL pipeline saved locally: a ``text_time`` UNet2DConditionModel conditioned on the
+    concatenated hidden states of a CLIPTextModel (16) and a CLIPTextModelWithProjection (16, projection 16), the
+    SD-XL EulerDiscreteScheduler, a 2x AutoencoderKL (images are ``sample_size * 2`` pixels)."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as d:
+        tok, vocab_size = _tiny_clip_tokenizer(Path(d) / "1")
+        tok_2, _ = _tiny_clip_tokenizer(Path(d) / "2")
+        te = _tiny_clip_encoder(vocab_size, 16)
+        te_2 = _tiny_clip_encoder(vocab_size, 16, projection_dim=16)
+        time_dim = 8
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=te.config.hidden_size + te_2.config.hidden_size, attention_head_dim=4,
+            norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            # add_time_ids (original size, crop top-left, target size: 6 numbers) + text_encoder_2's pooled embedding
+            projection_class_embeddings_input_dim=6 * time_dim + te_2.config.projection_dim)
+        vae = _tiny_vae(sample_size, 4, scaling_factor=0.13025)
+        sched = EulerDiscreteScheduler(  # the scheduler_config.json of stable-diffusion-xl-base-1.0
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, steps_offset=1,
+            timestep_spacing="leading")
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te_2, tokenizer=tok,
+                                         tokenizer_2=tok_2, unet=unet, scheduler=sched,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+        pipe.save_pretrained(str(path))
+    return Path(path)
+
+
+def make_sd3_pipeline(path, *, t5: bool = True, sample_size: int = 8, seed: int = 0) -> Path:
+    """A tiny Stable-Diffusion-3 pipeline saved locally: an SD3Transformer2DModel (patch 1, 16 latent channels,
+    2 heads of 8, joint_attention_dim 32 = T5's width = the two CLIP widths side by side), two
+    CLIPTextModelWithProjection (16, projection 16: pooled 32), a T5EncoderModel (32) unless ``t5=False``
+    (``text_encoder_3`` / ``tokenizer_3`` None: the pipeline then feeds zeros), a 2x AutoencoderKL with SD3's
+    latent scale/shift, FlowMatchEulerDiscreteScheduler(shift=3). Images are ``sample_size * 2`` pixels."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as d:
+        tok, vocab_size = _tiny_clip_tokenizer(Path(d) / "1")
+        tok_2, _ = _tiny_clip_tokenizer(Path(d) / "2")
+        te = _tiny_clip_encoder(vocab_size, 16, projection_dim=16)
+        te_2 = _tiny_clip_encoder(vocab_size, 16, projection_dim=16)
+        joint_dim = te.config.hidden_size + te_2.config.hidden_size  # CLIP embeddings are zero-padded to T5's width
+        tok_3 = _tiny_t5_tokenizer() if t5 else None
+        te_3 = _tiny_t5_encoder(len(tok_3), joint_dim) if t5 else None
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=1, in_channels=16, out_channels=16, num_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=joint_dim, caption_projection_dim=16,
+            pooled_projection_dim=te.config.projection_dim + te_2.config.projection_dim,
+            pos_embed_max_size=4 * sample_size)
+        vae = _tiny_vae(sample_size, 16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te,
+                                        tokenizer=tok, text_encoder_2=te_2, tokenizer_2=tok_2, text_encoder_3=te_3,
+                                        tokenizer_3=tok_3)
+        pipe.save_pretrained(str(path))
+    return Path(path)
+
+
+def make_flux_pipeline(path, *, sample_size: int = 8, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    """A tiny FLUX.1 pipeline saved locally: a FluxTransformer2DModel (16 latent channels packed 2x2: 64 in,
+    one double and one single block, 2 heads of 8, rope axes 2+2+4, ``guidance_embeds`` as given: dev-like
+    True, schnell-like False), a CLIPTextModel (16: the pooled embedding), a T5EncoderModel (16), a 2x
+    AutoencoderKL with FLUX.1's latent scale/shift, FLUX.1's dynamically shifted FlowMatchEulerDiscreteScheduler.
+    Images are ``sample_size * 2`` pixels (latents ``sample_size``, ``(sample_size // 2) ** 2`` tokens)."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as d:
+        tok, vocab_size = _tiny_clip_tokenizer(Path(d))
+        te = _tiny_clip_encoder(vocab_size, 16)
+        tok_2 = _tiny_t5_tokenizer()
+        te_2 = _tiny_t5_encoder(len(tok_2), 16)
+        latent_channels = 16
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=te_2.config.d_model, pooled_projection_dim=te.config.hidden_size,
+            guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+        vae = _tiny_vae(sample_size, latent_channels, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+        sched = FlowMatchEulerDiscreteScheduler(  # the scheduler_config.json of FLUX.1-dev
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
+                            text_encoder_2=te_2, tokenizer_2=tok_2)
+        pipe.save_pretrained(str(path))
+    return Path(path)
