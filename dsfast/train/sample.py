@@ -2,7 +2,8 @@
 
 Generates from a run's weights: its ``final/``, one of its checkpoints (a run still training, or
 one that was stopped), or any diffusers pipeline folder. Sampling goes through the diffusers pipeline
-(``DDPMPipeline`` / ``StableDiffusionPipeline``) and its scheduler; image i uses generator seed
+(the model family's: ``DDPMPipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
+``FluxPipeline``) and its scheduler; image i uses generator seed
 ``seed + i``, so the first images do not depend on ``num``.
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from dsfast.argtypes import ArgumentParser, output_file, positive_int
@@ -23,7 +23,7 @@ from . import distributed as D
 from .checkpoint import CheckpointManager, problem, read_weights, tag_of
 from .data import count_images
 from .errors import USER_ERRORS, ConfigError, ModelError
-from .families import FamilyOptions
+from .families import FamilyOptions, load_pipeline
 from .models import build_pipeline, describe, load, lora_config
 
 
@@ -142,22 +142,22 @@ def sample_images(run_or_pipeline_dir, num: int, *, seed: int = 0, prompt: str |
     if checkpoint is None:
         path = _pipeline_dir(run_or_pipeline_dir)
         diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
-        pipe = DiffusionPipeline.from_pretrained(str(path)).to(device)
+        pipe = load_pipeline(str(path)).to(device)
         run = path.parent
     else:
         pipe = checkpoint_pipeline(run_or_pipeline_dir, checkpoint, device)
         run = Path(run_or_pipeline_dir)
+    cfg = _run_config(run)
     if prompt is None and getattr(pipe, "tokenizer", None) is not None:
-        prompt = _run_prompt(run)
-    return run_pipeline(pipe, num, seed=seed, prompt=prompt, num_inference_steps=num_inference_steps)
+        prompt = (cfg.get("sample") or {}).get("prompt") or (cfg.get("data") or {}).get("instance_prompt")
+    return run_pipeline(pipe, num, seed=seed, prompt=prompt, num_inference_steps=num_inference_steps,
+                        resolution=(cfg.get("data") or {}).get("resolution"))
 
 
-def _run_prompt(run: Path) -> str | None:
+def _run_config(run: Path) -> dict:
+    """The run's resolved config (its prompt and training resolution are the sampling defaults); {} without one."""
     cfg = run / "config.yaml"
-    if not cfg.is_file():
-        return None
-    data = yaml.safe_load(cfg.read_text()) or {}
-    return (data.get("sample") or {}).get("prompt") or (data.get("data") or {}).get("instance_prompt")
+    return (yaml.safe_load(cfg.read_text()) or {}) if cfg.is_file() else {}
 
 
 def parser() -> ArgumentParser:

@@ -5,6 +5,8 @@ A new family: a file here with a :class:`~dsfast.train.families.base.Family` sub
 """
 from __future__ import annotations
 
+from diffusers import DiffusionPipeline
+
 from ..errors import ConfigError, ModelError
 from .base import TEXT2IMAGE, UNCONDITIONAL, Family, FamilyOptions, ModelInfo, model_index
 from .flux import Flux
@@ -33,6 +35,14 @@ def family_of(pretrained: str, index: dict | None = None) -> type[Family]:
                      f"{', '.join(NAMES)} (UNet2DModel + scheduler, Stable Diffusion 1/2, SDXL, SD3, FLUX.1)")
 
 
+def load_pipeline(folder: str, **kwargs):
+    """``DiffusionPipeline.from_pretrained(folder)`` with the parts the folder saved as absent passed as None (an SD3
+    pipeline without T5 cannot be loaded otherwise)."""
+    absent = {k: None for k, v in model_index(folder).items()
+              if not k.startswith("_") and isinstance(v, (list, tuple)) and v[0] is None}
+    return DiffusionPipeline.from_pretrained(folder, **{**absent, **kwargs})
+
+
 def describe(pretrained: str) -> ModelInfo:
     """What the pipeline folder (or cached hub id) ``pretrained`` is, from its config files."""
     index = model_index(pretrained)
@@ -40,4 +50,5 @@ def describe(pretrained: str) -> ModelInfo:
 
 
 __all__ = ["FAMILIES", "NAMES", "TEXT2IMAGE", "UNCONDITIONAL", "Family", "FamilyOptions", "ModelInfo", "describe",
-           "down_factor", "family_of", "get"]
+           "down_factor", "family_of", "get",
+           "load_pipeline"]
