@@ -157,8 +157,35 @@ def test_dreambooth_domainstudio_flags():
     assert cfg["train"]["batch_size"] == 4 and cfg["train"]["warmup_steps"] == 0
 
 
+def test_dreambooth_flags_of_the_sdxl_sd3_flux_scripts():
+    cfg = _flags(*COMMON, "--pretrained_vae_model_name_or_path", "vae-fix", "--weighting_scheme", "logit_normal",
+                 "--logit_mean", "0.5", "--logit_std", "2", "--mode_scale", "1.1", "--precondition_outputs", "1",
+                 "--guidance_scale", "1.0", "--max_sequence_length", "77", "--cache_latents")
+    assert cfg["model"] == {"pretrained": "sd", "vae": "vae-fix", "guidance": 1.0, "max_sequence_length": 77}
+    assert {k: cfg["train"][k] for k in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                                         "precondition_outputs")} == {
+        "weighting_scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 2.0, "mode_scale": 1.1,
+        "precondition_outputs": True}
+    r = resolve(load_config(cfg), "flux")
+    assert (r.train.weighting_scheme, r.model.guidance, r.model.vae) == ("logit_normal", 1.0, "vae-fix")
+    # a flag the model family cannot honour is one error naming it
+    with pytest.raises(ConfigError, match="model.guidance applies to flux models only; the model is sd3"):
+        resolve(load_config(cfg), "sd3")
+    with pytest.raises(ConfigError, match="train.weighting_scheme applies to sd3, flux models only; the model is sdxl"):
+        resolve(load_config(_flags(*COMMON, "--weighting_scheme", "cosmap")), "sdxl")
+
+
+def test_family_defaults_resolve_per_family():
+    base = _flags(*COMMON, "--method", "domainstudio", "--class_prompt", "a dog", "--train_batch_size", "4")
+    got = {f: (r.loss.space, r.loss.hfmse_weighting, r.train.weighting_scheme)
+           for f in ("sd", "sdxl", "sd3", "flux") for r in [resolve(load_config(base), f)]}
+    assert got == {"sd": ("pixel", "min_snr", "none"), "sdxl": ("latent", "min_snr", "none"),
+                   "sd3": ("latent", "none", "logit_normal"), "flux": ("latent", "none", "none")}
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--scale_lr"], "unsupported flag --scale_lr: dsfast does not scale"),
+    (["--caption_column", "text"], "unsupported flag --caption_column: dsfast does not read per-image captions"),
     (["--num_train_epochs=3"], "unsupported flag --num_train_epochs: use --max_train_steps"),
     (["--frobnicate", "1"], "unsupported flag --frobnicate: not a train_dreambooth.py flag"),
     (["--lambda_img", "3"], "add --method domainstudio"),

@@ -1,4 +1,5 @@
-"""``dsfast dreambooth <flags of diffusers' train_dreambooth.py / train_dreambooth_lora.py>``.
+"""``dsfast dreambooth <flags of diffusers' train_dreambooth.py / train_dreambooth_lora.py and the LoRA scripts
+of SDXL, SD3 and FLUX (train_dreambooth_lora_sdxl.py, _sd3.py, _flux.py)>``.
 
 The flags map onto a dsfast run config (``flags_to_config``), which is written to
 ``<output_dir>/dreambooth.yaml`` (rerun it with ``dsfast train --config``) and trained. A flag of the
@@ -52,6 +53,11 @@ UNSUPPORTED = {
     "--prior_generation_precision": "class images are generated in float32",
     "--offset_noise": "not a dsfast option",
     "--snr_gamma": "not a dsfast option",
+    "--caption_column": "dsfast does not read per-image captions yet: every instance image takes --instance_prompt",
+    "--dataset_name": "give a local image folder with --instance_data_dir",
+    "--train_text_encoder_ti": "dsfast trains the UNet/transformer (or its LoRA adapters) only",
+    "--text_encoder_lr": "dsfast trains the UNet/transformer (or its LoRA adapters) only",
+    "--lora_layers": "dsfast puts the adapters where diffusers' script of the model family does (README: model families)",
 }
 SCHEDULES = ("constant", "constant_with_warmup")
 
@@ -96,6 +102,18 @@ def parser() -> ArgumentParser:
     a("--output_dir", default="runs/dreambooth", help="run folder (default: runs/dreambooth)")
     a("--seed", type=int, help="seed of every random draw")
     a("--rank", type=non_negative_int, help="LoRA rank (the LoRA script's flag); without it the whole UNet trains")
+    a("--pretrained_vae_model_name_or_path", help="a VAE folder or hub id to use instead of the pipeline's (sdxl: an "
+                                                  "fp16-safe VAE)")
+    a("--weighting_scheme", choices=("none", "logit_normal", "mode", "sigma_sqrt", "cosmap"),
+      help="sd3/flux: timestep density and loss weighting (default: sd3 logit_normal, flux none)")
+    a("--logit_mean", type=float, help="sd3/flux: mean of the logit_normal density")
+    a("--logit_std", type=float, help="sd3/flux: standard deviation of the logit_normal density")
+    a("--mode_scale", type=float, help="sd3/flux: scale of the mode density")
+    a("--precondition_outputs", type=int, choices=(0, 1), help="sd3/flux: 1 = regress x0 = x_t - sigma*v on x0 "
+                                                                "(the SD3 script's default); dsfast's default is 0")
+    a("--guidance_scale", type=float, help="flux: the guidance embedding's value in training (default 3.5)")
+    a("--max_sequence_length", type=positive_int, help="sd3/flux: T5 prompt tokens (default: sd3 256, flux 512)")
+    a("--cache_latents", action="store_true", help="cache the VAE latents (dsfast always does)")
     a("--lambda_img", type=float, help="DomainStudio: weight of the pairwise-similarity KL of x0")
     a("--lambda_hf", type=float, help="DomainStudio: weight of the pairwise-similarity KL of hf(x0)")
     a("--lambda_hfmse", type=float, help="DomainStudio: weight of the hf-MSE to the real image")
@@ -123,7 +141,8 @@ def flags_to_config(args: argparse.Namespace, world: int = 1) -> dict:
     if args.lr_scheduler == "constant" and warmup:
         raise ConfigError(f"--lr_warmup_steps {warmup} with --lr_scheduler constant: diffusers ignores the "
                           "warm-up of that schedule; add --lr_scheduler constant_with_warmup to warm up")
-    model = {"pretrained": args.pretrained_model_name_or_path}
+    model = {"pretrained": args.pretrained_model_name_or_path, "vae": args.pretrained_vae_model_name_or_path,
+             "guidance": args.guidance_scale, "max_sequence_length": args.max_sequence_length}
     data = {"instance_dir": args.instance_data_dir, "instance_prompt": args.instance_prompt,
             "class_prompt": args.class_prompt, "class_dir": args.class_data_dir,
             "num_class_images": args.num_class_images, "resolution": args.resolution}
@@ -133,7 +152,10 @@ def flags_to_config(args: argparse.Namespace, world: int = 1) -> dict:
     train = {"max_steps": args.max_train_steps, "lr": args.learning_rate, "warmup_steps": warmup,
              "seed": args.seed, "mixed_precision": args.mixed_precision,
              "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2, "weight_decay": args.adam_weight_decay,
-             "adam_eps": args.adam_epsilon, "max_grad_norm": args.max_grad_norm}
+             "adam_eps": args.adam_epsilon, "max_grad_norm": args.max_grad_norm,
+             "weighting_scheme": args.weighting_scheme, "logit_mean": args.logit_mean, "logit_std": args.logit_std,
+             "mode_scale": args.mode_scale,
+             "precondition_outputs": None if args.precondition_outputs is None else bool(args.precondition_outputs)}
     if args.gradient_checkpointing:
         train["gradient_checkpointing"] = True
     if args.train_batch_size is not None:
