@@ -103,18 +103,19 @@ class FlowMatching:
         u = compute_density_for_timestep_sampling(self.weighting, 1, generator=g, **self.density)
         return min(int(u.item() * self.num_timesteps), self.num_timesteps - 1)
 
-    def sigma(self, t):
-        return self.sigmas[t].view(-1, 1, 1, 1)
+    def sigma(self, t, dtype=torch.float32):
+        """σ of timestep indices ``t`` as ``(B, 1, 1, 1)`` in ``dtype`` (the inputs', as the scheduler does)."""
+        return self.sigmas[t].to(dtype).view(-1, 1, 1, 1)
 
     def noisy(self, x0, noise, t):
-        s = self.sigma(t)
+        s = self.sigma(t, x0.dtype)
         return (1 - s) * x0 + s * noise
 
     def target(self, x0, noise, t):
         return x0 if self.precondition else noise - x0
 
     def x0(self, out, x_t, t):
-        return x_t - self.sigma(t) * out
+        return x_t - self.sigma(t, x_t.dtype) * out
 
     def model_time(self, t):
         """The ``timestep`` the transformer takes (the scheduler's, σ·T)."""

@@ -133,6 +133,7 @@ class Family:
     name: ClassVar[str]
     kind: ClassVar[str] = TEXT2IMAGE
     denoiser: ClassVar[str] = "unet"  # the pipeline part that trains ("unet" | "transformer")
+    denoiser_class: ClassVar[str | None] = None  # its class name, when that alone tells the family
     pipeline_class: ClassVar[type]
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")  # peft target_modules
     skip_parts: ClassVar[tuple[str, ...]] = ()  # parts of the folder a run never loads (safety checker ...)
@@ -145,7 +146,8 @@ class Family:
 
     @classmethod
     def matches(cls, index: dict) -> bool:
-        raise NotImplementedError
+        """Whether a pipeline with this ``model_index.json`` is of this family."""
+        return index.get(cls.denoiser, [None, None])[1] == cls.denoiser_class
 
     @classmethod
     def info(cls, pretrained: str, index: dict) -> ModelInfo:

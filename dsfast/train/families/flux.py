@@ -13,6 +13,7 @@ from .base import Family, ModelInfo, flow_matching, vae_factor
 
 
 class Flux(Family):
+    denoiser_class = "FluxTransformer2DModel"
     name, denoiser = "flux", "transformer"
     pipeline_class = FluxPipeline
     skip_parts = ("image_encoder", "feature_extractor")
@@ -22,10 +23,6 @@ class Flux(Family):
                     "ff_context.net.2")
     default_weighting = "none"  # as diffusers' DreamBooth LoRA script of the family
     default_hfmse_weighting = "none"  # flow matching: the x0 error is σ·(v-space error), no 1/SNR blow-up
-
-    @classmethod
-    def matches(cls, index):
-        return index.get("transformer", [None, None])[1] == "FluxTransformer2DModel"
 
     @classmethod
     def info(cls, pretrained, index):

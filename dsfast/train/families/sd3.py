@@ -11,6 +11,7 @@ from .base import Family, ModelInfo, flow_matching, size_of, vae_factor
 
 
 class SD3(Family):
+    denoiser_class = "SD3Transformer2DModel"
     name, denoiser = "sd3", "transformer"
     pipeline_class = StableDiffusion3Pipeline
     skip_parts = ("image_encoder", "feature_extractor")
@@ -19,10 +20,6 @@ class SD3(Family):
                     "attn.to_out.0", "attn.to_q", "attn.to_v")
     default_weighting = "logit_normal"  # as diffusers' DreamBooth LoRA script of the family
     default_hfmse_weighting = "none"  # flow matching: the x0 error is σ·(v-space error), no 1/SNR blow-up
-
-    @classmethod
-    def matches(cls, index):
-        return index.get("transformer", [None, None])[1] == "SD3Transformer2DModel"
 
     @classmethod
     def info(cls, pretrained, index):
