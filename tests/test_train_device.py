@@ -59,7 +59,14 @@ def _method(cfg, device):
     method = cls(bundle=bundle, images=images, draws=Draws(seed=0, batch_size=BATCH, num_timesteps=1000,
                                                            random_flip=cfg.data.random_flip),
                  loss=cfg.loss, data=cfg.data, sample=cfg.sample, dtype=torch.float32, device=device)
+    for name, part in bundle.family.parts.items():  # the engine moves them off the device here: no step needs them
+        if name.startswith("text_encoder") and part is not None:
+            part.register_forward_pre_hook(_no_text_encoder)
     return bundle, bundle.unet.train().to(device), method
+
+
+def _no_text_encoder(module, args):
+    raise AssertionError("a training step ran a text encoder (the prompts are encoded once, before training)")
 
 
 CASES = {

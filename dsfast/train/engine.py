@@ -279,7 +279,8 @@ def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: Metr
     s = cfg.sample
     # the training RNG goes on as if no grid were drawn (a resumed run redraws a lost grid from the checkpoint)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        imgs = run_pipeline(build_pipeline(bundle, sd, device=device), s.num, seed=s.seed, prompt=s.prompt,
+        pipe = build_pipeline(bundle, sd, device=device, dtype=DTYPES[cfg.train.mixed_precision])
+        imgs = run_pipeline(pipe, s.num, seed=s.seed, prompt=s.prompt,
                             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                             resolution=cfg.data.resolution)
     out = _grid_path(run_dir, step)
@@ -354,6 +355,7 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
                       random_flip=cfg.data.random_flip, sample_t=process.draw)
         method = method_cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
                             dtype=dtype, device=device)
+        bundle.family.offload_text_encoders()  # the method has encoded its prompts
         named = trainable_named_parameters(unet)
         # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
         ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None

@@ -164,15 +164,16 @@ def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True) -> torch.nn.
     return unet.eval()
 
 
-def build_pipeline(bundle: Bundle, sd: dict, *, device: torch.device, with_lora: bool = True):
-    """The family's diffusers pipeline (float32) around the weights ``sd``, on ``device``."""
-    return bundle.family.pipeline(build_unet(bundle, sd, with_lora=with_lora), device)
+def build_pipeline(bundle: Bundle, sd: dict, *, device: torch.device, with_lora: bool = True,
+                   dtype: torch.dtype = torch.float32):
+    """The family's diffusers pipeline around the weights ``sd``, on ``device``, in ``dtype``."""
+    return bundle.family.pipeline(build_unet(bundle, sd, with_lora=with_lora), device, dtype)
 
 
-def pretrained_pipeline(bundle: Bundle, device: torch.device):
+def pretrained_pipeline(bundle: Bundle, device: torch.device, dtype: torch.dtype = torch.float32):
     """The pipeline of the pretrained weights (before any training step; LoRA adapters off), on ``device``."""
     return build_pipeline(bundle, {k: v.float() for k, v in bundle.unet.state_dict().items()}, device=device,
-                          with_lora=False)
+                          with_lora=False, dtype=dtype)
 
 
 @contextmanager

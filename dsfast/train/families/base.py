@@ -248,18 +248,26 @@ class Family:
         """The scheduler of sample grids, class images and ``final/``: the pipeline's own."""
         return copy.deepcopy(self.parts["scheduler"])
 
-    def pipeline(self, model: torch.nn.Module, device: torch.device):
-        """The family's diffusers pipeline (float32) around ``model``, on ``device``."""
+    def pipeline(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
+        """The family's diffusers pipeline around ``model``, on ``device``, in ``dtype`` (copies of the frozen parts:
+        the text encoders come back from the CPU for it, see :meth:`offload_text_encoders`)."""
         parts = {}
         for name, part in self.parts.items():
-            parts[name] = copy.deepcopy(part).float() if isinstance(part, torch.nn.Module) else part
+            parts[name] = copy.deepcopy(part).to(device, dtype) if isinstance(part, torch.nn.Module) else part
         parts["scheduler"] = self.sampling_scheduler()
         accepted = inspect.signature(self.pipeline_class.__init__).parameters
         flags = {k: v for k, v in self.index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))
                  and k in accepted}
         flags.update(self.pipeline_flags)
         parts = {k: v for k, v in parts.items() if k in accepted}
-        return self.pipeline_class(**parts, **flags, **{self.denoiser: model}).to(device)
+        return self.pipeline_class(**parts, **flags, **{self.denoiser: model.to(device, dtype)})
+
+    def offload_text_encoders(self) -> None:
+        """Moves the text encoders to the CPU once the prompts are encoded (T5-XXL alone is 4.7 B parameters): training
+        needs only the cached conditioning; sample grids and ``final/`` take copies."""
+        for name, part in self.parts.items():
+            if name.startswith("text_encoder") and part is not None:
+                part.to("cpu")
 
     def lora_state_dict(self, peft_model: torch.nn.Module) -> dict:
         """The adapters of ``peft_model`` as ``load_lora_weights`` reads them."""
