@@ -48,7 +48,7 @@ def _on(args, device):
 def _method(cfg, device):
     """The method of ``cfg`` built on ``device``, and the training-mode UNet there (as DeepSpeed places it)."""
     info = describe(cfg.model.pretrained)
-    cls = methods.get(cfg.method, info.family)
+    cls = methods.get(cfg.method, info.family, cfg.loss.mode)
     lora = lora_config(info, cfg.model.lora_rank, cfg.model.lora_alpha)
     bundle = load(info, cfg.model.pretrained, dtype=torch.float32, lora=lora,
                   frozen_source=cls.needs(cfg.loss).frozen_source, device=device)

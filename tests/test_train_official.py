@@ -97,7 +97,7 @@ def _method(root, learned, mode="official", **over):
         for p in bundle.unet.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     draws = Draws(seed=0, batch_size=BATCH, num_timesteps=1000, random_flip=cfg.data.random_flip)
-    m = methods.get("domainstudio", "unet2d")(
+    m = methods.get("domainstudio", "unet2d", mode)(
         bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
         sample=cfg.sample, dtype=torch.float32, device=CPU)
     return cfg, bundle, m
@@ -243,7 +243,7 @@ def test_official_text2image_step_equals_released_loss(tmp_path):
                   frozen_source=False, device=CPU)
     assert bundle.source is None  # the released script loads a frozen copy it never uses
     draws = Draws(seed=0, batch_size=3, num_timesteps=1000, random_flip=False)
-    method = methods.get("domainstudio", "sd")(
+    method = methods.get("domainstudio", "sd", "official")(
         bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
         sample=cfg.sample, dtype=torch.float32, device=CPU)
     assert not method.has_global

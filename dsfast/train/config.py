@@ -260,7 +260,7 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     """The resolved config of a run on a model of ``family`` (a family name) with ``world`` ranks: every
     ``None`` filled (method and family defaults, class_dir, resolution, sample prompt, micro-batch size) and
     every check that needs the model kind or the world size done. Returns a new config; ``cfg`` is not changed."""
-    method = methods.get(cfg.method, family)
+    method = methods.get(cfg.method, family, cfg.loss.mode)
     fam = families.get(family)
     d = cfg.model_dump()
     loss, train, data = d["loss"], d["train"], d["data"]

@@ -316,7 +316,7 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
     cfg = resolve(raw, info.family, world=world, default_resolution=info.default_resolution,
                   down_factor=info.down_factor)
     ds_config = build_ds_config(cfg.train, cfg.deepspeed, world)
-    method_cls = methods.get(cfg.method, info.family)
+    method_cls = methods.get(cfg.method, info.family, cfg.loss.mode)
     if on_valid is not None:
         on_valid()
     needs = method_cls.needs(cfg.loss)

@@ -15,17 +15,22 @@ from .domainstudio import DomainStudio
 from .domainstudio_sd import DomainStudioSD
 from .dreambooth import DreamBooth
 from .finetune import Finetune, FinetuneSD
+from .official import OfficialDomainStudio
 
-METHODS: tuple[type[Method], ...] = (DomainStudio, DomainStudioSD, DreamBooth, Finetune, FinetuneSD)
+METHODS: tuple[type[Method], ...] = (DomainStudio, DomainStudioSD, DreamBooth, Finetune, FinetuneSD,
+                                     OfficialDomainStudio)
 NAMES = tuple(sorted({m.name for m in METHODS}))
 
 
-def get(name: str, family: str) -> type[Method]:
-    """The method class of config ``method`` for a model of ``family`` (a family name, e.g. ``sdxl``)."""
+def get(name: str, family: str, mode: str = "dsfast") -> type[Method]:
+    """The method class of config ``method`` for a model of ``family`` (a family name, e.g. ``sdxl``) in
+    ``loss.mode`` ``mode``: the released step's own class where there is one (DomainStudio), else the method's
+    (``official`` then only sets the released defaults)."""
     kind = families.get(family).kind
-    for m in METHODS:
-        if m.name == name and m.family == kind:
-            return m
+    found = [m for m in METHODS if m.name == name and m.family == kind and m.mode == "dsfast"]
+    official = [m for m in METHODS if m.name == name and m.family == kind and m.mode == mode != "dsfast"]
+    if official or found:
+        return (official or found)[0]
     if name not in NAMES:
         raise ConfigError(f"config key 'method' must be one of {', '.join(NAMES)}; got {name!r}")
     need = "a text-to-image" if kind != TEXT2IMAGE else "an unconditional"

@@ -52,6 +52,7 @@ class MicroOut:
 class Method:
     name: ClassVar[str]
     family: ClassVar[str]
+    mode: ClassVar[str] = "dsfast"  # "official": the released step of the method (methods/official/)
     defaults: ClassVar[dict]
     has_global: bool = False
     global_weights: dict = {}  # name of a global term -> its λ
