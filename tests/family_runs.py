@@ -24,6 +24,18 @@ BUILDERS = {"sdxl": make_sdxl_pipeline, "sd3": make_sd3_pipeline, "sd3-no-t5": l
             "flux": make_flux_pipeline}
 METHODS = ("finetune", "dreambooth", "domainstudio")
 CASES = [(f, m, r) for f in ("sdxl", "sd3", "flux") for m in METHODS for r in (0, 4)] + [("sd3-no-t5", "domainstudio", 4)]
+# options beside the defaults, each on one family: (family, method, LoRA rank, config overrides)
+OPTIONS = {
+    "flux-bf16-checkpointing-lora_off": ("flux", "domainstudio", 4, dict(
+        train__mixed_precision="bf16", train__gradient_checkpointing=True, loss__source="lora_off")),
+    "sd3-frozen-pixel-accumulation-cosmap-precondition": ("sd3", "domainstudio", 0, dict(
+        loss__source="frozen", loss__space="pixel", train__micro_batch_size=2, train__weighting_scheme="cosmap",
+        train__precondition_outputs=True)),
+    "sdxl-zero3-lora-checkpointing": ("sdxl", "dreambooth", 4, dict(
+        deepspeed__zero_stage=3, train__gradient_checkpointing=True)),
+    "flux-zero3-frozen-anchors": ("flux", "domainstudio", 0, dict(
+        deepspeed__zero_stage=3, loss__source="frozen", loss__num_anchors=2)),
+}
 PROMPT = "a sks dog"
 
 
@@ -38,12 +50,11 @@ def _denoiser(pipe):
     return getattr(pipe, "transformer", None) or pipe.unet
 
 
-def run_case(root: Path, family: str, method: str, rank: int) -> dict:
+def run_case(root: Path, key: str, family: str, method: str, rank: int, **over) -> dict:
     model = root / "models" / family
-    run = root / "runs" / f"{family}-{method}-{rank}"
-    cfg = tiny_config(run, model, root / "imgs", method=method, data__instance_prompt=PROMPT, data__class_prompt="a dog",
-                      data__class_dir=str(root / "class" / family), data__num_class_images=4, model__lora_rank=rank,
-                      train__lr=1e-3, sample_every=2, checkpoint_every=2)
+    cfg = tiny_config(root / "runs" / key, model, root / "imgs", method=method, data__instance_prompt=PROMPT,
+                      data__class_prompt="a dog", data__class_dir=str(root / "class" / family), data__num_class_images=4,
+                      model__lora_rank=rank, train__lr=1e-3, sample_every=2, checkpoint_every=2, **over)
     out = train(cfg)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     final = load_pipeline(str(out / "final"))
@@ -72,10 +83,10 @@ def main(root: str, out: str) -> None:
         build(root / "models" / family)
         write_images(root / "class" / family, 4, size=16, seed=1)  # given: no class images generated
     results = {}
-    for family, method, rank in CASES:
-        key = f"{family}-{method}-{rank}"
+    cases = {f"{family}-{method}-{rank}": (family, method, rank, {}) for family, method, rank in CASES}
+    for key, (family, method, rank, over) in {**cases, **OPTIONS}.items():
         try:
-            results[key] = run_case(root, family, method, rank)
+            results[key] = run_case(root, key, family, method, rank, **over)
         except Exception:  # noqa: BLE001 - reported to the test, which fails on it
             results[key] = {"error": traceback.format_exc()[-3000:]}
     Path(out).write_text(json.dumps(results, indent=1))

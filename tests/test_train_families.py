@@ -19,7 +19,7 @@ from dsfast.train.testing import make_flux_pipeline, make_sdxl_pipeline, subproc
 pytestmark = pytest.mark.slow
 
 sys.path.insert(0, str(Path(__file__).parent))
-from family_runs import CASES  # noqa: E402
+from family_runs import CASES, OPTIONS  # noqa: E402
 
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "sd3-no-t5": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -36,10 +36,14 @@ def runs(tmp_path_factory):
     return json.loads((root / "r.json").read_text())
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{f}-{m}-{'lora' if r else 'full'}" for f, m, r in CASES])
+CASE_KEYS = {f"{f}-{m}-{'lora' if r else 'full'}": (f"{f}-{m}-{r}", f, m, r) for f, m, r in CASES}
+CASE_KEYS.update({k: (k, f, m, r) for k, (f, m, r, _) in OPTIONS.items()})
+
+
+@pytest.mark.parametrize("case", list(CASE_KEYS))
 def test_family_trains_and_diffusers_loads_the_result(runs, case):
-    family, method, rank = case
-    r = runs[f"{family}-{method}-{rank}"]
+    key, family, method, rank = CASE_KEYS[case]
+    r = runs[key]
     assert "error" not in r, r.get("error")
     assert r["pipeline"] == PIPELINES[family]  # final/ is the family's own pipeline
     assert r["steps"] == [1, 2] and TERMS[method] <= set(r["terms"]) and r["grid"]

@@ -149,16 +149,22 @@ def _base_state_dict(sd: dict) -> dict:
     return {k.replace(".base_layer.", "."): v for k, v in sd.items() if "lora_" not in k}
 
 
-def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True) -> torch.nn.Module:
-    """A plain (non-DeepSpeed) denoiser holding ``sd`` (with its LoRA adapters when ``with_lora``)."""
-    unet = type(bundle.unet).from_config(bundle.unet.config)
+def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True, exact: bool = False) -> torch.nn.Module:
+    """A plain (non-DeepSpeed) denoiser holding ``sd`` (with its LoRA adapters when ``with_lora``). ``exact``: under
+    LoRA the frozen base weights come from the pretrained folder in float32, not from their training-precision
+    copy in ``sd`` (``final/``: a bf16 run must not round the weights it never trained)."""
     if bundle.lora is None:
+        unet = type(bundle.unet).from_config(bundle.unet.config)
         unet.load_state_dict(sd)
         return unet.eval()
-    unet.load_state_dict(_base_state_dict(sd))
+    if exact:
+        unet = bundle.family.load_part(bundle.family.denoiser).float()
+    else:
+        unet = type(bundle.unet).from_config(bundle.unet.config)
+        unet.load_state_dict(_base_state_dict(sd))
     if with_lora:
         unet.add_adapter(bundle.lora)
-        missing = unet.load_state_dict(sd, strict=False)
+        missing = unet.load_state_dict({k: v for k, v in sd.items() if "lora_" in k}, strict=False)
         if missing.unexpected_keys:
             raise RuntimeError(f"unexpected LoRA keys {missing.unexpected_keys[:4]}")
     return unet.eval()
@@ -197,9 +203,10 @@ def save_final(bundle: Bundle, sd: dict, out: Path) -> None:
     """``final/``: a pipeline folder for ``DiffusionPipeline.from_pretrained`` (adapted weights; LoRA fused),
     and for LoRA runs also ``final/lora/pytorch_lora_weights.safetensors`` for the pipeline's ``load_lora_weights``."""
     with _replace_dir(Path(out)) as tmp:
-        pipe = build_pipeline(bundle, sd, device=torch.device("cpu"), with_lora=False)
+        cpu = torch.device("cpu")
+        pipe = bundle.family.pipeline(build_unet(bundle, sd, with_lora=False, exact=True), cpu, exact=True)
         if bundle.lora is not None:
-            peft_unet = build_unet(bundle, sd)
+            peft_unet = build_unet(bundle, sd, exact=True)
             bundle.family.save_lora(tmp / LORA_DIR, peft_unet)
             # fuse W + scale * B @ A with peft on the adapter-holding copy, then copy into the plain UNet
             for m in peft_unet.modules():

@@ -140,6 +140,7 @@ class Family:
     default_space: ClassVar[str] = "latent"  # where DomainStudio compares samples by default (loss.space)
     default_hfmse_weighting: ClassVar[str] = "min_snr"
     default_weighting: ClassVar[str | None] = None  # flow matching: train.weighting_scheme's default (None: DDPM)
+    vae_fp32: ClassVar[bool] = False  # the pipeline's VAE overflows in float16: keep it in float32 (SDXL)
     pipeline_flags: ClassVar[dict] = {}  # pipeline arguments that override the folder's model_index.json
 
     # ---------------------------------------------------------------- what the folder is (no weights)
@@ -167,20 +168,23 @@ class Family:
                 continue
             if spec[0] is None or name in self.skip_parts:
                 self.parts[name] = None
-                continue
-            cls = part_class(self.index, name)
-            if name == self.denoiser:
-                self.model = cls.from_pretrained(pretrained, subfolder=name, torch_dtype=trained_dtype)
-            elif issubclass(cls, torch.nn.Module):
-                self.parts[name] = frozen(cls.from_pretrained(pretrained, subfolder=name), self.part_dtype(name), device)
-            else:  # scheduler, tokenizers
-                self.parts[name] = cls.from_pretrained(pretrained, subfolder=name)
-        if options.vae and "vae" in self.parts:
-            self.parts["vae"] = frozen(part_class(self.index, "vae").from_pretrained(options.vae), dtype, device)
+            elif name == self.denoiser:
+                self.model = self.load_part(name).to(trained_dtype)
+            else:
+                part = self.load_part(name)
+                self.parts[name] = frozen(part, self.part_dtype(name), device) if isinstance(part, torch.nn.Module) else part
         self.process = self.make_process()
 
+    def load_part(self, name: str):
+        """Part ``name`` as the folder (or ``model.vae``) holds it, on the CPU."""
+        cls = part_class(self.index, name)
+        if name == "vae" and self.options.vae:
+            return cls.from_pretrained(self.options.vae)
+        return cls.from_pretrained(self.pretrained, subfolder=name)
+
     def part_dtype(self, name: str) -> torch.dtype:
-        return self.dtype
+        """The precision of frozen part ``name`` in training."""
+        return torch.float32 if name == "vae" and self.options.vae is None and self.vae_fp32 else self.dtype
 
     def make_process(self):
         """The noise process of training (:func:`ddpm` or :func:`flow_matching` of this family)."""
@@ -248,19 +252,25 @@ class Family:
         """The scheduler of sample grids, class images and ``final/``: the pipeline's own."""
         return copy.deepcopy(self.parts["scheduler"])
 
-    def pipeline(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
-        """The family's diffusers pipeline around ``model``, on ``device``, in ``dtype`` (copies of the frozen parts:
-        the text encoders come back from the CPU for it, see :meth:`offload_text_encoders`)."""
+    def pipeline(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32, *,
+                 exact: bool = False):
+        """The family's diffusers pipeline around ``model``, on ``device``, in ``dtype``, with copies of the frozen
+        parts (the text encoders come back from the CPU for it, see :meth:`offload_text_encoders`); ``exact``: the
+        frozen parts as the pretrained folder holds them, not their training-precision copies (``final/``)."""
         parts = {}
         for name, part in self.parts.items():
-            parts[name] = copy.deepcopy(part).to(device, dtype) if isinstance(part, torch.nn.Module) else part
+            if not isinstance(part, torch.nn.Module):
+                parts[name] = part
+            else:
+                parts[name] = self.load_part(name) if exact else copy.deepcopy(part).to(device, dtype)
         parts["scheduler"] = self.sampling_scheduler()
         accepted = inspect.signature(self.pipeline_class.__init__).parameters
         flags = {k: v for k, v in self.index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))
                  and k in accepted}
         flags.update(self.pipeline_flags)
         parts = {k: v for k, v in parts.items() if k in accepted}
-        return self.pipeline_class(**parts, **flags, **{self.denoiser: model.to(device, dtype)})
+        pipe = self.pipeline_class(**parts, **flags, **{self.denoiser: model if exact else model.to(device, dtype)})
+        return pipe.to(device) if exact else pipe
 
     def offload_text_encoders(self) -> None:
         """Moves the text encoders to the CPU once the prompts are encoded (T5-XXL alone is 4.7 B parameters): training

@@ -15,6 +15,7 @@ class SDXL(Family):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
     skip_parts = ("image_encoder", "feature_extractor")
+    vae_fp32 = True
 
     @classmethod
     def matches(cls, index):
@@ -26,9 +27,6 @@ class SDXL(Family):
         vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
         return ModelInfo(cls.name, cls.kind, 3, down_factor(unet, vae),
                          (size_of(unet.get("sample_size")) or 128) * vae_factor(vae))
-
-    def part_dtype(self, name):
-        return torch.float32 if name == "vae" else self.dtype
 
     def make_process(self):
         return ddpm(self)

@@ -51,7 +51,7 @@ class UNet2D(Family):
     def sampling_scheduler(self):
         return DDPMScheduler.from_config(self.process.scheduler.config)
 
-    def pipeline(self, model, device, dtype=torch.float32):
+    def pipeline(self, model, device, dtype=torch.float32, *, exact=False):
         return DDPMPipeline(unet=model.to(device, dtype), scheduler=self.sampling_scheduler())
 
 
