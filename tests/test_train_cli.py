@@ -185,7 +185,8 @@ def test_family_defaults_resolve_per_family():
 
 @pytest.mark.parametrize("argv, match", [
     (["--scale_lr"], "unsupported flag --scale_lr: dsfast does not scale"),
-    (["--caption_column", "text"], "unsupported flag --caption_column: dsfast does not read per-image captions"),
+    (["--caption_column", "text"], "--caption_column text: dsfast reads captions from the metadata.jsonl of a local "
+                                   "--instance_data_dir .* dog has none"),
     (["--num_train_epochs=3"], "unsupported flag --num_train_epochs: use --max_train_steps"),
     (["--frobnicate", "1"], "unsupported flag --frobnicate: not a train_dreambooth.py flag"),
     (["--lambda_img", "3"], "add --method domainstudio"),

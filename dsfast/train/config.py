@@ -40,7 +40,9 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     instance_dir: str = ""  # required: the folder of training images (resized and centre-cropped)
-    instance_prompt: str | None = None  # text-to-image only, e.g. "a sks dog"
+    instance_prompt: str | None = None  # text-to-image only, e.g. "a sks dog"; also the prompt of images without a caption
+    captions: Literal["none", "auto", "txt", "metadata"] = "none"  # t2i per-image captions, each used as the image's prompt: none (all take instance_prompt) | txt (<image stem>.txt beside it) | metadata (metadata.jsonl: file_name + caption_column) | auto (metadata.jsonl, else .txt files, else none)
+    caption_column: str = "text"  # data.captions=metadata: the metadata.jsonl key holding the caption
     class_prompt: str | None = None  # text-to-image only, e.g. "a dog"
     class_dir: str | None = None  # None = <output_dir>/class_images
     num_class_images: int = Field(200, ge=0)  # class images to have in class_dir (missing ones are generated)

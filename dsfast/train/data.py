@@ -1,4 +1,4 @@
-"""Training data: the instance (and class) images, and every random draw of a step.
+"""Training data: the instance (and class) images, their captions, and every random draw of a step.
 
 Every random choice of a training step (which image, flip, timestep, noise) is a function
 of ``(seed, step, global sample index)``. So the data order and draws do not depend on
@@ -7,18 +7,20 @@ uninterrupted run would have done.
 """
 from __future__ import annotations
 
+import json
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsfast.images import ImageFolderError, list_images, load_folder
+from dsfast.images import IMAGE_EXTENSIONS, ImageFolderError, list_images, load_folder
 
 from .errors import DataError
 
-__all__ = ["DataError", "Draws", "LatentBatches", "PixelBatches", "count_images", "generator", "load_images",
-           "to_device"]
+__all__ = ["Captions", "DataError", "Draws", "LatentBatches", "PixelBatches", "count_images", "generator",
+           "instance_prompts", "load_images", "read_captions", "to_device"]
 
 
 def load_images(folder: str | Path, resolution: int, *, channels: int = 3, center_crop: bool = True,
@@ -38,6 +40,126 @@ def count_images(folder: str | Path, what: str) -> int:
     if not folder.is_dir() or not any(folder.iterdir()):
         return 0
     return len(list_images(folder, what))
+
+
+METADATA = "metadata.jsonl"
+
+
+@dataclass(frozen=True)
+class Captions:
+    """Per-image captions of a folder: ``texts[k]`` is the caption of its k-th image in :func:`list_images` order
+    (the order :func:`load_images` stacks them in), None where an image has none."""
+
+    source: str  # where they were read: "metadata.jsonl" | ".txt files"
+    files: tuple[Path, ...]
+    texts: tuple[str | None, ...]
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _txt_captions(files: list[Path], what: str) -> list[str | None]:
+    """``<image name without extension>.txt`` beside each image: its text, stripped (None without one)."""
+    out = []
+    for f in files:
+        txt = f.with_suffix(".txt")
+        out.append(_read_text(txt, what).strip() if txt.is_file() else None)
+    return out
+
+
+def _metadata_captions(folder: Path, files: list[Path], column: str, what: str) -> list[str | None]:
+    """The ``column`` of each image's line of ``metadata.jsonl`` (Hugging Face imagefolder's: one JSON object per
+    line with ``file_name`` and the caption), None for an image without a line."""
+    path = folder / METADATA
+    names = {f.name: k for k, f in enumerate(files)}
+    texts: list[str | None] = [None] * len(files)
+    first_line: dict[str, int] = {}
+    for n, line in enumerate(_read_text(path, what).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{what}: {path} line {n}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(entry, dict):
+            raise DataError(f"{where} is not a JSON object (a line is {{\"file_name\": ..., \"{column}\": ...}})")
+        name = entry.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where} has no \"file_name\" (the image the caption belongs to)")
+        if column not in entry:
+            raise DataError(f"{where} has no \"{column}\" key (its keys: {', '.join(map(repr, entry))}); "
+                            "data.caption_column names the key of the caption")
+        text = entry[column]
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{where}: \"{column}\" is not a string: {text!r}")
+        key = posixpath.normpath(name.strip())
+        if key not in names:
+            inside = "/" not in key and (folder / key).is_file()
+            why = (f"{key} is not an image ({', '.join(IMAGE_EXTENSIONS)})" if inside else
+                   f"the images are read directly in {folder}, not in subfolders" if "/" in key else
+                   f"no image {key} in {folder}")
+            raise DataError(f"{where}: file_name {name!r} is not an image of the folder: {why}")
+        if key in first_line:
+            raise DataError(f"{where}: file_name {name!r} is listed twice (first on line {first_line[key]})")
+        first_line[key] = n
+        texts[names[key]] = None if text is None else text.strip()
+    return texts
+
+
+def read_captions(folder: str | Path, mode: str, *, column: str = "text",
+                  what: str = "data.instance_dir") -> Captions | None:
+    """The captions of the images of ``folder`` per ``mode`` (``data.captions``): ``txt`` (``<image stem>.txt``
+    beside the image), ``metadata`` (``metadata.jsonl``, ``file_name`` + ``column``), ``auto`` (metadata.jsonl
+    when there is one, else the .txt files when any image has one), ``none``. None when there are none
+    (``none``, or ``auto`` finding neither). Bad input (missing file, not JSON lines, an unknown or repeated
+    ``file_name``, no .txt file at all) is one :class:`DataError` naming the file and line."""
+    if mode == "none":
+        return None
+    folder = Path(folder)
+    try:
+        files = list_images(folder, what)
+    except ImageFolderError as exc:
+        raise DataError(str(exc)) from None
+    if mode == "auto":
+        mode = "metadata" if (folder / METADATA).is_file() else "txt" if any(
+            f.with_suffix(".txt").is_file() for f in files) else "none"
+        if mode == "none":
+            return None
+    if mode == "metadata":
+        if not (folder / METADATA).is_file():
+            raise DataError(f"{what}: data.captions=metadata but {folder} has no {METADATA} (one JSON object per "
+                            f"line: {{\"file_name\": \"{files[0].name}\", \"{column}\": \"...\"}})")
+        return Captions(METADATA, tuple(files), tuple(_metadata_captions(folder, files, column, what)))
+    if mode == "txt":
+        texts = _txt_captions(files, what)
+        if all(t is None for t in texts):
+            raise DataError(f"{what}: data.captions=txt but no image of {folder} has a caption file (the caption of "
+                            f"{files[0].name} is {files[0].with_suffix('.txt').name}, beside it)")
+        return Captions(".txt files", tuple(files), tuple(texts))
+    raise ValueError(f"unknown captions mode {mode!r}")
+
+
+def instance_prompts(data) -> list[str] | None:
+    """The prompt of each instance image of a run's ``data`` config (:class:`~dsfast.train.config.DataConfig`),
+    in :func:`load_images` order: its caption (``data.captions``), else ``data.instance_prompt``. None when the
+    run has no captions (every image takes the instance prompt). An image with no or an empty caption while
+    no instance prompt is set is one :class:`DataError` naming it."""
+    caps = read_captions(data.instance_dir, data.captions, column=data.caption_column)
+    if caps is None:
+        return None
+    missing = [f.name for f, t in zip(caps.files, caps.texts) if not t]
+    if missing and not data.instance_prompt:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(f"data.instance_dir: {missing[0]}{more} has no caption (or an empty one) in the "
+                        f"{caps.source} and data.instance_prompt, the prompt of such images, is not set")
+    return [t or data.instance_prompt for t in caps.texts]
 
 
 def generator(seed: int, *keys: int) -> torch.Generator:
@@ -129,7 +251,8 @@ class PixelBatches:
 
 
 class LatentBatches:
-    """Micro-batches of cached VAE latents: ``{z, x0 (pixels), t, noise}`` and, with class latents,
+    """Micro-batches of cached VAE latents: ``{z, x0 (pixels), t, noise, i}`` (``i``: the dataset index of each
+    sample, which picks its caption; a mirrored sample keeps its image's index) and, with class latents,
     ``{zc, noise_c, t_c}`` (a class sample per instance sample; dsfast shares the instance's timestep,
     ``t_c`` is the class sample's own draw, for loss.mode=official). Latents are ``(2, N, ...)`` (the images
     as given and mirrored, see :func:`_with_mirror`) on ``device``; given as ``(mean, std)`` (official) a latent
@@ -154,7 +277,7 @@ class LatentBatches:
         d, shape = self.draws, self.latent_shape
         i, flip, t, noise = (to_device(x, self.device) for x in d.batch(step, ks, self.images.shape[1], shape))
         mb = {"z": self._latent(self.latents, flip, i, step, ks, 2), "x0": self.images[flip, i], "t": t,
-              "noise": noise}
+              "noise": noise, "i": i}
         if self.class_latents is not None:
             n_class = _mean(self.class_latents).shape[1]
             j, cflip, tc, nc = (to_device(x, self.device) for x in d.batch(step, ks, n_class, shape, stream=1))

@@ -23,6 +23,7 @@ import yaml
 from dsfast.argtypes import ArgumentParser, non_negative_int, positive_int
 
 from .config import load_config
+from .data import METADATA
 from .engine import train
 from .errors import USER_ERRORS, ConfigError
 
@@ -53,8 +54,8 @@ UNSUPPORTED = {
     "--prior_generation_precision": "class images are generated in float32",
     "--offset_noise": "not a dsfast option",
     "--snr_gamma": "not a dsfast option",
-    "--caption_column": "dsfast does not read per-image captions yet: every instance image takes --instance_prompt",
-    "--dataset_name": "give a local image folder with --instance_data_dir",
+    "--dataset_name": "give a local image folder with --instance_data_dir (captions: its metadata.jsonl with "
+                      "--caption_column, or <image>.txt files with data.captions=txt)",
     "--train_text_encoder_ti": "dsfast trains the UNet/transformer (or its LoRA adapters) only",
     "--text_encoder_lr": "dsfast trains the UNet/transformer (or its LoRA adapters) only",
     "--lora_layers": "dsfast puts the adapters where diffusers' script of the model family does (README: model families)",
@@ -75,7 +76,11 @@ def parser() -> ArgumentParser:
     a("--method", choices=("dreambooth", "domainstudio"), default="dreambooth", help="training method")
     a("--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder or cached hub id")
     a("--instance_data_dir", required=True, help="folder of the instance images")
-    a("--instance_prompt", required=True, help='prompt of the instance images, e.g. "a sks dog"')
+    a("--instance_prompt", required=True, help='prompt of the instance images, e.g. "a sks dog" (with '
+                                               '--caption_column: of the images without a caption)')
+    a("--caption_column", help="read per-image captions from --instance_data_dir's metadata.jsonl (Hugging Face "
+                               "imagefolder: file_name + this key, e.g. text); each caption replaces "
+                               "--instance_prompt for its image (data.captions=metadata)")
     a("--class_data_dir", help="folder of class images (missing ones are generated)")
     a("--class_prompt", help='prompt of the class images, e.g. "a dog"')
     a("--with_prior_preservation", action="store_true", help="add the prior-preservation loss on class images")
@@ -146,6 +151,13 @@ def flags_to_config(args: argparse.Namespace, world: int = 1) -> dict:
     data = {"instance_dir": args.instance_data_dir, "instance_prompt": args.instance_prompt,
             "class_prompt": args.class_prompt, "class_dir": args.class_data_dir,
             "num_class_images": args.num_class_images, "resolution": args.resolution}
+    if args.caption_column is not None:
+        if not (Path(args.instance_data_dir) / METADATA).is_file():
+            raise ConfigError(f"--caption_column {args.caption_column}: dsfast reads captions from the {METADATA} of "
+                              f"a local --instance_data_dir (file_name + {args.caption_column}, as Hugging Face "
+                              f"imagefolder); {args.instance_data_dir} has none (for <image>.txt captions add "
+                              "data.captions=txt instead)")
+        data.update(captions="metadata", caption_column=args.caption_column)
     loss = {"prior": (args.prior_loss_weight if args.prior_loss_weight is not None else 1.0)
             if args.with_prior_preservation else 0.0,
             "image": args.lambda_img, "hf": args.lambda_hf, "hfmse": args.lambda_hfmse}

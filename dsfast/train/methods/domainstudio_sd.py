@@ -6,7 +6,8 @@ latents from the scheduler parameterisation; ``loss.space=pixel`` decodes them w
 gradients* (checkpointed), ``latent`` compares latents. Source side (``loss.source``):
 ``class_prompt`` (official: the class-prompt predictions of the same batch, no grad), ``frozen``
 (a frozen pretrained UNet on the instance x_t with the class prompt) or ``lora_off`` (the trained
-UNet with its LoRA adapters disabled, class prompt).
+UNet with its LoRA adapters disabled, class prompt); without a class prompt these two take the instance
+conditioning (each image's caption with ``data.captions``). Captions are refused in official mode.
 
 ``loss.mode=official``: the released ``Text-to-Image/train_domainstudio.py`` (commit cc69341). The
 pairwise/hf branch is a second UNet forward on the instance and class latents, noised with the same
@@ -85,15 +86,15 @@ class DomainStudioSD(TextToImageMethod):
         out.adapted = ada
         if need_source:
             with torch.no_grad():
-                src = self.source_x0(model, zt, t, zct, pred_c)
+                src = self.source_x0(model, mb, zt, t, zct, pred_c)
                 out.source = self.family.decode(src, False) if self.pixel else src
         return out
 
-    def source_x0(self, model, zt, t, zct, pred_c):
+    def source_x0(self, model, mb, zt, t, zct, pred_c):
         """Source x0 latents (no grad) per ``loss.source``."""
         if self.source == "class_prompt":
             return self.process.x0(pred_c.detach(), zct, t)
-        cond = expand(self.emb_inst if self.emb_class is None else self.emb_class, zt.shape[0])
+        cond = self.instance_cond(mb) if self.emb_class is None else expand(self.emb_class, zt.shape[0])
         if self.source == "frozen":
             s = self.family.predict(self.bundle.source, zt, t, cond)
         else:  # lora_off
@@ -115,7 +116,7 @@ class DomainStudioSD(TextToImageMethod):
             return out
         m = t.shape[0]
         z_t = torch.cat([sch.add_noise(mb["z"], mb["noise"], t), sch.add_noise(mb["zc"], mb["noise_c"], t)])
-        pred = self.family.predict(model, z_t, torch.cat([t, t]), cat(expand(self.emb_inst, m), expand(self.emb_class, m)))
+        pred = self.family.predict(model, z_t, torch.cat([t, t]), cat(self.instance_cond(mb), expand(self.emb_class, m)))
         x0 = predicted_x0(sch, pred, z_t, torch.cat([t, t]))
         if sch.config.get("clip_sample", False):  # as DDPMScheduler.step's pred_original_sample
             r = sch.config.get("clip_sample_range", 1.0)
