@@ -273,3 +273,13 @@ def test_resume_from_a_folder_that_is_no_checkpoint_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.resume=" in err[0], err
     assert (run / "config.yaml").read_text() == "an earlier run's config"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_official_mode_is_refused_where_no_released_code_exists(family):
+    cfg = _flags(*COMMON, "--method", "domainstudio", "--class_prompt", "a dog", "--train_batch_size", "4",
+                 "--with_prior_preservation")
+    cfg["loss"]["mode"] = "official"
+    with pytest.raises(ConfigError, match=f"exists for unet2d and sd models only; the model is {family}"):
+        resolve(load_config(cfg), family)
+    assert resolve(load_config(cfg), "sd").loss.mode == "official"

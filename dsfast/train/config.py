@@ -287,7 +287,7 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
         if section[key] is None:
             section[key] = value
     if official:
-        _check_official(loss)
+        _check_official(loss, family)
     if data["class_dir"] is None:
         data["class_dir"] = str(Path(d["output_dir"]) / "class_images")
     if data["resolution"] is None:
@@ -338,8 +338,11 @@ _OFFICIAL_LOSS = dict(stencil="domainstudio", space="pixel", tau=1.0, direction=
                       num_anchors=None, hfmse_weighting="none")
 
 
-def _check_official(loss: dict) -> None:
-    """loss.mode=official fixes the loss keys to the released code's values."""
+def _check_official(loss: dict, family: str) -> None:
+    """loss.mode=official fixes the loss keys to the released code's values, which exists for unet2d and sd."""
+    if family not in ("unet2d", "sd"):
+        raise ConfigError(f"loss.mode=official reproduces the released DomainStudio code, which exists for unet2d and sd "
+                          f"models only; the model is {family} (use loss.mode=dsfast)")
     for key, value in _OFFICIAL_LOSS.items():
         if loss[key] != value:
             raise ConfigError(f"loss.mode=official uses loss.{key}={value!r} (the released code); got {loss[key]!r}")

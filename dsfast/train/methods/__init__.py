@@ -15,10 +15,10 @@ from .domainstudio import DomainStudio
 from .domainstudio_sd import DomainStudioSD
 from .dreambooth import DreamBooth
 from .finetune import Finetune, FinetuneSD
-from .official import OfficialDomainStudio
+from .official import OfficialDomainStudio, OfficialDomainStudioSD, OfficialDreamBooth, OfficialFinetuneSD
 
 METHODS: tuple[type[Method], ...] = (DomainStudio, DomainStudioSD, DreamBooth, Finetune, FinetuneSD,
-                                     OfficialDomainStudio)
+                                     OfficialDomainStudio, OfficialDomainStudioSD, OfficialDreamBooth, OfficialFinetuneSD)
 NAMES = tuple(sorted({m.name for m in METHODS}))
 
 

@@ -9,23 +9,15 @@ gradients* (checkpointed), ``latent`` compares latents. Source side (``loss.sour
 UNet with its LoRA adapters disabled, class prompt); without a class prompt these two take the instance
 conditioning (each image's caption with ``data.captions``). Captions are refused in official mode.
 
-``loss.mode=official``: the released ``Text-to-Image/train_domainstudio.py`` (commit cc69341). The
-pairwise/hf branch is a second UNet forward on the instance and class latents, noised with the same
-noise at one t shared by the micro-batch; x0 = the scheduler's ``pred_original_sample`` (clipped when
-the scheduler clips), decoded with gradients *without* dividing by the VAE scaling factor; the source
-side is the class half of that forward, with gradients; KL_img / KL_hf = KL(p_class || p_instance) of
-the decoded images / their hf maps; hf-MSE = MSE of hf(decoded instance x0) to hf of a different random
-batch of instance images; L_simple and the prior loss use per-sample t (the class samples their own).
+The released step (``loss.mode=official``) is
+:class:`dsfast.train.methods.official.sd.OfficialDomainStudioSD`.
 """
 from __future__ import annotations
 
 import torch
 
-from ..data import to_device
-from ..diffusion import predicted_x0
-from ..errors import ConfigError
-from ..families.base import cat, expand
-from .base import DomainStudioTerms, Needs, OfficialPairwise, hfmse_weights, weighted_hf_mse
+from ..families.base import expand
+from .base import DomainStudioTerms, Needs, hfmse_weights, weighted_hf_mse
 from .text2image import TextToImageMethod
 
 
@@ -40,36 +32,17 @@ class DomainStudioSD(TextToImageMethod):
         return Needs(prompts=True, class_images=loss.prior > 0 or loss.source == "class_prompt",
                      frozen_source=pairwise and loss.source == "frozen", pairwise=pairwise)
 
-    @classmethod
-    def check(cls, loss, data) -> None:
-        super().check(loss, data)
-        if loss.mode == "official" and loss.source != "class_prompt":
-            raise ConfigError("loss.mode=official on a text-to-image model uses loss.source=class_prompt (the "
-                              f"released code); got {loss.source!r}")
-
     def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
         super().__init__(bundle=bundle, images=images, draws=draws, loss=loss, data=data, sample=sample, dtype=dtype,
                          device=device)
-        self.loss, self.draws, self.images = loss, draws, images.to(device)
+        self.loss, self.draws = loss, draws
         self.terms = DomainStudioTerms(loss, draws)
-        self.has_global = self.terms.pairwise and not self.official
-        self.pairwise_official = OfficialPairwise(loss)
+        self.has_global = self.terms.pairwise
         self.global_weights = self.terms.weights
         self.pixel, self.source = loss.space == "pixel", loss.source
 
-    def micro_batch(self, step, ks):
-        mb = super().micro_batch(step, ks)
-        if self.official:
-            mb["t_shared"] = torch.full((len(ks),), self.draws.shared_t(step, ks[0]), dtype=torch.long,
-                                        device=self.device)
-            other = self.draws.other_batch(step, ks[0], self.images.shape[0], len(ks))
-            mb["x_other"] = self.images[to_device(other, self.device)]
-        return mb
-
     def forward(self, model, mb, need_source):
         out, zt, pred_i, zct, pred_c = self.denoise(model, mb)
-        if self.official:
-            return self.official_terms(model, mb, out)
         lam = self.loss
         if not (self.has_global or lam.hfmse > 0):
             return out
@@ -108,27 +81,3 @@ class DomainStudioSD(TextToImageMethod):
 
     def global_loss(self, source, adapted, real, step):
         return self.terms(source, adapted, real, step)
-
-    def official_terms(self, model, mb, out):
-        """The released pairwise/hf branch, added to ``out`` (see the module docstring)."""
-        lam, sch, t = self.loss, self.process.scheduler, mb["t_shared"]
-        if "zc" not in mb:  # the released script runs the branch only with prior preservation
-            return out
-        m = t.shape[0]
-        z_t = torch.cat([sch.add_noise(mb["z"], mb["noise"], t), sch.add_noise(mb["zc"], mb["noise_c"], t)])
-        pred = self.family.predict(model, z_t, torch.cat([t, t]), cat(self.instance_cond(mb), expand(self.emb_class, m)))
-        x0 = predicted_x0(sch, pred, z_t, torch.cat([t, t]))
-        if sch.config.get("clip_sample", False):  # as DDPMScheduler.step's pred_original_sample
-            r = sch.config.get("clip_sample_range", 1.0)
-            x0 = x0.clamp(-r, r)
-        grad = torch.is_grad_enabled()
-        inst, cls = self.family.decode(x0[:m], grad, unscale=False), self.family.decode(x0[m:], grad, unscale=False)
-        image, hf = self.pairwise_official(cls, inst)
-        hfmse = weighted_hf_mse(inst, mb["x_other"], torch.ones(m, device=inst.device), "domainstudio",
-                                lam.backend)
-        for key, weight, value in (("image", lam.image, image), ("hf", lam.hf, hf), ("hfmse", lam.hfmse, hfmse)):
-            if weight > 0:
-                out.loss = out.loss + weight * value
-                out.terms[key], out.heads[key] = value, weight * value
-        out.outputs = (*out.outputs, pred)
-        return out

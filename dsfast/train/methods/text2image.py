@@ -48,20 +48,12 @@ class TextToImageMethod(Method):
                               "default)")
         if cls.needs(loss).class_images and not data.class_prompt:
             raise ConfigError("config key 'data.class_prompt' is required (prior preservation / class-prompt source)")
-        if data.captions == "none":
-            return
-        if loss.mode == "official" and data.captions != "auto":
-            raise ConfigError(f"data.captions={data.captions} with loss.mode=official: the released code trains "
-                              "every image with the one instance prompt; use data.captions=none or loss.mode=dsfast")
-        if instance_prompts(data) is not None and loss.mode == "official":
-            raise ConfigError(f"data.captions=auto found captions in {data.instance_dir} but loss.mode=official "
-                              "trains every image with the one instance prompt (the released code); use "
-                              "data.captions=none or loss.mode=dsfast")
+        if data.captions != "none":
+            instance_prompts(data)  # reads them: a bad caption file is an error now
 
     def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
         self.bundle, self.family, self.process = bundle, bundle.family, bundle.family.process
         self.dtype, self.device = dtype, device
-        self.official = loss.mode == "official"  # a class sample draws its own t, as the released script
         self.emb_inst = self.family.encode_prompts([data.instance_prompt])
         self.emb_class = self.family.encode_prompts([data.class_prompt]) if data.class_prompt else None
         self.emb_captions = self.caption_rows = None  # with captions: conditioning rows, and each image's row
@@ -79,7 +71,6 @@ class TextToImageMethod(Method):
                 own = sum(p != data.instance_prompt for p in prompts)
                 print(f"dsfast: data.captions={data.captions}: {own} of {len(prompts)} images train with their own "
                       f"caption, the others with data.instance_prompt ({len(distinct)} distinct prompts)", flush=True)
-        # official: a fresh latent_dist.sample() each step, from the cached posterior mean and std
         latents = self.encode(images)
         class_latents = None
         if self.needs(loss).class_images:
@@ -93,10 +84,13 @@ class TextToImageMethod(Method):
         self.prior = PriorPreservationLoss(loss.prior) if loss.prior > 0 and class_latents is not None else None
 
     def encode(self, images):
-        """Cached latents ``(2, N, ...)`` of the images and of their mirror images, on the training device
-        (official: ``(mean, std)``, with the posterior std)."""
-        both = [self.family.encode(x, std=self.official) for x in (images, images.flip(-1))]
-        return tuple(torch.stack(part) for part in zip(*both)) if self.official else torch.stack(both)
+        """Cached latents ``(2, N, ...)`` of the images and of their mirror images (the latent means), on the
+        training device."""
+        return torch.stack([self.family.encode(x) for x in (images, images.flip(-1))])
+
+    def class_t(self, mb):
+        """The timesteps of the class samples: their instance sample's (one noise level per pair)."""
+        return mb["t"]
 
     def micro_batch(self, step, ks):
         return self.batches(step, ks)
@@ -116,7 +110,7 @@ class TextToImageMethod(Method):
         cond_i = self.instance_cond(mb)
         zct = pred_c = None
         if "zc" in mb:
-            tc = mb["t_c"] if self.official else t
+            tc = self.class_t(mb)
             zct = proc.noisy(mb["zc"], mb["noise_c"], tc)
             pred = self.family.predict(model, torch.cat([zt, zct]), torch.cat([t, tc]),
                                        cat(cond_i, expand(self.emb_class, m)))

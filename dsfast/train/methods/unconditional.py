@@ -18,6 +18,8 @@ class UnconditionalMethod(Method):
 
     @classmethod
     def check(cls, loss, data) -> None:
+        if data.captions not in ("none", "auto"):
+            raise ConfigError(f"data.captions={data.captions}: an unconditional model takes no prompts")
         if loss.source != "frozen":
             raise ConfigError("loss.source must be 'frozen' for an unconditional model")
 

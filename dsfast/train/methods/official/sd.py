@@ -1,0 +1,106 @@
+"""The released text-to-image steps (``loss.mode=official``) on Stable Diffusion (the released code exists for it
+only): bbzhu-jy16/DomainStudio ``Text-to-Image/train_domainstudio.py`` at cc69341, whose data draws are those
+of diffusers' ``train_dreambooth.py`` too.
+
+:class:`ReleasedDraws` (every method in official mode): a fresh ``latent_dist.sample()`` each step from the cached
+posterior mean and std, and a class sample draws its own timestep.
+
+:class:`OfficialDomainStudioSD` adds the released pairwise/hf branch: a second UNet forward on the instance and
+class latents, noised with the same noise at one t shared by the micro-batch; x0 = the scheduler's
+``pred_original_sample`` (clipped when the scheduler clips), decoded with gradients *without* dividing by the
+VAE scaling factor; the source side is the class half of that forward, with gradients; KL_img / KL_hf =
+KL(p_class || p_instance) of the decoded images / their hf maps, within the micro-batch; hf-MSE = MSE of
+hf(decoded instance x0) to hf of a different random batch of instance images; L_simple and the prior loss use
+per-sample t.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...data import instance_prompts, to_device
+from ...diffusion import predicted_x0
+from ...errors import ConfigError
+from ...families.base import cat, expand
+from ..base import OfficialPairwise, weighted_hf_mse
+from ..domainstudio_sd import DomainStudioSD
+from ..dreambooth import DreamBooth
+from ..finetune import FinetuneSD
+
+
+class ReleasedDraws:
+    """The released scripts' draws, for a text-to-image method class (a mixin placed before it)."""
+
+    mode = "official"
+
+    @classmethod
+    def check(cls, loss, data) -> None:
+        super().check(loss, data)
+        if data.captions != "none" and instance_prompts(data) is not None:
+            raise ConfigError(f"data.captions={data.captions} (captions in {data.instance_dir}) with loss.mode=official:"
+                              " the released code trains every image with the one instance prompt; use "
+                              "data.captions=none or loss.mode=dsfast")
+
+    def encode(self, images):
+        """``(mean, std)`` of the posterior, each ``(2, N, ...)``: a latent is sampled afresh each step."""
+        both = [self.family.encode(x, std=True) for x in (images, images.flip(-1))]
+        return tuple(torch.stack(part) for part in zip(*both))
+
+    def class_t(self, mb):
+        return mb["t_c"]  # the class sample's own draw
+
+
+class OfficialFinetuneSD(ReleasedDraws, FinetuneSD):
+    pass
+
+
+class OfficialDreamBooth(ReleasedDraws, DreamBooth):
+    pass
+
+
+class OfficialDomainStudioSD(ReleasedDraws, DomainStudioSD):
+    @classmethod
+    def check(cls, loss, data) -> None:
+        super().check(loss, data)
+        if loss.source != "class_prompt":
+            raise ConfigError("loss.mode=official on a text-to-image model uses loss.source=class_prompt (the "
+                              f"released code); got {loss.source!r}")
+
+    def __init__(self, *, images, **kw):
+        super().__init__(images=images, **kw)
+        self.has_global = False  # every term is local to the micro-batch
+        self.images = images.to(self.device)  # the hf-MSE target: a random batch of them
+        self.pairwise = OfficialPairwise(self.loss)
+
+    def micro_batch(self, step, ks):
+        mb = super().micro_batch(step, ks)
+        mb["t_shared"] = torch.full((len(ks),), self.draws.shared_t(step, ks[0]), dtype=torch.long, device=self.device)
+        other = self.draws.other_batch(step, ks[0], self.images.shape[0], len(ks))
+        mb["x_other"] = self.images[to_device(other, self.device)]
+        return mb
+
+    def forward(self, model, mb, need_source):
+        return self.released_branch(model, mb, self.denoise(model, mb)[0])
+
+    def released_branch(self, model, mb, out):
+        """The released pairwise/hf branch, added to ``out`` (see the module docstring)."""
+        lam, sch, t = self.loss, self.process.scheduler, mb["t_shared"]
+        if "zc" not in mb:  # the released script runs the branch only with prior preservation
+            return out
+        m = t.shape[0]
+        z_t = torch.cat([sch.add_noise(mb["z"], mb["noise"], t), sch.add_noise(mb["zc"], mb["noise_c"], t)])
+        pred = self.family.predict(model, z_t, torch.cat([t, t]), cat(self.instance_cond(mb), expand(self.emb_class, m)))
+        x0 = predicted_x0(sch, pred, z_t, torch.cat([t, t]))
+        if sch.config.get("clip_sample", False):  # as DDPMScheduler.step's pred_original_sample
+            r = sch.config.get("clip_sample_range", 1.0)
+            x0 = x0.clamp(-r, r)
+        grad = torch.is_grad_enabled()
+        inst, cls = self.family.decode(x0[:m], grad, unscale=False), self.family.decode(x0[m:], grad, unscale=False)
+        image, hf = self.pairwise(cls, inst)
+        hfmse = weighted_hf_mse(inst, mb["x_other"], torch.ones(m, device=inst.device), "domainstudio",
+                                lam.backend)
+        for key, weight, value in (("image", lam.image, image), ("hf", lam.hf, hf), ("hfmse", lam.hfmse, hfmse)):
+            if weight > 0:
+                out.loss = out.loss + weight * value
+                out.terms[key], out.heads[key] = value, weight * value
+        out.outputs = (*out.outputs, pred)
+        return out
