@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
-import re
 import sys
 
 from pydantic import BaseModel
@@ -14,14 +12,6 @@ from .config import RunConfig
 from .engine import train
 from .errors import USER_ERRORS
 
-_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
-
-
-def _comments(cls: type[BaseModel]) -> dict[str, str]:
-    """The trailing ``# ...`` comment of each field line in the class body: the key's one-line help."""
-    return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines()
-            if (m := _COMMENT.match(line))}
-
 
 def _default(field) -> str:
     if field.is_required():
@@ -31,14 +21,14 @@ def _default(field) -> str:
 
 
 def config_keys_help(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """One line per config key of the schema: dotted key, default, help (sections in schema order)."""
-    lines, notes = [], _comments(cls)
+    """One line per config key of the schema: dotted key, default, its description (sections in schema order)."""
+    lines = []
     for name, field in cls.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             lines += config_keys_help(ann, f"{prefix}{name}.")
             continue
-        help_ = notes.get(name, "")
+        help_ = field.description or ""
         lines.append(f"  {prefix + name:<30} {_default(field):<24} {help_}".rstrip())
     return lines
 

@@ -30,75 +30,75 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    pretrained: str = ""  # required: a local diffusers pipeline folder or a hub id (unet2d, sd, sdxl, sd3 or flux)
-    lora_rank: int = Field(0, ge=0)  # 0 = full fine-tune of the UNet/transformer; >0 = peft LoRA adapters on it
-    lora_alpha: float | None = None  # None = lora_rank
-    vae: str | None = None  # a VAE folder or hub id to use instead of the pipeline's (e.g. an fp16-safe SDXL VAE)
-    max_sequence_length: int | None = Field(None, ge=1)  # T5 prompt tokens (sd3: 256, flux: 512 when None)
-    guidance: float | None = None  # flux: the guidance embedding's value in training (guidance-distilled FLUX.1-dev); None = 3.5
+    pretrained: str = Field("", description="required: a local diffusers pipeline folder or a hub id (unet2d, sd, sdxl, sd3 or flux)")
+    lora_rank: int = Field(0, ge=0, description="0 = full fine-tune of the UNet/transformer; >0 = peft LoRA adapters on it")
+    lora_alpha: float | None = Field(None, description="None = lora_rank")
+    vae: str | None = Field(None, description="a VAE folder or hub id to use instead of the pipeline's (e.g. an fp16-safe SDXL VAE)")
+    max_sequence_length: int | None = Field(None, ge=1, description="T5 prompt tokens (sd3: 256, flux: 512 when None)")
+    guidance: float | None = Field(None, description="flux: the guidance embedding's value in training (guidance-distilled FLUX.1-dev); None = 3.5")
 
 
 class DataConfig(_Section):
-    instance_dir: str = ""  # required: the folder of training images (resized and centre-cropped)
-    instance_prompt: str | None = None  # text-to-image only, e.g. "a sks dog"; also the prompt of images without a caption
-    captions: Literal["none", "auto", "txt", "metadata"] = "none"  # t2i per-image captions, each used as the image's prompt: none (all take instance_prompt) | txt (<image stem>.txt beside it) | metadata (metadata.jsonl: file_name + caption_column) | auto (metadata.jsonl, else .txt files, else none)
-    caption_column: str = "text"  # data.captions=metadata: the metadata.jsonl key holding the caption
-    class_prompt: str | None = None  # text-to-image only, e.g. "a dog"
-    class_dir: str | None = None  # None = <output_dir>/class_images
-    num_class_images: int = Field(200, ge=0)  # class images to have in class_dir (missing ones are generated)
-    resolution: int | None = Field(None, ge=2)  # None = the model's sample size (pixels)
-    random_flip: bool | None = None  # random horizontal flips; None = the mode's default (dsfast: true; official: as released)
-    center_crop: bool = True  # centre crop after scaling the shorter side (else the top-left square)
+    instance_dir: str = Field("", description="required: the folder of training images (resized and centre-cropped)")
+    instance_prompt: str | None = Field(None, description="text-to-image only, e.g. \"a sks dog\"; also the prompt of images without a caption")
+    captions: Literal["none", "auto", "txt", "metadata"] = Field("none", description="t2i per-image captions, each used as the image's prompt: none (all take instance_prompt) | txt (<image stem>.txt beside it) | metadata (metadata.jsonl: file_name + caption_column) | auto (metadata.jsonl, else .txt files, else none)")
+    caption_column: str = Field("text", description="data.captions=metadata: the metadata.jsonl key holding the caption")
+    class_prompt: str | None = Field(None, description="text-to-image only, e.g. \"a dog\"")
+    class_dir: str | None = Field(None, description="None = <output_dir>/class_images")
+    num_class_images: int = Field(200, ge=0, description="class images to have in class_dir (missing ones are generated)")
+    resolution: int | None = Field(None, ge=2, description="None = the model's sample size (pixels)")
+    random_flip: bool | None = Field(None, description="random horizontal flips; None = the mode's default (dsfast: true; official: as released)")
+    center_crop: bool = Field(True, description="centre crop after scaling the shorter side (else the top-left square)")
 
 
 class LossConfig(_Section):
-    mode: Literal["dsfast", "official"] = "dsfast"  # official = the released DomainStudio training step
-    prior: float | None = None  # lambda_prior (dreambooth, text-to-image domainstudio)
-    image: float | None = None  # lambda_img: pairwise-similarity KL of x0
-    hf: float | None = None  # lambda_hf: pairwise-similarity KL of hf(x0)
-    hfmse: float | None = None  # lambda_hfmse: MSE of hf(x0) to the real image
-    hfmse_weighting: Literal["none", "min_snr"] | None = None  # per-sample hf-MSE weight: none | min_snr (x min(SNR_t, 1)); None = min_snr on DDPM families, none on flow-matching ones and in official mode
-    stencil: Literal["domainstudio", "pywt"] = "domainstudio"  # hf stencil: the official code's or pywt bands'
-    space: Literal["pixel", "latent"] | None = None  # text-to-image domainstudio: compare decoded images or latents; None = pixel on sd, latent on sdxl/sd3/flux
-    source: Literal["frozen", "class_prompt", "lora_off"] | None = None  # None = method default
-    tau: float = 1.0  # softmax temperature of the pairwise similarities
-    direction: Literal["source||adapted", "adapted||source"] = "source||adapted"  # KL direction (as the official code)
-    reduction: Literal["mean", "batchmean", "sum"] = "mean"  # KL reduction (official: mean)
-    num_anchors: int | None = Field(None, ge=1)  # random anchor rows of the pairwise loss (None = all)
-    backend: str = "auto"  # dsfast.ops backend: auto | torch | cpp | triton | cuda
+    mode: Literal["dsfast", "official"] = Field("dsfast", description="official = the released DomainStudio training step")
+    prior: float | None = Field(None, description="lambda_prior (dreambooth, text-to-image domainstudio)")
+    image: float | None = Field(None, description="lambda_img: pairwise-similarity KL of x0")
+    hf: float | None = Field(None, description="lambda_hf: pairwise-similarity KL of hf(x0)")
+    hfmse: float | None = Field(None, description="lambda_hfmse: MSE of hf(x0) to the real image")
+    hfmse_weighting: Literal["none", "min_snr"] | None = Field(None, description="per-sample hf-MSE weight: none | min_snr (x min(SNR_t, 1)); None = min_snr on DDPM families, none on flow-matching ones and in official mode")
+    stencil: Literal["domainstudio", "pywt"] = Field("domainstudio", description="hf stencil: the official code's or pywt bands'")
+    space: Literal["pixel", "latent"] | None = Field(None, description="text-to-image domainstudio: compare decoded images or latents; None = pixel on sd, latent on sdxl/sd3/flux")
+    source: Literal["frozen", "class_prompt", "lora_off"] | None = Field(None, description="None = method default")
+    tau: float = Field(1.0, description="softmax temperature of the pairwise similarities")
+    direction: Literal["source||adapted", "adapted||source"] = Field("source||adapted", description="KL direction (as the official code)")
+    reduction: Literal["mean", "batchmean", "sum"] = Field("mean", description="KL reduction (official: mean)")
+    num_anchors: int | None = Field(None, ge=1, description="random anchor rows of the pairwise loss (None = all)")
+    backend: str = Field("auto", description="dsfast.ops backend: auto | torch | cpp | triton | cuda")
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(800, ge=1)  # optimizer steps
-    batch_size: int | None = Field(None, ge=1)  # global batch (instance images per optimizer step)
-    micro_batch_size: int | None = Field(None, ge=1)  # per rank per forward; None = batch_size / world size
-    lr: float | None = Field(None, gt=0)  # AdamW learning rate
-    weight_decay: float | None = None  # AdamW weight decay; None = the mode's default
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    adam_eps: float = 1e-8  # AdamW epsilon
-    warmup_steps: int = Field(0, ge=0)  # linear learning-rate warm-up steps, then constant
-    max_grad_norm: float | None = None  # gradient clipping, 0 = none; None = the mode's default
-    seed: int = 0  # every random draw is a function of (seed, step, sample index)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # training precision (fp16: GPU only)
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory)
-    ema: float | None = Field(None, ge=0.0, lt=1.0)  # EMA decay, 0 = off
-    ema_warmup: bool | None = None  # EMA decay min(ema, (1+t)/(10+t)); None = the mode's default
-    resume: str = "auto"  # auto | latest | none | <checkpoint dir>
-    log_every: int = Field(1, ge=1)  # metrics.jsonl / TensorBoard line every N steps
-    log_grad_norms: bool = False  # grad_norm/<term> on logging steps (one extra loss-head backward per term)
-    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] | None = None  # sd3/flux: timestep density and loss weighting (diffusers' training_utils); None = sd3 logit_normal, flux none
-    logit_mean: float = 0.0  # weighting_scheme=logit_normal: mean
-    logit_std: float = 1.0  # weighting_scheme=logit_normal: standard deviation
-    mode_scale: float = 1.29  # weighting_scheme=mode: scale
-    precondition_outputs: bool = False  # sd3/flux: regress x0 = x_t - σ·v̂ on x0 instead of v on ε - x0
+    max_steps: int = Field(800, ge=1, description="optimizer steps")
+    batch_size: int | None = Field(None, ge=1, description="global batch (instance images per optimizer step)")
+    micro_batch_size: int | None = Field(None, ge=1, description="per rank per forward; None = batch_size / world size")
+    lr: float | None = Field(None, gt=0, description="AdamW learning rate")
+    weight_decay: float | None = Field(None, description="AdamW weight decay; None = the mode's default")
+    adam_beta1: float = Field(0.9, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, description="AdamW beta2")
+    adam_eps: float = Field(1e-8, description="AdamW epsilon")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps, then constant")
+    max_grad_norm: float | None = Field(None, description="gradient clipping, 0 = none; None = the mode's default")
+    seed: int = Field(0, description="every random draw is a function of (seed, step, sample index)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="training precision (fp16: GPU only)")
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (less memory)")
+    ema: float | None = Field(None, ge=0.0, lt=1.0, description="EMA decay, 0 = off")
+    ema_warmup: bool | None = Field(None, description="EMA decay min(ema, (1+t)/(10+t)); None = the mode's default")
+    resume: str = Field("auto", description="auto | latest | none | <checkpoint dir>")
+    log_every: int = Field(1, ge=1, description="metrics.jsonl / TensorBoard line every N steps")
+    log_grad_norms: bool = Field(False, description="grad_norm/<term> on logging steps (one extra loss-head backward per term)")
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] | None = Field(None, description="sd3/flux: timestep density and loss weighting (diffusers' training_utils); None = sd3 logit_normal, flux none")
+    logit_mean: float = Field(0.0, description="weighting_scheme=logit_normal: mean")
+    logit_std: float = Field(1.0, description="weighting_scheme=logit_normal: standard deviation")
+    mode_scale: float = Field(1.29, description="weighting_scheme=mode: scale")
+    precondition_outputs: bool = Field(False, description="sd3/flux: regress x0 = x_t - σ·v̂ on x0 instead of v on ε - x0")
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage (2: optimizer + gradients sharded; 3: weights too)
-    offload_optimizer: Literal["none", "cpu"] = "none"  # optimizer state on the CPU (stage >= 1)
-    offload_param: Literal["none", "cpu"] = "none"  # weights on the CPU (stage 3)
-    config: str | None = None  # stock (HF-style) DeepSpeed JSON: "auto" = the dsfast value; a contradiction is an error
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (2: optimizer + gradients sharded; 3: weights too)")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="optimizer state on the CPU (stage >= 1)")
+    offload_param: Literal["none", "cpu"] = Field("none", description="weights on the CPU (stage 3)")
+    config: str | None = Field(None, description="stock (HF-style) DeepSpeed JSON: \"auto\" = the dsfast value; a contradiction is an error")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -110,25 +110,25 @@ class DeepSpeedConfig(_Section):
 
 
 class SampleConfig(_Section):
-    num: int = Field(16, ge=1)  # images per sample grid
-    num_inference_steps: int = Field(50, ge=1)  # sampler steps (grids and class images)
-    seed: int = 0  # image i of a grid uses seed + i
-    prompt: str | None = None  # text-to-image; None = data.instance_prompt
-    guidance_scale: float = 7.5  # classifier-free guidance (text-to-image)
+    num: int = Field(16, ge=1, description="images per sample grid")
+    num_inference_steps: int = Field(50, ge=1, description="sampler steps (grids and class images)")
+    seed: int = Field(0, description="image i of a grid uses seed + i")
+    prompt: str | None = Field(None, description="text-to-image; None = data.instance_prompt")
+    guidance_scale: float = Field(7.5, description="classifier-free guidance (text-to-image)")
 
 
 class RunConfig(_Section):
-    method: str = "domainstudio"  # domainstudio | dreambooth (text-to-image) | finetune
+    method: str = Field("domainstudio", description="domainstudio | dreambooth (text-to-image) | finetune")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     sample: SampleConfig = SampleConfig()
-    output_dir: str  # load_config's default: runs/<config file stem> (runs/dsfast without a file)
-    checkpoint_every: int = Field(500, ge=0)  # 0 = only at the end
-    keep_last: int = Field(2, ge=0)  # complete checkpoints kept (0 = all)
-    sample_every: int = Field(500, ge=0)  # 0 = never
+    output_dir: str = Field(description="load_config's default: runs/<config file stem> (runs/dsfast without a file)")
+    checkpoint_every: int = Field(500, ge=0, description="0 = only at the end")
+    keep_last: int = Field(2, ge=0, description="complete checkpoints kept (0 = all)")
+    sample_every: int = Field(500, ge=0, description="0 = never")
 
     @field_validator("model", "data", "loss", "train", "deepspeed", "sample", mode="before")
     @classmethod
