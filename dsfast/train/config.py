@@ -269,7 +269,7 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     for section, keys in ((loss, ("image", "hf", "hfmse", "prior", "source")), (train, ("lr", "ema", "batch_size"))):
         for key in keys:
             if section[key] is None:
-                section[key] = method.defaults[key]
+                section[key] = method.defaults[fam.kind][key]
     official = loss["mode"] == "official"
     for key, value, applies in (("train.weighting_scheme", train["weighting_scheme"] not in (None, "none"), "sd3, flux"),
                                 ("train.precondition_outputs", train["precondition_outputs"], "sd3, flux"),
@@ -280,10 +280,10 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     for section, key, value in ((loss, "hfmse_weighting", "none" if official else fam.default_hfmse_weighting),
                                 (loss, "space", "pixel" if official else fam.default_space),
                                 (train, "weighting_scheme", fam.default_weighting or "none"),
-                                (train, "weight_decay", method.official_weight_decay if official else 0.0),
+                                (train, "weight_decay", RELEASED[fam.kind]["weight_decay"] if official else 0.0),
                                 (train, "max_grad_norm", 0.0 if official else 1.0),
                                 (train, "ema_warmup", not official),
-                                (data, "random_flip", method.official_flip if official else True)):
+                                (data, "random_flip", RELEASED[fam.kind]["random_flip"] if official else True)):
         if section[key] is None:
             section[key] = value
     if official:
@@ -306,7 +306,7 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     if train["mixed_precision"] == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 is not supported on CPU (use bf16 or no)")
     resolved = _validate(d)
-    method.check(resolved.loss, resolved.data)
+    method.check(resolved.loss, resolved.data, fam.kind)
     if method.needs(resolved.loss).pairwise and batch < 3:
         raise ConfigError(f"the pairwise-similarity losses need train.batch_size >= 3 (got {batch})")
     if official and method.needs(resolved.loss).pairwise and resolved.train.micro_batch_size < 3:
@@ -334,6 +334,10 @@ def check_resolution(resolution: int, down_factor: int, key: str = "data.resolut
                           f"{max(2, down_factor)}")
 
 
+# what the released code trains with, where dsfast's defaults differ: guided-diffusion's unconditional training
+# (Adam, no weight decay, random flips) and Text-to-Image/train_domainstudio.py (AdamW 1e-2, no --hflip)
+RELEASED = {families.UNCONDITIONAL: dict(weight_decay=0.0, random_flip=True),
+            families.TEXT2IMAGE: dict(weight_decay=1e-2, random_flip=False)}
 _OFFICIAL_LOSS = dict(stencil="domainstudio", space="pixel", tau=1.0, direction="source||adapted", reduction="mean",
                       num_anchors=None, hfmse_weighting="none")
 

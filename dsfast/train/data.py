@@ -19,7 +19,7 @@ from dsfast.images import IMAGE_EXTENSIONS, ImageFolderError, list_images, load_
 
 from .errors import DataError
 
-__all__ = ["Captions", "DataError", "Draws", "LatentBatches", "PixelBatches", "count_images", "generator",
+__all__ = ["Captions", "DataError", "Draws", "LatentBatches", "count_images", "generator",
            "instance_prompts", "load_images", "read_captions", "to_device"]
 
 
@@ -237,21 +237,8 @@ def _with_mirror(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.stack([images, images.flip(-1)]).to(device)
 
 
-class PixelBatches:
-    """Micro-batches ``{x0, t, noise}`` of pixel-space training images (kept on ``device``; only the draws,
-    made on the CPU, travel each step)."""
-
-    def __init__(self, images: torch.Tensor, draws: Draws, device: torch.device):
-        self.images, self.draws, self.device = _with_mirror(images, device), draws, device
-
-    def __call__(self, step: int, ks) -> dict:
-        n, shape = self.images.shape[1], self.images.shape[2:]
-        i, flip, t, noise = (to_device(x, self.device) for x in self.draws.batch(step, ks, n, shape))
-        return {"x0": self.images[flip, i], "t": t, "noise": noise}
-
-
 class LatentBatches:
-    """Micro-batches of cached VAE latents: ``{z, x0 (pixels), t, noise, i}`` (``i``: the dataset index of each
+    """Micro-batches of the cached encoded images (VAE latents; unet2d: the pixels): ``{z, x0 (pixels), t, noise, i}`` (``i``: the dataset index of each
     sample, which picks its caption; a mirrored sample keeps its image's index) and, with class latents,
     ``{zc, noise_c, t_c}`` (a class sample per instance sample; dsfast shares the instance's timestep,
     ``t_c`` is the class sample's own draw, for loss.mode=official). Latents are ``(2, N, ...)`` (the images

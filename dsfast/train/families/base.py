@@ -246,6 +246,16 @@ class Family:
         """The denoiser's output (float32, the layout of ``x_t``) at timestep indices ``t``."""
         raise NotImplementedError
 
+    diffusion_term: ClassVar[str] = "instance"  # the logged name of the diffusion loss
+
+    def split_output(self, raw: torch.Tensor, channels: int):
+        """``(prediction, learned variance or None)`` of a :meth:`predict` output of samples with ``channels``."""
+        return raw, None
+
+    def extra_terms(self, pred, var, x0, x_t, t) -> dict:
+        """Loss terms the family adds to the diffusion loss (L_vlb of a model that learns its variance)."""
+        return {}
+
     # ---------------------------------------------------------------- pipelines
 
     def sampling_scheduler(self):

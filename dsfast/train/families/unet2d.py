@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from ..diffusion import vlb_term
 from ..errors import ModelError
 from .base import UNCONDITIONAL, Family, ModelInfo, ddpm, size_of
 
@@ -44,9 +45,26 @@ class UNet2D(Family):
     def decode(self, z, grad, unscale=True):
         return z
 
+    diffusion_term = "simple"  # L_simple of DDPM
+
     def predict(self, model, x_t, t, cond):
         """The whole output (with the learned variance channels of a learned-sigma model)."""
         return model(x_t.to(self.dtype), t).sample.float()
+
+    def split_output(self, raw, channels):
+        if raw.shape[1] == 2 * channels:
+            return raw[:, :channels], raw[:, channels:]
+        return raw, None
+
+    def extra_terms(self, pred, var, x0, x_t, t):
+        """L_vlb of improved DDPM when the model learns sigma (its mean from the stop-gradient prediction)."""
+        scheduler = self.process.scheduler
+        variance_type = scheduler.config.get("variance_type", "fixed_small")
+        if var is None or variance_type not in ("learned", "learned_range"):
+            return {}
+        if scheduler.config.prediction_type != "epsilon":
+            raise ValueError("learned-sigma models are supported with prediction_type='epsilon' only")
+        return {"vlb": vlb_term(scheduler, pred.detach(), var, x0, x_t, t, variance_type)}
 
     def sampling_scheduler(self):
         return DDPMScheduler.from_config(self.process.scheduler.config)

@@ -1,11 +1,13 @@
-"""What a training method is: the interface the engine drives, and the DomainStudio terms two methods share.
+"""What a training method is: the interface the engine drives, and the DomainStudio terms the corrected and the
+released DomainStudio steps share.
 
 A method is a class with
 
-* ``name`` (the config's ``method``), ``family`` (the model kind it trains: ``unconditional`` or
-  ``text2image``) and ``defaults`` (the official values of the config keys left empty);
-* ``needs(loss)``: what it needs from the model and data (a frozen source UNet? class images?
-  prompts? batch-coupled terms?), and ``check(loss, data)`` for errors found at resolve time;
+* ``name`` (the config's ``method``), ``kinds`` (the kinds of model it trains: ``unconditional``,
+  ``text2image``), ``mode`` (``dsfast``, or ``official`` for the released step) and ``defaults`` (per kind, the
+  values of the config keys left empty);
+* ``needs(loss)``: what it needs from the model and data (a frozen source denoiser? class images? batch-coupled
+  terms?), and ``check(loss, data, kind)`` for errors found at resolve time;
 * ``__init__(bundle=, images=, draws=, loss=, data=, sample=, dtype=, device=)``: set-up before the engine
   exists (caching latents, generating class images), everything it keeps on the training ``device``;
 * ``micro_batch(step, ks)``: the inputs of global samples ``ks`` of ``step``, on the training device;
@@ -32,7 +34,6 @@ from ..data import Draws, to_device
 
 @dataclass(frozen=True)
 class Needs:
-    prompts: bool = False  # data.instance_prompt (text-to-image)
     class_images: bool = False  # data.class_prompt and class images (prior preservation / class-prompt source)
     frozen_source: bool = False  # a frozen copy of the pretrained UNet
     pairwise: bool = False  # batch-coupled terms: at least 3 images and a global batch of at least 3
@@ -51,21 +52,19 @@ class MicroOut:
 
 class Method:
     name: ClassVar[str]
-    family: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]]
     mode: ClassVar[str] = "dsfast"  # "official": the released step of the method (methods/official/)
-    defaults: ClassVar[dict]
+    defaults: ClassVar[dict[str, dict]]  # kind -> config key -> value
     has_global: bool = False
     global_weights: dict = {}  # name of a global term -> its λ
-    official_weight_decay: ClassVar[float]  # train.weight_decay of loss.mode=official
-    official_flip: ClassVar[bool]  # data.random_flip of loss.mode=official
 
     @classmethod
     def needs(cls, loss) -> Needs:
         return Needs()
 
     @classmethod
-    def check(cls, loss, data) -> None:
-        """Raise ConfigError for a resolved config this method cannot train."""
+    def check(cls, loss, data, kind: str) -> None:
+        """Raise ConfigError for a resolved config this method cannot train on a model of ``kind``."""
 
     def micro_batch(self, step: int, ks) -> dict:
         raise NotImplementedError

@@ -1,26 +1,37 @@
-"""DomainStudio on an unconditional UNet2DModel (pixel space).
+"""DomainStudio, for every model family.
 
-loss = L_simple (+ L_vlb) + λ_hfmse·w_t·hfMSE(x0_ada, x0) per sample, plus λ_img·KL_pair(x0_src, x0_ada)
-+ λ_hf·KL_pair(hf x0_src, hf x0_ada) on the global batch; source = a frozen copy of the pretrained UNet
-(eval mode) on the same x_t; w_t per ``loss.hfmse_weighting``. The released step (``loss.mode=official``)
-is :class:`dsfast.train.methods.official.unet2d.OfficialDomainStudio`.
+Loss = the diffusion loss (+ λ_prior · class MSE) + λ_hfmse·w_t·hfMSE(x̂0, real) per sample (w_t per
+``loss.hfmse_weighting``) + λ_img·KL_pair(x̂0_src, x̂0_ada) + λ_hf·KL_pair(hf x̂0_src, hf x̂0_ada) on the
+global batch, x̂0 from the family's noise process. ``loss.space=pixel`` decodes the latents with the VAE
+*with gradients* (checkpointed), ``latent`` compares latents (unet2d diffuses pixels: both are pixels).
+Source side (``loss.source``): ``frozen`` (a frozen copy of the pretrained denoiser on the same x_t, with
+the class prompt; unet2d's only one), ``class_prompt`` (the class-prompt predictions of the same batch, no
+grad) or ``lora_off`` (the trained denoiser with its LoRA adapters disabled, class prompt); without a class
+prompt ``frozen`` and ``lora_off`` take the instance conditioning (each image's caption with
+``data.captions``). The released steps (``loss.mode=official``) are in ``methods/official/``.
 """
 from __future__ import annotations
 
 import torch
 
+from ..families import TEXT2IMAGE, UNCONDITIONAL
+from ..families.base import expand
 from .base import DomainStudioTerms, Needs, hfmse_weights, weighted_hf_mse
-from .unconditional import UnconditionalMethod
+from .denoise import DenoisingMethod
 
 
-class DomainStudio(UnconditionalMethod):
+class DomainStudio(DenoisingMethod):
     name = "domainstudio"
-    defaults = dict(image=4.0, hf=4.0, hfmse=1.0, prior=0.0, source="frozen", lr=1e-4, ema=0.9999, batch_size=4)
+    defaults = {UNCONDITIONAL: dict(image=4.0, hf=4.0, hfmse=1.0, prior=0.0, source="frozen", lr=1e-4, ema=0.9999,
+                                    batch_size=4),
+                TEXT2IMAGE: dict(image=100.0, hf=100.0, hfmse=0.1, prior=1.0, source="class_prompt", lr=5e-6, ema=0.0,
+                                 batch_size=4)}
 
     @classmethod
     def needs(cls, loss) -> Needs:
         pairwise = loss.image > 0 or loss.hf > 0
-        return Needs(frozen_source=pairwise, pairwise=pairwise)
+        return Needs(class_images=loss.prior > 0 or loss.source == "class_prompt",
+                     frozen_source=pairwise and loss.source == "frozen", pairwise=pairwise)
 
     def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
         super().__init__(bundle=bundle, images=images, draws=draws, loss=loss, data=data, sample=sample, dtype=dtype,
@@ -29,34 +40,50 @@ class DomainStudio(UnconditionalMethod):
         self.terms = DomainStudioTerms(loss, draws)
         self.has_global = self.terms.pairwise
         self.global_weights = self.terms.weights
-        self.source = bundle.source
+        self.pixel, self.source = loss.space == "pixel", loss.source
+
+    def forward(self, model, mb, need_source):
+        out, zt, pred_i, zct, pred_c = self.denoise(model, mb)
+        lam = self.loss
+        if not (self.has_global or lam.hfmse > 0):
+            return out
+        t = mb["t"]
+        x0_lat = self.process.x0(pred_i, zt, t)
+        ada = self.family.decode(x0_lat, torch.is_grad_enabled()) if self.pixel else x0_lat
+        if lam.hfmse > 0:
+            self.add_hfmse(out, ada, mb)
+        if not self.has_global:
+            return out
+        out.adapted = ada
+        if need_source:
+            with torch.no_grad():
+                src = self.source_x0(model, mb, zt, t, zct, pred_c)
+                out.source = self.family.decode(src, False) if self.pixel else src
+        return out
 
     def add_hfmse(self, out, ada, mb) -> None:
-        """Adds λ_hfmse·w_t·hfMSE(x0_ada, x0) to ``out``."""
+        """Adds λ_hfmse·w_t·hfMSE(ada, real) to ``out``."""
         lam = self.loss
         w = hfmse_weights(self.process, mb["t"], lam.hfmse_weighting, ada.device)
-        hfmse = weighted_hf_mse(ada, mb["x0"], w, lam.stencil, lam.backend)
+        hfmse = weighted_hf_mse(ada, mb["x0"] if self.pixel else mb["z"], w, lam.stencil, lam.backend)
         out.loss = out.loss + lam.hfmse * hfmse
         out.terms["hfmse"], out.heads["hfmse"] = hfmse, lam.hfmse * hfmse
 
-    def forward(self, model, mb, need_source):
-        out, x_t, eps = self.denoise(model, mb)
-        x0, t = mb["x0"], mb["t"]
-        if not (self.loss.hfmse > 0 or self.terms.pairwise):
-            return out
-        ada = self.x0(eps, x_t, t)
-        if self.loss.hfmse > 0:
-            self.add_hfmse(out, ada, mb)
-        if self.terms.pairwise:
-            out.adapted = ada
-            if need_source:
-                out.source = self.source_x0(x_t, t, x0.shape[1])
-        return out
-
-    def source_x0(self, x_t, t, channels):
-        with torch.no_grad():
-            s = self.family.predict(self.source, x_t, t, {})[:, :channels]
-            return self.x0(s, x_t, t)
+    def source_x0(self, model, mb, zt, t, zct, pred_c):
+        """Source x0 latents (no grad) per ``loss.source``."""
+        if self.source == "class_prompt":
+            return self.process.x0(pred_c.detach(), zct, t)
+        cond = self.instance_cond(mb) if self.emb_class is None else expand(self.emb_class, zt.shape[0])
+        if self.source == "frozen":
+            s = self.family.predict(self.bundle.source, zt, t, cond)
+        else:  # lora_off
+            module = getattr(model, "module", model)
+            module.disable_adapters()
+            try:
+                s = self.family.predict(model, zt, t, cond)
+            finally:
+                module.enable_adapters()
+        return self.process.x0(self.family.split_output(s, zt.shape[1])[0], zt, t)
 
     def global_loss(self, source, adapted, real, step):
         return self.terms(source, adapted, real, step)

@@ -1,18 +1,14 @@
-"""Plain fine-tuning: the diffusion loss only (L_simple, + L_vlb for learned-sigma UNet2DModels;
-the instance MSE, + λ_prior · class MSE when ``loss.prior > 0``, on Stable-Diffusion-family models)."""
+"""Plain fine-tuning: the diffusion loss only (L_simple, + L_vlb for learned-sigma UNet2DModels; the instance
+MSE, + λ_prior · class MSE when ``loss.prior > 0``, on text-to-image models)."""
 from __future__ import annotations
 
-from .text2image import TextToImageMethod
-from .unconditional import UnconditionalMethod
+from ..families import TEXT2IMAGE, UNCONDITIONAL
+from .denoise import DenoisingMethod
 
 _OFF = dict(image=0.0, hf=0.0, hfmse=0.0, prior=0.0, source="frozen")
 
 
-class Finetune(UnconditionalMethod):
+class Finetune(DenoisingMethod):
     name = "finetune"
-    defaults = dict(_OFF, lr=1e-4, ema=0.9999, batch_size=4)
-
-
-class FinetuneSD(TextToImageMethod):
-    name = "finetune"
-    defaults = dict(_OFF, lr=5e-6, ema=0.0, batch_size=4)
+    defaults = {UNCONDITIONAL: dict(_OFF, lr=1e-4, ema=0.9999, batch_size=4),
+                TEXT2IMAGE: dict(_OFF, lr=5e-6, ema=0.0, batch_size=4)}

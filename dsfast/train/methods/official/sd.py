@@ -20,21 +20,23 @@ import torch
 from ...data import instance_prompts, to_device
 from ...diffusion import predicted_x0
 from ...errors import ConfigError
+from ...families import TEXT2IMAGE
 from ...families.base import cat, expand
 from ..base import OfficialPairwise, weighted_hf_mse
-from ..domainstudio_sd import DomainStudioSD
+from ..domainstudio import DomainStudio
 from ..dreambooth import DreamBooth
-from ..finetune import FinetuneSD
+from ..finetune import Finetune
 
 
 class ReleasedDraws:
     """The released scripts' draws, for a text-to-image method class (a mixin placed before it)."""
 
+    kinds = (TEXT2IMAGE,)
     mode = "official"
 
     @classmethod
-    def check(cls, loss, data) -> None:
-        super().check(loss, data)
+    def check(cls, loss, data, kind) -> None:
+        super().check(loss, data, kind)
         if data.captions != "none" and instance_prompts(data) is not None:
             raise ConfigError(f"data.captions={data.captions} (captions in {data.instance_dir}) with loss.mode=official:"
                               " the released code trains every image with the one instance prompt; use "
@@ -49,7 +51,7 @@ class ReleasedDraws:
         return mb["t_c"]  # the class sample's own draw
 
 
-class OfficialFinetuneSD(ReleasedDraws, FinetuneSD):
+class OfficialFinetuneSD(ReleasedDraws, Finetune):
     pass
 
 
@@ -57,10 +59,10 @@ class OfficialDreamBooth(ReleasedDraws, DreamBooth):
     pass
 
 
-class OfficialDomainStudioSD(ReleasedDraws, DomainStudioSD):
+class OfficialDomainStudioSD(ReleasedDraws, DomainStudio):
     @classmethod
-    def check(cls, loss, data) -> None:
-        super().check(loss, data)
+    def check(cls, loss, data, kind) -> None:
+        super().check(loss, data, kind)
         if loss.source != "class_prompt":
             raise ConfigError("loss.mode=official on a text-to-image model uses loss.source=class_prompt (the "
                               f"released code); got {loss.source!r}")

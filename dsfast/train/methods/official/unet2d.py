@@ -10,6 +10,7 @@ L_simple + λ_img·KL_img only.
 from __future__ import annotations
 
 from ...data import to_device
+from ...families import UNCONDITIONAL
 from ..base import OfficialPairwise
 from ..domainstudio import DomainStudio
 
@@ -17,13 +18,14 @@ SIM_SIZE = 3  # the released code's subset of each per-GPU batch entering the pa
 
 
 class OfficialDomainStudio(DomainStudio):
+    kinds = (UNCONDITIONAL,)
     mode = "official"
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
+    def __init__(self, *, bundle, **kw):
+        super().__init__(bundle=bundle, **kw)
         self.has_global = False  # every term is local to the micro-batch
-        if self.source is not None:
-            self.source.train()  # as released: the source copy is in train mode (dropout active)
+        if bundle.source is not None:
+            bundle.source.train()  # as released: the source copy is in train mode (dropout active)
         self.pairwise = OfficialPairwise(self.loss)
 
     def micro_batch(self, step, ks):
@@ -33,16 +35,16 @@ class OfficialDomainStudio(DomainStudio):
         return mb
 
     def forward(self, model, mb, need_source):
-        out, x_t, eps = self.denoise(model, mb)
-        x0, t, lam = mb["x0"], mb["t"], self.loss
+        out, x_t, eps, _, _ = self.denoise(model, mb)
+        t, lam = mb["t"], self.loss
         full = "vlb" in out.terms  # the released code drops hf and hf-MSE for a fixed-sigma model
         if not ((lam.hfmse > 0 and full) or self.terms.pairwise):
             return out
-        ada = self.x0(eps, x_t, t)
+        ada = self.process.x0(eps, x_t, t)
         if lam.hfmse > 0 and full:
             self.add_hfmse(out, ada, mb)
         if self.terms.pairwise:
-            image, hf = self.pairwise(self.source_x0(x_t, t, x0.shape[1]), ada, mb["subset"])
+            image, hf = self.pairwise(self.source_x0(model, mb, x_t, t, None, None), ada, mb["subset"])
             for key, weight, value in (("image", lam.image, image), ("hf", lam.hf if full else 0.0, hf)):
                 if weight > 0:
                     out.loss = out.loss + weight * value
