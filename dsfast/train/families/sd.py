@@ -9,6 +9,15 @@ from .base import Family, ModelInfo, ddpm, size_of, vae_factor
 from .unet2d import down_factor
 
 
+def latent_unet_info(family: type[Family], pretrained: str, default_cells: int) -> ModelInfo:
+    """The size rules of a pipeline with a ``UNet2DConditionModel`` on VAE latents (SD, SDXL); ``default_cells``:
+    the latent size when the UNet config has none."""
+    unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
+    vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
+    return ModelInfo(family.name, family.kind, 3, down_factor(unet, vae),
+                     (size_of(unet.get("sample_size")) or default_cells) * vae_factor(vae))
+
+
 class SD(Family):
     name = "sd"
     pipeline_class = StableDiffusionPipeline
@@ -22,10 +31,7 @@ class SD(Family):
 
     @classmethod
     def info(cls, pretrained, index):
-        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
-        vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
-        return ModelInfo(cls.name, cls.kind, 3, down_factor(unet, vae),
-                         (size_of(unet.get("sample_size")) or 64) * vae_factor(vae))
+        return latent_unet_info(cls, pretrained, 64)
 
     def make_process(self):
         return ddpm(self)

@@ -5,10 +5,10 @@ another (e.g. an fp16-safe one), which then runs in the training precision."""
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline
 
-from .base import Family, ModelInfo, ddpm, size_of, vae_factor
-from .unet2d import down_factor
+from .base import Family, ddpm
+from .sd import latent_unet_info
 
 
 class SDXL(Family):
@@ -23,10 +23,7 @@ class SDXL(Family):
 
     @classmethod
     def info(cls, pretrained, index):
-        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
-        vae = AutoencoderKL.load_config(pretrained, subfolder="vae")
-        return ModelInfo(cls.name, cls.kind, 3, down_factor(unet, vae),
-                         (size_of(unet.get("sample_size")) or 128) * vae_factor(vae))
+        return latent_unet_info(cls, pretrained, 128)
 
     def make_process(self):
         return ddpm(self)
