@@ -15,9 +15,11 @@ TORCH_LIBRARY(dsfast, m) {
   m.def("gram_backward(Tensor grad_gram, Tensor x) -> Tensor");
   m.def("hf_gram(Tensor x, float[] weights) -> Tensor");
   m.def("hf_gram_backward(Tensor grad_gram, Tensor x, float[] weights) -> Tensor");
-  m.def("domainstudio_grams(Tensor x, Tensor? target, float[] weights) -> (Tensor, Tensor, Tensor)");
+  // sse_weights: per-sample weights (N,) of the hf-MSE sum, None = all ones.
+  m.def("domainstudio_grams(Tensor x, Tensor? target, float[] weights, Tensor? sse_weights=None) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("domainstudio_grams_backward(Tensor grad_image, Tensor grad_hf, Tensor grad_sse, Tensor x, "
-        "Tensor? target, float[] weights) -> Tensor");
+        "Tensor? target, float[] weights, Tensor? sse_weights=None) -> Tensor");
   // Which copy of the CPU loops runs (csrc/cpu/isa.h), and two hooks for its tests.
   m.def("cpu_isa() -> str", &dsfast::cpu::cpu_isa);
   m.def("_set_cpu_isa(str isa) -> str", &dsfast::cpu::set_cpu_isa);

@@ -9,10 +9,13 @@ at::Tensor high_frequency_backward(const at::Tensor& grad, c10::ArrayRef<double>
 at::Tensor hf_gram(const at::Tensor& x, c10::ArrayRef<double> weights);
 at::Tensor hf_gram_backward(const at::Tensor& grad_gram, const at::Tensor& x,
                             c10::ArrayRef<double> weights);
+// sse_weights: optional per-sample weights (N,) of the hf-MSE sum (absent: all ones).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tensor& x,
                                                                   const std::optional<at::Tensor>& target,
-                                                                  c10::ArrayRef<double> weights);
+                                                                  c10::ArrayRef<double> weights,
+                                                                  const std::optional<at::Tensor>& sse_weights);
 at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::Tensor& grad_hf,
                                        const at::Tensor& grad_sse, const at::Tensor& x,
                                        const std::optional<at::Tensor>& target,
-                                       c10::ArrayRef<double> weights);
+                                       c10::ArrayRef<double> weights,
+                                       const std::optional<at::Tensor>& sse_weights);

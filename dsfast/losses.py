@@ -109,14 +109,15 @@ class DomainStudioLoss(nn.Module):
         self.num_anchors, self.detach_source, self.backend = num_anchors, detach_source, backend
 
     def forward(self, source_x0: torch.Tensor, adapted_x0: torch.Tensor, real_x0: torch.Tensor,
-                anchors: torch.Tensor | None = None) -> DomainStudioLossOutput:
-        """``anchors`` (row indices of the pairwise terms) replaces ``num_anchors`` for this call."""
+                anchors: torch.Tensor | None = None, hfmse_weights: torch.Tensor | None = None) -> DomainStudioLossOutput:
+        """``anchors`` (row indices of the pairwise terms) replaces ``num_anchors`` for this call;
+        ``hfmse_weights`` (N,) weights each sample's hf-MSE (:func:`dsfast.ops.domainstudio_loss`; None: all ones)."""
         terms = ops.domainstudio_loss(
             source_x0, adapted_x0, real_x0,
             lambda_img=self.lambda_img, lambda_hf=self.lambda_hf, lambda_hfmse=self.lambda_hfmse,
             stencil=self.stencil, tau=self.tau, direction=self.direction, reduction=self.reduction,
             anchors=self.num_anchors if anchors is None else anchors, detach_source=self.detach_source,
-            backend=self.backend,
+            backend=self.backend, hfmse_weights=hfmse_weights,
         )
         return DomainStudioLossOutput(**terms._asdict())
 

@@ -156,9 +156,14 @@ def hf_pairwise_similarity_kl(source, adapted, *, stencil: str = "domainstudio",
     return pairwise_similarity_kl(high_frequency(source, stencil), high_frequency(adapted, stencil), **kwargs)
 
 
-def hf_mse(adapted: torch.Tensor, target: torch.Tensor, *, stencil: str = "domainstudio") -> torch.Tensor:
-    """``mean((hf(adapted) - hf(target))²)``."""
-    return (high_frequency(adapted, stencil) - high_frequency(target, stencil)).pow(2).mean()
+def hf_mse(adapted: torch.Tensor, target: torch.Tensor, *, stencil: str = "domainstudio",
+           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean((hf(adapted) - hf(target))²)``; with per-sample ``weights`` (N,):
+    ``(1/N) Σ_i weights_i · mean((hf(adapted_i) - hf(target_i))²)`` (all ones: the unweighted value)."""
+    squared = (high_frequency(adapted, stencil) - high_frequency(target, stencil)).pow(2)
+    if weights is None:
+        return squared.mean()
+    return (squared.flatten(1).mean(1) * weights).mean()
 
 
 # -- The official code's forms, kept as an independent check of the vectorised reference above and as

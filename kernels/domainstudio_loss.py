@@ -1,10 +1,12 @@
 """The whole DomainStudio loss in few launches: both batches' reductions in one pass, the N x N tail in one program.
 
 ``domainstudio_grams(x, target)`` returns ``(x xᵀ, hf(x) hf(x)ᵀ, sum((hf(x) - hf(target))²))`` (no
-target: ``sum(hf(x)²)``) of one batch; ``domainstudio_pair_grams(source, adapted, target)`` the two Grams of
-both batches (and the hf-MSE partial sums of adapted) in one launch; ``domainstudio_terms`` the loss's four
-terms from those in one more; ``domainstudio_terms_backward`` the Grams' and the hf-MSE sum's gradients in
-one; ``domainstudio_grams_backward`` writes ``(Gi + Giᵀ) x + hfᵀ((Gh + Ghᵀ) hf(x) + 2 g_sse (hf(x) - hf(target)))``.
+target: ``sum(hf(x)²)``; with per-sample ``sse_weights`` w (N,): ``Σ_i w_i sum((hf(x_i) - hf(target_i))²)``,
+whose gradient scales sample i's hf-MSE term by w_i) of one batch; ``domainstudio_pair_grams(source,
+adapted, target)`` the two Grams of both batches (and the hf-MSE partial sums of adapted) in one launch;
+``domainstudio_terms`` the loss's four terms from those in one more; ``domainstudio_terms_backward`` the Grams'
+and the hf-MSE sum's gradients in one; ``domainstudio_grams_backward`` writes ``(Gi + Giᵀ) x + hfᵀ((Gh + Ghᵀ)
+hf(x) + 2 g_sse (hf(x) - hf(target)))`` (sample i's last term times w_i).
 
 * Forward: ``hf_gram``'s split-K Gram kernel (:func:`.pairwise_similarity_kl.launch_gram`, upper-triangular
   tile pairs, the last split of a tile pair sums the splits in a fixed order) with its ``DS`` flag, on
@@ -29,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulate_dtype, as_weights, new_output, on_input_device
+from ._launch import accumulate_dtype, as_weights, check_float, new_output, on_input_device
 from .hf_pairwise_similarity_kl import _check_x, _compute_tl, ds_tile, hf_gram_config, launch_hf_gram_backward
 from .pairwise_similarity_kl import (
     COSINE_EPS,
@@ -49,13 +51,26 @@ def _check_target(x: torch.Tensor, target: torch.Tensor | None, name: str) -> No
                          f"{target.dtype} {target.device} and {tuple(x.shape)} {x.dtype} {x.device}")
 
 
+def _sse_weights(x: torch.Tensor, sse_weights: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """Per-sample weights of the hf-MSE sum, checked ((N,) floating on x's device; any float dtype: the kernels
+    convert while loading), contiguous (a copy only where they are not)."""
+    if sse_weights is None:
+        return None
+    check_float(sse_weights, f"{name} (sse_weights)")
+    if sse_weights.shape != (x.shape[0],) or sse_weights.device != x.device:
+        raise ValueError(f"{name}: sse_weights must have shape ({x.shape[0]},) on {x.device}, got "
+                         f"{tuple(sse_weights.shape)} on {sse_weights.device}")
+    return sse_weights.contiguous()
+
+
 def sse_tiles(n: int) -> int:
     """Diagonal tiles of the one-pass forward's Grams: one hf-MSE partial sum each."""
     return triton.cdiv(n, ds_tile(n))
 
 
-def _launch_grams(x, y, target, weights):
-    """(hf Grams, image Grams, hf-MSE partial sums): (B, N, N), (B, N, N), (B, tiles) of the batches x (and y)."""
+def _launch_grams(x, y, target, weights, sse_weights=None):
+    """(hf Grams, image Grams, hf-MSE partial sums): (B, N, N), (B, N, N), (B, tiles) of the batches x (and y);
+    ``sse_weights`` (N,) weight each sample's part of the partial sums."""
     batches = 1 if y is None else 2
     n, c, hh, ww = x.shape
     h, w = hh // 2, ww // 2
@@ -68,41 +83,48 @@ def _launch_grams(x, y, target, weights):
     sse = new_output((batches, triton.cdiv(n, cfg.block_n)), acc_dtype, x.device)  # sse_tiles(n) but under tests
     s_n, s_c, s_h, s_w = x.stride()
     launch_gram(x, cfg, hf, _compute_tl(x.dtype), s_n=s_n, hf_geometry=(triton.cdiv(w, cfg.block_k), h, w, s_c, s_h, s_w),
-                weights=as_weights(weights), y=y, image=image, target=target, sse=sse)
+                weights=as_weights(weights), y=y, image=image, target=target, sse=sse, sse_weights=sse_weights)
     return hf, image, sse
 
 
 @on_input_device
-def domainstudio_grams(x: torch.Tensor, target: torch.Tensor | None, weights):
-    """``(N, C, H, W)`` -> ``(image Gram, hf Gram, hf-MSE sum)``: (N, N), (N, N), () in fp32 (fp64)."""
+def domainstudio_grams(x: torch.Tensor, target: torch.Tensor | None, weights, sse_weights: torch.Tensor | None = None):
+    """``(N, C, H, W)`` -> ``(image Gram, hf Gram, hf-MSE sum)``: (N, N), (N, N), () in fp32 (fp64); the sum's
+    sample i times ``sse_weights[i]`` where given."""
     _check_x(x, "domainstudio_grams")
     _check_target(x, target, "domainstudio_grams")
-    hf, image, sse = _launch_grams(x, None, target, weights)
+    sse_weights = _sse_weights(x, sse_weights, "domainstudio_grams")
+    hf, image, sse = _launch_grams(x, None, target, weights, sse_weights)
     return image.squeeze(0), hf.squeeze(0), sse.sum()
 
 
 @on_input_device
-def domainstudio_pair_grams(source: torch.Tensor, adapted: torch.Tensor, target: torch.Tensor, weights):
+def domainstudio_pair_grams(source: torch.Tensor, adapted: torch.Tensor, target: torch.Tensor, weights,
+                            sse_weights: torch.Tensor | None = None):
     """Both batches in one launch: ``(hf Grams, image Grams, hf-MSE partial sums)``, (2, N, N), (2, N, N) and
     (2, tiles) in fp32 (fp64), batch 0 the source, 1 the adapted batch (whose partial sums are of
-    ``(hf(adapted) - hf(target))²``; the source's are unused). The batches share one layout: where their
-    strides differ, both are made contiguous (a copy)."""
+    ``(hf(adapted) - hf(target))²``, sample i's times ``sse_weights[i]`` where given; the source's are unused).
+    The batches share one layout: where their strides differ, both are made contiguous (a copy)."""
     name = "domainstudio_pair_grams"
     _check_x(source, name)
     _check_target(source, adapted, name)
     _check_target(adapted, target, name)
+    sse_weights = _sse_weights(adapted, sse_weights, name)
     if source.stride() != adapted.stride():
         source, adapted = source.contiguous(), adapted.contiguous()
-    return _launch_grams(source, adapted, target, weights)
+    return _launch_grams(source, adapted, target, weights, sse_weights)
 
 
 @on_input_device
 def domainstudio_grams_backward(grad_image: torch.Tensor, grad_hf: torch.Tensor, grad_sse: torch.Tensor,
-                                x: torch.Tensor, target: torch.Tensor | None, weights) -> torch.Tensor:
-    """``(N, C, H, W)`` in the dtype of x: ``(Gi + Giᵀ) x + hfᵀ((Gh + Ghᵀ) hf(x) + 2 g_sse (hf(x) - hf(t)))``."""
+                                x: torch.Tensor, target: torch.Tensor | None, weights,
+                                sse_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, C, H, W)`` in the dtype of x: ``(Gi + Giᵀ) x + hfᵀ((Gh + Ghᵀ) hf(x) + 2 g_sse W (hf(x) - hf(t)))``,
+    W = diag(sse_weights) (the identity where None)."""
     name = "domainstudio_grams_backward"
     _check_x(x, name)
     _check_target(x, target, name)
+    sse_weights = _sse_weights(x, sse_weights, name)
     n = x.shape[0]
     for g, what in ((grad_image, "grad_image"), (grad_hf, "grad_hf")):
         if g.shape != (n, n):
@@ -112,7 +134,8 @@ def domainstudio_grams_backward(grad_image: torch.Tensor, grad_hf: torch.Tensor,
     out = new_output(x.shape, x.dtype, x.device)
     if out.numel() == 0:
         return out
-    return launch_hf_gram_backward(grad_hf, x, weights, out, grad_image=grad_image, grad_sse=grad_sse, target=target)
+    return launch_hf_gram_backward(grad_hf, x, weights, out, grad_image=grad_image, grad_sse=grad_sse, target=target,
+                                   sse_weights=sse_weights)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,16 +50,18 @@ from .pairwise_similarity_kl import (
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["N"])
-def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, out_ptr, wa: tl.float64, wb: tl.float64,
+def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, sw_ptr, out_ptr, wa: tl.float64, wb: tl.float64,
                              wc: tl.float64, wd: tl.float64, N, chunks_w, h, w,
                              s_g0, s_g1, s_gi0, s_gi1, s_n, s_c, s_h, s_w, t_n, t_c, t_h, t_w, s_out,
-                             DS: tl.constexpr, TARGET: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+                             DS: tl.constexpr, TARGET: tl.constexpr, SSE_W: tl.constexpr, COMPUTE: tl.constexpr,
+                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
     """grad_x blocks at positions P of samples R: (sum_k (g[R, k] + g[k, R]) hf[k, P]) * (wa, wb, wc, wd).
 
     ``DS`` (the one-pass DomainStudio backward): plus ``(Gi + Giᵀ) x`` at those pixels (Gi at gi_ptr, from
     the input rows loaded for hf) and ``2 g_sse (hf(x) - hf(t))[R, P] * (wa, wb, wc, wd)`` (g_sse at gs_ptr;
-    ``hf(x)`` without TARGET).
+    ``hf(x)`` without TARGET), row r's times its weight ``sw_ptr[r]`` with ``SSE_W`` (per-sample weights of the
+    hf-MSE, any float dtype).
     """
     # 1-D grid, row tiles fastest: the row tiles of one position panel run together and share x in L2
     pid = tl.program_id(0)
@@ -98,7 +100,11 @@ def _hf_gram_backward_kernel(g_ptr, gi_ptr, gs_ptr, x_ptr, t_ptr, out_ptr, wa: t
         if TARGET:
             t_top, t_bottom = hf_rows(t_ptr, own * t_n, row_mask, kb, chunks_w, h, w, t_c, t_h, t_w, BLOCK_P)
             diff -= stencil_panel(t_top, t_bottom, wa, wb, wc, wd, COMPUTE, BLOCK_P)
-        acc += 2 * tl.load(gs_ptr).to(COMPUTE) * diff
+        g_sse = 2 * tl.load(gs_ptr).to(COMPUTE)
+        if SSE_W:  # a weight of 1 leaves 2 g_sse, and so the gradient, as it is
+            acc += (g_sse * tl.load(sw_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE))[:, None] * diff
+        else:
+            acc += g_sse * diff
     # grad_x is a fresh contiguous (N, C, 2h, 2w) tensor: the blocks of hf row (c, y) are output rows
     # 2y and 2y + 1 of plane c, each written as one contiguous run of 2*BLOCK_P pixels.
     row = kb // chunks_w
@@ -191,9 +197,10 @@ def hf_gram(x: torch.Tensor, weights) -> torch.Tensor:
 
 
 def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, out: torch.Tensor, *,
-                            grad_image=None, grad_sse=None, target=None) -> torch.Tensor:
+                            grad_image=None, grad_sse=None, target=None, sse_weights=None) -> torch.Tensor:
     """Run the hf Gram backward kernel into the fresh (N, C, H, W) ``out``; ``grad_image`` (with
-    ``grad_sse``, optional ``target``) makes it the one-pass DomainStudio backward."""
+    ``grad_sse``, optional ``target`` and per-sample ``sse_weights`` (N,)) makes it the one-pass DomainStudio
+    backward."""
     n, c, hh, ww = x.shape
     h, w = hh // 2, ww // 2
     compute = _compute_tl(x.dtype)
@@ -217,11 +224,12 @@ def launch_hf_gram_backward(grad_gram: torch.Tensor, x: torch.Tensor, weights, o
     gi = grad_image if ds else grad_gram
     t = x if target is None else target
     _hf_gram_backward_kernel[grid](
-        grad_gram, gi, grad_sse if ds else grad_gram, x, t, out, *as_weights(weights), n,
+        grad_gram, gi, grad_sse if ds else grad_gram, x, t, grad_gram if sse_weights is None else sse_weights, out,
+        *as_weights(weights), n,
         chunks_w, h, w, grad_gram.stride(0), grad_gram.stride(1), gi.stride(0), gi.stride(1), *x.stride(),
         *(t.stride() if ds else (0, 0, 0, 0)), out.stride(0),
-        DS=ds, TARGET=target is not None, COMPUTE=compute, PRECISION=dot_precision(compute), BLOCK_M=cfg.block_m,
-        BLOCK_P=block_p, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DS=ds, TARGET=target is not None, SSE_W=ds and sse_weights is not None, COMPUTE=compute,
+        PRECISION=dot_precision(compute), BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

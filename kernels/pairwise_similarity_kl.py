@@ -267,11 +267,11 @@ def _store_gram_tile(out_ptr, tile, ri, rj, N, ti, tj):
 
 
 @triton.jit(do_not_specialize=["N", "D", "k_blocks", "k_blocks_per_split", "n_tiles", "splits", "t_batch"])
-def _gram_kernel(x_ptr, y_ptr, t_ptr, ws_ptr, sse_ws_ptr, ticket_ptr, out_ptr, img_ptr, sse_ptr, wa: tl.float64,
-                 wb: tl.float64, wc: tl.float64, wd: tl.float64, N, D, s_n, s_d, chunks_w, h, w, s_c, s_h, s_w,
-                 t_n, t_c, t_h, t_w, k_blocks, k_blocks_per_split, n_tiles, splits, t_batch,
-                 HF: tl.constexpr, DS: tl.constexpr, TARGET: tl.constexpr, OPERAND: tl.constexpr, ACC: tl.constexpr,
-                 PRECISION: tl.constexpr, IMG_OPERAND: tl.constexpr, IMG_PRECISION: tl.constexpr,
+def _gram_kernel(x_ptr, y_ptr, t_ptr, ws_ptr, sse_ws_ptr, ticket_ptr, out_ptr, img_ptr, sse_ptr, sw_ptr,
+                 wa: tl.float64, wb: tl.float64, wc: tl.float64, wd: tl.float64, N, D, s_n, s_d, chunks_w, h, w, s_c,
+                 s_h, s_w, t_n, t_c, t_h, t_w, k_blocks, k_blocks_per_split, n_tiles, splits, t_batch,
+                 HF: tl.constexpr, DS: tl.constexpr, TARGET: tl.constexpr, SSE_W: tl.constexpr, OPERAND: tl.constexpr,
+                 ACC: tl.constexpr, PRECISION: tl.constexpr, IMG_OPERAND: tl.constexpr, IMG_PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     """Split ``program_id(1)`` of the Gram tile pair ``program_id(0)`` of batch ``program_id(2)`` (x at
     x_ptr, a second batch of the same layout at y_ptr) -- of x itself (``HF=False``) or of hf(x) -- and, for
@@ -282,7 +282,8 @@ def _gram_kernel(x_ptr, y_ptr, t_ptr, ws_ptr, sse_ws_ptr, ticket_ptr, out_ptr, i
     writes the tile and its mirror to ``out_ptr[batch]``, an (N, N) Gram.
     ``DS`` (the one-pass DomainStudio forward, with HF): the same program also accumulates x xᵀ (summed
     likewise into ``img_ptr[batch]``) and, for a diagonal tile, the sum of ``(hf(x) - hf(t))²`` (batch ``t_batch`` with
-    TARGET) or ``hf(x)²``, summed like the tiles into ``sse_ptr[batch, ti]``.
+    TARGET) or ``hf(x)²``, summed like the tiles into ``sse_ptr[batch, ti]``; ``SSE_W``: each sample's part
+    of it times its weight ``sw_ptr[sample]`` (per-sample weights of the hf-MSE, any float dtype).
     """
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
@@ -335,7 +336,10 @@ def _gram_kernel(x_ptr, y_ptr, t_ptr, ws_ptr, sse_ws_ptr, ticket_ptr, out_ptr, i
         if DS:
             tl.store(ws + (splits + split) * (BLOCK_N * BLOCK_N) + tile, img)
             if ti == tj:
-                tl.store(sse_ws_ptr + pair * splits + split, tl.sum(tl.sum(sse, axis=1), axis=0).to(ACC))
+                row_sse = tl.sum(sse, axis=1)
+                if SSE_W:  # a weight of 1 leaves the row sums, and so the sum, as they are
+                    row_sse *= tl.load(sw_ptr + ri, mask=mask_i, other=0.0).to(row_sse.dtype)
+                tl.store(sse_ws_ptr + pair * splits + split, tl.sum(row_sse, axis=0).to(ACC))
         tl.debug_barrier()  # every thread's partial stored before the ticket (released by the atomic)
         if tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel", scope="gpu") == splits - 1:
             out = batch.to(tl.int64) * N * N
@@ -392,7 +396,8 @@ SUM_ELEMENTS = 4096  # partial-tile values the last program of a tile pair sums 
 
 
 def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *, s_n: int, s_d: int = 1,
-                hf_geometry=(1, 1, 1, 0, 0, 1), weights=None, y=None, image=None, target=None, sse=None) -> None:
+                hf_geometry=(1, 1, 1, 0, 0, 1), weights=None, y=None, image=None, target=None, sse=None,
+                sse_weights=None) -> None:
     """Run the split-K Gram kernel (one launch; the last split of each tile pair sums them) into ``out``:
     (batches, N, N), a batch being x (and y, a second batch in x's layout).
 
@@ -400,7 +405,8 @@ def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *,
     ``hf_geometry = (chunks_w, h, w, s_c, s_h, s_w)`` of x. ``image`` (like out) and ``sse`` (a (batches,
     tiles) output) make it the one-pass DomainStudio forward: hf(x) hf(x)ᵀ into out and x xᵀ into image from
     the same loads, and per diagonal
-    tile the sum of ``(hf(x) - hf(target))²`` (``target``: of the last batch) or ``hf(x)²`` into ``sse``.
+    tile the sum of ``(hf(x) - hf(target))²`` (``target``: of the last batch) or ``hf(x)²`` into ``sse``,
+    each sample's part times ``sse_weights[sample]`` where given ((N,), on x's device).
     The per-tile-pair tickets are one zero-filled int32 per tile pair (a memset launch).
     """
     batches, n, _ = out.shape
@@ -416,10 +422,11 @@ def launch_gram(x: torch.Tensor, cfg: GramConfig, out: torch.Tensor, operand, *,
     img_operand = dot_operand_dtype(x.dtype) if ds else operand
     _gram_kernel[(tiles * tiles, cfg.splits, batches)](
         x, x if y is None else y, t, ws, sse_ws, tickets, out, image if ds else out, sse if ds else out,
-        *(weights or (0.0, 0.0, 0.0, 0.0)), n, d, s_n, s_d, *hf_geometry,
+        out if sse_weights is None else sse_weights, *(weights or (0.0, 0.0, 0.0, 0.0)), n, d, s_n, s_d, *hf_geometry,
         *(t.stride() if ds else (0, 0, 0, 0)), cfg.k_blocks, cfg.k_blocks_per_split, tiles, cfg.splits,
         batches - 1 if target is not None else -1,
-        HF=weights is not None, DS=ds, TARGET=target is not None, OPERAND=operand, ACC=_acc_tl(out.dtype),
+        HF=weights is not None, DS=ds, TARGET=target is not None, SSE_W=ds and sse_weights is not None,
+        OPERAND=operand, ACC=_acc_tl(out.dtype),
         PRECISION=dot_precision(operand), IMG_OPERAND=img_operand, IMG_PRECISION=dot_precision(img_operand),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_S=max(1, SUM_ELEMENTS // cfg.block_n ** 2),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -293,3 +293,103 @@ def test_inputs_requiring_grad_are_fine(gen):
         OPS.haar_dwt2(x),
     ):
         assert torch.isfinite(out.detach()).all()
+
+
+# ---------------------------------------------------------------------------- domainstudio_grams: per-sample hf-MSE weights
+# sse_weights w (N,) weight sample i's part of the hf-MSE sum (and of its gradient): Σ_i w_i Σ (hf(x_i) - hf(t_i))².
+# Every ISA copy of the chunk loops this CPU runs; N = 3, 5 (a partial small_mm block) and 17 with several chunks
+# per thread; random weights with zeros.
+def _supported_isas() -> list[str]:
+    """The ISA copies this CPU runs (tests/test_cpu_isa.py forces each; here the weighted loops run on each)."""
+    found = []
+    for isa in ("baseline", "avx2", "avx512"):
+        try:
+            before = OPS._set_cpu_isa(isa)
+        except RuntimeError:
+            continue
+        OPS._set_cpu_isa(before)
+        found.append(isa)
+    return found
+
+
+WEIGHTED_CASES = [(torch.float64, (3, 2, 4, 6)), (torch.float64, (5, 3, 8, 12)), (torch.float32, (17, 3, 34, 66)),
+                  (torch.float16, (5, 3, 8, 12)), (torch.bfloat16, (5, 3, 8, 12))]
+
+
+def _sample_weights(n, gen, dtype=torch.float64):
+    """Random non-negative weights with zeros (the first always)."""
+    w = torch.rand(n, generator=gen, dtype=torch.float64) * 3 * (torch.rand(n, generator=gen) > 0.3)
+    w[0] = 0.0
+    return w.to(dtype)
+
+
+def _ds_weighted(x, t, sw, w):
+    """(image Gram, hf Gram, Σ_i sw_i Σ (hf(x_i) - hf(t_i))²) of the reference (t None: hf(t) = 0)."""
+    hf = _hf_ref(x, w)
+    d = hf - (_hf_ref(t, w) if t is not None else 0)
+    return R.gram(x.flatten(1)), R.gram(hf.flatten(1)), (sw.to(d.dtype) * d.flatten(1).pow(2).sum(1)).sum()
+
+
+def _vjp_weighted(x, t, sw, w, cotangents, compute):
+    """d Σ_k <output_k, cotangent_k> / dx of :func:`_ds_weighted`, computed in ``compute``, in x's dtype."""
+    x = x.detach().clone().requires_grad_()
+    outs = _ds_weighted(x.to(compute), None if t is None else t.to(compute), sw, w)
+    (grad,) = torch.autograd.grad(sum((o * c.to(compute)).sum() for o, c in zip(outs, cotangents)), x)
+    return grad
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+@pytest.mark.parametrize("dtype,shape", WEIGHTED_CASES, ids=[f"{str(d)[6:]}-{'x'.join(map(str, s))}"
+                                                             for d, s in WEIGHTED_CASES])
+def test_domainstudio_grams_sse_weights(dtype, shape, with_target, gen):
+    n, w = shape[0], STENCIL_WEIGHTS[0]
+    x = _rand(shape, dtype, gen, noncontiguous=n == 5)
+    t = _rand(shape, dtype, gen) if with_target else None
+    sw = _sample_weights(n, gen, _acc(dtype))
+    cotangents = [_rand((n, n), _acc(dtype), gen), _rand((n, n), _acc(dtype), gen), _rand((1,), _acc(dtype), gen)[0]]
+    refs = _ds_weighted(x.double(), None if t is None else t.double(), sw, w)
+    torch_outs = _ds_weighted(x.to(_acc(dtype)), None if t is None else t.to(_acc(dtype)), sw, w)  # PyTorch, as the kernels
+    ref_grad = _vjp_weighted(x, t, sw, w, cotangents, torch.float64).double()
+    torch_grad = _vjp_weighted(x, t, sw, w, cotangents, _acc(dtype))
+    for isa in _supported_isas():
+        before = OPS._set_cpu_isa(isa)
+        try:
+            outs = OPS.domainstudio_grams(x, t, w, sw)
+            grad = OPS.domainstudio_grams_backward(*cotangents, x, t, w, sw)
+        finally:
+            OPS._set_cpu_isa(before)
+        for out, ref, torch_out in zip(outs, refs, torch_outs):
+            _check(out, ref, torch_out)
+        _check(grad, ref_grad, torch_grad)
+
+
+def test_domainstudio_grams_sse_weights_of_one_are_none(gen):
+    """All-ones weights give the unweighted kernels' bits (a product by 1 is exact), forward and backward, per ISA."""
+    w = STENCIL_WEIGHTS[0]
+    for dtype in (torch.float64, torch.float32):
+        x, t = (_rand((17, 3, 34, 66), dtype, gen) for _ in range(2))
+        cotangents = [_rand((17, 17), dtype, gen), _rand((17, 17), dtype, gen), _rand((1,), dtype, gen)[0]]
+        for isa in _supported_isas():
+            before = OPS._set_cpu_isa(isa)
+            try:
+                ones = torch.ones(17, dtype=dtype)
+                for a, b in zip(OPS.domainstudio_grams(x, t, w, ones), OPS.domainstudio_grams(x, t, w)):
+                    assert torch.equal(a, b), f"{isa} {dtype}"
+                assert torch.equal(OPS.domainstudio_grams_backward(*cotangents, x, t, w, ones),
+                                   OPS.domainstudio_grams_backward(*cotangents, x, t, w)), f"{isa} {dtype}"
+            finally:
+                OPS._set_cpu_isa(before)
+
+
+@pytest.mark.parametrize(
+    "sse_weights, message",
+    [(torch.ones(4), "shape"), (torch.ones(5, 1), "shape"), (torch.ones(5, dtype=torch.int64), "floating")],
+    ids=["short", "2-D", "int"],  # (weights on another device: a CUDA build's check; a meta tensor dispatches to the fake)
+)
+def test_domainstudio_grams_bad_sse_weights(sse_weights, message):
+    x = torch.zeros(5, 3, 4, 4)
+    g = torch.zeros(5, 5)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.domainstudio_grams(x, x, STENCIL_WEIGHTS[0], sse_weights)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.domainstudio_grams_backward(g, g, torch.zeros(()), x, x, STENCIL_WEIGHTS[0], sse_weights)

@@ -46,9 +46,8 @@ def compiled() -> dict:
     return records
 
 
-@pytest.mark.parametrize("arch, op, dtype, shape", CASES, ids=lambda v: f"sm{v}" if isinstance(v, int) else str(v))
-def test_compiles(arch, op, dtype, shape):
-    launches = compiled()[(arch, op, dtype, shape)]
+def check_launches(launches, dtype: str) -> None:
+    """Every launch compiled, spill-free, within the shared memory and int32 limits, its dots on the tensor cores."""
     assert launches, "no kernel was launched"
     errors = [r["error"] for r in launches if "error" in r]
     assert not errors, errors[0]
@@ -63,6 +62,72 @@ def test_compiles(arch, op, dtype, shape):
             assert r["fma_dots"] == 0 and r["tc_dots"] >= r["dots"], \
                 f"{where}: {r['fma_dots']} dots on the FMA units, {r['tc_dots']} on the tensor cores of {r['dots']}"
             assert r["mma"] + r["wgmma"] > 0, f"{where}: no tensor-core instruction (FMA-unit dot)"
+
+
+@pytest.mark.parametrize("arch, op, dtype, shape", CASES, ids=lambda v: f"sm{v}" if isinstance(v, int) else str(v))
+def test_compiles(arch, op, dtype, shape):
+    check_launches(compiled()[(arch, op, dtype, shape)], dtype)
+
+
+# The one-pass loss's kernels with per-sample hf-MSE weights (sse_weights, float32 as a trainer passes them): the
+# SSE_W variants of the Gram forward and the hf Gram backward, at the headline batch and at N = 1024 x 3x1024²
+# (32-wide tiles, > 2^31 elements), every dtype.
+WEIGHTED_SHAPES = ("headline", "n1024")
+WEIGHTED_SCRIPT = """
+import json, sys, torch
+from dsfast.kernels import _gpu_compile as G
+from dsfast.kernels import domainstudio_loss as K
+
+arch = int(sys.argv[1])
+for dname, dtype in G.DTYPES.items():
+    for sname in sys.argv[2:]:
+        x = torch.empty(G.SHAPES[sname], dtype=dtype, device="meta")
+        n = x.shape[0]
+        g = torch.empty(n, n, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device="meta")
+        sw = torch.empty(n, dtype=torch.float32, device="meta")
+        calls = {
+            "domainstudio_pair_grams": lambda: K.domainstudio_pair_grams(
+                x, torch.empty_like(x), torch.empty_like(x), G.WEIGHTS, sw),
+            "domainstudio_grams_backward": lambda: K.domainstudio_grams_backward(
+                g, g, g.new_empty(()), x, torch.empty_like(x), G.WEIGHTS, sw),
+        }
+        for op, call in calls.items():
+            with G.compiling_for(arch) as launches:
+                call()
+            for launch in launches:
+                print(json.dumps({"op": op, "dtype": dname, "shape": sname, **G.analyse(arch, *launch)}), flush=True)
+"""
+
+
+@functools.cache
+def compiled_weighted() -> dict:
+    """(arch, op, dtype, shape) -> launch records of the weighted one-pass kernels; both architectures in parallel."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSFAST_TRITON_GPU_TILES")}
+    env["DSFAST_POISON_OUTPUTS"] = "0"
+    procs = {arch: subprocess.Popen([sys.executable, "-W", "ignore", "-c", WEIGHTED_SCRIPT, str(arch), *WEIGHTED_SHAPES],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in ARCHS}
+    records = defaultdict(list)
+    for arch, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"sm_{arch} weighted compile run failed:\n{err[-4000:]}"
+        for line in out.splitlines():
+            rec = json.loads(line)
+            records[(arch, rec["op"], rec["dtype"], rec["shape"])].append(rec)
+    return records
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda v: f"sm{v}")
+def test_compiles_with_hfmse_weights(arch):
+    for op in ("domainstudio_pair_grams", "domainstudio_grams_backward"):
+        for dtype in ("fp32", "bf16", "fp16", "fp64"):
+            for shape in WEIGHTED_SHAPES:
+                launches = compiled_weighted()[(arch, op, dtype, shape)]
+                check_launches(launches, dtype)
+                # the weighted variant (SSE_W) is its own compile, not the unweighted kernel
+                plain = {r["kernel"]: r["hash"] for r in compiled()[(arch, op, dtype, shape)]}
+                for r in launches:
+                    assert r["hash"] != plain[r["kernel"]], f"{op} {dtype} {shape}: {r['kernel']} is the unweighted compile"
 
 
 @pytest.mark.parametrize("op", ["domainstudio_pair_grams", "gram"])

@@ -49,5 +49,13 @@ def test_opcheck(device, backend, dtype):
     with_target, backward = cases["domainstudio_grams"], cases["domainstudio_grams_backward"]
     extra = [("domainstudio_grams", (with_target[0], None, WEIGHTS)),
              ("domainstudio_grams_backward", backward[:4] + (None, WEIGHTS))]
+    # per-sample hf-MSE weights (with a zero; float32 whatever the inputs' dtype)
+    sse_weights = torch.tensor([1.0, 0.0, 2.5, 0.5, 1.0], device=device)
+    extra += [("domainstudio_grams", with_target + (sse_weights,)),
+              ("domainstudio_grams_backward", backward + (sse_weights,))]
+    if name_space == "dsfast_triton":
+        adapted, real = torch.randn_like(with_target[1]), with_target[1]
+        extra += [("domainstudio_pair_grams", (with_target[0].detach(), adapted, real, WEIGHTS)),
+                  ("domainstudio_pair_grams", (with_target[0].detach(), adapted, real, WEIGHTS, sse_weights))]
     for name, args in list(cases.items()) + extra:
         torch.library.opcheck(getattr(namespace, name).default, args)

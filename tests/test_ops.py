@@ -62,6 +62,8 @@ PAIRWISE_OPTIONS = [
     dict(anchors=torch.tensor([0, 2, 3])),
 ]
 
+HFMSE_WEIGHTS = torch.tensor([0.5, 0.0, 2.0, 1.25, 0.75])  # per-sample hf-MSE weights of an IMAGE batch
+
 # name -> (callable taking the backend, input builder)
 OP_CASES = {
     "haar_dwt2": (lambda b: lambda x: ops.haar_dwt2(x, backend=b), images(1)),
@@ -95,6 +97,11 @@ OP_CASES = {
         )
         for i, o in enumerate(PAIRWISE_OPTIONS + [dict(stencil="pywt", lambda_img=0.5)])
     },
+    # per-sample hf-MSE weights (with a zero; the first N of them: gradcheck slices the batch to N = 4)
+    "domainstudio_loss[hfmse-weights]": (
+        lambda b: lambda s, a, r: ops.domainstudio_loss(
+            s, a, r, backend=b, hfmse_weights=HFMSE_WEIGHTS[: a.shape[0]].to(a.device)), images(3)
+    ),
     # a zero weight: the separate ops (the skipped term is a constant 0, so only the total is compared)
     "domainstudio_loss[no-hf]": (
         lambda b: lambda s, a, r: ops.domainstudio_loss(s, a, r, lambda_hf=0, backend=b).total, images(3)
@@ -209,7 +216,7 @@ def test_backend_matches_reference_fp32(device, backend, name, layout, gen, seed
 # Ops tested in half precision. Each output's error against the float64 reference (of the same half
 # inputs) may be 2x PyTorch's error plus an atol (relative to the reference's size) from half_atol.
 HALF_OPS = ["haar_dwt2", "haar_idwt2", "high_frequency[domainstudio]", "hf_mse", "hf_pairwise_similarity_kl[0]",
-            "pairwise_similarity_kl[0]", "domainstudio_loss[0]"]
+            "pairwise_similarity_kl[0]", "domainstudio_loss[0]", "domainstudio_loss[hfmse-weights]"]
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
@@ -294,14 +301,17 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "hfmse-weights"])
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_domainstudio_loss_reads_each_batch_once(device, backend, gen):
+def test_domainstudio_loss_reads_each_batch_once(device, backend, weighted, gen):
     """With every term on, the loss reads each batch once forward (one domainstudio_grams per batch; on the
-    Triton backend one domainstudio_pair_grams for both) and the adapted batch once backward."""
+    Triton backend one domainstudio_pair_grams for both) and the adapted batch once backward; per-sample
+    hf-MSE weights change none of that."""
     s, a, r = (torch.randn(IMAGE, generator=gen).to(device) for _ in range(3))
     a.requires_grad_()
+    weights = torch.rand(IMAGE[0], generator=gen).to(device) if weighted else None
     with RecordOps() as forward:
-        total = ops.domainstudio_loss(s, a, r, backend=backend).total
+        total = ops.domainstudio_loss(s, a, r, backend=backend, hfmse_weights=weights).total
     with RecordOps() as backward:
         total.backward()
     # the N x N tail (its own op on the Triton backend) never reads a batch
@@ -373,3 +383,172 @@ def test_domainstudio_loss_one_pass(device, backend, n, options, seed, gen):
         assert (grad is None) == (ref is None)
         if ref is not None:
             assert rel_err(grad, ref) <= 1e-10
+
+
+# -- per-sample hf-MSE weights (domainstudio_loss(..., hfmse_weights=w)) -------------------------
+# hf_mse = (1/N) Σ_i w_i mean((hf(adapted_i) - hf(real_i))²): on the fused kernels (cpp, triton) w scales each
+# sample's hf-MSE sum forward and its rows' gradient backward, in the same one pass; the torch backend (and any
+# call where w or real needs a gradient) composes the separate ops.
+ALL_BACKENDS = BACKEND_CASES + [("cpu", "torch")]
+
+
+def random_weights(n, gen, dtype=torch.float64):
+    """Non-negative per-sample weights, about a third of them zero (the first always), some above 1."""
+    w = 3 * torch.rand(n, generator=gen, dtype=torch.float64) * (torch.rand(n, generator=gen) > 0.3)
+    w[0] = 0.0
+    return w.to(dtype)
+
+
+def reference_loss(s, a, r, w, *, lambda_img=4.0, lambda_hf=4.0, lambda_hfmse=1.0, **options):
+    """The four terms from dsfast.reference alone (``options``: tau, direction, reduction, anchors, detach_source)."""
+    image = reference.pairwise_similarity_kl(s, a, **options)
+    high = reference.hf_pairwise_similarity_kl(s, a, **options)
+    mse = reference.hf_mse(a, r, weights=w)
+    return lambda_img * image + lambda_hf * high + lambda_hfmse * mse, image, high, mse
+
+
+def test_reference_weighted_hf_mse(gen, seed):
+    """The reference's weights: the per-sample formula, ones = unweighted, and gradcheck (adapted, target, weights)."""
+    a, t = (torch.randn((5, 2, 4, 6), generator=gen, dtype=torch.float64) for _ in range(2))
+    w = random_weights(5, gen)
+    d = reference.high_frequency(a) - reference.high_frequency(t)
+    per_sample = torch.stack([d[i].pow(2).mean() for i in range(5)])
+    torch.testing.assert_close(reference.hf_mse(a, t, weights=w), (w * per_sample).sum() / 5, rtol=1e-14, atol=0)
+    torch.testing.assert_close(reference.hf_mse(a, t, weights=torch.ones(5, dtype=torch.float64)),
+                               reference.hf_mse(a, t), rtol=1e-14, atol=0)
+    inputs = (a.requires_grad_(), t.requires_grad_(), w.requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, t, w: reference.hf_mse(a, t, weights=w), inputs)
+
+
+WEIGHTED_OPTIONS = {
+    "defaults": dict(),
+    # the source differentiated too (its gradient has no hf-MSE part), anchors, another reduction and direction
+    "source-grad": dict(detach_source=False, anchors=torch.tensor([2, 0, 1]), reduction="sum", tau=0.7,
+                        direction="adapted||source", lambda_img=0.5),
+}
+
+
+@pytest.mark.parametrize("options", WEIGHTED_OPTIONS)
+@pytest.mark.parametrize("n", [3, 5, 17])
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_domainstudio_loss_hfmse_weights(device, backend, n, options, seed, gen):
+    """Weighted loss on every backend against dsfast.reference in float64: the four terms and the gradients of
+    source and adapted for random cotangents of all four, fresh random inputs and weights (with zeros),
+    outputs NaN-poisoned (conftest); N = 3, 5 and 17 (masked rows of a 32-row Gram tile)."""
+    kwargs = WEIGHTED_OPTIONS[options]
+    s, a, r = (torch.randn((n, 2, 4, 6), generator=gen, dtype=torch.float64) for _ in range(3))
+    w = random_weights(n, gen)
+    outs, grads = forward_backward(
+        lambda s, a: ops.domainstudio_loss(s, a, r.to(device), backend=backend, hfmse_weights=w.to(device), **kwargs),
+        [s.to(device), a.to(device)], seed)
+    ref_options = {k: v for k, v in kwargs.items() if not k.startswith("lambda")}
+    lambdas = {k: v for k, v in kwargs.items() if k.startswith("lambda")}
+    ref_outs, ref_grads = forward_backward(lambda s, a: reference_loss(s, a, r, w, **lambdas, **ref_options), [s, a],
+                                           seed)
+    names = ("total", "image", "high_frequency", "hf_mse")
+    for name, out, ref in zip(names, outs, ref_outs):
+        assert out.dtype == torch.float64 and rel_err(out, ref) <= 1e-10, f"{name} on {backend}: {rel_err(out, ref):.2e}"
+    for name, grad, ref in zip(("source", "adapted"), grads, ref_grads):
+        assert (grad is None) == (ref is None), name
+        if ref is not None:
+            assert rel_err(grad, ref) <= 1e-10, f"grad {name} on {backend}: {rel_err(grad, ref):.2e}"
+    # the weights matter: the unweighted hf-MSE differs
+    assert rel_err(reference.hf_mse(a, r), ref_outs[3]) > 1e-3
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_domainstudio_loss_hfmse_weights_float32(device, backend, gen, seed):
+    """float32 inputs with float32 weights (what a trainer passes): float32 terms within 1e-5 of the reference."""
+    n = 17
+    s, a, r = (torch.randn((n, 3, 8, 12), generator=gen, dtype=torch.float64) for _ in range(3))
+    w = random_weights(n, gen)
+    outs, grads = forward_backward(
+        lambda s, a: ops.domainstudio_loss(s, a, r.float().to(device), backend=backend,
+                                           hfmse_weights=w.float().to(device)),
+        [s.float().to(device), a.float().to(device)], seed)
+    ref_outs, ref_grads = forward_backward(lambda s, a: reference_loss(s, a, r, w), [s, a], seed)
+    for out, ref in zip(outs, ref_outs):
+        assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-5
+    assert grads[0] is None and rel_err(grads[1], ref_grads[1]) <= 1e-5
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_domainstudio_loss_hfmse_weights_none_is_ones(device, backend, gen, seed):
+    """``hfmse_weights=None`` is all ones: bit for bit on the fused kernels (a product by 1 is exact), forward
+    and backward; to rounding on the torch backend (there the weighted mean is another reduction order)."""
+    n = 17
+    s, a, r = (torch.randn((n, 2, 4, 6), generator=gen).to(device) for _ in range(3))
+    weighted = forward_backward(
+        lambda s, a: ops.domainstudio_loss(s, a, r, backend=backend, hfmse_weights=torch.ones(n, device=device),
+                                           detach_source=False), [s, a], seed)
+    plain = forward_backward(lambda s, a: ops.domainstudio_loss(s, a, r, backend=backend, detach_source=False),
+                             [s, a], seed)
+    for x, y in zip(flatten(weighted), flatten(plain)):
+        if backend == "torch":
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(x, y), f"{backend}: weights of one changed the bits"
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_domainstudio_loss_hfmse_weights_gradient(device, backend, gen, seed):
+    """Weights that require grad (and a real batch that does): the separate ops, whose gradients in w and real
+    match the reference's."""
+    n = 5
+    s, a, r = (torch.randn((n, 2, 4, 6), generator=gen, dtype=torch.float64) for _ in range(3))
+    w = random_weights(n, gen)
+    outs, grads = forward_backward(
+        lambda a, r, w: ops.domainstudio_loss(s.to(device), a, r, backend=backend, hfmse_weights=w),
+        [a.to(device), r.to(device), w.to(device)], seed)
+    ref_outs, ref_grads = forward_backward(lambda a, r, w: reference_loss(s, a, r, w), [a, r, w], seed)
+    for out, ref in zip(list(outs) + list(grads), list(ref_outs) + list(ref_grads)):
+        assert rel_err(out, ref) <= 1e-10
+
+
+def test_domainstudio_loss_module_hfmse_weights(gen):
+    import dsfast
+
+    s, a, r = (torch.randn((5, 2, 4, 6), generator=gen) for _ in range(3))
+    w = random_weights(5, gen, torch.float32)
+    out = dsfast.DomainStudioLoss(backend="torch")(s, a, r, hfmse_weights=w)
+    torch.testing.assert_close(out.hf_mse, ops.domainstudio_loss(s, a, r, backend="torch", hfmse_weights=w).hf_mse)
+    torch.testing.assert_close(out.hf_mse, reference.hf_mse(a, r, weights=w))
+
+
+BAD_WEIGHTS = {
+    # name: (weights for N = 5, error, message)
+    "list": (lambda: [1.0] * 5, TypeError, "must be a torch.Tensor"),
+    "integer": (lambda: torch.ones(5, dtype=torch.int64), TypeError, "floating-point"),
+    "short": (lambda: torch.ones(4), ValueError, r"shape \(N,\) = \(5,\)"),
+    "2-D": (lambda: torch.ones(5, 1), ValueError, r"shape \(N,\) = \(5,\)"),
+    "device": (lambda: torch.ones(5, device="meta"), ValueError, "device of the inputs"),
+    "nan": (lambda: torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0]), ValueError, "NaN or Inf"),
+    "inf": (lambda: torch.tensor([1.0, 1.0, float("inf"), 1.0, 1.0]), ValueError, "NaN or Inf"),
+    "negative": (lambda: torch.tensor([1.0, 1.0, 1.0, -0.5, 1.0]), ValueError, "non-negative"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_WEIGHTS)
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_domainstudio_loss_bad_hfmse_weights(device, backend, bad, gen):
+    """Each bad ``hfmse_weights`` is one clear error, raised before any kernel runs (no dsfast op dispatched)."""
+    make, error, message = BAD_WEIGHTS[bad]
+    s, a, r = (torch.randn((5, 2, 4, 6), generator=gen).to(device) for _ in range(3))
+    weights = make()
+    if isinstance(weights, torch.Tensor) and weights.device.type != "meta":
+        weights = weights.to(device)
+    with RecordOps() as recorded, pytest.raises(error, match=message):
+        ops.domainstudio_loss(s, a, r, backend=backend, hfmse_weights=weights)
+    assert not [n for n in recorded.names if n.startswith("dsfast")], recorded.names
+
+
+@pytest.mark.parametrize("device,backend", [c for c in ALL_BACKENDS if c[0] == "cpu"])
+def test_domainstudio_loss_hfmse_weights_values_follow_check_finite(device, backend, gen):
+    """The value checks (finite, non-negative) follow ``check_finite``, as the inputs' finite check: False skips
+    them (the GPU default: no device->host sync), True always runs them."""
+    s, a, r = (torch.randn((5, 2, 4, 6), generator=gen) for _ in range(3))
+    negative = torch.tensor([1.0, 1.0, 1.0, -0.5, 1.0])
+    out = ops.domainstudio_loss(s, a, r, backend=backend, hfmse_weights=negative, check_finite=False)
+    torch.testing.assert_close(out.hf_mse.double(), reference.hf_mse(a.double(), r.double(), weights=negative.double()))
+    with pytest.raises(ValueError, match="non-negative"):
+        ops.domainstudio_loss(s, a, r, backend=backend, hfmse_weights=negative, check_finite=True)

@@ -425,6 +425,147 @@ def test_domainstudio_grams_multi_tile(monkeypatch, splits, gen):
     _check(out, _ds_reference(x, t, "domainstudio", grads), torch.float32)
 
 
+# --------------------------------------------------------------------------------------------------
+# domainstudio_grams / _pair_grams / _backward with per-sample hf-MSE weights (sse_weights)
+# --------------------------------------------------------------------------------------------------
+def _sample_weights(n, gen, dtype=torch.float32):
+    """Random non-negative per-sample weights with zeros (the first always), on DEVICE."""
+    w = torch.rand(n, generator=gen, dtype=torch.float64) * 3 * (torch.rand(n, generator=gen) > 0.3)
+    w[0] = 0.0
+    return w.to(dtype).to(DEVICE)
+
+
+def _ds_weighted_outputs(x, t, stencil, sw):
+    """(image Gram, hf Gram, Σ_i sw_i Σ (hf(x_i) - hf(t_i))²) in x's dtype (t None: hf(t) = 0)."""
+    hf = R.high_frequency(x, stencil)
+    diff = hf if t is None else hf - R.high_frequency(t, stencil)
+    return R.gram(x), R.gram(hf), (sw.to(device=diff.device, dtype=diff.dtype) * diff.flatten(1).pow(2).sum(1)).sum()
+
+
+def _ds_weighted_reference(x, t, stencil, sw, grads=None):
+    x64 = x.double().cpu()
+    t64 = None if t is None else t.double().cpu()
+    if grads is None:
+        return _ds_weighted_outputs(x64, t64, stencil, sw)
+    return _vjp(lambda x: _ds_weighted_outputs(x, t64, stencil, sw), x64, grads)
+
+
+# every dtype with a target (the loss's adapted batch), float32 without one (weights then scale Σ hf(x_i)²)
+SSE_W_CASES = [(s, d, True) for s, d in DS_CASES] + [(*DS_CASES[0], False)]
+
+
+@pytest.mark.parametrize("shape,dtype,with_target", SSE_W_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{d}-{'target' if t else 'no-target'}" for s, d, t in SSE_W_CASES])
+def test_domainstudio_grams_sse_weights(shape, dtype, with_target, gen):
+    n = shape[0]
+    x = _rand(shape, dtype, gen, noncontig=n == 5)
+    t = _rand(shape, dtype, gen, noncontig=n == 3) if with_target else None
+    sw = _sample_weights(n, gen)
+    outs = K_ds.domainstudio_grams(x, t, R.STENCILS["pywt"], sw)
+    torch_outs = _ds_weighted_outputs(x.float(), None if t is None else t.float(), "pywt", sw)  # maps in fp32
+    for out, ref, torch_out in zip(outs, _ds_weighted_reference(x, t, "pywt", sw), torch_outs):
+        _check(out, ref, _gram_tol_dtype(dtype), _gram_dtype(dtype), torch_out=torch_out)
+    grads = (torch.randn((n, n), generator=gen, dtype=torch.float64),
+             torch.randn((n, n), generator=gen, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
+    gi, gh, gs = (g.to(_gram_dtype(dtype)).to(DEVICE) for g in grads)
+    out = K_ds.domainstudio_grams_backward(gi, gh, gs, x, t, R.STENCILS["domainstudio"], sw)
+    t32 = None if t is None else t.float()
+    torch_out = _vjp(lambda x: _ds_weighted_outputs(x.float(), t32, "domainstudio", sw), x,
+                     (gi, gh, gs)) if dtype in HALF else None
+    _check(out, _ds_weighted_reference(x, t, "domainstudio", sw, grads), dtype, torch_out=torch_out)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
+def test_domainstudio_grams_sse_weights_multi_tile(monkeypatch, splits, gen):
+    """Three 16-row tiles (the last one partial): each diagonal tile weights its own samples' rows, each
+    backward row tile its own rows; split-K sums of weighted partials. float64 weights on float32 inputs."""
+    monkeypatch.setattr(K_hfgram, "gram_config", _forced_gram_config(16, splits))
+    monkeypatch.setattr(K_hfgram, "gram_backward_config", lambda *a: K_gram.GramBackwardConfig(16, 32, 16, 4, 1))
+    x, t = (_rand((33, 1, 8, 6), torch.float32, gen, noncontig=True) for _ in range(2))
+    sw = _sample_weights(33, gen, torch.float64)
+    st = "domainstudio"
+    for out, ref in zip(K_ds.domainstudio_grams(x, t, R.STENCILS[st], sw), _ds_weighted_reference(x, t, st, sw)):
+        _check(out, ref, torch.float32)
+    grads = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in ((33, 33), (33, 33), ()))
+    out = K_ds.domainstudio_grams_backward(*(g.float() for g in grads), x, t, R.STENCILS[st], sw)
+    _check(out, _ds_weighted_reference(x, t, st, sw, grads), torch.float32)
+
+
+def test_domainstudio_pair_grams_sse_weights(monkeypatch, gen):
+    """Both batches in one launch (three 16-row tiles, split-K): the adapted batch's partial sums weighted (they
+    add up to the weighted sum), the Grams untouched; all-ones weights give the unweighted launch's bits."""
+    monkeypatch.setattr(K_hfgram, "gram_config", _forced_gram_config(16, 2))
+    n = 33
+    s, a, t = (_rand((n, 1, 4, 6), torch.float64, gen) for _ in range(3))
+    sw = _sample_weights(n, gen, torch.float64)
+    st = "domainstudio"
+    hf, image, sse = K_ds.domainstudio_pair_grams(s, a, t, R.STENCILS[st], sw)
+    for b, x in enumerate((s, a)):
+        ref_image, ref_hf, _ = _ds_weighted_reference(x, None, st, sw)
+        _check(hf[b], ref_hf, torch.float64)
+        _check(image[b], ref_image, torch.float64)
+    _check(sse[1].sum(), _ds_weighted_reference(a, t, st, sw)[2], torch.float64)
+    ones = K_ds.domainstudio_pair_grams(s, a, t, R.STENCILS[st], torch.ones(n, dtype=torch.float64, device=DEVICE))
+    for x, y in zip(ones, K_ds.domainstudio_pair_grams(s, a, t, R.STENCILS[st])):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_domainstudio_grams_sse_weights_of_one_are_none(dtype, gen):
+    """All-ones weights give the unweighted kernels' bits (products by 1 are exact), forward and backward."""
+    x, t = (_rand((17, 1, 4, 6), dtype, gen) for _ in range(2))
+    w = R.STENCILS["domainstudio"]
+    ones = torch.ones(17, dtype=torch.float32, device=DEVICE)
+    for out, ref in zip(K_ds.domainstudio_grams(x, t, w, ones), K_ds.domainstudio_grams(x, t, w)):
+        assert torch.equal(out, ref)
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(_gram_dtype(dtype)).to(DEVICE)
+             for s in ((17, 17), (17, 17), ())]
+    assert torch.equal(K_ds.domainstudio_grams_backward(*grads, x, t, w, ones),
+                       K_ds.domainstudio_grams_backward(*grads, x, t, w))
+
+
+@pytest.mark.parametrize(
+    "sse_weights, error",
+    [(torch.ones(4), ValueError), (torch.ones(5, 1), ValueError), (torch.ones(5, dtype=torch.int64), TypeError),
+     (torch.ones(5, device="meta"), ValueError)],
+    ids=["short", "2-D", "int", "device"],
+)
+def test_domainstudio_grams_bad_sse_weights(sse_weights, error):
+    x = torch.zeros((5, 3, 4, 4), device=DEVICE)
+    g = torch.zeros((5, 5), device=DEVICE)
+    sw = sse_weights.to(DEVICE) if sse_weights.device.type != "meta" else sse_weights
+    w = R.STENCILS["domainstudio"]
+    with pytest.raises(error, match="sse_weights"):
+        K_ds.domainstudio_grams(x, x, w, sw)
+    with pytest.raises(error, match="sse_weights"):
+        K_ds.domainstudio_pair_grams(x, x, x, w, sw)
+    with pytest.raises(error, match="sse_weights"):
+        K_ds.domainstudio_grams_backward(g, g, g[0, 0], x, x, w, sw)
+
+
+def test_domainstudio_loss_launch_count_with_hfmse_weights(monkeypatch):
+    """Per-sample hf-MSE weights add no launch: the whole loss launches exactly what it launches unweighted
+    (tests/test_triton_launch.py: at most 3 forward and 3 backward)."""
+    from dsfast import ops
+    from dsfast.kernels._launch_count import LaunchCounter
+
+    monkeypatch.setenv("DSFAST_POISON_OUTPUTS", "0")  # NaN-filling outputs is a debugging launch
+    s, a, r = (torch.randn((16, 2, 8, 8), device=DEVICE) for _ in range(3))  # the count does not depend on C, H, W
+    counts = {}
+    for weighted in (False, True):
+        adapted = a.clone().requires_grad_()
+        weights = torch.rand(16, device=DEVICE) if weighted else None
+        with LaunchCounter() as forward:
+            total = ops.domainstudio_loss(s, adapted, r, backend="triton", check_finite=False,
+                                          hfmse_weights=weights).total
+        with LaunchCounter() as backward:
+            total.backward()
+        assert torch.isfinite(adapted.grad).all()
+        counts[weighted] = (forward.triton, forward.torch, backward.triton, backward.torch)
+    assert counts[True] == counts[False], counts
+    assert len(counts[True][0]) + len(counts[True][1]) <= 3 and len(counts[True][2]) + len(counts[True][3]) <= 3
+
+
 @pytest.mark.parametrize("n", [17, 33])
 def test_hf_gram_backward_multi_tile(monkeypatch, n, gen):
     monkeypatch.setattr(K_hfgram, "gram_backward_config",

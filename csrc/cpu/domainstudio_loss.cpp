@@ -1,15 +1,16 @@
 // The whole DomainStudio loss of one batch in one pass over it, on CPU (docs/KERNELS.md):
-//   domainstudio_grams(x, t)  = (x x^T, hf(x) hf(x)^T, sum((hf(x) - hf(t))^2))      (t absent: 0)
-//   domainstudio_grams_backward(gi, gh, gs, x, t)
-//       = (gi + gi^T) x + hf^T((gh + gh^T) hf(x) + 2 gs (hf(x) - hf(t)))
+//   domainstudio_grams(x, t, sw)  = (x x^T, hf(x) hf(x)^T, sum_i sw_i sum((hf(x_i) - hf(t_i))^2))  (t absent: 0)
+//   domainstudio_grams_backward(gi, gh, gs, x, t, sw)
+//       = (gi + gi^T) x + hf^T((gh + gh^T) hf(x) + 2 gs diag(sw) (hf(x) - hf(t)))
+// sw: optional per-sample weights of the hf-MSE sum (N,), absent = all ones.
 // The chunks of panel.h drive both, through the active ISA's chunk loops (loops.h: grams_chunk,
 // grams_backward_chunk). A chunk's image rows are read from x once, into a per-thread
 // buffer X in the accumulation dtype, and its hf panel P is built from that buffer; both stay in
 // L2 for the small products of small_gram.h (rows padded by a cache line: rows of x are often a
 // multiple of 4 KB apart, which would make the N rows of a block collide in L1):
-//   forward:  Gi += X X^T, Gh += P P^T (per-thread partial Grams), sse += |P - hf(t)|^2
+//   forward:  Gi += X X^T, Gh += P P^T (per-thread partial Grams), sse += sw_i |P_i - hf(t_i)|^2
 //   backward: Y = Mi X, Q = Mh P, then one stencil pass writes every 2x2 block of grad_x once:
-//             Y + (Q + 2 gs (P - hf(t))) * (wa, wb, wc, wd).
+//             Y + (Q + 2 gs sw_i (P - hf(t))) * (wa, wb, wc, wd).
 // hf(x), the bands and Q never exist for the whole batch: memory is a few panels per thread.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -58,11 +59,24 @@ at::Tensor target_of(const std::optional<at::Tensor>& target, const at::Tensor& 
   return target->contiguous();
 }
 
+// The per-sample weights of the hf-MSE sum, checked, as contiguous float64 (undefined when absent).
+at::Tensor sse_weights_of(const std::optional<at::Tensor>& sse_weights, const at::Tensor& x, const char* op) {
+  if (!sse_weights.has_value() || !sse_weights->defined()) return {};
+  const at::Tensor& w = *sse_weights;
+  check_float(w, op, "sse_weights");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(0), op, ": sse_weights must have shape (N,) = (", x.size(0),
+              ",), got ", w.sizes());
+  TORCH_CHECK(w.device() == x.device(), op, ": sse_weights must be on the device of x, got ", w.device(), " and ",
+              x.device());
+  return w.to(at::kDouble).contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tensor& x_in,
                                                                   const std::optional<at::Tensor>& target,
-                                                                  c10::ArrayRef<double> weights) {
+                                                                  c10::ArrayRef<double> weights,
+                                                                  const std::optional<at::Tensor>& sse_weights) {
   const char* op = "domainstudio_grams";
   const BelowAutograd below_autograd;
   check_image(x_in, op);
@@ -70,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
   const auto wt = check_weights(weights, op);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);
+  const at::Tensor sw = sse_weights_of(sse_weights, x, op);
   const auto acc = acc_dtype(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
   const Plan p = make_plan(x, kPanelBytes);
@@ -86,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
     const acc_t w4[4] = {acc_t(wt[0]), acc_t(wt[1]), acc_t(wt[2]), acc_t(wt[3])};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+    const double* swp = sw.defined() ? sw.const_data_ptr<double>() : nullptr;
     const auto& k = loops<scalar_t>();
     for_each_task(p, [&](int64_t task, int64_t cb, int64_t ce) {
       Chunk<acc_t> c(p);
@@ -95,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         const int64_t r0 = chunk * p.rows_per_chunk;
         const int64_t nr = std::min(p.rows_per_chunk, p.rows - r0);
-        sum += k.grams_chunk(xp, tp, geometry(p, r0, nr, c.ldx, c.ldp), w4, c.x.data(), c.panel.data(), gi, gh);
+        sum += k.grams_chunk(xp, tp, geometry(p, r0, nr, c.ldx, c.ldp), w4, swp, c.x.data(), c.panel.data(), gi,
+                             gh);
       }
       part_sse[task] = sum;
     });
@@ -115,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
 at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::Tensor& grad_hf,
                                        const at::Tensor& grad_sse, const at::Tensor& x_in,
                                        const std::optional<at::Tensor>& target,
-                                       c10::ArrayRef<double> weights) {
+                                       c10::ArrayRef<double> weights,
+                                       const std::optional<at::Tensor>& sse_weights) {
   const char* op = "domainstudio_grams_backward";
   const BelowAutograd below_autograd;
   check_image(x_in, op);
@@ -124,6 +142,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
   const auto wt = check_weights(weights, op);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);
+  const at::Tensor sw = sse_weights_of(sse_weights, x, op);
   const auto acc = acc_dtype(x.scalar_type());
   const Plan p = make_plan(x, kPanelBytes);
   at::Tensor grad_x = new_output(x.sizes(), x.options());
@@ -139,6 +158,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
     const acc_t s = static_cast<acc_t>(s2);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+    const double* swp = sw.defined() ? sw.const_data_ptr<double>() : nullptr;
     const acc_t* mip = mi.const_data_ptr<acc_t>();
     const acc_t* mhp = mh.const_data_ptr<acc_t>();
     scalar_t* gp = grad_x.mutable_data_ptr<scalar_t>();
@@ -149,7 +169,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         const int64_t r0 = chunk * p.rows_per_chunk;
         const int64_t nr = std::min(p.rows_per_chunk, p.rows - r0);
-        k.grams_backward_chunk(xp, tp, geometry(p, r0, nr, c.ldx, c.ldp), w4, s, mip, mhp, c.x.data(),
+        k.grams_backward_chunk(xp, tp, geometry(p, r0, nr, c.ldx, c.ldp), w4, s, swp, mip, mhp, c.x.data(),
                                c.panel.data(), y.data(), q.data(), gp);
       }
     });

@@ -51,10 +51,10 @@ struct Loops {
   void (*hf_panel)(const scalar_t* x, acc_t* panel, const PanelGeometry& g, const acc_t* wt);
   void (*hf_panel_backward)(const acc_t* q, scalar_t* grad_x, const PanelGeometry& g, const acc_t* wt);
   double (*grams_chunk)(const scalar_t* x, const scalar_t* target, const PanelGeometry& g, const acc_t* wt,
-                        acc_t* xbuf, acc_t* panel, acc_t* gram_image, acc_t* gram_hf);
+                        const double* sse_w, acc_t* xbuf, acc_t* panel, acc_t* gram_image, acc_t* gram_hf);
   void (*grams_backward_chunk)(const scalar_t* x, const scalar_t* target, const PanelGeometry& g,
-                               const acc_t* wt, acc_t s, const acc_t* m_image, const acc_t* m_hf, acc_t* xbuf,
-                               acc_t* panel, acc_t* y, acc_t* q, scalar_t* grad_x);
+                               const acc_t* wt, acc_t s, const double* sse_w, const acc_t* m_image,
+                               const acc_t* m_hf, acc_t* xbuf, acc_t* panel, acc_t* y, acc_t* q, scalar_t* grad_x);
 };
 
 struct LoopTable {

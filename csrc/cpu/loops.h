@@ -191,11 +191,11 @@ void scatter_row(const acc_t* __restrict__ q, const acc_t* __restrict__ p, acc_t
 }
 
 // Forward of one chunk: upper triangles of gram_image += X X^T and gram_hf += P P^T; returns the chunk's
-// sum((P - hf(t))^2) (t null: sum(P^2)).
+// sum((P - hf(t))^2) (t null: sum(P^2)), sample i's part times sse_w[i] where sse_w is not null.
 template <typename scalar_t>
 double grams_chunk(const scalar_t* x, const scalar_t* t, const PanelGeometry& g, const acc_of<scalar_t>* wt,
-                   acc_of<scalar_t>* xbuf, acc_of<scalar_t>* panel, acc_of<scalar_t>* gram_image,
-                   acc_of<scalar_t>* gram_hf) {
+                   const double* sse_w, acc_of<scalar_t>* xbuf, acc_of<scalar_t>* panel,
+                   acc_of<scalar_t>* gram_image, acc_of<scalar_t>* gram_hf) {
   using acc_t = acc_of<scalar_t>;
   load_chunk(x, g, wt, xbuf, panel);
   double sum = 0;
@@ -205,7 +205,8 @@ double grams_chunk(const scalar_t* x, const scalar_t* t, const PanelGeometry& g,
       const scalar_t* ttop = t ? t + i * g.sample + (g.r0 + r) * 4 * g.w : nullptr;
       row_sum += row_sse(panel + i * g.ldp + r * g.w, ttop, ttop ? ttop + 2 * g.w : nullptr, g.w, wt);
     }
-    sum += row_sum;
+    // a weight of 1 changes nothing (an exact product, also when contracted into an FMA)
+    sum += sse_w ? sse_w[i] * static_cast<double>(row_sum) : static_cast<double>(row_sum);
   }
   gram_update_upper(xbuf, g.ldx, g.n, 4 * g.nr * g.w, gram_image);
   gram_update_upper(panel, g.ldp, g.n, g.nr * g.w, gram_hf);
@@ -213,23 +214,24 @@ double grams_chunk(const scalar_t* x, const scalar_t* t, const PanelGeometry& g,
 }
 
 // Backward of one chunk: Y = Mi X, Q = Mh P, then one stencil pass writes every 2x2 block of grad_x once:
-// Y + (Q + s (P - hf(t))) * (wa, wb, wc, wd).
+// Y + (Q + s_i (P - hf(t))) * (wa, wb, wc, wd), s_i = s * sse_w[i] for sample i (s where sse_w is null).
 template <typename scalar_t>
 void grams_backward_chunk(const scalar_t* x, const scalar_t* t, const PanelGeometry& g, const acc_of<scalar_t>* wt,
-                          acc_of<scalar_t> s, const acc_of<scalar_t>* m_image, const acc_of<scalar_t>* m_hf,
-                          acc_of<scalar_t>* xbuf, acc_of<scalar_t>* panel, acc_of<scalar_t>* y,
-                          acc_of<scalar_t>* q, scalar_t* grad_x) {
+                          acc_of<scalar_t> s, const double* sse_w, const acc_of<scalar_t>* m_image,
+                          const acc_of<scalar_t>* m_hf, acc_of<scalar_t>* xbuf, acc_of<scalar_t>* panel,
+                          acc_of<scalar_t>* y, acc_of<scalar_t>* q, scalar_t* grad_x) {
   using acc_t = acc_of<scalar_t>;
   load_chunk(x, g, wt, xbuf, panel);
   small_mm(m_image, xbuf, g.ldx, g.n, 4 * g.nr * g.w, y, g.ldx);
   small_mm(m_hf, panel, g.ldp, g.n, g.nr * g.w, q, g.ldp);
   for (int64_t i = 0; i < g.n; ++i) {
+    const acc_t si = sse_w ? static_cast<acc_t>(static_cast<double>(s) * sse_w[i]) : s;
     for (int64_t r = 0; r < g.nr; ++r) {
       const int64_t off = i * g.sample + (g.r0 + r) * 4 * g.w;
       const acc_t* y_top = y + i * g.ldx + r * 4 * g.w;
       const int64_t hf_off = i * g.ldp + r * g.w;
       const scalar_t* ttop = t ? t + off : nullptr;
-      scatter_row<scalar_t, acc_t>(q + hf_off, panel + hf_off, s, ttop, ttop ? ttop + 2 * g.w : nullptr, y_top,
+      scatter_row<scalar_t, acc_t>(q + hf_off, panel + hf_off, si, ttop, ttop ? ttop + 2 * g.w : nullptr, y_top,
                                    y_top + 2 * g.w, grad_x + off, grad_x + off + 2 * g.w, g.w, wt);
     }
   }

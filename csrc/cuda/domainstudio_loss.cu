@@ -2,12 +2,13 @@
 // csrc/cpu/domainstudio_loss.cpp). The hf rows of the batch go in chunks (panel layout: stencil.cuh)
 // whose image rows, N x 4L, fit in L2 (kPanelBytes), so that what one kernel reads from DRAM the
 // next call re-reads from L2:
-//   forward:  a kernel writes the hf panel P and per-block partial sums of (P - hf(t))^2; cuBLAS
+//   forward:  a kernel writes the hf panel P and per-block partial sums of sw_s (P - hf(t))^2; cuBLAS
 //             adds X X^T (straight from x for float32/64, from a float32 copy of the chunk for
 //             16-bit x) and P P^T to the Grams;
 //   backward: Q = Mh P and Y = Mi X (cuBLAS, Y written into grad_x for float32/64), then a kernel
-//             writes every 2x2 block once: Y + (Q + 2 g_sse (P - hf(t))) * (wa, wb, wc, wd).
-// g_sse is read on the device (no host sync). The cuBLAS calls run under at::NoTF32Guard: float32
+//             writes every 2x2 block once: Y + (Q + 2 g_sse sw_s (P - hf(t))) * (wa, wb, wc, wd).
+// sw: the optional per-sample weights of the hf-MSE sum (absent: all ones; a weight of 1 gives the
+// unweighted bits). g_sse and sw are read on the device (no host sync). The cuBLAS calls run under at::NoTF32Guard: float32
 // products stay float32 when a script enables TF32 (torch.backends.cuda.matmul.allow_tf32). Everything runs in order on the current stream, so
 // the workspaces are reused across chunks.
 #include <ATen/Context.h>
@@ -36,10 +37,11 @@ __device__ __forceinline__ acc_t stencil_at(const scalar_t* top, int64_t w2, acc
 }
 
 // panel[i] = hf(x) of block (s, r0 + r, j); partial[blockIdx.x] = sum over the block's elements of
-// (hf(x) - hf(t))^2 (t null: hf(x)^2).
+// sw[s] (hf(x) - hf(t))^2 (t null: hf(x)^2; sw null: weight 1).
 template <typename scalar_t, typename acc_t>
 __global__ void ds_panel_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ t,
-                                acc_t* __restrict__ panel, acc_t* __restrict__ partial, int64_t total,
+                                const acc_t* __restrict__ sw, acc_t* __restrict__ panel,
+                                acc_t* __restrict__ partial, int64_t total,
                                 int64_t sample, int64_t r0, int64_t nr, int64_t w, acc_t wa, acc_t wb,
                                 acc_t wc, acc_t wd) {
   __shared__ acc_t red[kThreads];
@@ -54,7 +56,8 @@ __global__ void ds_panel_kernel(const scalar_t* __restrict__ x, const scalar_t* 
     const acc_t hf = stencil_at(x + off, 2 * w, wa, wb, wc, wd);
     panel[i] = hf;
     const acc_t d = t == nullptr ? hf : hf - stencil_at(t + off, 2 * w, wa, wb, wc, wd);
-    sum += d * d;
+    const acc_t dw = sw == nullptr ? d : d * sw[s];  // weight 1: d itself, the same (FMA-contracted) sum
+    sum += dw * d;
   }
   red[threadIdx.x] = sum;
   __syncthreads();
@@ -65,12 +68,13 @@ __global__ void ds_panel_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
 }
 
-// Every block (s, r0 + r, j) of grad: y + v * (wa, wb, wc, wd), v = q + 2 g_sse (p - hf(t)).
-// y (row stride ldy per sample, 4 * w per hf row) may alias grad.
+// Every block (s, r0 + r, j) of grad: y + v * (wa, wb, wc, wd), v = q + 2 g_sse sw[s] (p - hf(t))
+// (sw null: weight 1). y (row stride ldy per sample, 4 * w per hf row) may alias grad.
 template <typename scalar_t, typename acc_t>
 __global__ void ds_scatter_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ panel,
                                   const scalar_t* __restrict__ t, const acc_t* y, int64_t ldy,
-                                  const acc_t* __restrict__ grad_sse, scalar_t* grad, int64_t total,
+                                  const acc_t* __restrict__ grad_sse, const acc_t* __restrict__ sw,
+                                  scalar_t* grad, int64_t total,
                                   int64_t sample, int64_t r0, int64_t nr, int64_t w, acc_t wa, acc_t wb,
                                   acc_t wc, acc_t wd) {
   const int64_t len = nr * w;
@@ -82,7 +86,7 @@ __global__ void ds_scatter_kernel(const acc_t* __restrict__ q, const acc_t* __re
     const int64_t j = rem - r * w;
     const int64_t off = s * sample + (r0 + r) * 4 * w + 2 * j;
     const acc_t p = t == nullptr ? panel[i] : panel[i] - stencil_at(t + off, 2 * w, wa, wb, wc, wd);
-    const acc_t v = q[i] + s2 * p;
+    const acc_t v = q[i] + (sw == nullptr ? s2 : s2 * sw[s]) * p;
     const acc_t* yb = y + s * ldy + r * 4 * w + 2 * j;
     const acc_t y0 = yb[0], y1 = yb[1], y2 = yb[2 * w], y3 = yb[2 * w + 1];
     grad[off] = static_cast<scalar_t>(y0 + wa * v);
@@ -97,6 +101,20 @@ at::Tensor target_of(const std::optional<at::Tensor>& target, const at::Tensor& 
   check_image(*target, op, "target");
   check_like(*target, x, op, "target");
   return target->contiguous();
+}
+
+// The per-sample weights of the hf-MSE sum, checked, as contiguous acc-dtype (undefined when absent; no
+// copy when they are already that).
+at::Tensor sse_weights_of(const std::optional<at::Tensor>& sse_weights, const at::Tensor& x, at::ScalarType acc,
+                          const char* op) {
+  if (!sse_weights.has_value() || !sse_weights->defined()) return {};
+  const at::Tensor& w = *sse_weights;
+  check_float(w, op, "sse_weights");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(0), op, ": sse_weights must have shape (N,) = (", x.size(0),
+              ",), got ", w.sizes());
+  TORCH_CHECK(w.device() == x.device(), op, ": sse_weights must be on the device of x, got ", w.device(), " and ",
+              x.device());
+  return w.to(acc).contiguous();
 }
 
 // The image rows [col0, col0 + cols) of x2d in the accumulation dtype: x itself for float32/64,
@@ -123,7 +141,8 @@ Chunks plan(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tensor& x_in,
                                                                   const std::optional<at::Tensor>& target,
-                                                                  c10::ArrayRef<double> weights) {
+                                                                  c10::ArrayRef<double> weights,
+                                                                  const std::optional<at::Tensor>& sse_weights) {
   const char* op = "domainstudio_grams";
   const BelowAutograd below_autograd;
   check_image(x_in, op);
@@ -134,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);
   const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor sw = sse_weights_of(sse_weights, x, acc, op);
   const auto acc_opts = x.options().dtype(acc);
   const Chunks c = plan(x);
   at::Tensor image = new_output({c.n, c.n}, acc_opts);
@@ -154,12 +174,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "domainstudio_grams_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* tp = t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* swp = sw.defined() ? sw.const_data_ptr<acc_t>() : nullptr;
     for (int64_t k = 0; k < chunks; ++k) {
       const int64_t r0 = k * c.rpc;
       const int64_t nr = std::min(c.rpc, c.rows - r0);
       const int64_t total = c.n * nr * c.w;
       ds_panel_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), tp, panel.mutable_data_ptr<acc_t>(),
+          x.const_data_ptr<scalar_t>(), tp, swp, panel.mutable_data_ptr<acc_t>(),
           partial.mutable_data_ptr<acc_t>() + k * blocks, total, c.sample, r0, nr, c.w, acc_t(wt[0]),
           acc_t(wt[1]), acc_t(wt[2]), acc_t(wt[3]));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -176,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
 at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::Tensor& grad_hf,
                                        const at::Tensor& grad_sse, const at::Tensor& x_in,
                                        const std::optional<at::Tensor>& target,
-                                       c10::ArrayRef<double> weights) {
+                                       c10::ArrayRef<double> weights,
+                                       const std::optional<at::Tensor>& sse_weights) {
   const char* op = "domainstudio_grams_backward";
   const BelowAutograd below_autograd;
   check_image(x_in, op);
@@ -188,6 +210,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);
   const auto acc = acc_dtype(x.scalar_type());
+  const at::Tensor sw = sse_weights_of(sse_weights, x, acc, op);
   const auto acc_opts = x.options().dtype(acc);
   const Chunks c = plan(x);
   at::Tensor grad_x = new_output(x.sizes(), x.options());
@@ -212,6 +235,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t wa = wt[0], wb = wt[1], wc = wt[2], wd = wt[3];
     const scalar_t* tp = t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* swp = sw.defined() ? sw.const_data_ptr<acc_t>() : nullptr;
     for (int64_t r0 = 0; r0 < c.rows; r0 += c.rpc) {
       const int64_t nr = std::min(c.rpc, c.rows - r0);
       const int64_t total = c.n * nr * c.w, col0 = r0 * 4 * c.w, cols = 4 * nr * c.w;
@@ -225,7 +249,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
       at::mm_out(y, mi, image_rows(x2d, buf, col0, cols));
       ds_scatter_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
           q.const_data_ptr<acc_t>(), panel.const_data_ptr<acc_t>(), tp, y.const_data_ptr<acc_t>(),
-          y.stride(0), gs.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), total, c.sample,
+          y.stride(0), gs.const_data_ptr<acc_t>(), swp, grad_x.mutable_data_ptr<scalar_t>(), total, c.sample,
           r0, nr, c.w, wa, wb, wc, wd);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -95,3 +95,29 @@ def check_finite_gram(op: str, name: str, g: torch.Tensor, check_finite: bool | 
         return
     if not bool(torch.isfinite(g).all()):
         raise ValueError(f"{op}: `{name}` contains NaN or Inf values")
+
+
+def check_sample_weights(op: str, name: str, weights, batch: torch.Tensor, check_finite: bool | None = None) -> None:
+    """Per-sample weights of ``batch`` (N, ...): ``None`` or a floating (N,) tensor on its device, finite and
+    non-negative. The value checks (finite, non-negative) follow ``check_finite`` as :func:`check_finite_gram`
+    does: ``None`` checks CPU tensors only (on a GPU they would be a device->host sync per call), ``True``
+    always, ``False`` never; none while compiling."""
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor or None, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"{op}: `{name}` must be a floating-point tensor, got {weights.dtype}")
+    n = batch.shape[0]
+    if weights.shape != (n,):
+        raise ValueError(f"{op}: `{name}` must have shape (N,) = ({n},), one weight per sample, got {tuple(weights.shape)}")
+    if weights.device != batch.device:
+        raise ValueError(f"{op}: `{name}` must be on the device of the inputs ({batch.device}), got {weights.device}")
+    if check_finite is False or torch.compiler.is_compiling():
+        return
+    if check_finite is None and weights.device.type != "cpu":
+        return
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"{op}: `{name}` contains NaN or Inf values")
+    if bool((weights < 0).any()):
+        raise ValueError(f"{op}: `{name}` must be non-negative, got a minimum of {float(weights.min())}")
