@@ -1,12 +1,18 @@
-"""Peak memory of ONE text-to-image DomainStudio training step on CPU: the official form vs dsfast's options.
+"""Peak memory of ONE text-to-image DomainStudio training step on CPU: the official form vs dsfast's options,
+and ``dsfast plan``'s prediction of each point.
 
     python -m bench.memory                      # the sweep (~10 min on 2 cores): rows + plots
     python -m bench.memory --report-only        # plots and the markdown table from the rows
+    python -m bench.memory --preset sd3-small   # the same for a reduced-width SD3 (or flux-small: FLUX.1)
 
-Model: a Stable-Diffusion-architecture pipeline with reduced width (``dsfast.plan.PRESETS["sd-small"]``:
-the SD-1.5 UNet2DConditionModel / AutoencoderKL / CLIP text-encoder layer structure — 4 UNet levels, 2
-layers per block, cross-attention at 3 levels, an 8x VAE with 4 levels — at 1/10 of SD-1.5's UNet width),
-random weights, saved with ``save_pretrained``; 6 instance images, 4 class images.
+Model (``--preset``, a ``dsfast.plan.PRESETS`` entry, random weights saved with ``save_pretrained``; 6
+instance images, 4 class images): ``sd-small`` (default), a Stable-Diffusion-architecture pipeline with
+reduced width (the SD-1.5 UNet2DConditionModel / AutoencoderKL / CLIP text-encoder layer structure — 4 UNet
+levels, 2 layers per block, cross-attention at 3 levels, an 8x VAE with 4 levels — at 1/10 of SD-1.5's UNet
+width); ``sd3-small`` / ``flux-small``, the SD3 / FLUX.1 structures (joint blocks on 2x2 patches; double and
+single blocks on 2x2-packed tokens; a 16-channel 8x VAE; CLIP + CLIP + T5 / CLIP + T5) at small width, trained
+through their families with ``model.max_sequence_length`` set to the preset's T5 tokens. The official form
+is written for the SD UNet only (the flow-matching families have no released DomainStudio step).
 
 Forms (every one trains the whole UNet in float32 with AdamW on one process unless said otherwise):
 
@@ -44,6 +50,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_IMAGES, CLASS_IMAGES = 6, 4  # the images of every measured run
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -98,24 +105,30 @@ def measure(fn):
 
 
 # ----------------------------------------------------------------------------------------- assets
-def make_assets(root: Path) -> dict:
-    """The SD-architecture pipeline (reduced width), 6 instance and 4 class images, under ``root``."""
+def make_assets(root: Path, preset: str = "sd-small") -> dict:
+    """The preset's pipeline (reduced width), 6 instance and 4 class images, under ``root``."""
     from dsfast.plan import build_pipeline
     from dsfast.train.testing import write_images
 
-    model = root / "model"
+    model = root / ("model" if preset == "sd-small" else f"model-{preset}")
     if not (model / "model_index.json").is_file():
-        build_pipeline("sd-small", model)
-    write_images(root / "instance", 6, size=256, seed=1)
-    write_images(root / "class", 4, size=256, seed=2)
-    return {"model": str(model), "instance": str(root / "instance"), "class": str(root / "class")}
+        build_pipeline(preset, model)
+    write_images(root / "instance", INSTANCE_IMAGES, size=256, seed=1)
+    write_images(root / "class", CLASS_IMAGES, size=256, seed=2)
+    return {"model": str(model), "instance": str(root / "instance"), "class": str(root / "class"), "preset": preset}
 
 
 def run_config(assets: dict, out: Path, resolution: int, batch: int) -> dict:
+    from dsfast.plan import PRESETS
+
+    model = {"pretrained": assets["model"]}
+    t5_len = PRESETS[assets.get("preset", "sd-small")].get("t5_len")
+    if t5_len:
+        model["max_sequence_length"] = t5_len
     return {
         "method": "domainstudio",
-        "model": {"pretrained": assets["model"]},
-        "data": {"instance_dir": assets["instance"], "class_dir": assets["class"], "num_class_images": 4,
+        "model": model,
+        "data": {"instance_dir": assets["instance"], "class_dir": assets["class"], "num_class_images": CLASS_IMAGES,
                  "instance_prompt": "a sks dog", "class_prompt": "a dog", "resolution": resolution},
         "train": {"max_steps": 1, "batch_size": batch, "seed": 0},
         "deepspeed": {"zero_stage": 0},
@@ -130,8 +143,10 @@ OPTIONS = {
     "official": None,
     "dsfast": [],
     "dsfast+latent": ["loss.space=latent"],
+    "dsfast+pixel": ["loss.space=pixel"],
     "dsfast+lora": ["model.lora_rank=8", "loss.source=lora_off"],
     "dsfast+ckpt": ["train.gradient_checkpointing=true"],
+    "dsfast+lora+ckpt": ["model.lora_rank=8", "loss.source=lora_off", "train.gradient_checkpointing=true"],
     "dsfast+latent+lora+ckpt": ["loss.space=latent", "model.lora_rank=8", "loss.source=lora_off",
                                 "train.gradient_checkpointing=true"],
     "zero2-offload": ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"],
@@ -178,8 +193,8 @@ def official_step(assets: dict, resolution: int, batch: int) -> dict:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from dsfast import ops
-    from dsfast.train.data import load_folder
-    from dsfast.train.methods import predicted_x0
+    from dsfast.train.data import load_images
+    from dsfast.train.diffusion import predicted_x0
 
     path = assets["model"]
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").train()
@@ -196,8 +211,8 @@ def official_step(assets: dict, resolution: int, batch: int) -> dict:
         return te(ids)[0].expand(batch, -1, -1)
 
     with torch.no_grad():
-        x_i = load_folder(assets["instance"], resolution)[torch.arange(batch) % 6]
-        x_c = load_folder(assets["class"], resolution, what="data.class_dir")[torch.arange(batch) % 4]
+        x_i = load_images(assets["instance"], resolution)[torch.arange(batch) % INSTANCE_IMAGES]
+        x_c = load_images(assets["class"], resolution, what="data.class_dir")[torch.arange(batch) % CLASS_IMAGES]
         z_i = vae.encode(x_i).latent_dist.mean * scale
         z_c = vae.encode(x_c).latent_dist.mean * scale
         emb_i, emb_c = embed("a sks dog"), embed("a dog")
@@ -223,8 +238,18 @@ def official_step(assets: dict, resolution: int, batch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- sweep
-def cases(quick: bool) -> list[dict]:
+def cases(quick: bool, preset: str = "sd-small") -> list[dict]:
     """(option, resolution, global batch, micro-batch) points, most important first."""
+    if preset != "sd-small":  # the transformer families: loss.space=latent by default, no official form
+        out = [dict(option=o, resolution=128, batch=4) for o in ("dsfast", "dsfast+lora")]
+        out += [dict(option="dsfast", resolution=128, batch=16, micro=2), dict(option="dsfast+ckpt", resolution=128,
+                                                                             batch=4),
+                dict(option="dsfast+pixel", resolution=128, batch=4),
+                dict(option="dsfast+lora+ckpt", resolution=128, batch=16, micro=2)]
+        out += [dict(option=o, resolution=256, batch=4) for o in ("dsfast", "dsfast+lora")]
+        out += [dict(option="dsfast", resolution=256, batch=16, micro=1)]
+        out += [dict(option=o, resolution=128, batch=16, micro=2) for o in RANKS]
+        return out[:2] if quick else out
     combined = "dsfast+latent+lora+ckpt"
     out = [dict(option="official", resolution=128, batch=4), dict(option="dsfast", resolution=128, batch=16, micro=2),
            dict(option="dsfast", resolution=128, batch=4), dict(option="dsfast", resolution=128, batch=32, micro=2)]
@@ -287,6 +312,8 @@ def main(argv=None) -> int:
                     help="folder of the rows, table and plot (default: bench/results/<this CPU>); the bytes counted "
                          "do not depend on the CPU model, so rows measured elsewhere may join a folder (each row "
                          "names its CPU)")
+    ap.add_argument("--preset", default="sd-small", choices=PRESETS,
+                    help="the reduced-width model (dsfast.plan.PRESETS; default sd-small)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one point, in this process
     args = ap.parse_args(argv)
     if args.worker:
@@ -296,11 +323,11 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.results) if args.results else RESULTS / slugify(cpu_model())
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows_path = out_dir / "memory-train-cpu.jsonl"
+    rows_path = out_dir / f"memory-train-cpu{_suffix(args.preset, '-')}.jsonl"
     if not args.report_only:
         work = Path(tempfile.mkdtemp(prefix="dsfast-mem-"))
-        assets = make_assets(work)
-        todo = cases(args.quick)
+        assets = make_assets(work, args.preset)
+        todo = cases(args.quick, args.preset)
         if args.only:
             todo = [c for c in todo if c["option"] in args.only.split(",")]
         if not args.redo and rows_path.is_file():
@@ -313,8 +340,28 @@ def main(argv=None) -> int:
                                                            "peak_bytes", "wall_s", "reason")}), flush=True)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-    report(rows_path, out_dir)
+    report(rows_path, out_dir, args.preset)
     return 0
+
+
+PRESETS = ("sd-small", "sd3-small", "flux-small")  # the reduced-width models measured here
+
+
+def _suffix(preset: str, sep: str) -> str:
+    """File-name suffix of a preset's rows, table and plot (none for sd-small, the first one measured)."""
+    return "" if preset == "sd-small" else sep + preset
+
+
+def predicted_bytes(planner, row: dict) -> int:
+    """``dsfast plan``'s prediction for a measured point: a CPU run holds device and host memory in one place
+    (``total``), and the measured step was the run's first (the AdamW moments come in its optimizer.step())."""
+    from dsfast.plan import OPTIONS as PLAN_OPTIONS
+    from dsfast.plan import Option
+
+    micro = row.get("micro") or row["batch"] // row.get("ranks", RANKS.get(row["option"], 1))
+    option = Option(**{**vars(PLAN_OPTIONS[row["option"]]), "micro_batch": micro})
+    return planner.predict(option, row["batch"], row["resolution"], first_step=True, images=INSTANCE_IMAGES,
+                           class_images=CLASS_IMAGES)["total"]
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -327,7 +374,12 @@ def load_rows(path: Path) -> list[dict]:
     return list(rows.values())
 
 
-def report(rows_path: Path, out_dir: Path) -> None:
+def _mib(n: int) -> str:
+    mib = n / 2 ** 20
+    return f"{mib:.0f}" if mib >= 100 else f"{mib:.1f}"
+
+
+def report(rows_path: Path, out_dir: Path, preset: str = "sd-small") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,38 +399,38 @@ def report(rows_path: Path, out_dir: Path) -> None:
                 by_res[r["resolution"]] = r["peak_bytes"] / mib
         if by_res:
             ax2.plot(*zip(*sorted(by_res.items())), "o-", label=f"{opt} (batch {4 if opt == 'official' else 16})")
-    ax1.set(xlabel="global batch", ylabel="peak MiB (one step)", title="CPU: memory vs global batch, 128 px")
-    ax2.set(xlabel="resolution (px)", ylabel="peak MiB (one step)", title="CPU: memory vs resolution")
+    ax1.set(xlabel="global batch", ylabel="peak MiB (one step)", title=f"CPU: memory vs global batch, 128 px ({preset})")
+    ax2.set(xlabel="resolution (px)", ylabel="peak MiB (one step)", title=f"CPU: memory vs resolution ({preset})")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "memory_train.png", dpi=110)
-    from dsfast.plan import OPTIONS as PLAN_OPTIONS
-    from dsfast.plan import PRESETS, Option, Planner
+    fig.savefig(out_dir / f"memory_train{_suffix(preset, '_')}.png", dpi=110)
+    from dsfast.plan import PRESETS as PLAN_PRESETS
+    from dsfast.plan import Planner
 
-    planner = Planner(PRESETS["sd-small"])
-    lines = ["| option | resolution | global batch | micro-batch | ranks | measured peak MiB | vs official batch 4 "
-             "| `dsfast plan` MiB | plan error |", "|---|---|---|---|---|---|---|---|---|"]
+    planner = Planner(PLAN_PRESETS[preset])
     official = {r["resolution"]: r["peak_bytes"] for r in rows if r["option"] == "official" and r["batch"] == 4}
-    errors = []
+    ratio_col = " vs official batch 4 |" if official else ""
+    lines = [f"| option | resolution | global batch | micro-batch | ranks | measured peak MiB |{ratio_col} "
+             "`dsfast plan` MiB | plan error |", "|---|---|---|---|---|---|---|---|" + ("---|" if official else "")]
+    errors = {1: [], 2: []}  # by ranks
     for r in sorted(rows, key=lambda r: (r["resolution"], list(OPTIONS).index(r["option"]), r["batch"],
                                          r.get("micro") or 0)):
         ref = official.get(r["resolution"])
-        ratio = f"{r['peak_bytes'] / ref:.2f}x" if ref else ""
+        ratio = (f" {r['peak_bytes'] / ref:.2f}x |" if ref else " |") if official else ""
         micro = r.get("micro") or r["batch"] // r["ranks"]
-        option = Option(**{**vars(PLAN_OPTIONS[r["option"]]), "micro_batch": micro})
-        # a CPU run holds device and host memory in one place, and this was the run's first step
-        predicted = planner.predict(option, r["batch"], r["resolution"], first_step=True)["total"]
+        predicted = predicted_bytes(planner, r)
         err = predicted / r["peak_bytes"] - 1
-        errors.append(abs(err))
+        errors[min(r["ranks"], 2)].append(abs(err))
         lines.append(f"| {r['option']} | {r['resolution']} | {r['batch']} | {micro} | {r['ranks']} "
-                     f"| {r['peak_bytes'] / mib:.0f} | {ratio} | {predicted / mib:.0f} | {err:+.1%} |")
-    if errors:
-        lines.append(f"\n`dsfast plan` vs measured: mean |error| {sum(errors) / len(errors):.1%}, "
-                     f"max {max(errors):.1%} over {len(errors)} points (none used to fit it: the plan's probe "
-                     "runs on the meta device).")
-    (out_dir / "memory_train.md").write_text("\n".join(lines) + "\n")
+                     f"| {_mib(r['peak_bytes'])} |{ratio} {_mib(predicted)} | {err:+.1%} |")
+    summary = [f"{what}: mean |error| {sum(e) / len(e):.1%}, max {max(e):.1%} over {len(e)} points"
+               for what, e in (("one process", errors[1]), ("ZeRO on 2 ranks", errors[2])) if e]
+    if summary:
+        lines.append(f"\n`dsfast plan` vs measured ({preset}), {'; '.join(summary)} (none used to fit it: the "
+                     "plan's probe runs on the meta device).")
+    (out_dir / f"memory_train{_suffix(preset, '_')}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

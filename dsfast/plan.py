@@ -1,25 +1,37 @@
 """``dsfast plan``: predicted peak GPU memory of a training run, per memory option, and what fits.
 
-    dsfast plan --preset sd15 --gpu 24,48,80
+    dsfast plan --preset sd15|sdxl|sd3-medium|sd35-large|flux-dev|adm256 --gpu 24,48,80
     dsfast plan --config run.yaml --gpu 24 [key=value ...]
 
-A prediction, not a measurement. Per rank and per step, in bytes:
+A prediction, not a measurement, for every model family the trainer trains (``dsfast/train/families``: a
+UNet, SD3's MMDiT, FLUX.1's transformer). Per rank and per step, in bytes:
 
 * **model states**, from parameter counts (the architecture instantiated on the ``meta`` device: no
-  weights): the trained parameters (the UNet, or only its LoRA adapters) cost 4 B weights + 4 B gradients
+  weights): the trained parameters (the denoiser, or only its LoRA adapters on the family's
+  ``lora_targets``) cost 4 B weights + 4 B gradients
   + 8 B AdamW moments in float32; with bf16 mixed precision 2 B weights + 2 B gradients + 4 B fp32 master +
   8 B moments. ZeRO stage 1 divides the optimizer part (moments, master) by the world size, stage 2 also the
   gradients, stage 3 also the weights; ``offload_optimizer=cpu`` moves the optimizer part (and, stage ≥ 2,
   the gradient partition) to host memory, ``offload_param=cpu`` the stage-3 weight partition;
-* **frozen copies**: VAE, text encoder(s), the frozen source UNet (``loss.source=frozen``), the LoRA base
-  weights, in the run's precision;
+* **frozen copies**: VAE, text encoder(s) (CLIP, and T5-XXL on SD3/FLUX: the trainer keeps them loaded for
+  sample grids), the LoRA base weights, in the run's precision (each part in the family's ``part_dtype``:
+  SDXL's VAE stays float32);
 * **activations** of one micro-batch: a short probe of the actual architecture at two small resolutions —
-  the run's forward (the UNet on instance + class latents, the x̃0 decode the option keeps for backward)
-  traced on the ``meta`` device while counting the bytes autograd saves for backward (each storage once,
-  parameters excluded), attention counted as the fused kernels store it (PyTorch uses them on CUDA and on
-  CPU; no score matrix) — fitted as ``a·pixels + b·pixels²`` per sample and extrapolated to the run's
-  resolution and micro-batch size. Gradient checkpointing (diffusers recomputes each resnet and each
-  transformer block) keeps what is saved outside them and their inputs, plus one of them recomputed.
+  the run's forward (the denoiser on instance + class latents — a UNet on the latent image, SD3's
+  transformer on its 2x2 patches, FLUX's on 2x2-packed latent tokens, each with the cached prompt embeddings
+  the trainer feeds it — and the x̃0 decode the option keeps for backward)
+  traced on the ``meta`` device while counting the bytes of the tensors alive (each storage from its
+  creation until its last tensor is freed, parameters excluded: the tensors autograd saves for backward and
+  the intermediates around them; on the reduced-width CPU models this equals torch.profiler's peak of the
+  real forward), attention counted as the fused kernels store it (PyTorch uses them on CUDA and on
+  CPU; no score matrix) — fitted per sample as ``a·pixels + b·pixels²`` (UNet) or ``c + a·pixels``
+  (transformers: the prompt tokens are a constant per sample, every activation is linear in the tokens)
+  and extrapolated to the run's resolution and micro-batch size. Gradient checkpointing (diffusers
+  recomputes each resnet and each transformer block: SD3's joint blocks, FLUX's double and single blocks)
+  keeps what is saved outside them and their inputs, plus the peak of one of them recomputed;
+* the **cached data** of the run, float32 on the device: the instance images (as given, mirrored, and
+  DomainStudio's copy), the VAE latents of every instance and class image and of its mirror image, the
+  prompt embeddings (10 instance and 200 class images unless told);
 * the **inputs** of the rank's share of the global batch, built before the step: images, latents, noise;
 * the two-pass micro-batch scheme adds the gathered adapted x̃0 and its gradient (2 × global batch × image,
   or × latent with ``loss.space=latent``), and holds the gradients from the first micro-batch on (one
@@ -38,7 +50,9 @@ on the device or offloaded, come with the first ``optimizer.step()``. A CPU run 
 ``bench/memory.py`` measures) also has torch AdamW's two temporaries of DeepSpeed's flat fp32 partition
 (ZeRO ≥ 1) and gloo's copy of a reduced ZeRO-3 bucket.
 Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation (typically 5–15 % above
-``max_memory_allocated``), cuDNN workspaces. The table leaves 10 % head-room for them.
+``max_memory_allocated``), cuDNN workspaces; and the set-up before the first step (prompt encoding, class
+images and the float32 pipeline built for them) and the sample grids (another one), outside the step. The table leaves
+10 % head-room for the first three.
 """
 from __future__ import annotations
 
@@ -49,15 +63,36 @@ from dataclasses import dataclass
 from dsfast.argtypes import ArgumentParser, positive_int
 
 GIB = 2 ** 30
-CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")  # diffusers' checkpointed modules
+# diffusers' checkpointed modules: the UNet's resnets and transformer blocks, SD3's joint blocks, FLUX's
+# double- and single-stream blocks (each goes through the model's _gradient_checkpointing_func)
+CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock",
+                    "FluxSingleTransformerBlock")
 STAGE3_REUSE = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance (elements; = stage3_max_live_parameters)
+# T5 tokens of the prompt embeddings when model.max_sequence_length is not set (the families' encode_prompts)
+T5_TOKENS = {"sd3": 256, "flux": 512}
+# the data a run caches, when not given: a few-shot set of instance images, data.num_class_images's default
+INSTANCE_IMAGES, CLASS_IMAGES = 10, 200
 
 # Architectures, written from their published configurations (no downloads).
 _SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                layers_per_block=2, sample_size=512)
+# SD3's and FLUX.1's VAE: the SD VAE layout with 16 latent channels, no quant convs, scaled and shifted latents
+_SD3_VAE = dict(_SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
+                scaling_factor=1.5305, shift_factor=0.0609)
+_FLUX_VAE = dict(_SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
 _CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                num_attention_heads=12, max_position_embeddings=77)
+# OpenCLIP bigG (SDXL's and SD3's second text encoder: CLIPTextModelWithProjection)
+_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+               num_attention_heads=20, max_position_embeddings=77, projection_dim=1280)
+# google/t5-v1_1-xxl's encoder (SD3's text_encoder_3, FLUX.1's text_encoder_2)
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+# the byte-level CLIP tokenizer and the character-level T5 tokenizer of dsfast.train.testing: 518 and 105 tokens
+_TINY_CLIP_VOCAB, _TINY_T5_VOCAB = 518, 105
+_TINY_CLIP_IDS = dict(vocab_size=_TINY_CLIP_VOCAB, bos_token_id=_TINY_CLIP_VOCAB - 2, eos_token_id=_TINY_CLIP_VOCAB - 1,
+                      pad_token_id=_TINY_CLIP_VOCAB - 1)
 PRESETS = {
     # Stable Diffusion 1.5: UNet2DConditionModel's defaults are SD-1.5's UNet (its levels written out: the
     # resolution rule reads them); the SD VAE; CLIP ViT-L/14 text.
@@ -72,9 +107,29 @@ PRESETS = {
                            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
                            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
                            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
-                 vae=dict(_SD_VAE, sample_size=1024),
-                 text=[_CLIP_L, dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
-                                     num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77)]),
+                 vae=dict(_SD_VAE, sample_size=1024), text=[_CLIP_L, _CLIP_G]),
+    # Stable Diffusion 3 medium: MMDiT with 24 joint blocks of 24 heads x 64, 2x2 patches of 16-channel latents;
+    # CLIP-L + CLIP-G (pooled 768 + 1280 = 2048) and T5-XXL (sequence: 77 CLIP + 256 T5 tokens of 4096).
+    "sd3-medium": dict(family="text2image", denoiser="sd3", resolution=1024, text_len=77, t5_len=256,
+                       transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                        caption_projection_dim=1536, pooled_projection_dim=2048,
+                                        pos_embed_max_size=192),
+                       vae=_SD3_VAE, text=[dict(_CLIP_L, projection_dim=768), _CLIP_G], t5=_T5_XXL),
+    # Stable Diffusion 3.5 large: 38 joint blocks of 38 heads x 64, RMS-normed q/k; the SD3 text encoders.
+    "sd35-large": dict(family="text2image", denoiser="sd3", resolution=1024, text_len=77, t5_len=256,
+                       transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                                        attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                                        caption_projection_dim=2432, pooled_projection_dim=2048,
+                                        pos_embed_max_size=192, qk_norm="rms_norm"),
+                       vae=_SD3_VAE, text=[dict(_CLIP_L, projection_dim=768), _CLIP_G], t5=_T5_XXL),
+    # FLUX.1-dev: 19 double- + 38 single-stream blocks of 24 heads x 128 on 2x2-packed 16-channel latents
+    # (64 in), a guidance embedding; CLIP-L pooled (768) + T5-XXL (512 tokens of 4096).
+    "flux-dev": dict(family="text2image", denoiser="flux", resolution=1024, text_len=77, t5_len=512,
+                     transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                      pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+                     vae=_FLUX_VAE, text=[_CLIP_L], t5=_T5_XXL),
     # ADM / guided-diffusion 256x256 unconditional: channels 256·(1,1,2,2,4,4), 2 res blocks, attention at
     # 32/16/8, 64-channel heads, scale-shift norm; pixel space.
     "adm256": dict(family="unconditional", resolution=256,
@@ -83,38 +138,150 @@ PRESETS = {
                              down_block_types=("DownBlock2D",) * 3 + ("AttnDownBlock2D",) * 3,
                              up_block_types=("AttnUpBlock2D",) * 3 + ("UpBlock2D",) * 3,
                              attention_head_dim=64, resnet_time_scale_shift="scale_shift")),
-    # The SD-1.5 layer structure at 1/10 of its UNet width: what bench/memory.py measures on a CPU.
+    # Reduced-width models of each structure, what bench/memory.py measures on a CPU (build_pipeline saves
+    # them with random weights and dsfast.train.testing's tiny tokenizers).
+    # The SD-1.5 layer structure at 1/10 of its UNet width.
     "sd-small": dict(family="text2image", resolution=128, text_len=16,
                      unet=dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64, attention_head_dim=8,
                                sample_size=16),
                      vae=dict(_SD_VAE, block_out_channels=(32, 64, 64, 64), sample_size=128),
-                     # vocab_size: the tokenizer of dsfast.train.testing (byte-level, 518 tokens)
-                     text=[dict(vocab_size=518, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=2, max_position_embeddings=16)]),
+                     text=[dict(**_TINY_CLIP_IDS, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)]),
+    # SD3's structure (joint blocks, 2x2 patches of a 16-channel 8x VAE, CLIP + CLIP + T5): 4 blocks of
+    # 4 heads x 32, encoders of width 64 and 128, 16 CLIP + 64 T5 prompt tokens (model.max_sequence_length=64).
+    "sd3-small": dict(family="text2image", denoiser="sd3", resolution=128, text_len=16, t5_len=64,
+                      transformer=dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4,
+                                       attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
+                                       caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=32),
+                      vae=dict(_SD3_VAE, block_out_channels=(32, 64, 64, 64), sample_size=128),
+                      text=[dict(**_TINY_CLIP_IDS, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                 projection_dim=64)] * 2,
+                      t5=dict(vocab_size=_TINY_T5_VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+                              feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                              relative_attention_max_distance=32)),
+    # FLUX.1's structure (double + single blocks on 2x2-packed 16-channel latents, rope, guidance embedding;
+    # CLIP pooled + T5): 2 double + 4 single blocks of 4 heads x 32, 64 T5 prompt tokens.
+    "flux-small": dict(family="text2image", denoiser="flux", resolution=128, text_len=16, t5_len=64,
+                       transformer=dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
+                                        pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
+                       vae=dict(_FLUX_VAE, block_out_channels=(32, 64, 64, 64), sample_size=128),
+                       text=[dict(**_TINY_CLIP_IDS, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)],
+                       t5=dict(vocab_size=_TINY_T5_VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+                               feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                               relative_attention_max_distance=32)),
 }
 
 
+def family_name(spec: dict) -> str:
+    """The trainer's model family of an architecture spec: unet2d | sd | sdxl | sd3 | flux."""
+    if spec["family"] == "unconditional":
+        return "unet2d"
+    return {"unet": "sdxl" if spec.get("sdxl") else "sd"}.get(spec.get("denoiser", "unet"), spec.get("denoiser"))
+
+
+def _family(spec: dict):
+    """The trainer's Family class of the spec (its LoRA targets, default loss.space, part dtypes)."""
+    from dsfast.train.families import get
+
+    return get(family_name(spec))
+
+
+def _vae_factor(spec: dict) -> int:
+    return 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+
+
+def spec_down_factor(spec: dict) -> int:
+    """The training resolution must be a multiple of this (the family's ``info().down_factor``)."""
+    denoiser = spec.get("denoiser", "unet")
+    if denoiser == "sd3":
+        return _vae_factor(spec) * int(spec["transformer"].get("patch_size", 2))
+    if denoiser == "flux":
+        return 2 * _vae_factor(spec)  # 2x2 packing
+    from dsfast.train.models import down_factor
+
+    return down_factor(spec["unet"], spec.get("vae"))
+
+
+def _text_encoders(spec: dict, vocab: int | None = None) -> list:
+    """The spec's CLIP text encoders (``projection_dim`` set: CLIPTextModelWithProjection) and T5 encoder, built
+    (on the current default device); ``vocab``: the CLIP vocabulary size of a tokenizer, with its special ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    out = []
+    for t in spec["text"]:
+        ids = {} if vocab is None else dict(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                            pad_token_id=vocab - 1)
+        cls = CLIPTextModelWithProjection if t.get("projection_dim") else CLIPTextModel
+        out.append(cls(CLIPTextConfig(**{**t, **ids})))
+    if spec.get("t5"):
+        ids = {} if vocab is None else dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        out.append(T5EncoderModel(T5Config(**{**spec["t5"], **ids})))
+    return out
+
+
+def _denoiser(spec: dict):
+    import diffusers
+
+    denoiser = spec.get("denoiser", "unet")
+    if denoiser == "sd3":
+        return diffusers.SD3Transformer2DModel.from_config(spec["transformer"])
+    if denoiser == "flux":
+        return diffusers.FluxTransformer2DModel.from_config(spec["transformer"])
+    if spec["family"] == "unconditional":
+        return diffusers.UNet2DModel(**spec["unet"])
+    return diffusers.UNet2DConditionModel(**spec["unet"])
+
+
 def build_pipeline(preset: str, path) -> None:
-    """Save a text-to-image preset with random weights as a local StableDiffusionPipeline folder (bench, tests)."""
+    """Save a text-to-image preset with random weights as a local pipeline folder of its family (bench, tests):
+    StableDiffusionPipeline, StableDiffusion3Pipeline or FluxPipeline, with dsfast.train.testing's tiny
+    tokenizers (the presets' vocabulary sizes are theirs)."""
     import tempfile
     from pathlib import Path
 
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+    )
 
-    from dsfast.train.testing import _tiny_clip_tokenizer
+    from dsfast.train.testing import _tiny_clip_tokenizer, _tiny_t5_tokenizer
 
     spec = PRESETS[preset]
+    denoiser = spec.get("denoiser", "unet")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
-        tok, vocab = _tiny_clip_tokenizer(Path(d))
-        te = CLIPTextModel(CLIPTextConfig(**dict(spec["text"][0], vocab_size=vocab, bos_token_id=vocab - 2,
-                                                 eos_token_id=vocab - 1, pad_token_id=vocab - 1)))
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**spec["vae"]), text_encoder=te, tokenizer=tok, unet=UNet2DConditionModel(**spec["unet"]),
-            scheduler=DDPMScheduler(num_train_timesteps=1000), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        toks = [_tiny_clip_tokenizer(Path(d) / str(i)) for i in range(len(spec["text"]))]
+        vocab = toks[0][1]
+        encoders = _text_encoders(spec, vocab)
+        t5_tok = _tiny_t5_tokenizer() if spec.get("t5") else None
+        if t5_tok is not None and len(t5_tok) != spec["t5"]["vocab_size"]:
+            raise ValueError(f"{preset}: the tiny T5 tokenizer has {len(t5_tok)} tokens, the preset says "
+                             f"{spec['t5']['vocab_size']}")
+        model, vae = _denoiser(spec), AutoencoderKL(**spec["vae"])
+        if denoiser == "sd3":
+            pipe = StableDiffusion3Pipeline(
+                transformer=model, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+                text_encoder=encoders[0], tokenizer=toks[0][0], text_encoder_2=encoders[1], tokenizer_2=toks[1][0],
+                text_encoder_3=encoders[2], tokenizer_3=t5_tok)
+        elif denoiser == "flux":
+            sched = FlowMatchEulerDiscreteScheduler(  # the scheduler_config.json of FLUX.1-dev
+                num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096)
+            pipe = FluxPipeline(transformer=model, vae=vae, scheduler=sched, text_encoder=encoders[0],
+                                tokenizer=toks[0][0], text_encoder_2=encoders[1], tokenizer_2=t5_tok)
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=encoders[0], tokenizer=toks[0][0], unet=model,
+                scheduler=DDPMScheduler(num_train_timesteps=1000), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
         pipe.save_pretrained(str(path))
 
 
@@ -125,7 +292,7 @@ class Option:
 
     name: str
     official: bool = False  # the official form: source half in the graph, both halves decoded with grad
-    space: str = "pixel"  # loss.space
+    space: str | None = None  # loss.space (None: the family's default: pixel on sd, latent on sdxl/sd3/flux)
     lora_rank: int = 0  # model.lora_rank (with loss.source=lora_off)
     checkpointing: bool = False  # train.gradient_checkpointing
     zero_stage: int = 0  # deepspeed.zero_stage
@@ -137,44 +304,71 @@ class Option:
     reduce_bucket: int | None = None  # zero_optimization.reduce_bucket_size of deepspeed.config (None: dsfast's)
 
 
+_LORA_CKPT = dict(lora_rank=8, checkpointing=True)
 OPTIONS = {
-    "official": Option("official", official=True),
+    "official": Option("official", official=True, space="pixel"),
     "dsfast": Option("dsfast"),
     "dsfast+latent": Option("dsfast+latent", space="latent"),
+    "dsfast+pixel": Option("dsfast+pixel", space="pixel"),
     "dsfast+lora": Option("dsfast+lora", lora_rank=8),
     "dsfast+ckpt": Option("dsfast+ckpt", checkpointing=True),
-    "dsfast+latent+lora+ckpt": Option("dsfast+latent+lora+ckpt", space="latent", lora_rank=8, checkpointing=True),
-    "dsfast+latent+lora+ckpt+bf16": Option("dsfast+latent+lora+ckpt+bf16", space="latent", lora_rank=8,
-                                           checkpointing=True, precision="bf16"),
+    "dsfast+ckpt+bf16": Option("dsfast+ckpt+bf16", checkpointing=True, precision="bf16"),
+    "dsfast+lora+ckpt": Option("dsfast+lora+ckpt", **_LORA_CKPT),
+    "dsfast+lora+ckpt+bf16": Option("dsfast+lora+ckpt+bf16", **_LORA_CKPT, precision="bf16"),
+    "dsfast+latent+lora+ckpt": Option("dsfast+latent+lora+ckpt", space="latent", **_LORA_CKPT),
+    "dsfast+latent+lora+ckpt+bf16": Option("dsfast+latent+lora+ckpt+bf16", space="latent", **_LORA_CKPT,
+                                           precision="bf16"),
     "zero2-offload": Option("zero2-offload", zero_stage=2, offload_optimizer=True, world=2),
     "zero3-offload": Option("zero3-offload", zero_stage=3, offload_optimizer=True, offload_param=True, world=2),
+    "zero3-offload+ckpt+bf16": Option("zero3-offload+ckpt+bf16", zero_stage=3, offload_optimizer=True,
+                                      offload_param=True, world=2, checkpointing=True, precision="bf16"),
 }
+# The options a preset's table shows, per family: the other loss.space than the family's default; no LoRA on
+# unet2d (diffusers has no adapters for UNet2DModel); no official form on the flow-matching families (the
+# released code is DDPM's).
+_LATENT_DEFAULT = ("dsfast", "dsfast+pixel", "dsfast+lora", "dsfast+ckpt", "dsfast+ckpt+bf16", "dsfast+lora+ckpt",
+                   "dsfast+lora+ckpt+bf16", "zero2-offload", "zero3-offload", "zero3-offload+ckpt+bf16")
+FAMILY_OPTIONS = {
+    "unet2d": ("dsfast", "dsfast+ckpt", "zero2-offload", "zero3-offload"),
+    "sd": ("official", "dsfast", "dsfast+latent", "dsfast+lora", "dsfast+ckpt", "dsfast+latent+lora+ckpt",
+           "dsfast+latent+lora+ckpt+bf16", "zero2-offload", "zero3-offload"),
+    "sdxl": ("official", *_LATENT_DEFAULT),
+    "sd3": _LATENT_DEFAULT,
+    "flux": _LATENT_DEFAULT,
+}
+
+
+def preset_options(spec: dict) -> dict:
+    return {k: OPTIONS[k] for k in FAMILY_OPTIONS[family_name(spec)]}
 
 
 # ----------------------------------------------------------------------------------------- model
 def _meta_models(spec: dict, lora_rank: int):
+    """``(denoiser, vae, text encoders)`` on the meta device; with ``lora_rank`` the trainer's adapters (its
+    family's ``lora_config``: the same target modules) on the frozen denoiser."""
     import diffusers
     import torch
 
     with torch.device("meta"):
+        denoiser = _denoiser(spec)
         if spec["family"] == "unconditional":
-            unet, vae, text = diffusers.UNet2DModel(**spec["unet"]), None, []
+            vae, text = None, []
         else:
-            from transformers import CLIPTextConfig, CLIPTextModel
-
-            unet = diffusers.UNet2DConditionModel(**spec["unet"])
-            vae = diffusers.AutoencoderKL(**spec["vae"])
-            text = [CLIPTextModel(CLIPTextConfig(**t)) for t in spec["text"]]
+            vae, text = diffusers.AutoencoderKL(**spec["vae"]), _text_encoders(spec)
     if lora_rank:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=["to_k", "to_q", "to_v",
-                                                                                         "to_out.0"]))
+        denoiser.requires_grad_(False)
+        denoiser.add_adapter(_family(spec).lora_config(lora_rank, None))
     for m in [vae, *text]:
         if m is not None:
             m.requires_grad_(False)
-    return unet, vae, text
+    return denoiser, vae, text
+
+
+def _buffer_bytes(module, w: int) -> int:
+    """Bytes of a module's buffers in a run of ``w``-byte precision (floating ones cast with the module)."""
+    if module is None:
+        return 0
+    return sum(b.numel() * (w if b.is_floating_point() else b.element_size()) for b in module.buffers())
 
 
 def _count(module) -> tuple[int, int]:
@@ -191,6 +385,9 @@ class _SavedBytes:
     def __init__(self, params):
         self.params = {p.untyped_storage()._cdata for p in params}
         self.size: dict = {}  # storage -> bytes, of every storage saved or kept
+        # the storages seen, held: a storage freed during the probe (a unit input nothing saves) would give its
+        # address, the key, to a later one
+        self.hold: dict = {}
         self.saved, self.kept = set(), set()
         self.total, self.in_unit = 0, 0
 
@@ -200,6 +397,7 @@ class _SavedBytes:
         if key in self.params:
             return None
         self.size[key] = storage.nbytes()
+        self.hold[key] = storage
         return key
 
     def pack(self, t):
@@ -231,17 +429,75 @@ class _SavedBytes:
         self._ctx.__exit__(*exc)
 
 
-def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+class _LiveBytes:
+    """Bytes of the tensors alive while ops run (each storage once, from its creation until its last tensor is
+    freed; parameters and buffers excluded) and their peak: what the allocator holds, on the meta device. The
+    autograd graph keeps the saved tensors alive as on a real device, so the peak of a forward is its
+    saved-for-backward bytes plus the intermediates alive at that moment (a block's locals, the next op's
+    output); on the SD-architecture, SD3 and FLUX CPU models it equals torch.profiler's peak of the real forward."""
+
+    def __init__(self, exclude):
+        self.exclude = {t.untyped_storage()._cdata for t in exclude}
+        self.refs: dict = {}
+        self.live = self.peak = 0
+
+    def _release(self, key, nbytes):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= nbytes
+
+    def track(self, out):
+        import weakref
+
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage._cdata, storage.nbytes()
+            if key in self.exclude:
+                continue
+            if key not in self.refs:
+                self.refs[key] = 0
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            self.refs[key] += 1
+            weakref.finalize(t, self._release, key, nbytes).atexit = False
+
+    def mode(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.track(out)
+                return out
+
+        return Mode()
+
+
+def _fused_attention(*args, **kw):
     """Stands in for scaled_dot_product_attention in the probe: saves what the fused kernels keep for
     backward (q, k, v, the output and one log-sum-exp per query), never the score matrix. PyTorch picks a
     fused kernel on CUDA (memory-efficient / flash) and on CPU (its flash kernel); the meta device would
     trace the math path, which stores the scores."""
     import torch
 
+    names = ("query", "key", "value")  # diffusers' dispatcher passes them by name, its processors by position
+    q, k, v = (*args[:3], *(kw[n] for n in names[len(args[:3]):]))
+
     class Fused(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            out = q.new_empty(*q.shape[:-1], v.shape[-1])
+            # in q's memory layout, as PyTorch's CPU flash kernel returns it (the processors' transpose back is
+            # then a view, or a copy where q was contiguous (B, H, L, D): SD3's joint attention concatenates
+            # its q); CUDA's fused kernels work in (B, L, H, D) memory, so there that copy would not be made
+            out = torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty(*q.shape[:-1], v.shape[-1])
             ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1]))
             return out
 
@@ -252,86 +508,136 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     return Fused.apply(q, k, v)
 
 
-def _probe(spec: dict, models, option: Option, resolution: int, m: int) -> dict:
-    """Saved-for-backward bytes of one micro-batch of ``m`` samples at ``resolution`` (meta device)."""
+def _forward(spec: dict, denoiser, z):
+    """The denoiser's output on latents ``z`` (``(n, C, h, w)``) with prompt embeddings of the shapes the trainer
+    caches (the family's ``predict``: SD3 patchifies inside, FLUX takes 2x2-packed tokens and their ids)."""
     import torch
 
-    unet, vae, text = models
+    n, c, h, w = z.shape
+    kind = spec.get("denoiser", "unet")
+    cfg = denoiser.config
+    if kind == "sd3":  # CLIP-L | CLIP-G states (padded to T5's width) followed by the T5 tokens
+        txt = torch.randn(n, spec["text_len"] + spec["t5_len"], cfg.joint_attention_dim)
+        return denoiser(hidden_states=z, timestep=torch.zeros(n), encoder_hidden_states=txt,
+                        pooled_projections=torch.randn(n, cfg.pooled_projection_dim)).sample
+    if kind == "flux":
+        from diffusers import FluxPipeline
+
+        tokens = FluxPipeline._pack_latents(z, n, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, z.device, z.dtype)
+        txt = torch.randn(n, spec["t5_len"], cfg.joint_attention_dim)
+        guidance = torch.full((n,), 3.5) if cfg.guidance_embeds else None
+        out = denoiser(hidden_states=tokens, timestep=torch.zeros(n), guidance=guidance, encoder_hidden_states=txt,
+                       pooled_projections=torch.randn(n, cfg.pooled_projection_dim),
+                       txt_ids=torch.zeros(spec["t5_len"], 3), img_ids=img_ids).sample
+        return FluxPipeline._unpack_latents(out, h, w, 1)
+    kw = {"encoder_hidden_states": torch.randn(n, spec["text_len"], cfg.cross_attention_dim)}
+    if spec.get("sdxl"):  # the pooled text embedding and the 6 size/crop ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(n, pooled), "time_ids": torch.randn(n, 6)}
+    return denoiser(z, torch.zeros(n, dtype=torch.long), **kw).sample
+
+
+def _probe(spec: dict, models, option: Option, resolution: int, m: int, space: str) -> dict:
+    """Activation bytes of one micro-batch of ``m`` samples at ``resolution`` (meta device): ``unet`` the peak
+    of the denoiser's forward, ``held`` what it holds after it (saved for backward), ``decode`` the peak of
+    the x̃0 decode on top of that; with gradient checkpointing ``checkpoint_kept`` (saved outside the units,
+    and their inputs) and ``max_unit`` (the largest peak of one unit: its recomputation in backward)."""
+    import torch
+
+    denoiser, vae, text = models
     # what diffusers' gradient checkpointing recomputes: each resnet and each transformer block
-    units = [u for u in unet.modules() if type(u).__name__ in CHECKPOINT_UNITS]
+    units = [u for u in denoiser.modules() if type(u).__name__ in CHECKPOINT_UNITS]
     per_unit = []
-    counter = _SavedBytes(list(unet.parameters()) + (list(vae.parameters()) if vae is not None else []))
+    fixed = [*denoiser.parameters(), *denoiser.buffers(), *(vae.parameters() if vae is not None else ())]
+    counter, live = _SavedBytes(fixed), _LiveBytes(fixed)
 
     def pre(mod, args, kwargs):
         for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor):
-                counter.keep(a)
+            for t in (a if isinstance(a, (tuple, list)) else (a,)):  # FLUX's rotary embedding: (cos, sin)
+                if isinstance(t, torch.Tensor):
+                    counter.keep(t)
         counter.in_unit += 1
-        mod._dsfast_start = counter.total
+        mod._dsfast_start = live.live
+        live.peak = live.live  # from here: this unit's peak (the forward's peak is kept in `top`)
+        top[0] = max(top[0], live.peak)
 
     def post(mod, args, out):
         counter.in_unit -= 1
-        per_unit.append(counter.total - mod._dsfast_start)
+        per_unit.append(live.peak - mod._dsfast_start)
+        top[0] = max(top[0], live.peak)
 
+    top = [0]
     hooks = [u.register_forward_pre_hook(pre, with_kwargs=True) for u in units]
     hooks += [u.register_forward_hook(post) for u in units]
     import torch.nn.functional as F
 
     sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _fused_attention
     try:
-        with torch.device("meta"), counter:
+        with torch.device("meta"), counter, live.mode():
             if spec["family"] == "unconditional":
-                x = torch.randn(m, unet.config.in_channels, resolution, resolution)
-                unet(x, torch.zeros(m, dtype=torch.long))
-                unet_bytes, kept, decode_bytes = counter.total, counter.kept_bytes(), 0
+                x = torch.randn(m, denoiser.config.in_channels, resolution, resolution)
+                denoiser(x, torch.zeros(m, dtype=torch.long))
+                decode = 0
             else:
-                f = 2 ** (len(vae.config.block_out_channels) - 1)
+                f = _vae_factor(spec)
                 n = 2 * m  # instance + class latents in one batch
-                z = torch.randn(n, unet.config.in_channels, resolution // f, resolution // f)
-                kw = {"encoder_hidden_states": torch.randn(n, spec["text_len"], unet.config.cross_attention_dim)}
-                if spec.get("sdxl"):
-                    kw["added_cond_kwargs"] = {"text_embeds": torch.randn(n, 1280), "time_ids": torch.randn(n, 6)}
-                out = unet(z, torch.zeros(n, dtype=torch.long), **kw).sample
-                unet_bytes, kept = counter.total, counter.kept_bytes()
-                decode_bytes = 0
-                if option.space == "pixel":
+                z = torch.randn(n, vae.config.latent_channels, resolution // f, resolution // f)
+                out = _forward(spec, denoiser, z)
+            peak, held, kept = max(top[0], live.peak), live.live, counter.kept_bytes()
+            if spec["family"] != "unconditional":
+                decode = 0
+                if space == "pixel":
                     halves = 2 if option.official else 1  # dsfast decodes the source half without grad
+                    live.peak = live.live
                     vae.decode(out[: m * halves])
-                    decode_bytes = counter.total - unet_bytes
+                    decode = live.peak - held
     finally:
         F.scaled_dot_product_attention = sdpa
         for h in hooks:
             h.remove()
-    return {"unet": unet_bytes, "decode": decode_bytes, "checkpoint_kept": kept, "max_unit": max(per_unit)}
+    return {"unet": peak, "held": held, "decode": decode, "checkpoint_kept": kept, "max_unit": max(per_unit)}
 
 
-def _fit(spec, models, option, r1: int, r2: int) -> dict:
-    """Per-sample bytes = a·pixels + b·pixels² for each probed quantity, from two small resolutions."""
-    p1, p2 = _probe(spec, models, option, r1, 1), _probe(spec, models, option, r2, 1)
+def _fit(spec, models, option, space: str, r1: int, r2: int) -> dict:
+    """Per-sample bytes of each probed quantity from two small resolutions: ``(c, a, b)`` of
+    c + a·pixels + b·pixels², with c = 0 for a UNet (its activations grow with the pixels, attention's
+    score matrix would add the b term) and b = 0 for a transformer (the prompt tokens are a constant c
+    per sample, every activation is linear in the tokens: the fused attention keeps no score matrix)."""
+    p1, p2 = _probe(spec, models, option, r1, 1, space), _probe(spec, models, option, r2, 1, space)
     x1, x2 = r1 * r1, r2 * r2
+    transformer = spec.get("denoiser", "unet") != "unet"
     fit = {}
     for k in p1:
-        # solve a·x + b·x² = y at two points
-        b = (p2[k] / x2 - p1[k] / x1) / (x2 - x1)
-        a = p1[k] / x1 - b * x1
-        fit[k] = (a, max(b, 0.0))
+        if transformer:  # solve c + a·x = y at two points
+            a = (p2[k] - p1[k]) / (x2 - x1)
+            fit[k] = (p1[k] - a * x1, a, 0.0)
+        else:  # solve a·x + b·x² = y at two points
+            b = (p2[k] / x2 - p1[k] / x1) / (x2 - x1)
+            a = p1[k] / x1 - b * x1
+            fit[k] = (0.0, a, max(b, 0.0))
     return fit
 
 
 def _activations(fit: dict, resolution: int, m: int, option: Option) -> tuple[int, int]:
-    """``(UNet, decode)`` saved-for-backward bytes of ``m`` samples."""
+    """``(peak, held)`` activation bytes of ``m`` samples: the peak of the micro-batch's forward (the decode's
+    on top of what the denoiser holds), and what the denoiser holds when its backward starts."""
     px = resolution * resolution
-    val = {k: m * (a * px + b * px * px) for k, (a, b) in fit.items()}
-    unet = val["unet"]
+    val = {k: m * max(0.0, c + a * px + b * px * px) for k, (c, a, b) in fit.items()}
+    held = val["held"]
     if option.checkpointing:  # what the units do not recompute, and one unit's recomputation
-        unet = val["checkpoint_kept"] + val["max_unit"]
-    return int(unet), int(val["decode"])
+        held = val["checkpoint_kept"]
+        return int(max(held + val["max_unit"], held + val["decode"])), int(held)
+    return int(max(val["unet"], held + val["decode"])), int(held)
 
 
-def _probe_sizes(models) -> tuple[int, int]:
+def _probe_sizes(spec: dict, models) -> tuple[int, int]:
     """Two small resolutions (pixels) the architecture accepts."""
-    unet, vae, _ = models
-    f = 2 ** (len(unet.config.block_out_channels) - 1)
+    denoiser, vae, _ = models
+    if spec.get("denoiser", "unet") != "unet":
+        f = spec_down_factor(spec)
+        return 4 * f, 8 * f  # 16 and 64 image tokens
+    f = 2 ** (len(denoiser.config.block_out_channels) - 1)
     if vae is None:
         return 2 * f, 4 * f
     f *= 2 ** (len(vae.config.block_out_channels) - 1)
@@ -342,8 +648,8 @@ def _probe_sizes(models) -> tuple[int, int]:
 class Planner:
     """Predictions for one architecture; the probes run once per (LoRA, space, official) combination."""
 
-    def __init__(self, spec: dict):
-        self.spec = spec
+    def __init__(self, spec: dict, *, images: int = INSTANCE_IMAGES, class_images: int = CLASS_IMAGES):
+        self.spec, self.images, self.class_images = spec, images, class_images
         self._fits: dict = {}
         self._models: dict = {}
 
@@ -352,23 +658,64 @@ class Planner:
             self._models[lora_rank] = _meta_models(self.spec, lora_rank)
         return self._models[lora_rank]
 
+    def _prompt_bytes(self) -> int:
+        """The cached conditioning of the instance and the class prompt (float32): the denoiser's prompt states
+        and pooled embedding."""
+        spec, cfg = self.spec, self.models(0)[0].config
+        kind = spec.get("denoiser", "unet")
+        if kind == "sd3":
+            one = (spec["text_len"] + spec["t5_len"]) * cfg.joint_attention_dim + cfg.pooled_projection_dim
+        elif kind == "flux":
+            one = spec["t5_len"] * cfg.joint_attention_dim + cfg.pooled_projection_dim
+        else:
+            one = spec["text_len"] * cfg.cross_attention_dim
+        return 2 * 4 * one
+
+    def _vae_bytes(self, w: int) -> int:
+        """Bytes per VAE parameter in a run of ``w``-byte precision: the family's ``part_dtype("vae")``."""
+        if self.spec["family"] == "unconditional":
+            return w
+        import types
+
+        import torch
+
+        run = types.SimpleNamespace(dtype=torch.bfloat16 if w == 2 else torch.float32)
+        return _family(self.spec).part_dtype(run, "vae").itemsize
+
+    def space(self, option: Option) -> str:
+        """The option's loss.space: as set, else the family's default (the trainer's resolve step)."""
+        if option.space is not None:
+            return option.space
+        if self.spec["family"] == "unconditional":
+            return "pixel"
+        return _family(self.spec).default_space
+
     def fit(self, option: Option) -> dict:
-        key = (option.lora_rank, option.space, option.official)
+        space = self.space(option)
+        key = (option.lora_rank, space, option.official)
         if key not in self._fits:
-            self._fits[key] = _fit(self.spec, self.models(option.lora_rank), option,
-                                   *_probe_sizes(self.models(option.lora_rank)))
+            models = self.models(option.lora_rank)
+            self._fits[key] = _fit(self.spec, models, option, space, *_probe_sizes(self.spec, models))
         return self._fits[key]
 
-    def predict(self, option: Option, batch: int, resolution: int, *, first_step: bool = False) -> dict:
+    def predict(self, option: Option, batch: int, resolution: int, *, first_step: bool = False,
+                images: int | None = None, class_images: int | None = None) -> dict:
         """Peak bytes per rank: ``device`` (what a GPU holds) and ``total`` (device + host: what a CPU run holds).
 
         ``first_step``: the first step allocates the AdamW moments in ``optimizer.step()``, after backward
         freed the activations (what a one-step measurement sees); later steps hold them throughout.
+        ``images`` / ``class_images``: the instance and class images the run caches (``data.instance_dir``,
+        ``data.num_class_images``; None: the planner's).
         """
-        unet, vae, text = self.models(option.lora_rank)
-        p_unet, p_train = _count(unet)
-        frozen_params = p_unet - p_train + _count(vae)[0] + sum(_count(t)[0] for t in text)
+        images = self.images if images is None else images
+        class_images = self.class_images if class_images is None else class_images
+        denoiser, vae, text = self.models(option.lora_rank)
+        p_unet, p_train = _count(denoiser)
         w = 2 if option.precision in ("bf16", "fp16") else 4
+        # frozen parts in the training precision, each as the family loads it (SDXL's VAE in float32), and the
+        # models' buffers (SD3's positional embedding table)
+        frozen = (p_unet - p_train + sum(_count(t)[0] for t in text)) * w + _count(vae)[0] * self._vae_bytes(w)
+        frozen += sum(_buffer_bytes(m, w) for m in (denoiser, vae, *text))
         world, z = option.world, option.zero_stage
         # trained parameters: weights, gradients, an fp32 master copy (mixed precision; DeepSpeed's fp32
         # partition at any ZeRO stage, also in float32 training), AdamW moments
@@ -392,15 +739,14 @@ class Planner:
         if option.offload_param:
             host += weights
             weights = 0.0
-        frozen = frozen_params * w
         fit = self.fit(option)
+        space = self.space(option)
         if option.official:
             micro = batch // world  # one pass over the whole batch
-        act_unet, act_decode = (a * w // 4 for a in _activations(fit, resolution, micro, option))  # probed in fp32
-        act = act_unet + act_decode
+        act, act_unet = (a * w // 4 for a in _activations(fit, resolution, micro, option))  # probed in fp32
         pixels = resolution * resolution
         if vae is None:  # unconditional: x0 and its noise per sample
-            image, latent = unet.config.in_channels * pixels, 0
+            image, latent = denoiser.config.in_channels * pixels, 0
             inputs = 2 * image
         else:  # the image (the hf-MSE target) and the instance and class latents and their noise per sample
             f = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -408,12 +754,19 @@ class Planner:
             inputs = image + 4 * latent
         # the rank's micro-batches, built before the step for its share of the global batch (float32)
         inputs *= 4 * (batch // world)
+        # cached for the whole run, float32, on the device: the instance images as given and mirrored, and the
+        # copy DomainStudio keeps (unconditional: given and mirrored); text-to-image also the VAE latents of
+        # every instance and class image and of its mirror image, and the two prompts' embeddings
+        if vae is None:
+            cached = 2 * images * image * 4
+        else:
+            cached = (3 * images * image + 2 * (images + class_images) * latent) * 4 + self._prompt_bytes()
         features = 0
         if accumulating and not option.official:
             # the two-pass scheme: the gathered adapted x̃0 of the global batch (pass 1; the global loss's
             # graph keeps it until the step logs the loss) and its gradient G, float32; the source x̃0 is freed
-            features = 2 * batch * (image if option.space == "pixel" else latent) * 4
-        held, transient = weights + frozen + inputs + master, 0.0
+            features = 2 * batch * (image if space == "pixel" else latent) * 4
+        held, transient = weights + frozen + inputs + cached + master, 0.0
         peak_act = reduce_dev = reduce_cpu = act
         if z >= 2:
             # DeepSpeed's gradient reduce bucket, allocated whole: reduce_bucket_size, which the trainer
@@ -452,35 +805,85 @@ class Planner:
             total = held + host + moments + host_moments + max(peak_cpu, transient + step_temp)
         return {"device": int(device), "total": int(total), "weights": int(weights), "grads": int(grads),
                 "optimizer": int(master + moments), "frozen": int(frozen), "activations": int(act),
-                "features": int(features), "inputs": int(inputs), "host": int(host + host_moments),
+                "activations_held": int(act_unet), "features": int(features), "inputs": int(inputs),
+                "cached": int(cached),
+                "host": int(host + host_moments),
                 "micro_batch": micro}
 
 
-def spec_from_pretrained(path) -> dict:
-    """An architecture spec from a local diffusers pipeline folder (its config.json files; no weights read)."""
+_CLIP_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+_T5_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj",
+            "relative_attention_num_buckets", "relative_attention_max_distance", "pad_token_id", "eos_token_id",
+            "decoder_start_token_id")
+_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def spec_from_pretrained(path, max_sequence_length: int | None = None) -> dict:
+    """An architecture spec from a local diffusers pipeline folder (its config.json files; no weights read): a
+    UNet pipeline (unconditional, SD, SDXL) or an SD3 / FLUX.1 one (``transformer/``; text encoders
+    ``text_encoder*``, CLIP or T5, as present). ``max_sequence_length``: the run's T5 tokens
+    (``model.max_sequence_length``; None: the family's default)."""
     import json
     from pathlib import Path
 
-    def cfg(sub):
-        f = Path(path) / sub / "config.json"
-        if not f.is_file():
-            return None
-        return {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith("_")}
+    from dsfast.train.errors import ModelError
 
+    def raw(sub):
+        f = Path(path) / sub / "config.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def cfg(sub):
+        c = raw(sub)
+        return None if c is None else {k: v for k, v in c.items() if not k.startswith("_")}
+
+    def encoders():
+        clips, t5 = [], None
+        for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            c = raw(sub)
+            if c is None:
+                continue
+            if c.get("model_type") == "t5":
+                t5 = {k: c[k] for k in _T5_KEYS if k in c}
+            else:
+                clip = {k: c[k] for k in _CLIP_KEYS if k in c}
+                if "CLIPTextModelWithProjection" in (c.get("architectures") or []):
+                    clip["projection_dim"] = c.get("projection_dim") or c["hidden_size"]
+                clips.append(clip)
+        return clips, t5
+
+    tr = raw("transformer")
+    if tr is not None:
+        denoiser = _TRANSFORMERS.get(tr.get("_class_name"))
+        vae = cfg("vae")
+        if denoiser is None or vae is None:
+            raise ModelError(f"model.pretrained={path}: dsfast plan knows the transformers "
+                             f"{', '.join(_TRANSFORMERS)} with a vae/; transformer/config.json names "
+                             f"{tr.get('_class_name')!r}")
+        clips, t5 = encoders()
+        transformer = cfg("transformer")
+        vf = 2 ** (len(vae["block_out_channels"]) - 1)
+        sample = transformer.get("sample_size") if denoiser == "sd3" else None
+        spec = dict(family="text2image", denoiser=denoiser, resolution=(sample or 128) * vf,
+                    text_len=clips[0].get("max_position_embeddings", 77) if clips else 77,
+                    t5_len=max_sequence_length or T5_TOKENS[denoiser], transformer=transformer, vae=vae, text=clips)
+        if t5 is not None:
+            spec["t5"] = t5
+        return spec
     unet = cfg("unet")
     if unet is None:
-        from dsfast.train.errors import ModelError
-
-        raise ModelError(f"model.pretrained={path} has no unet/config.json (need a local diffusers pipeline folder)")
-    vae, text = cfg("vae"), cfg("text_encoder")
-    if vae is None or text is None:
+        raise ModelError(f"model.pretrained={path} has no unet/config.json or transformer/config.json (need a "
+                         "local diffusers pipeline folder)")
+    vae = cfg("vae")
+    clips, _ = encoders()
+    if vae is None or not clips:
         return dict(family="unconditional", resolution=unet.get("sample_size") or 256, unet=unet)
-    text = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                 "num_attention_heads", "max_position_embeddings", "bos_token_id", "eos_token_id",
-                                 "pad_token_id") if k in text}
     f = 2 ** (len(vae["block_out_channels"]) - 1)
-    return dict(family="text2image", resolution=(unet.get("sample_size") or 64) * f,
-                text_len=text.get("max_position_embeddings", 77), unet=unet, vae=vae, text=[text])
+    spec = dict(family="text2image", resolution=(unet.get("sample_size") or 64) * f,
+                text_len=clips[0].get("max_position_embeddings", 77), unet=unet, vae=vae, text=clips)
+    if len(clips) > 1:
+        spec["sdxl"] = True  # a UNet with two text encoders (the trainer's sdxl family)
+    return spec
 
 
 def option_from_config(cfg, world: int) -> Option:
@@ -495,6 +898,16 @@ def option_from_config(cfg, world: int) -> Option:
                   offload_optimizer=z.offload_optimizer == "cpu", offload_param=z.offload_param == "cpu",
                   world=world, precision=t.mixed_precision, micro_batch=t.micro_batch_size,
                   reduce_bucket=None if bucket in (None, "auto") else int(bucket))
+
+
+def _count_images(folder: str) -> int:
+    """The images in a run's instance folder; 0 if it cannot be read yet (the trainer reports that)."""
+    from dsfast.train.data import count_images
+
+    try:
+        return count_images(folder, "data.instance_dir") if folder else 0
+    except Exception:  # noqa: BLE001 - a planning aid: the default count stands in
+        return 0
 
 
 def largest_micro_batch(planner: Planner, option: Option, batch: int, resolution: int, budget: float) -> int:
@@ -561,32 +974,34 @@ def main(argv=None) -> int:
         ap.error("--world and key=value overrides go with --config (a preset's options set their own ranks)")
     from dsfast.train.config import check_resolution, load_config
     from dsfast.train.errors import ConfigError, ModelError
-    from dsfast.train.models import down_factor
 
     gpus = args.gpu
     try:
         if args.config:
             cfg = load_config(args.config, args.overrides)
-            spec = spec_from_pretrained(cfg.model.pretrained)
+            spec = spec_from_pretrained(cfg.model.pretrained, cfg.model.max_sequence_length)
             options = {"config": option_from_config(cfg, args.world or 1)}
             batch = cfg.train.batch_size or args.batch
             res = [cfg.data.resolution or spec["resolution"]]
+            # the images the run caches: the instance folder's (if it is there yet), the class images it asks for
+            data = dict(images=_count_images(cfg.data.instance_dir) or INSTANCE_IMAGES,
+                        class_images=0 if cfg.method == "finetune" else cfg.data.num_class_images)
         else:
             spec = PRESETS[args.preset]
-            options = {k: v for k, v in OPTIONS.items() if spec["family"] == "text2image" or k in (
-                "dsfast", "dsfast+ckpt", "zero2-offload", "zero3-offload")}
+            options = preset_options(spec)
             batch = args.batch
             res = [spec["resolution"]]
+            data = {}
         key = "data.resolution"
         if args.resolution:
             res, key = args.resolution, "--resolution"
         for r in res:  # the trainer's rule, before any work
-            check_resolution(r, down_factor(spec["unet"], spec.get("vae")), key)
+            check_resolution(r, spec_down_factor(spec), key)
     except (ConfigError, ModelError) as exc:
         print(f"dsfast plan: error: {exc}", file=sys.stderr)
         return 1
     print(f"Predicted peak GPU memory per rank (global batch {batch}; 10 % of each GPU left as head-room):")
-    print("\n".join(table(Planner(spec), options, gpus, batch, res)))
+    print("\n".join(table(Planner(spec, **data), options, gpus, batch, res)))
     return 0
 
 

@@ -26,14 +26,15 @@ def test_model_states_by_zero_stage_and_offload(planner):
     assert (base["weights"], base["grads"], base["optimizer"], base["host"]) == (4 * p, 4 * p, 8 * p, 0)
     z2 = planner.predict(Option("z2", zero_stage=2, world=2, space="latent"), 4, 32)
     assert (z2["weights"], z2["grads"], z2["optimizer"]) == (4 * p, 2 * p, 6 * p)  # fp32 partition copy included
-    states = 4 * p + 2 * p + 6 * p + z2["frozen"] + z2["inputs"]
-    # the reduce bucket (the trainer's default holds every gradient: 4p) with the UNet's activations
-    assert z2["device"] == states + z2["activations"] + 4 * p
+    states = 4 * p + 2 * p + 6 * p + z2["frozen"] + z2["inputs"] + z2["cached"]
+    # the reduce bucket (the trainer's default holds every gradient: 4p) with the UNet's held activations
+    assert z2["device"] == states + max(z2["activations"], z2["activations_held"] + 4 * p) + z2["features"]
+    assert z2["activations_held"] + 4 * p > z2["activations"]
     z2b = planner.predict(Option("z2b", zero_stage=2, world=2, space="latent", reduce_bucket=5 * 10**8), 4, 32)
     assert z2b["device"] - z2["device"] == 4 * (5 * 10**8 - p)  # a config's value is counted as set
     # pixel space: the bucket comes after the decoder's backward freed more than it
     z2p = planner.predict(Option("z2p", zero_stage=2, world=2), 4, 32)
-    assert z2p["device"] == states + z2p["activations"]
+    assert z2p["device"] == states + z2p["activations"] + z2p["features"]
     # offload: fp32 master, its gradient, a staging copy of the weights (+ the accumulation buffer), moments
     z2o = planner.predict(Option("z2o", zero_stage=2, world=2, offload_optimizer=True), 4, 32)
     assert (z2o["grads"], z2o["optimizer"], z2o["host"]) == (0, 0, 2 * p + 2 * p + 2 * p + 4 * p)
@@ -43,7 +44,8 @@ def test_model_states_by_zero_stage_and_offload(planner):
     # and the gathered weights on the device
     z3o = planner.predict(OPTIONS["zero3-offload"], 4, 32)
     assert z3o["weights"] == 0 and z3o["host"] == 2 * p + 2 * p + 2 * p + 2 * p + 4 * p
-    assert z3o["device"] == z3o["frozen"] + z3o["inputs"] + 4 * p + 4 * p + z3o["activations"]
+    assert z3o["device"] == (z3o["frozen"] + z3o["inputs"] + z3o["cached"] + 4 * p + 4 * p + z3o["activations"]
+                             + z3o["features"])
     assert z3o["total"] == z3o["device"] + z3o["host"]
     bf16 = planner.predict(Option("bf16", precision="bf16"), 4, 32)
     assert (bf16["weights"], bf16["grads"], bf16["optimizer"]) == (2 * p, 2 * p, 12 * p)
@@ -86,7 +88,7 @@ def test_activations_scale_with_micro_batch_and_options(planner):
 def test_first_step_holds_optimizer_or_activations(planner):
     steady = planner.predict(OPTIONS["dsfast"], 4, 32)
     first = planner.predict(OPTIONS["dsfast"], 4, 32, first_step=True)
-    held = steady["weights"] + steady["frozen"] + steady["inputs"]
+    held = steady["weights"] + steady["frozen"] + steady["inputs"] + steady["cached"]
     g, act, opt = steady["grads"], steady["activations"], steady["optimizer"]
     assert first["device"] == held + max(act, g + opt)  # no ZeRO: gradients appear as activations go
     assert steady["device"] == held + opt + max(act, g)
@@ -161,3 +163,175 @@ def test_cli_refuses_the_resolution_the_trainer_refuses(tmp_path, capsys, resolu
     assert capsys.readouterr().err == f"dsfast plan: error: {trainer.value}\n"
     assert main(["--config", str(f), "--resolution", f"16,{resolution}"]) == 1
     assert capsys.readouterr().err == f"dsfast plan: error: {trainer.value}\n".replace("data.resolution=", "--resolution=")
+
+
+# ----------------------------------------------------------------------------------------- model families
+# the preset of each family the trainer trains (dsfast.train.families)
+FAMILY_PRESETS = {"adm256": "unet2d", "sd15": "sd", "sdxl": "sdxl", "sd3-medium": "sd3", "sd35-large": "sd3",
+                  "flux-dev": "flux"}
+
+
+def test_a_preset_for_every_family_the_trainer_trains_and_none_other():
+    from dsfast.plan import PRESETS, family_name
+    from dsfast.train.families import NAMES
+
+    assert {k: family_name(PRESETS[k]) for k in FAMILY_PRESETS} == FAMILY_PRESETS
+    assert set(FAMILY_PRESETS.values()) == set(NAMES)
+    assert {family_name(spec) for spec in PRESETS.values()} <= set(NAMES)
+
+
+@pytest.mark.parametrize("preset, denoiser, text", [
+    ("sd3-medium", 2.028e9, [0.1237e9, 0.6947e9, 4.762e9]),  # MMDiT 2 B; CLIP-L, CLIP-G, T5-XXL encoder
+    ("sd35-large", 8.057e9, [0.1237e9, 0.6947e9, 4.762e9]),
+    ("flux-dev", 11.901e9, [0.1231e9, 4.762e9]),  # FLUX.1-dev 12 B; CLIP-L, T5-XXL encoder
+    ("sdxl", 2.567e9, [0.1231e9, 0.6947e9]),
+])
+def test_published_parameter_counts(preset, denoiser, text):
+    """The presets' architectures on the meta device have the published sizes (to 0.1 %)."""
+    from dsfast.plan import PRESETS
+
+    d, _, encoders = Planner(PRESETS[preset]).models(0)
+    assert _count(d)[0] == pytest.approx(denoiser, rel=1e-3)
+    assert [_count(t)[0] for t in encoders] == pytest.approx(text, rel=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["sd3-small", "flux-small"])
+def test_a_saved_pipeline_plans_as_its_preset_and_lora_sits_where_the_trainer_puts_it(tmp_path, preset):
+    """spec_from_pretrained reads an SD3 / FLUX.1 folder (transformer, VAE, CLIP and T5 configs) into the preset's
+    architecture; LoRA adapters cover the parameters the trainer's own loading makes trainable."""
+    import torch
+
+    from dsfast.plan import PRESETS, build_pipeline, spec_from_pretrained
+    from dsfast.train.models import describe, load, lora_config
+
+    build_pipeline(preset, tmp_path / "m")
+    preset_spec = PRESETS[preset]
+    spec = spec_from_pretrained(tmp_path / "m", preset_spec["t5_len"])
+    info = describe(str(tmp_path / "m"))  # the trainer's reading of the folder: plan's default resolution is its
+    assert spec["denoiser"] == preset_spec["denoiser"] and spec["resolution"] == info.default_resolution
+    a, b = Planner(spec), Planner(preset_spec)
+    for name in ("dsfast", "dsfast+lora+ckpt", "zero2-offload"):
+        assert a.predict(OPTIONS[name], 8, 128) == b.predict(OPTIONS[name], 8, 128)
+    bundle = load(info, str(tmp_path / "m"), dtype=torch.float32, lora=lora_config(info, 8, None), frozen_source=False,
+                  device=torch.device("cpu"))
+    trained = sum(p.numel() for p in bundle.unet.parameters() if p.requires_grad)
+    assert trained == _count(a.models(8)[0])[1] > 0
+    assert sum(p.numel() for p in bundle.unet.parameters()) == _count(a.models(8)[0])[0]
+
+
+def test_spec_from_the_trainers_tiny_family_pipelines(tmp_path):
+    """The test pipelines of every text-to-image family (SD3 without T5 too) give specs whose meta models have
+    the saved models' parameter counts."""
+    from diffusers import DiffusionPipeline
+
+    from dsfast.plan import family_name, spec_from_pretrained
+    from dsfast.train.testing import make_flux_pipeline, make_sd3_pipeline, make_sd_pipeline, make_sdxl_pipeline
+
+    for name, make, kw in (("sd", make_sd_pipeline, {}), ("sdxl", make_sdxl_pipeline, {}),
+                           ("sd3", make_sd3_pipeline, {}), ("sd3", make_sd3_pipeline, {"t5": False}),
+                           ("flux", make_flux_pipeline, {})):
+        folder = make(tmp_path / f"{name}{len(kw)}", **kw)
+        spec = spec_from_pretrained(folder)
+        assert family_name(spec) == name
+        pipe = DiffusionPipeline.from_pretrained(str(folder), **({"text_encoder_3": None, "tokenizer_3": None}
+                                                                 if kw else {}))
+        denoiser, vae, text = Planner(spec).models(0)
+        real = getattr(pipe, "unet", None) or pipe.transformer
+        assert _count(denoiser)[0] == sum(p.numel() for p in real.parameters())
+        encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                    if getattr(pipe, n, None) is not None]
+        assert sorted(_count(t)[0] for t in text) == sorted(sum(p.numel() for p in e.parameters()) for e in encoders)
+        assert Planner(spec).predict(OPTIONS["dsfast+lora"], 4, spec["resolution"])["device"] > 0
+
+
+@pytest.mark.parametrize("preset", ["sd3-small", "flux-small"])
+def test_transformer_activations_are_linear_in_the_pixels(preset):
+    """c + a·pixels from two probe sizes reproduces a third (the prompt tokens are the constant c)."""
+    from dsfast.plan import PRESETS, _fit, _probe, spec_down_factor
+
+    spec = PRESETS[preset]
+    planner = Planner(spec)
+    models, f = planner.models(0), spec_down_factor(spec)
+    fit = _fit(spec, models, OPTIONS["dsfast"], "latent", 4 * f, 8 * f)
+    third = _probe(spec, models, OPTIONS["dsfast"], 6 * f, 1, "latent")
+    px = (6 * f) ** 2
+    for key in ("unet", "held", "checkpoint_kept"):
+        c, a, b = fit[key]
+        assert b == 0 and c > 0
+        assert c + a * px == pytest.approx(third[key], rel=0.01)
+
+
+@pytest.mark.parametrize("preset", ["sd-small", "sd3-small", "flux-small"])
+def test_live_bytes_on_meta_are_torch_profilers_peak_on_cpu(preset):
+    """The probe's allocator model: the peak of live tensor bytes of the forward traced on the meta device (the
+    fused-attention stand-in) equals torch.profiler's peak of the same forward run on the CPU."""
+    import torch
+
+    from bench.kernels import cpu_peak_extra_bytes
+    from dsfast.plan import PRESETS, _denoiser, _forward, _probe
+
+    spec = PRESETS[preset]
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = _denoiser(spec)
+    z = torch.randn(2, spec["vae"]["latent_channels"], 16, 16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    real = cpu_peak_extra_bytes(lambda: _forward(spec, model, z))
+    probed = _probe(spec, Planner(spec).models(0), OPTIONS["dsfast"], 128, 1, "latent")["unet"]
+    assert probed == pytest.approx(real, rel=0.02)
+
+
+def test_cli_preset_transformer_resolution_rule(capsys):
+    """SD3 and FLUX train at multiples of 16 (8x VAE, 2x2 patches / packing), checked before any work."""
+    assert main(["--preset", "flux-dev", "--resolution", "1000"]) == 1
+    assert "--resolution=1000 must be divisible by the model's downsampling factor 16" in capsys.readouterr().err
+    assert main(["--preset", "sd3-medium", "--resolution", "1016"]) == 1
+    assert "downsampling factor 16" in capsys.readouterr().err
+
+
+def test_cli_preset_flux_small(capsys):
+    assert main(["--preset", "flux-small", "--gpu", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "| dsfast+lora+ckpt+bf16 | 128 |" in out and "| dsfast+pixel | 128 |" in out and "official" not in out
+
+
+# ----------------------------------------------------------------------------------------- against measurements
+@pytest.fixture(scope="module")
+def measured_assets(tmp_path_factory):
+    from bench.memory import make_assets
+
+    root = tmp_path_factory.mktemp("mem")
+    return root, {p: make_assets(root, p) for p in ("sd3-small", "flux-small")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["sd3-small", "flux-small"])
+@pytest.mark.parametrize("option", ["dsfast", "dsfast+lora"])
+def test_plan_predicts_the_measured_cpu_peak_of_a_reduced_width_model(measured_assets, preset, option):
+    """One DomainStudio training step of the trainer on a CPU (``bench.memory``: live tensors + torch.profiler's
+    peak; full fine-tune and LoRA, 128 px, batch 4): ``dsfast plan`` within 15 % (its probe never sees it)."""
+    from bench.memory import predicted_bytes, run_case
+    from dsfast.plan import PRESETS
+
+    root, assets = measured_assets
+    row = run_case(dict(option=option, resolution=128, batch=4), assets[preset], root)
+    assert row["status"] == "ok", row.get("reason")
+    predicted = predicted_bytes(Planner(PRESETS[preset]), row)
+    assert abs(predicted / row["peak_bytes"] - 1) < 0.15, (predicted, row["peak_bytes"])
+
+
+def test_cli_from_a_flux_run_config(tmp_path, capsys):
+    """--config on a FLUX.1 folder: its transformer, VAE and encoders read, model.max_sequence_length's T5 tokens."""
+    import yaml
+
+    from dsfast.train.testing import make_flux_pipeline, tiny_config, write_images
+
+    make_flux_pipeline(tmp_path / "model")
+    write_images(tmp_path / "imgs", 4, size=16)
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path / "model", tmp_path / "imgs", model__lora_rank=4,
+                                            model__max_sequence_length=32)))
+    assert main(["--config", str(f), "--gpu", "8"]) == 0
+    assert "| config | 16 |" in capsys.readouterr().out
