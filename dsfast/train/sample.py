@@ -114,9 +114,10 @@ def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, nu
     return torch.cat(out)
 
 
-def generate_images(pipe, folder: str | Path, num: int, *, prompt: str, seed: int, num_inference_steps: int,
+def generate_images(make_pipe, folder: str | Path, num: int, *, prompt: str, seed: int, num_inference_steps: int,
                     guidance_scale: float, what: str, resolution: int | None = None) -> None:
-    """Fill ``folder`` up to ``num`` images of ``pipe`` (``class_<i>.png``, seed ``seed + i``), split across ranks."""
+    """Fill ``folder`` up to ``num`` images of the pipeline ``make_pipe()`` (``class_<i>.png``, seed ``seed + i``),
+    split across ranks; the pipeline is built only where images are missing."""
     folder = Path(folder)
     have = count_images(folder, what)
     if have >= num:
@@ -124,11 +125,12 @@ def generate_images(pipe, folder: str | Path, num: int, *, prompt: str, seed: in
     if D.rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
     D.barrier()
-    for i in range(have, num):
-        if i % D.world() == D.rank():
-            img = run_pipeline(pipe, 1, seed=seed + i, prompt=prompt, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, resolution=resolution)
-            save_images(img, folder, prefix=f"class_{i:05d}_")
+    mine = [i for i in range(have, num) if i % D.world() == D.rank()]
+    pipe = make_pipe() if mine else None
+    for i in mine:
+        img = run_pipeline(pipe, 1, seed=seed + i, prompt=prompt, num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, resolution=resolution)
+        save_images(img, folder, prefix=f"class_{i:05d}_")
     D.barrier()
 
 

@@ -83,7 +83,7 @@ class DenoisingMethod(Method):
         latents = self.encode(images)
         class_latents = None
         if self.needs(loss).class_images:
-            generate_images(pretrained_pipeline(bundle, device, dtype), data.class_dir, data.num_class_images,
+            generate_images(lambda: pretrained_pipeline(bundle, device, dtype), data.class_dir, data.num_class_images,
                             prompt=data.class_prompt, seed=draws.seed * 1_000_003,
                             num_inference_steps=sample.num_inference_steps, guidance_scale=sample.guidance_scale,
                             resolution=data.resolution, what="data.class_dir")
