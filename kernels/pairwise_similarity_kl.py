@@ -105,6 +105,8 @@ def gram_config(n: int, k_blocks: int, block_k: int, operand, device: torch.devi
     output tile edge, :func:`gram_tile` by default; ``grams`` per program (partials), ``batches`` per launch."""
     block_n = block_n or gram_tile(n)
     num_warps = dot_tiles(block_n, operand)[1]
+    if operand == tl.float64 and grams > 1:
+        num_warps = 8  # two fp64 accumulator tiles per program: 4 warps ran out of registers (Triton 3.6, sm_80)
     tiles = triton.cdiv(n, block_n)
     ws_bytes = grams * block_n * block_n * (8 if operand == tl.float64 else 4)
     splits, per = split_k(batches * tiles * (tiles + 1) // 2, k_blocks, k_block_bytes, ws_bytes, device,
