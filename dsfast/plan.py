@@ -672,15 +672,11 @@ class Planner:
         return 2 * 4 * one
 
     def _vae_bytes(self, w: int) -> int:
-        """Bytes per VAE parameter in a run of ``w``-byte precision: the family's ``part_dtype("vae")``."""
+        """Bytes per VAE parameter in a run of ``w``-byte precision: float32 where the family keeps its VAE so (SDXL,
+        its ``vae_fp32``, the pipeline's own VAE), else the run's."""
         if self.spec["family"] == "unconditional":
             return w
-        import types
-
-        import torch
-
-        run = types.SimpleNamespace(dtype=torch.bfloat16 if w == 2 else torch.float32)
-        return _family(self.spec).part_dtype(run, "vae").itemsize
+        return 4 if _family(self.spec).vae_fp32 else w
 
     def space(self, option: Option) -> str:
         """The option's loss.space: as set, else the family's default (the trainer's resolve step)."""
