@@ -889,7 +889,7 @@ def option_from_config(cfg, world: int) -> Option:
         from dsfast.train.ds_config import read_stock_json
 
         bucket = (read_stock_json(z.config).get("zero_optimization") or {}).get("reduce_bucket_size")
-    return Option("config", space=cfg.loss.space, lora_rank=cfg.model.lora_rank,
+    return Option("config", space=getattr(cfg.loss, "space", None), lora_rank=cfg.model.lora_rank,
                   checkpointing=t.gradient_checkpointing, zero_stage=z.zero_stage,
                   offload_optimizer=z.offload_optimizer == "cpu", offload_param=z.offload_param == "cpu",
                   world=world, precision=t.mixed_precision, micro_batch=t.micro_batch_size,

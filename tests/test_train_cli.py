@@ -217,6 +217,9 @@ def test_train_help_lists_every_config_key(capsys):
         line = next(x for x in out.splitlines() if x.split() and x.split()[0] == key)
         assert default in line and len(line.split()) > 2, line  # key, default and a help text
     assert "``" not in out
+    loss = {x.split()[0]: x for x in out.splitlines() if x.split() and x.split()[0].startswith("loss.")}
+    assert loss["loss.image"].endswith("[domainstudio]") and loss["loss.backend"].endswith("[domainstudio]")
+    assert not loss["loss.prior"].endswith("]") and not loss["loss.mode"].endswith("]")  # every method has them
 
 
 def test_sample_and_dreambooth_help_have_text_for_every_option(capsys):

@@ -4,7 +4,8 @@ import re
 import pydantic
 import pytest
 
-from dsfast.train.config import ConfigError, load_config, parse_overrides, resolve
+from dsfast.train import methods
+from dsfast.train.config import RUN_CONFIGS, ConfigError, RunConfig, dump_config, load_config, parse_overrides, resolve
 
 BASE = {"model": {"pretrained": "some/model"}, "data": {"instance_dir": "imgs"}, "output_dir": "out"}
 
@@ -22,10 +23,10 @@ def test_dotted_overrides_and_coercion(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("method: finetune\nmodel: {pretrained: m}\ndata: {instance_dir: d}\ntrain: {lr: 1e-4}\n")
     cfg = load_config(f, ["train.lr=3e-5", "deepspeed.zero_stage=3", "train.gradient_checkpointing=true",
-                          "loss.image=2", "deepspeed.offload_param=cpu"])
+                          "loss.prior=2", "deepspeed.offload_param=cpu"])
     assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)
     assert cfg.deepspeed.zero_stage == 3 and cfg.train.gradient_checkpointing is True
-    assert cfg.loss.image == 2.0 and isinstance(cfg.loss.image, float)
+    assert cfg.loss.prior == 2.0 and isinstance(cfg.loss.prior, float)
     assert cfg.output_dir.endswith("run")  # runs/<config stem>
     assert parse_overrides(["a.b=[1, 2]"]) == [("a.b", [1, 2])]
     with pytest.raises(ConfigError, match="key=value"):
@@ -88,6 +89,58 @@ def test_official_defaults():
     cfg = resolve(raw, "unet2d")
     assert cfg.loss.image == 1.0 and cfg.train.lr == 2e-4
     assert raw.loss.hf is None and raw.train.micro_batch_size is None  # resolve returns a new config
+
+
+# ----------------------------------------------------------------------------- per-method loss sections
+
+T2I = {**BASE, "data": {"instance_dir": "i", "instance_prompt": "a sks dog", "class_prompt": "a dog"}}
+
+
+def test_each_method_has_its_own_loss_section():
+    for name in methods.NAMES:
+        cfg = load_config({**T2I, "method": name})
+        assert type(cfg) is RUN_CONFIGS[name] and isinstance(cfg, RunConfig)
+        assert set(type(cfg.loss).model_fields) == set(methods.LOSS_CONFIGS[name].model_fields)
+    assert set(methods.LOSS_CONFIGS["dreambooth"].model_fields) == {"mode", "prior"}
+    assert {"image", "hf", "hfmse", "source", "space", "backend"} <= set(methods.LOSS_CONFIGS["domainstudio"].model_fields)
+    # a key another method has, set to a value that would change training, is one error naming its method
+    for method, key, value in [("dreambooth", "image", 4), ("finetune", "hfmse", 0.1), ("dreambooth", "tau", 0.5),
+                               ("dreambooth", "num_anchors", 3), ("finetune", "backend", "triton")]:
+        with pytest.raises(ConfigError, match=rf"'loss.{key}' belongs to method domainstudio; .* method is {method}"):
+            load_config({**T2I, "method": method, "loss": {key: value}})
+    # a key no method has lists the method's own keys
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss.bogus' \(known keys under 'loss': mode, prior\)"):
+        load_config({**T2I, "method": "dreambooth"}, ["loss.bogus=1"])
+    with pytest.raises(ConfigError, match="'method' must be one of domainstudio, dreambooth, finetune; got 'dream'"):
+        load_config({**T2I, "method": "dream"})
+    with pytest.raises(ConfigError, match="'method' must be one of"):
+        load_config({**T2I, "method": ["finetune"]})
+
+
+def test_resolve_fills_only_the_methods_own_keys():
+    cfg = resolve(load_config({**T2I, "method": "dreambooth"}), "sd")
+    assert cfg.loss.model_dump() == {"mode": "dsfast", "prior": 1.0}
+    cfg = resolve(load_config({**T2I, "method": "finetune"}), "sdxl")
+    assert cfg.loss.model_dump() == {"mode": "dsfast", "prior": 0.0} and cfg.train.batch_size == 4
+    cfg = resolve(load_config({**T2I, "method": "finetune", "loss": {"mode": "official"}}), "sd")
+    assert cfg.loss.mode == "official"
+
+
+# what the resolve step wrote into a dreambooth run's config.yaml before each method had its own loss section
+OLD_RESOLVED_LOSS = {"mode": "dsfast", "prior": 1.0, "image": 0.0, "hf": 0.0, "hfmse": 0.0, "hfmse_weighting": "min_snr",
+                     "stencil": "domainstudio", "space": "latent", "source": "frozen", "tau": 1.0,
+                     "direction": "source||adapted", "reduction": "mean", "num_anchors": None, "backend": "auto"}
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "finetune"])
+def test_an_old_resolved_config_still_loads(tmp_path, method):
+    old = {**T2I, "method": method, "loss": dict(OLD_RESOLVED_LOSS, prior=1.0 if method == "dreambooth" else 0.0)}
+    cfg = load_config(old)
+    assert cfg.loss.model_dump() == {"mode": "dsfast", "prior": old["loss"]["prior"]}
+    # and the new resolved config.yaml round-trips
+    resolved = resolve(cfg, "sd")
+    dump_config(resolved, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == resolved
 
 
 def test_resolve_world_and_resolution():

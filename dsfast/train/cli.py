@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from dsfast.argtypes import ArgumentParser
 
+from . import methods
 from .config import RunConfig
 from .engine import train
 from .errors import USER_ERRORS
@@ -20,16 +21,32 @@ def _default(field) -> str:
     return "(method / model default)" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
+def _line(key: str, field, note: str = "") -> str:
+    return f"  {key:<30} {_default(field):<24} {field.description or ''}{note}".rstrip()
+
+
+def _loss_lines() -> list[str]:
+    """The ``loss`` keys of every method's section, each once, naming the methods that have it when not all do."""
+    keys: dict[str, tuple] = {}
+    for method, section in methods.LOSS_CONFIGS.items():
+        for key, field in section.model_fields.items():
+            keys.setdefault(key, (field, []))[1].append(method)
+    return [_line(f"loss.{key}", field, "" if len(owners) == len(methods.LOSS_CONFIGS) else f" [{' / '.join(owners)}]")
+            for key, (field, owners) in keys.items()]
+
+
 def config_keys_help(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """One line per config key of the schema: dotted key, default, its description (sections in schema order)."""
+    """One line per config key of the schema: dotted key, default, its description (sections in schema order; the
+    ``loss`` section per method)."""
     lines = []
     for name, field in cls.model_fields.items():
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if cls is RunConfig and name == "loss":
+            lines += _loss_lines()
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
             lines += config_keys_help(ann, f"{prefix}{name}.")
-            continue
-        help_ = field.description or ""
-        lines.append(f"  {prefix + name:<30} {_default(field):<24} {help_}".rstrip())
+        else:
+            lines.append(_line(prefix + name, field))
     return lines
 
 

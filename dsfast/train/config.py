@@ -15,21 +15,18 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from . import families, methods
 from .ds_config import adopt_stock_json
 from .errors import ConfigError
+from .schema import Section
 
-__all__ = ["ConfigError", "RunConfig", "check_resolution", "dump_config", "family_options", "load_config", "parse_overrides",
+__all__ = ["ConfigError", "RUN_CONFIGS", "RunConfig", "check_resolution", "dump_config", "family_options", "load_config", "parse_overrides",
            "resolve"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True, allow_inf_nan=False)  # no nan or inf anywhere
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     pretrained: str = Field("", description="required: a local diffusers pipeline folder or a hub id (unet2d, sd, sdxl, sd3 or flux)")
     lora_rank: int = Field(0, ge=0, description="0 = full fine-tune of the UNet/transformer; >0 = peft LoRA adapters on it")
     lora_alpha: float | None = Field(None, description="None = lora_rank")
@@ -38,7 +35,7 @@ class ModelConfig(_Section):
     guidance: float | None = Field(None, description="flux: the guidance embedding's value in training (guidance-distilled FLUX.1-dev); None = 3.5")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     instance_dir: str = Field("", description="required: the folder of training images (resized and centre-cropped)")
     instance_prompt: str | None = Field(None, description="text-to-image only, e.g. \"a sks dog\"; also the prompt of images without a caption")
     captions: Literal["none", "auto", "txt", "metadata"] = Field("none", description="t2i per-image captions, each used as the image's prompt: none (all take instance_prompt) | txt (<image stem>.txt beside it) | metadata (metadata.jsonl: file_name + caption_column) | auto (metadata.jsonl, else .txt files, else none)")
@@ -51,24 +48,7 @@ class DataConfig(_Section):
     center_crop: bool = Field(True, description="centre crop after scaling the shorter side (else the top-left square)")
 
 
-class LossConfig(_Section):
-    mode: Literal["dsfast", "official"] = Field("dsfast", description="official = the released DomainStudio training step")
-    prior: float | None = Field(None, description="lambda_prior (dreambooth, text-to-image domainstudio)")
-    image: float | None = Field(None, description="lambda_img: pairwise-similarity KL of x0")
-    hf: float | None = Field(None, description="lambda_hf: pairwise-similarity KL of hf(x0)")
-    hfmse: float | None = Field(None, description="lambda_hfmse: MSE of hf(x0) to the real image")
-    hfmse_weighting: Literal["none", "min_snr"] | None = Field(None, description="per-sample hf-MSE weight: none | min_snr (x min(SNR_t, 1)); None = min_snr on DDPM families, none on flow-matching ones and in official mode")
-    stencil: Literal["domainstudio", "pywt"] = Field("domainstudio", description="hf stencil: the official code's or pywt bands'")
-    space: Literal["pixel", "latent"] | None = Field(None, description="text-to-image domainstudio: compare decoded images or latents; None = pixel on sd, latent on sdxl/sd3/flux")
-    source: Literal["frozen", "class_prompt", "lora_off"] | None = Field(None, description="None = method default")
-    tau: float = Field(1.0, description="softmax temperature of the pairwise similarities")
-    direction: Literal["source||adapted", "adapted||source"] = Field("source||adapted", description="KL direction (as the official code)")
-    reduction: Literal["mean", "batchmean", "sum"] = Field("mean", description="KL reduction (official: mean)")
-    num_anchors: int | None = Field(None, ge=1, description="random anchor rows of the pairwise loss (None = all)")
-    backend: str = Field("auto", description="dsfast.ops backend: auto | torch | cpp | triton | cuda")
-
-
-class TrainConfig(_Section):
+class TrainConfig(Section):
     max_steps: int = Field(800, ge=1, description="optimizer steps")
     batch_size: int | None = Field(None, ge=1, description="global batch (instance images per optimizer step)")
     micro_batch_size: int | None = Field(None, ge=1, description="per rank per forward; None = batch_size / world size")
@@ -94,7 +74,7 @@ class TrainConfig(_Section):
     precondition_outputs: bool = Field(False, description="sd3/flux: regress x0 = x_t - σ·v̂ on x0 instead of v on ε - x0")
 
 
-class DeepSpeedConfig(_Section):
+class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (2: optimizer + gradients sharded; 3: weights too)")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="optimizer state on the CPU (stage >= 1)")
     offload_param: Literal["none", "cpu"] = Field("none", description="weights on the CPU (stage 3)")
@@ -109,7 +89,7 @@ class DeepSpeedConfig(_Section):
         return self
 
 
-class SampleConfig(_Section):
+class SampleConfig(Section):
     num: int = Field(16, ge=1, description="images per sample grid")
     num_inference_steps: int = Field(50, ge=1, description="sampler steps (grids and class images)")
     seed: int = Field(0, description="image i of a grid uses seed + i")
@@ -117,11 +97,14 @@ class SampleConfig(_Section):
     guidance_scale: float = Field(7.5, description="classifier-free guidance (text-to-image)")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
+    """A run's config. Its ``loss`` section is the method's own (``Method.loss_config``): a config is an instance of
+    ``RUN_CONFIGS[method]``, a subclass of this class, picked by :func:`load_config` from the ``method`` key."""
+
     method: str = Field("domainstudio", description="domainstudio | dreambooth (text-to-image) | finetune")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    loss: LossConfig = LossConfig()
+    loss: Section = Section()
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     sample: SampleConfig = SampleConfig()
@@ -135,28 +118,52 @@ class RunConfig(_Section):
     def _empty_section(cls, v):
         return {} if v is None else v
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v):
-        if v not in methods.NAMES:
-            raise ValueError(f"config key 'method' must be one of {', '.join(methods.NAMES)}; got {v!r}")
-        return v
-
     @model_validator(mode="after")
     def _required(self):
         if not self.model.pretrained:
             raise ValueError("config key 'model.pretrained' is required (a diffusers pipeline folder or hub id)")
         if not self.data.instance_dir:
             raise ValueError("config key 'data.instance_dir' is required (a folder of training images)")
-        if self.loss.source == "lora_off" and self.model.lora_rank == 0:
+        if getattr(self.loss, "source", None) == "lora_off" and self.model.lora_rank == 0:  # domainstudio's key
             raise ValueError("loss.source=lora_off needs model.lora_rank > 0")
         return self
 
 
+def _run_config(method: str, loss: type[Section]) -> type[RunConfig]:
+    return create_model(f"RunConfig_{method}", __base__=RunConfig, __module__=__name__,
+                        method=(Literal[method], Field(method, description=RunConfig.model_fields["method"].description)),
+                        loss=(loss, loss()))
+
+
+RUN_CONFIGS: dict[str, type[RunConfig]] = {name: _run_config(name, loss) for name, loss in methods.LOSS_CONFIGS.items()}
+
+# Before each method had its own loss section, the resolve step wrote every loss key into every run's config.yaml.
+# Such a key of another method is dropped when it holds what that step wrote (an empty or zero weight, the key's
+# default, or one of these keys, which it filled for every method); any other value is an error naming its method.
+_FILLED_FOR_EVERY_METHOD = ("hfmse_weighting", "space", "source")
+
+
+def _drop_old_loss_keys(data: dict, method: str) -> None:
+    loss = data.get("loss")
+    if not isinstance(loss, dict):
+        return
+    own = methods.LOSS_CONFIGS[method].model_fields
+    for key in [k for k in loss if k not in own]:
+        owners = [name for name, section in methods.LOSS_CONFIGS.items() if key in section.model_fields]
+        if not owners:
+            continue  # a key of no method: the schema's error names the known keys
+        value = loss[key]
+        if (value is None or value == 0 or key in _FILLED_FOR_EVERY_METHOD
+                or value == methods.LOSS_CONFIGS[owners[0]].model_fields[key].default):
+            del loss[key]
+        else:
+            raise ConfigError(f"config key 'loss.{key}' belongs to method {' / '.join(owners)}; this config's method "
+                              f"is {method} (remove the key, or set method: {owners[0]})")
+
+
 # ----------------------------------------------------------------------------- loading
 
-def _section_class(loc) -> type[BaseModel]:
-    cls = RunConfig
+def _section_class(cls: type[BaseModel], loc) -> type[BaseModel]:
     for part in loc:
         ann = cls.model_fields[part].annotation
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
@@ -165,12 +172,12 @@ def _section_class(loc) -> type[BaseModel]:
     return cls
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
+def _config_error(exc: ValidationError, cls: type[RunConfig]) -> ConfigError:
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "<root>"
     if err["type"] == "extra_forbidden":
-        known = ", ".join(sorted(_section_class(loc[:-1]).model_fields))
+        known = ", ".join(sorted(_section_class(cls, loc[:-1]).model_fields))
         return ConfigError(f"unknown config key '{key}' (known keys under '{'.'.join(loc[:-1]) or '<root>'}': "
                            f"{known})")
     if err["type"] == "value_error":
@@ -179,10 +186,16 @@ def _config_error(exc: ValidationError) -> ConfigError:
 
 
 def _validate(data: dict) -> RunConfig:
+    """``data`` (a plain dict, changed in place) as the config class of its method."""
+    method = data.setdefault("method", RunConfig.model_fields["method"].default)
+    if not isinstance(method, str) or method not in RUN_CONFIGS:
+        raise ConfigError(f"config key 'method' must be one of {', '.join(RUN_CONFIGS)}; got {method!r}")
+    _drop_old_loss_keys(data, method)
+    cls = RUN_CONFIGS[method]
     try:
-        return RunConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc) from None
+        raise _config_error(exc, cls) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -266,10 +279,10 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     fam = families.get(family)
     d = cfg.model_dump()
     loss, train, data = d["loss"], d["train"], d["data"]
-    for section, keys in ((loss, ("image", "hf", "hfmse", "prior", "source")), (train, ("lr", "ema", "batch_size"))):
-        for key in keys:
-            if section[key] is None:
-                section[key] = method.defaults[fam.kind][key]
+    for key, value in method.defaults[fam.kind].items():  # the method's loss keys, train.lr / ema / batch_size
+        section = loss if key in loss else train
+        if section[key] is None:
+            section[key] = value
     official = loss["mode"] == "official"
     for key, value, applies in (("train.weighting_scheme", train["weighting_scheme"] not in (None, "none"), "sd3, flux"),
                                 ("train.precondition_outputs", train["precondition_outputs"], "sd3, flux"),
@@ -278,13 +291,13 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
         if value and family not in applies.split(", "):
             raise ConfigError(f"{key} applies to {applies} models only; the model is {family}")
     for section, key, value in ((loss, "hfmse_weighting", "none" if official else fam.default_hfmse_weighting),
-                                (loss, "space", "pixel" if official else fam.default_space),
+                                (loss, "space", "pixel" if official else fam.default_space),  # domainstudio's keys
                                 (train, "weighting_scheme", fam.default_weighting or "none"),
                                 (train, "weight_decay", RELEASED[fam.kind]["weight_decay"] if official else 0.0),
                                 (train, "max_grad_norm", 0.0 if official else 1.0),
                                 (train, "ema_warmup", not official),
                                 (data, "random_flip", RELEASED[fam.kind]["random_flip"] if official else True)):
-        if section[key] is None:
+        if key in section and section[key] is None:
             section[key] = value
     if official:
         _check_official(loss, family)
@@ -343,14 +356,15 @@ _OFFICIAL_LOSS = dict(stencil="domainstudio", space="pixel", tau=1.0, direction=
 
 
 def _check_official(loss: dict, family: str) -> None:
-    """loss.mode=official fixes the loss keys to the released code's values, which exists for unet2d and sd."""
+    """loss.mode=official fixes the method's loss keys to the released code's values, which exists for unet2d and
+    sd."""
     if family not in ("unet2d", "sd"):
         raise ConfigError(f"loss.mode=official reproduces the released DomainStudio code, which exists for unet2d and sd "
                           f"models only; the model is {family} (use loss.mode=dsfast)")
     for key, value in _OFFICIAL_LOSS.items():
-        if loss[key] != value:
+        if key in loss and loss[key] != value:
             raise ConfigError(f"loss.mode=official uses loss.{key}={value!r} (the released code); got {loss[key]!r}")
-    if loss["source"] not in ("frozen", "class_prompt"):
+    if loss.get("source", "frozen") not in ("frozen", "class_prompt"):
         raise ConfigError(f"loss.mode=official uses the released source side; loss.source={loss['source']!r} "
                           "is a dsfast option")
 

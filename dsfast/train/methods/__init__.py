@@ -3,7 +3,7 @@ the released steps of ``loss.mode=official`` are their own classes in ``official
 (config ``method``, the model's kind: unconditional or text-to-image, ``loss.mode``) to the class.
 
 A new method: a file here with a :class:`~dsfast.train.methods.base.Method` subclass (``name``, ``kinds``,
-``defaults`` per kind, ``needs``, ``forward``, optionally ``global_loss``; usually a
+``loss_config`` (its config keys), ``defaults`` per kind, ``needs``, ``forward``, optionally ``global_loss``; usually a
 :class:`~dsfast.train.methods.denoise.DenoisingMethod`), added to ``METHODS``.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .official import OfficialDomainStudio, OfficialDomainStudioSD, OfficialDrea
 METHODS: tuple[type[Method], ...] = (DomainStudio, DreamBooth, Finetune, OfficialDomainStudio, OfficialDomainStudioSD,
                                      OfficialDreamBooth, OfficialFinetuneSD)
 NAMES = tuple(sorted({m.name for m in METHODS}))
+LOSS_CONFIGS = {m.name: m.loss_config for m in METHODS if m.mode == "dsfast"}  # method -> its loss section
 
 
 def get(name: str, family: str, mode: str = "dsfast") -> type[Method]:
@@ -35,4 +36,4 @@ def get(name: str, family: str, mode: str = "dsfast") -> type[Method]:
     raise ConfigError(f"method '{name}' needs {need} model; the pretrained model is {family} ({kind})")
 
 
-__all__ = ["METHODS", "NAMES", "Method", "MicroOut", "Needs", "get"]
+__all__ = ["LOSS_CONFIGS", "METHODS", "NAMES", "Method", "MicroOut", "Needs", "get"]

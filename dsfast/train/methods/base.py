@@ -4,8 +4,9 @@ released DomainStudio steps share.
 A method is a class with
 
 * ``name`` (the config's ``method``), ``kinds`` (the kinds of model it trains: ``unconditional``,
-  ``text2image``), ``mode`` (``dsfast``, or ``official`` for the released step) and ``defaults`` (per kind, the
-  values of the config keys left empty);
+  ``text2image``), ``mode`` (``dsfast``, or ``official`` for the released step), ``loss_config`` (the pydantic
+  schema of its ``loss`` section: the config is discriminated on ``method``) and ``defaults`` (per kind, the
+  values of its ``loss`` keys and of ``train.lr`` / ``train.ema`` / ``train.batch_size`` left empty);
 * ``needs(loss)``: what it needs from the model and data (a frozen source denoiser? class images? batch-coupled
   terms?), and ``check(loss, data, kind)`` for errors found at resolve time;
 * ``__init__(bundle=, images=, draws=, loss=, data=, sample=, dtype=, device=)``: set-up before the engine
@@ -54,6 +55,7 @@ class Method:
     name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]
     mode: ClassVar[str] = "dsfast"  # "official": the released step of the method (methods/official/)
+    loss_config: ClassVar[type]  # the pydantic model of the config's loss section for this method
     defaults: ClassVar[dict[str, dict]]  # kind -> config key -> value
     has_global: bool = False
     global_weights: dict = {}  # name of a global term -> its λ

@@ -14,8 +14,11 @@ learns sigma; ``instance`` otherwise) (+ λ_prior · class MSE: ``dsfast.losses.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from dsfast.losses import PriorPreservationLoss
 
@@ -26,13 +29,22 @@ from ..families import TEXT2IMAGE, UNCONDITIONAL
 from ..families.base import cat, expand, take
 from ..models import pretrained_pipeline
 from ..sample import generate_images
+from ..schema import Section
 from .base import Method, MicroOut, Needs
 
 CAPTION_CHUNK = 64  # prompts per text-encoder call when the captions are encoded
 
 
+class DenoisingLossConfig(Section):
+    """The ``loss`` section of finetune and dreambooth (DomainStudio's extends it)."""
+
+    mode: Literal["dsfast", "official"] = Field("dsfast", description="official = the released training step (unet2d and sd models)")
+    prior: float | None = Field(None, description="lambda_prior: the class-image MSE (prior preservation, text-to-image)")
+
+
 class DenoisingMethod(Method):
     kinds = (UNCONDITIONAL, TEXT2IMAGE)
+    loss_config = DenoisingLossConfig
 
     @classmethod
     def needs(cls, loss) -> Needs:
@@ -45,8 +57,6 @@ class DenoisingMethod(Method):
         if kind == UNCONDITIONAL:
             if data.captions not in ("none", "auto"):
                 raise ConfigError(f"data.captions={data.captions}: an unconditional model takes no prompts")
-            if loss.source != "frozen":
-                raise ConfigError("loss.source must be 'frozen' for an unconditional model")
             if loss.prior > 0:
                 raise ConfigError("loss.prior > 0 (prior preservation) needs a text-to-image model")
             return

@@ -12,16 +12,38 @@ prompt ``frozen`` and ``lora_off`` take the instance conditioning (each image's 
 """
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
+import torch
+from pydantic import Field
+
+from ..errors import ConfigError
 from ..families import TEXT2IMAGE, UNCONDITIONAL
 from ..families.base import expand
 from .base import DomainStudioTerms, Needs, hfmse_weights, weighted_hf_mse
-from .denoise import DenoisingMethod
+from .denoise import DenoisingLossConfig, DenoisingMethod
+
+
+class DomainStudioLossConfig(DenoisingLossConfig):
+    """The ``loss`` section of ``method: domainstudio``."""
+
+    image: float | None = Field(None, description="lambda_img: pairwise-similarity KL of x0")
+    hf: float | None = Field(None, description="lambda_hf: pairwise-similarity KL of hf(x0)")
+    hfmse: float | None = Field(None, description="lambda_hfmse: MSE of hf(x0) to the real image")
+    hfmse_weighting: Literal["none", "min_snr"] | None = Field(None, description="per-sample hf-MSE weight: none | min_snr (x min(SNR_t, 1)); None = min_snr on DDPM families, none on flow-matching ones and in official mode")
+    stencil: Literal["domainstudio", "pywt"] = Field("domainstudio", description="hf stencil: the official code's or pywt bands'")
+    space: Literal["pixel", "latent"] | None = Field(None, description="text-to-image: compare decoded images or latents; None = pixel on sd, latent on sdxl/sd3/flux")
+    source: Literal["frozen", "class_prompt", "lora_off"] | None = Field(None, description="the source side: frozen copy | class_prompt predictions | lora_off (adapters off); None = frozen (unconditional), class_prompt (text-to-image)")
+    tau: float = Field(1.0, description="softmax temperature of the pairwise similarities")
+    direction: Literal["source||adapted", "adapted||source"] = Field("source||adapted", description="KL direction (as the official code)")
+    reduction: Literal["mean", "batchmean", "sum"] = Field("mean", description="KL reduction (official: mean)")
+    num_anchors: int | None = Field(None, ge=1, description="random anchor rows of the pairwise loss (None = all)")
+    backend: str = Field("auto", description="dsfast.ops backend: auto | torch | cpp | triton | cuda")
 
 
 class DomainStudio(DenoisingMethod):
     name = "domainstudio"
+    loss_config = DomainStudioLossConfig
     defaults = {UNCONDITIONAL: dict(image=4.0, hf=4.0, hfmse=1.0, prior=0.0, source="frozen", lr=1e-4, ema=0.9999,
                                     batch_size=4),
                 TEXT2IMAGE: dict(image=100.0, hf=100.0, hfmse=0.1, prior=1.0, source="class_prompt", lr=5e-6, ema=0.0,
@@ -32,6 +54,12 @@ class DomainStudio(DenoisingMethod):
         pairwise = loss.image > 0 or loss.hf > 0
         return Needs(class_images=loss.prior > 0 or loss.source == "class_prompt",
                      frozen_source=pairwise and loss.source == "frozen", pairwise=pairwise)
+
+    @classmethod
+    def check(cls, loss, data, kind) -> None:
+        super().check(loss, data, kind)
+        if kind == UNCONDITIONAL and loss.source != "frozen":
+            raise ConfigError("loss.source must be 'frozen' for an unconditional model")
 
     def __init__(self, *, bundle, images, draws, loss, data, sample, dtype, device):
         super().__init__(bundle=bundle, images=images, draws=draws, loss=loss, data=data, sample=sample, dtype=dtype,

@@ -9,5 +9,4 @@ from .denoise import DenoisingMethod
 class DreamBooth(DenoisingMethod):
     name = "dreambooth"
     kinds = (TEXT2IMAGE,)
-    defaults = {TEXT2IMAGE: dict(image=0.0, hf=0.0, hfmse=0.0, prior=1.0, source="frozen", lr=5e-6, ema=0.0,
-                                 batch_size=1)}
+    defaults = {TEXT2IMAGE: dict(prior=1.0, lr=5e-6, ema=0.0, batch_size=1)}

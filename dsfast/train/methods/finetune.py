@@ -5,10 +5,7 @@ from __future__ import annotations
 from ..families import TEXT2IMAGE, UNCONDITIONAL
 from .denoise import DenoisingMethod
 
-_OFF = dict(image=0.0, hf=0.0, hfmse=0.0, prior=0.0, source="frozen")
-
-
 class Finetune(DenoisingMethod):
     name = "finetune"
-    defaults = {UNCONDITIONAL: dict(_OFF, lr=1e-4, ema=0.9999, batch_size=4),
-                TEXT2IMAGE: dict(_OFF, lr=5e-6, ema=0.0, batch_size=4)}
+    defaults = {UNCONDITIONAL: dict(prior=0.0, lr=1e-4, ema=0.9999, batch_size=4),
+                TEXT2IMAGE: dict(prior=0.0, lr=5e-6, ema=0.0, batch_size=4)}
