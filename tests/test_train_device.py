@@ -96,7 +96,7 @@ def test_training_step_runs_on_the_device(assets, case):
     loss = out.loss + method.forward(unet, mb, need_source=False).loss
     if method.has_global:
         assert out.source is not None and out.source.device == META
-        total, terms = method.global_loss(out.source, out.adapted, out.real, 3)
+        total, terms = method.global_loss(out.source, out.adapted, out.real, out.hfmse_weights, 3)
         assert terms and total.device == META
         loss = loss + total
     loss.backward()

@@ -80,8 +80,8 @@ def large_batch_grads(root, micro, model):
     unet, method = _method(root, model)
     outs = [method.forward(unet, method.micro_batch(STEP, list(range(i, i + micro))), need_source=True)
             for i in range(0, BATCH, micro)]
-    total, _ = method.global_loss(torch.cat([o.source for o in outs]), torch.cat([o.adapted for o in outs]), None,
-                                  STEP)
+    total, _ = method.global_loss(*(torch.cat([getattr(o, k) for o in outs])
+                                    for k in ("source", "adapted", "real", "hfmse_weights")), STEP)
     (sum(o.loss for o in outs) / len(outs) + total).backward()
     return _grads(unet)
 

@@ -2,12 +2,14 @@
 checkpoints, sample grids and the final export. It drives a method object (``methods``) and never
 asks which method it is.
 
-One optimizer step over the global batch. A method's *global* terms (the pairwise-similarity losses)
-couple every sample of the global batch; two schemes give their exact gradient whatever the ranks
-and micro-batches:
+One optimizer step over the global batch. A method's *global* terms (DomainStudio's pairwise-similarity
+losses, and with them its hf-MSE, all in one loss call) couple every sample of the global batch, or take
+the global batch's mean of per-sample terms; two schemes give their exact gradient whatever the ranks and
+micro-batches:
 
-* one micro-batch per rank: forward with grad, all-gather the x0 features (the gradient of the
-  loss, computed identically on every rank, flows back to the rank's own slice), add
+* one micro-batch per rank: forward with grad, all-gather the x0 features (and the real x0 and
+  per-sample weights the hf-MSE reads; the gradient of the loss, computed identically on every rank,
+  flows back to the rank's own slice), add
   ``world * L_global`` (the data-parallel all-reduce averages over ranks);
 * several micro-batches (gradient accumulation): pass 1 forwards every micro-batch without grad to
   get the source and adapted x0, gathers them across ranks, takes the global loss and
@@ -159,7 +161,7 @@ def run_step(method, model, micro_batches, backward, *, step: int, device: torch
         _check(out.adapted, "x0 prediction", step)
         _check(out.source, "source x0 prediction", step)
         total, terms = method.global_loss(_gather(out.source), D.gather_with_grad(out.adapted), _gather(out.real),
-                                          step)
+                                          _gather(out.hfmse_weights), step)
         _check(out.loss + total, "loss", step)
         if grad_norms:
             _grad_sq(sq, out.heads, out.outputs, 1.0 / world)
@@ -178,22 +180,24 @@ def run_step(method, model, micro_batches, backward, *, step: int, device: torch
     after_pass1 = _rng_state(device)
     ada_local = torch.cat([o.adapted for o in outs])
     src_local, real_local = _cat([o.source for o in outs]), _cat([o.real for o in outs])
+    weights_local = _cat([o.hfmse_weights for o in outs])
     _check(ada_local, "x0 prediction", step)
     _check(src_local, "source x0 prediction", step)
     sizes = [o.adapted.shape[0] for o in outs]
     del outs
     ada_all = D.all_gather_cat(ada_local).detach().requires_grad_(True)
     with torch.enable_grad():
-        total, terms = method.global_loss(_gather(src_local), ada_all, _gather(real_local), step)
+        total, terms = method.global_loss(_gather(src_local), ada_all, _gather(real_local), _gather(weights_local),
+                                          step)
         (grad_all,) = torch.autograd.grad(total, ada_all, retain_graph=grad_norms)
         term_grads = {k: torch.autograd.grad(method.global_weights[k] * v, ada_all, retain_graph=True)[0]
                       for k, v in terms.items()} if grad_norms else {}
-    _check(total, "pairwise loss", step)
+    _check(total, "global-batch loss", step)
     n_local, r = ada_local.shape[0], D.rank()
     own = slice(r * n_local, (r + 1) * n_local)
     grad_own = grad_all[own]
     term_grads = {k: g[own] for k, g in term_grads.items()}
-    del ada_all, grad_all, src_local, ada_local, real_local
+    del ada_all, grad_all, src_local, ada_local, real_local, weights_local
 
     # Pass 2: re-forward each micro-batch with grad (pass 1's dropout masks), back-propagate cached gradient + own terms.
     offset, per_sample = 0, 0.0

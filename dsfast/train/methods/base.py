@@ -13,9 +13,10 @@ A method is a class with
   exists (caching latents, generating class images), everything it keeps on the training ``device``;
 * ``micro_batch(step, ks)``: the inputs of global samples ``ks`` of ``step``, on the training device;
 * ``forward(model, mb, need_source)``: one micro-batch's per-sample loss and its x0 features;
-* ``has_global`` / ``global_loss(source, adapted, real, step)``: terms of the whole gathered global batch
-  (the engine runs them with exact gradients whatever the ranks and micro-batches), and
-  ``global_weights`` (their λ, for the logged gradient norms).
+* ``has_global`` / ``global_loss(source, adapted, real, hfmse_weights, step)``: terms of the whole gathered
+  global batch (the engine gathers each micro-batch's ``MicroOut`` features across micro-batches and ranks and
+  runs them with exact gradients whatever the ranks and micro-batches), and ``global_weights`` (their λ, for
+  the logged gradient norms).
 
 ``MicroOut.heads`` (the per-sample terms times their λ) and ``MicroOut.outputs`` (the UNet outputs they
 come from) give the logged ``grad_norm/<term>``: the norm of d(λ·term)/d(UNet output) over the global batch.
@@ -46,7 +47,8 @@ class MicroOut:
     terms: dict = field(default_factory=dict)  # name -> scalar tensor, for logging
     adapted: torch.Tensor | None = None  # (m, ...) x0 features entering the global terms (with grad)
     source: torch.Tensor | None = None  # (m, ...) source x0 features (no grad); None if not needed
-    real: torch.Tensor | None = None  # (m, ...) the real x0 the hf-MSE compares with
+    real: torch.Tensor | None = None  # (m, ...) the real x0 the hf-MSE compares with (no grad)
+    hfmse_weights: torch.Tensor | None = None  # (m,) per-sample weights of the hf-MSE (no grad)
     heads: dict = field(default_factory=dict)  # name -> λ·term (scalar, with grad) for grad_norm/<name>
     outputs: tuple = ()  # the UNet outputs (with grad) the heads are differentiated against
 
@@ -74,7 +76,7 @@ class Method:
     def forward(self, model, mb: dict, need_source: bool) -> MicroOut:
         raise NotImplementedError
 
-    def global_loss(self, source, adapted, real, step: int):
+    def global_loss(self, source, adapted, real, hfmse_weights, step: int):
         raise NotImplementedError
 
 
@@ -117,24 +119,28 @@ class OfficialPairwise:
 
 
 class DomainStudioTerms:
-    """``dsfast.losses.DomainStudioLoss`` on the gathered global batch: λ_img·KL_pair(x0_src, x0_ada)
-    + λ_hf·KL_pair(hf x0_src, hf x0_ada); anchor rows drawn per step. (The hf-MSE is per sample: the
-    methods add it to their per-sample loss, weighted per ``loss.hfmse_weighting``.)"""
+    """``dsfast.losses.DomainStudioLoss`` on the gathered global batch, one call per step: λ_img·KL_pair(x0_src,
+    x0_ada) + λ_hf·KL_pair(hf x0_src, hf x0_ada) + λ_hfmse·(1/N) Σ_i w_i·mean((hf(x0_ada,i) - hf(x0_real,i))²),
+    w the per-sample weights of ``loss.hfmse_weighting``, N the global batch; anchor rows drawn per step. With
+    all three terms on, a compiled backend reads each x0 batch once forward and once backward. The hf-MSE is
+    per sample, so its mean over the global batch is the mean of the equal-sized micro-batches' means.
+    Used when a pairwise term is on (``pairwise``); without one the methods add the hf-MSE to their
+    per-sample loss instead (no global step needed)."""
 
     def __init__(self, loss, draws: Draws):
-        self.fn = DomainStudioLoss(lambda_img=loss.image, lambda_hf=loss.hf, lambda_hfmse=0.0,
+        self.fn = DomainStudioLoss(lambda_img=loss.image, lambda_hf=loss.hf, lambda_hfmse=loss.hfmse,
                                    stencil=loss.stencil, tau=loss.tau, direction=loss.direction,
                                    reduction=loss.reduction, backend=loss.backend)
         self.num_anchors, self.draws = loss.num_anchors, draws
         self.pairwise = loss.image > 0 or loss.hf > 0
-        self.weights = {k: w for k, w in (("image", loss.image), ("hf", loss.hf)) if w > 0}
+        self.weights = {k: w for k, w in (("image", loss.image), ("hf", loss.hf), ("hfmse", loss.hfmse)) if w > 0}
 
-    def __call__(self, source, adapted, real, step: int):
+    def __call__(self, source, adapted, real, hfmse_weights, step: int):
+        """``(total, {term: value})``; ``source`` None: the adapted batch itself (detached); ``real`` and
+        ``hfmse_weights`` are read only with λ_hfmse > 0."""
         anchors = self.draws.anchors(step, adapted.shape[0], self.num_anchors)
         out = self.fn(adapted.detach() if source is None else source, adapted, real,
-                      anchors=None if anchors is None else to_device(anchors, adapted.device))
-        terms = {}
-        for key, value in (("image", out.image), ("hf", out.high_frequency)):
-            if key in self.weights:
-                terms[key] = value
-        return out.total, terms
+                      anchors=None if anchors is None else to_device(anchors, adapted.device),
+                      hfmse_weights=hfmse_weights)
+        values = {"image": out.image, "hf": out.high_frequency, "hfmse": out.hf_mse}
+        return out.total, {k: values[k] for k in self.weights}

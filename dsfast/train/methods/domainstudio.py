@@ -1,8 +1,10 @@
 """DomainStudio, for every model family.
 
-Loss = the diffusion loss (+ λ_prior · class MSE) + λ_hfmse·w_t·hfMSE(x̂0, real) per sample (w_t per
-``loss.hfmse_weighting``) + λ_img·KL_pair(x̂0_src, x̂0_ada) + λ_hf·KL_pair(hf x̂0_src, hf x̂0_ada) on the
-global batch, x̂0 from the family's noise process. ``loss.space=pixel`` decodes the latents with the VAE
+Loss = the diffusion loss (+ λ_prior · class MSE) + λ_img·KL_pair(x̂0_src, x̂0_ada) + λ_hf·KL_pair(hf x̂0_src,
+hf x̂0_ada) + λ_hfmse·mean_i w_t·hfMSE(x̂0_ada, real), x̂0 from the family's noise process, w_t per
+``loss.hfmse_weighting``. With a pairwise term on, the three DomainStudio terms are one
+``DomainStudioLoss`` call on the gathered global batch (each micro-batch's forward gives its x̂0, real x0 and
+hf-MSE weights); with only the hf-MSE on, it is added to each micro-batch's per-sample loss. ``loss.space=pixel`` decodes the latents with the VAE
 *with gradients* (checkpointed), ``latent`` compares latents (unet2d diffuses pixels: both are pixels).
 Source side (``loss.source``): ``frozen`` (a frozen copy of the pretrained denoiser on the same x_t, with
 the class prompt; unet2d's only one), ``class_prompt`` (the class-prompt predictions of the same batch, no
@@ -78,22 +80,28 @@ class DomainStudio(DenoisingMethod):
         t = mb["t"]
         x0_lat = self.process.x0(pred_i, zt, t)
         ada = self.family.decode(x0_lat, torch.is_grad_enabled()) if self.pixel else x0_lat
-        if lam.hfmse > 0:
+        if not self.has_global:  # the hf-MSE alone: per sample, within the micro-batch
             self.add_hfmse(out, ada, mb)
-        if not self.has_global:
             return out
         out.adapted = ada
+        if lam.hfmse > 0:
+            out.real, out.hfmse_weights = self.hfmse_inputs(ada, mb)
         if need_source:
             with torch.no_grad():
                 src = self.source_x0(model, mb, zt, t, zct, pred_c)
                 out.source = self.family.decode(src, False) if self.pixel else src
         return out
 
+    def hfmse_inputs(self, ada, mb) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hf-MSE's target (the real x0, in ``ada``'s dtype) and per-sample weights w_t."""
+        real = (mb["x0"] if self.pixel else mb["z"]).to(ada.dtype)
+        return real, hfmse_weights(self.process, mb["t"], self.loss.hfmse_weighting, ada.device)
+
     def add_hfmse(self, out, ada, mb) -> None:
-        """Adds λ_hfmse·w_t·hfMSE(ada, real) to ``out``."""
+        """Adds λ_hfmse·mean_i w_t·hfMSE(ada_i, real_i) of the micro-batch to ``out`` (its per-sample loss)."""
         lam = self.loss
-        w = hfmse_weights(self.process, mb["t"], lam.hfmse_weighting, ada.device)
-        hfmse = weighted_hf_mse(ada, mb["x0"] if self.pixel else mb["z"], w, lam.stencil, lam.backend)
+        real, w = self.hfmse_inputs(ada, mb)
+        hfmse = weighted_hf_mse(ada, real, w, lam.stencil, lam.backend)
         out.loss = out.loss + lam.hfmse * hfmse
         out.terms["hfmse"], out.heads["hfmse"] = hfmse, lam.hfmse * hfmse
 
@@ -113,5 +121,5 @@ class DomainStudio(DenoisingMethod):
                 module.enable_adapters()
         return self.process.x0(self.family.split_output(s, zt.shape[1])[0], zt, t)
 
-    def global_loss(self, source, adapted, real, step):
-        return self.terms(source, adapted, real, step)
+    def global_loss(self, source, adapted, real, hfmse_weights, step):
+        return self.terms(source, adapted, real, hfmse_weights, step)
