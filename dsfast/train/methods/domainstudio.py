@@ -2,10 +2,10 @@
 
 Loss = the diffusion loss (+ λ_prior · class MSE) + λ_img·KL_pair(x̂0_src, x̂0_ada) + λ_hf·KL_pair(hf x̂0_src,
 hf x̂0_ada) + λ_hfmse·mean_i w_t·hfMSE(x̂0_ada, real), x̂0 from the family's noise process, w_t per
-``loss.hfmse_weighting``. With a pairwise term on, the three DomainStudio terms are one
-``DomainStudioLoss`` call on the gathered global batch (each micro-batch's forward gives its x̂0, real x0 and
-hf-MSE weights); with only the hf-MSE on, it is added to each micro-batch's per-sample loss. ``loss.space=pixel`` decodes the latents with the VAE
-*with gradients* (checkpointed), ``latent`` compares latents (unet2d diffuses pixels: both are pixels).
+``loss.hfmse_weighting``. With a pairwise term on, the three DomainStudio terms are one ``DomainStudioLoss``
+call on the gathered global batch (each micro-batch's forward gives its x̂0, real x0 and hf-MSE weights);
+with only the hf-MSE on, it is added to each micro-batch's per-sample loss. ``loss.space=pixel`` decodes the
+latents with the VAE *with gradients* (checkpointed), ``latent`` compares latents (unet2d diffuses pixels: both are pixels).
 Source side (``loss.source``): ``frozen`` (a frozen copy of the pretrained denoiser on the same x_t, with
 the class prompt; unet2d's only one), ``class_prompt`` (the class-prompt predictions of the same batch, no
 grad) or ``lora_off`` (the trained denoiser with its LoRA adapters disabled, class prompt); without a class
