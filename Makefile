@@ -11,7 +11,7 @@ LOCK    := constraints.txt
 # The Triton whose CPU interpreter runs the kernel tests when torch is a CPU build (a CUDA torch brings its own).
 TRITON_CPU := 3.9.0
 
-.PHONY: install install-offline test test-fast test-latest lock test-triton-oldest test-gpu bench bench-gpu demo clean
+.PHONY: install install-offline test test-fast test-latest lock test-triton-oldest test-gpu bench bench-gpu demo docs clean
 
 install: $(STAMP)
 
@@ -119,6 +119,10 @@ gpu-check:
 
 demo: install
 	$(PY) -m dsfast.demo
+
+# docs/config.md's table of config keys, generated from the config schema (tests/test_docs.py fails when it is stale).
+docs: install
+	$(PY) -m dsfast.train.config_doc docs/config.md
 
 clean:
 	rm -rf build *.egg-info dsfast/*.so .pytest_cache

@@ -21,7 +21,7 @@ Forms (every one trains the whole UNet in float32 with AdamW on one process unle
                half is the source side and stays in the graph; both x̃0 halves VAE-decoded with gradients
                (no checkpointing); L_simple + prior + λ_img·KL + λ_hf·KL_hf + λ_hfmse·hfMSE (dsfast's ops, so
                the two forms differ only in what is kept for backward); batch 4;
-``dsfast*``    ``dsfast.train.train(config, overrides)`` with ``train.max_steps=1`` and the README keys:
+``dsfast*``    ``dsfast.train.train(config, overrides)`` with ``train.max_steps=1`` and the config keys (docs/config.md):
                ``dsfast`` (defaults: source = class-prompt half detached, adapted decode checkpointed,
                source decode without grad), ``+latent`` (``loss.space=latent``), ``+lora`` (``model.lora_rank=8``,
                ``loss.source=lora_off``), ``+ckpt`` (``train.gradient_checkpointing=true``), micro-batches
@@ -138,7 +138,7 @@ def run_config(assets: dict, out: Path, resolution: int, batch: int) -> dict:
     }
 
 
-# The options, as README config overrides (``None``: the official form written here).
+# The options, as config overrides (docs/config.md) (``None``: the official form written here).
 OPTIONS = {
     "official": None,
     "dsfast": [],

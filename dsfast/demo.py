@@ -40,7 +40,7 @@ DEFAULT_SOURCE = REPO_ROOT / "assets" / "source_model"
 # The DomainStudio terms of the demo (config section ``loss``): the official weights, every term, with
 # dsfast's hf-MSE weighting (``loss.hfmse_weighting: min_snr``, the default): unweighted, the hf-MSE of x̃0
 # is a 1/SNR-weighted high-frequency ε loss whose gradient is ~800x L_simple's (median over a run of
-# this demo; 1.5x with min_snr, README "hf-MSE weighting").
+# this demo; 1.5x with min_snr: docs/official.md, "hf-MSE weighting, measured").
 DOMAINSTUDIO_LOSS = {"image": 4.0, "hf": 4.0, "hfmse": 1.0}
 NUM_CLASSES = 10
 METHODS = ("finetune", "domainstudio")
@@ -90,7 +90,7 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
 # ----------------------------------------------------------------------------- models and samples
 
 def run_config(args, method: str, seed: int, target_dir: Path, run_dir: Path, lambda_image: float | None = None) -> dict:
-    """The trainer config of one demo run (the README's keys)."""
+    """The trainer config of one demo run (the keys of docs/config.md)."""
     config = {
         "method": method,
         "model": {"pretrained": str(args.source.resolve())},

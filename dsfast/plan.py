@@ -288,7 +288,7 @@ def build_pipeline(preset: str, path) -> None:
 # ----------------------------------------------------------------------------------------- options
 @dataclass
 class Option:
-    """The memory-relevant settings of a run (README config keys in the comments)."""
+    """The memory-relevant settings of a run (config keys of docs/config.md in the comments)."""
 
     name: str
     official: bool = False  # the official form: source half in the graph, both halves decoded with grad

@@ -13,7 +13,7 @@ ROOT = Path(dsfast.__file__).parent
 
 # dsfast.train, bottom to top: a module may import only from lower layers (or its own methods/ package).
 TRAIN_LAYERS = [
-    {"errors", "distributed", "diffusion"},
+    {"errors", "distributed", "diffusion", "schema"},
     {"ds_config"},
     {"data", "testing"},
     {"families"},
@@ -24,7 +24,7 @@ TRAIN_LAYERS = [
     {"config"},
     {"engine"},
     {"cli", "dreambooth_cli", "__init__"},
-    {"__main__"},
+    {"config_doc", "__main__"},
 ]
 
 

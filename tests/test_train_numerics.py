@@ -1,5 +1,5 @@
 """Numerical checks of the trainer through its public API only: ``dsfast.train.train(config, overrides)``,
-the README's config keys, ``metrics.jsonl`` and ``final/`` loaded with diffusers, on tiny models built here.
+the config keys of docs/config.md, ``metrics.jsonl`` and ``final/`` loaded with diffusers, on tiny models built here.
 
 Adam normalises the gradient, which would hide a mis-scaled gradient; these runs use
 ``train.adam_eps`` far above every gradient element (1e4) with ``train.lr=100``, which makes the

@@ -58,7 +58,7 @@ UNSUPPORTED = {
                       "--caption_column, or <image>.txt files with data.captions=txt)",
     "--train_text_encoder_ti": "dsfast trains the UNet/transformer (or its LoRA adapters) only",
     "--text_encoder_lr": "dsfast trains the UNet/transformer (or its LoRA adapters) only",
-    "--lora_layers": "dsfast puts the adapters where diffusers' script of the model family does (README: model families)",
+    "--lora_layers": "dsfast puts the adapters where diffusers' script of the model family does (docs/training.md: model families)",
 }
 SCHEDULES = ("constant", "constant_with_warmup")
 

@@ -302,7 +302,7 @@ def _log_due(step: int, t) -> bool:
 
 
 def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> Path:
-    """Train a run; returns the run folder. See the README for the config keys. ``on_valid()`` is called once
+    """Train a run; returns the run folder. The config keys: docs/config.md. ``on_valid()`` is called once
     the input has passed every check that needs no model weights, before anything is loaded or written."""
     D.setup_env()
     device = D.device()  # where DeepSpeed puts the engine (engine.device): every tensor of training lives there

@@ -38,7 +38,7 @@ CAPTION_CHUNK = 64  # prompts per text-encoder call when the captions are encode
 class DenoisingLossConfig(Section):
     """The ``loss`` section of finetune and dreambooth (DomainStudio's extends it)."""
 
-    mode: Literal["dsfast", "official"] = Field("dsfast", description="official = the released training step (unet2d and sd models)")
+    mode: Literal["dsfast", "official"] = Field("dsfast", description="dsfast (corrected) | official (the released DomainStudio training step, term by term; unet2d and sd models; docs/official.md)")
     prior: float | None = Field(None, description="lambda_prior: the class-image MSE (prior preservation, text-to-image)")
 
 

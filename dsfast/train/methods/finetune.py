@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..families import TEXT2IMAGE, UNCONDITIONAL
 from .denoise import DenoisingMethod
 
+
 class Finetune(DenoisingMethod):
     name = "finetune"
     defaults = {UNCONDITIONAL: dict(prior=0.0, lr=1e-4, ema=0.9999, batch_size=4),
