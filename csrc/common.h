@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 namespace dsfast {
 
@@ -86,6 +87,28 @@ inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* op,
               t.scalar_type(), " and ", x.scalar_type());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x, got ",
               t.device(), " and ", x.device());
+}
+
+// The optional target of a fused loss, checked against x, contiguous (undefined when absent).
+inline at::Tensor target_of(const std::optional<at::Tensor>& target, const at::Tensor& x, const char* op) {
+  if (!target.has_value() || !target->defined()) return {};
+  check_image(*target, op, "target");
+  check_like(*target, x, op, "target");
+  return target->contiguous();
+}
+
+// The optional per-sample weights of the hf-MSE sum, checked against x (shape (N,), its device), as
+// contiguous `acc` (no copy when they already are; undefined when absent).
+inline at::Tensor sse_weights_of(const std::optional<at::Tensor>& sse_weights, const at::Tensor& x,
+                                 at::ScalarType acc, const char* op) {
+  if (!sse_weights.has_value() || !sse_weights->defined()) return {};
+  const at::Tensor& w = *sse_weights;
+  check_float(w, op, "sse_weights");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(0), op, ": sse_weights must have shape (N,) = (", x.size(0),
+              ",), got ", w.sizes());
+  TORCH_CHECK(w.device() == x.device(), op, ": sse_weights must be on the device of x, got ", w.device(), " and ",
+              x.device());
+  return w.to(acc).contiguous();
 }
 
 // Number of hf-map rows (of width w = W/2) per chunk for the hf_gram kernels: the N x L panel

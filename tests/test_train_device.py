@@ -1,5 +1,6 @@
 """Every tensor and frozen module of training lives on the training device, checked without a GPU on the
-``meta`` device: the trainable UNet, the frozen source UNet, VAE and text encoder, the cached latents and
+``meta`` device, for every model family (unet2d, sd, sdxl, sd3 with and without T5, flux): the trainable
+denoiser, the frozen source copy, the VAE and text encoders, the noise process's tables, the cached latents and
 embeddings and every micro-batch are put there, so a tensor left on the CPU raises "Tensor on device meta is
 not on the expected device cpu" (dsfast's custom ops have fake kernels: the losses run on meta). Class-image
 generation, the engine's sample grids and ``dsfast sample`` (final/ and checkpoints) must hand the generating
@@ -11,17 +12,29 @@ import yaml
 
 from dsfast.train import methods
 from dsfast.train import sample as sample_module
-from dsfast.train.config import load_config, resolve
+from dsfast.train.config import family_options, load_config, resolve
 from dsfast.train.data import Draws, load_images
+from dsfast.train.diffusion import DDPM
 from dsfast.train.engine import _sample_grid
 from dsfast.train.models import describe, load, lora_config
-from dsfast.train.testing import sd_run_inputs, tiny_config, unconditional_run_inputs, write_images
+from dsfast.train.testing import (
+    make_flux_pipeline,
+    make_sd3_pipeline,
+    make_sdxl_pipeline,
+    sd_run_inputs,
+    tiny_config,
+    unconditional_run_inputs,
+    write_images,
+)
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it to make test
 
 META = torch.device("meta")
 BATCH = 4
 PROMPTS = dict(data__instance_prompt="a sks dog", data__class_prompt="a dog", data__num_class_images=4)
+# the pipelines beside sd's run inputs, each with its model folder (sd3-no-t5: the pipeline without T5)
+BUILDERS = {"sdxl": make_sdxl_pipeline, "sd3": make_sd3_pipeline, "sd3-no-t5": lambda p: make_sd3_pipeline(p, t5=False),
+            "flux": make_flux_pipeline}
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +43,21 @@ def assets(tmp_path_factory):
     unconditional_run_inputs(root / "u")
     sd_run_inputs(root / "sd")
     write_images(root / "sd" / "class", 4, size=16, seed=1)  # class images given: none generated on meta
+    for name, build in BUILDERS.items():
+        build(root / name / "model")
     return root
 
 
-def _config(root, family, **over):
-    model = root / ("u" if family == "unet2d" else "sd")
-    if family == "sd":
-        over = {**PROMPTS, "data__class_dir": str(model / "class"), **over}
-    raw = load_config(tiny_config(root / "out", model / "model", model / "imgs", train__batch_size=BATCH, **over))
-    return resolve(raw, family, down_factor=1 if family == "unet2d" else 4)
+def _config(root, name, **over):
+    """The tiny config of pipeline ``name`` (unet2d, sd or a :data:`BUILDERS` key); the text-to-image ones train on
+    sd's images, with sd's class images."""
+    folder = root / ("u" if name == "unet2d" else name)
+    images = root / ("u" if name == "unet2d" else "sd") / "imgs"
+    if name != "unet2d":
+        over = {**PROMPTS, "data__class_dir": str(root / "sd" / "class"), **over}
+    info = describe(str(folder / "model"))
+    raw = load_config(tiny_config(root / "out", folder / "model", images, train__batch_size=BATCH, **over))
+    return resolve(raw, info.family, down_factor=info.down_factor)
 
 
 def _on(args, device):
@@ -46,22 +65,25 @@ def _on(args, device):
 
 
 def _method(cfg, device):
-    """The method of ``cfg`` built on ``device``, and the training-mode UNet there (as DeepSpeed places it)."""
+    """The method of ``cfg`` built on ``device``, and the training-mode denoiser there (as DeepSpeed places it)."""
     info = describe(cfg.model.pretrained)
     cls = methods.get(cfg.method, info.family, cfg.loss.mode)
     lora = lora_config(info, cfg.model.lora_rank, cfg.model.lora_alpha)
     bundle = load(info, cfg.model.pretrained, dtype=torch.float32, lora=lora,
-                  frozen_source=cls.needs(cfg.loss).frozen_source, device=device)
-    assert {getattr(bundle.scheduler, t).device for t in ("betas", "alphas", "alphas_cumprod")} == {device}
-    if bundle.text_encoder is not None:  # an embedding takes CPU token ids on meta: check them where they enter
-        bundle.text_encoder.register_forward_pre_hook(lambda _, args: _on(args, device))
+                  frozen_source=cls.needs(cfg.loss).frozen_source, device=device, options=family_options(cfg))
+    process = bundle.family.process
+    tables = ([getattr(process.scheduler, t) for t in ("betas", "alphas", "alphas_cumprod")]
+              if isinstance(process, DDPM) else [process.sigmas, process.timesteps])
+    assert {x.device for x in tables} == {device}
+    encoders = [part for name, part in bundle.family.parts.items() if name.startswith("text_encoder") and part is not None]
+    for part in encoders:  # an embedding takes CPU token ids on meta: check them where they enter
+        part.register_forward_pre_hook(lambda _, args, kwargs: _on([*args, *kwargs.values()], device), with_kwargs=True)
     images = load_images(cfg.data.instance_dir, cfg.data.resolution, channels=info.channels)
     method = cls(bundle=bundle, images=images, draws=Draws(seed=0, batch_size=BATCH, num_timesteps=1000,
                                                            random_flip=cfg.data.random_flip),
                  loss=cfg.loss, data=cfg.data, sample=cfg.sample, dtype=torch.float32, device=device)
-    for name, part in bundle.family.parts.items():  # the engine moves them off the device here: no step needs them
-        if name.startswith("text_encoder") and part is not None:
-            part.register_forward_pre_hook(_no_text_encoder)
+    for part in encoders:  # the engine moves them off the device here: no step needs them
+        part.register_forward_pre_hook(_no_text_encoder)
     return bundle, bundle.unet.train().to(device), method
 
 
@@ -81,6 +103,16 @@ CASES = {
                                                            model__lora_rank=4)),
     "t2i_domainstudio_official": ("sd", dict(loss__mode="official")),
 }
+# every method on the other families, full and LoRA, with each source side of DomainStudio
+for _name in BUILDERS:
+    CASES.update({
+        f"{_name}_finetune": (_name, dict(method="finetune")),
+        f"{_name}_dreambooth_prior": (_name, dict(method="dreambooth", loss__prior=1.0)),
+        f"{_name}_dreambooth_prior_lora": (_name, dict(method="dreambooth", loss__prior=1.0, model__lora_rank=4)),
+        f"{_name}_domainstudio_frozen_pixel": (_name, dict(loss__source="frozen", loss__space="pixel")),
+        f"{_name}_domainstudio_class_prompt_latent": (_name, dict(loss__source="class_prompt", loss__space="latent")),
+        f"{_name}_domainstudio_lora_off_lora": (_name, dict(loss__source="lora_off", model__lora_rank=4)),
+    })
 
 
 @pytest.mark.parametrize("case", list(CASES))

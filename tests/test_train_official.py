@@ -253,7 +253,7 @@ def test_official_text2image_step_equals_released_loss(tmp_path):
     mb = method.micro_batch(2, [0, 1, 2])
     out = method.forward(unet, mb, need_source=False)
     assert {"instance", "prior", "image", "hf", "hfmse"} <= set(out.terms)
-    ref = _released_sd_loss(unet, bundle.vae, bundle.scheduler, method.emb_inst["encoder_hidden_states"],
+    ref = _released_sd_loss(unet, bundle.vae, bundle.scheduler, method.emb_prompts["encoder_hidden_states"],
                             method.emb_class["encoder_hidden_states"], mb)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
     g_got, g_ref = torch.autograd.grad(out.loss, params), torch.autograd.grad(ref, params)

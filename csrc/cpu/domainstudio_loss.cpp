@@ -51,26 +51,6 @@ void mirror_upper(T* g, int64_t n) {
   }
 }
 
-// The checked, contiguous target (undefined when absent).
-at::Tensor target_of(const std::optional<at::Tensor>& target, const at::Tensor& x, const char* op) {
-  if (!target.has_value() || !target->defined()) return {};
-  check_image(*target, op, "target");
-  check_like(*target, x, op, "target");
-  return target->contiguous();
-}
-
-// The per-sample weights of the hf-MSE sum, checked, as contiguous float64 (undefined when absent).
-at::Tensor sse_weights_of(const std::optional<at::Tensor>& sse_weights, const at::Tensor& x, const char* op) {
-  if (!sse_weights.has_value() || !sse_weights->defined()) return {};
-  const at::Tensor& w = *sse_weights;
-  check_float(w, op, "sse_weights");
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(0), op, ": sse_weights must have shape (N,) = (", x.size(0),
-              ",), got ", w.sizes());
-  TORCH_CHECK(w.device() == x.device(), op, ": sse_weights must be on the device of x, got ", w.device(), " and ",
-              x.device());
-  return w.to(at::kDouble).contiguous();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tensor& x_in,
@@ -84,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> domainstudio_grams(const at::Tens
   const auto wt = check_weights(weights, op);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);
-  const at::Tensor sw = sse_weights_of(sse_weights, x, op);
+  const at::Tensor sw = sse_weights_of(sse_weights, x, at::kDouble, op);
   const auto acc = acc_dtype(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
   const Plan p = make_plan(x, kPanelBytes);
@@ -142,7 +122,7 @@ at::Tensor domainstudio_grams_backward(const at::Tensor& grad_image, const at::T
   const auto wt = check_weights(weights, op);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor t = target_of(target, x, op);
-  const at::Tensor sw = sse_weights_of(sse_weights, x, op);
+  const at::Tensor sw = sse_weights_of(sse_weights, x, at::kDouble, op);
   const auto acc = acc_dtype(x.scalar_type());
   const Plan p = make_plan(x, kPanelBytes);
   at::Tensor grad_x = new_output(x.sizes(), x.options());

@@ -96,27 +96,6 @@ __global__ void ds_scatter_kernel(const acc_t* __restrict__ q, const acc_t* __re
   }
 }
 
-at::Tensor target_of(const std::optional<at::Tensor>& target, const at::Tensor& x, const char* op) {
-  if (!target.has_value() || !target->defined()) return {};
-  check_image(*target, op, "target");
-  check_like(*target, x, op, "target");
-  return target->contiguous();
-}
-
-// The per-sample weights of the hf-MSE sum, checked, as contiguous acc-dtype (undefined when absent; no
-// copy when they are already that).
-at::Tensor sse_weights_of(const std::optional<at::Tensor>& sse_weights, const at::Tensor& x, at::ScalarType acc,
-                          const char* op) {
-  if (!sse_weights.has_value() || !sse_weights->defined()) return {};
-  const at::Tensor& w = *sse_weights;
-  check_float(w, op, "sse_weights");
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(0), op, ": sse_weights must have shape (N,) = (", x.size(0),
-              ",), got ", w.sizes());
-  TORCH_CHECK(w.device() == x.device(), op, ": sse_weights must be on the device of x, got ", w.device(), " and ",
-              x.device());
-  return w.to(acc).contiguous();
-}
-
 // The image rows [col0, col0 + cols) of x2d in the accumulation dtype: x itself for float32/64,
 // else copied into buf.
 at::Tensor image_rows(const at::Tensor& x2d, const at::Tensor& buf, int64_t col0, int64_t cols) {

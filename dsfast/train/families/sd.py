@@ -38,10 +38,15 @@ class SD(Family):
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
-        tok = self.parts["tokenizer"]
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return {"encoder_hidden_states": self.parts["text_encoder"](ids.to(self.device))[0].float()}
+        """The pipeline's own prompt encoding over the loaded text encoder. The pipeline holds the text parts
+        only: given a scheduler or UNet, its constructor rewrites an outdated config of theirs in place."""
+        p = self.parts
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], unet=None,
+                                       scheduler=None, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        embeds, _ = pipe.encode_prompt(prompts, self.device, num_images_per_prompt=1,
+                                       do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds.float()}
 
     def predict(self, model, x_t, t, cond):
         return model(x_t.to(self.dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype)).sample.float()
