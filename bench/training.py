@@ -21,7 +21,16 @@ Models (random weights; weights cannot be downloaded here and do not change the 
            2 res blocks, attention at 32/16/8, 64-channel heads), 3×256×256 pixels;
 ``sd15``   ``UNet2DConditionModel`` with the Stable Diffusion 1.5 configuration, 4×64×64 latents, 77×768 text;
 ``sdxl``   ``UNet2DConditionModel`` with the SDXL base configuration, 4×128×128 latents, 77×2048 text plus
-           pooled text embeddings and time ids. For sd15/sdxl the losses run on the latent x̃0 (no VAE).
+           pooled text embeddings and time ids. For sd15/sdxl the losses run on the latent x̃0 (no VAE);
+``demo``   the ``UNet2DModel`` of ``make demo`` (``assets/source_model/unet``'s configuration), 1×16×16, batch 10;
+``sd-small`` bench/memory.py's reduced-width SD-1.5 UNet (``dsfast.plan.PRESETS``), its 4×16×16 latents of
+           128 px, 16×64 text, batch 4; losses on the latents.
+
+The split (``step(batch, parts)``, :func:`time_split`, ``python -m bench.run --suite cpu --split-only``): one step
+timed in the parts of :data:`PARTS`: source forward, adapted forward, the DomainStudio loss's forward and its
+backward (to the x̃0 predictions), the models' backward, AdamW, and the rest (draws, x_t, x̃0, L_simple), with
+unsplit steps timed beside it; :func:`estimate_h100` (``python -m bench.training --h100-estimate``) estimates
+the same parts for SD-1.5 on an H100 from counted FLOPs, launches and bytes.
 
 On GPU: adapted UNet in float32 with bf16 autocast, source UNet in bf16, fused AdamW. Measured: seconds
 per step (median of timed steps after warm-up), peak memory (GPU: ``max_memory_allocated`` over the timed
@@ -345,12 +354,18 @@ def time_split(benches: dict, n: int, warmup: int, steps: int) -> dict:
     return out
 
 
-def run_split(models, device, *, base_row: dict, emit, warmup: int = 2, steps: int = 5, batch: int | None = None,
-              latent=None, clock: str = "wall", log=print):
+def run_split(models, device, *, base_row: dict, emit, deadline: float, warmup: int = 2, steps: int = 5,
+              batch: int | None = None, latent=None, clock: str = "wall", log=print):
     """The split of one step (:func:`time_split`) of ``official`` and ``dsfast`` side by side, per model: one row
-    per (model, variant) with the seconds of each part, and each part's share of their sum in percent."""
+    per (model, variant) with the seconds of each part, and each part's share of their sum in percent; a model
+    not started by ``deadline`` (``time.monotonic()``) gets rows marked skipped."""
     for model in models:
         n = batch or MODELS[model]["batch"]
+        if time.monotonic() > deadline:
+            for variant in ("official", "dsfast"):
+                emit(dict(base_row, model=model, variant=variant, batch=n, status="skipped",
+                          reason="time budget of the suite exhausted"))
+            continue
         benches = {v: DomainStudioStep(model, v, device, latent=latent, clock=clock) for v in ("official", "dsfast")}
         found = time_split(benches, n, warmup, steps)
         for variant, parts in found.items():
