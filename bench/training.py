@@ -39,8 +39,10 @@ steps, everything included; CPU: peak extra bytes of torch's CPU allocator durin
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
+import json
 import os
 import statistics
 import time
@@ -83,8 +85,8 @@ CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 class _Laps:
-    """``lap(part)`` adds the seconds since the previous lap (or since it was made) to ``parts[part]``, after
-    synchronising the device; does nothing when ``parts`` is None (an unsplit step)."""
+    """``lap(part)`` adds the clock's advance since the previous lap (or since it was made) to ``parts[part]``,
+    after synchronising the device; does nothing when ``parts`` is None (an unsplit step)."""
 
     def __init__(self, parts: dict | None, sync, clock):
         self.parts, self.sync, self.clock = parts, sync, clock
@@ -168,11 +170,11 @@ class DomainStudioStep:
         return self.loss(x0_src, x0_ada, x0).total
 
     def step(self, batch: dict, parts: dict | None = None) -> torch.Tensor:
-        """One training step; the loss (detached). With ``parts`` (a dict) the step is split: the seconds of each part of
-        :data:`PARTS` are added to ``parts[part]``, the device synchronised at each boundary, and the backward
-        runs as two calls with the same gradients as the one ``loss.backward()``: the DomainStudio loss's
-        backward down to leaves holding the x̃0 predictions, then the models' backward from those gradients
-        (with ``L_simple``'s)."""
+        """One training step; the loss (detached). With ``parts`` (a dict) the step is split: the clock's advance
+        over each part of :data:`PARTS` (seconds, or what a counter clock counts) is added to ``parts[part]``,
+        the device synchronised at each boundary, and the backward runs as two calls with the same gradients
+        as the one ``loss.backward()``: the DomainStudio loss's backward down to leaves holding the x̃0
+        predictions, then the models' backward from those gradients (with ``L_simple``'s)."""
         lap = _Laps(parts, self.sync, self.clock)
         x0 = batch["x0"]
         n = x0.shape[0]
@@ -322,7 +324,6 @@ def run(models, variants, device, *, base_row: dict, emit, deadline: float, warm
                 torch.cuda.empty_cache()
 
 
-
 def time_split(benches: dict, n: int, warmup: int, steps: int) -> dict:
     """Each variant's step split into :data:`PARTS`: per part the median over ``steps`` split steps after
     ``warmup``, ``parts_sum_s`` their sum, and ``s_per_step`` the median over as many unsplit steps (one
@@ -409,8 +410,6 @@ def estimate_h100(ns=(4, 8, 16), model: str = "sd15", launches_json: str | None 
     loss: the static report's launches per ``domainstudio_loss`` call (the most over its shapes; the Triton
     backend), moving 3 batches of x̃0 each way. The optimizer: fused AdamW, ``ADAMW_BYTES_PER_PARAM`` bytes
     per parameter."""
-    import json
-
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench import static
@@ -419,16 +418,16 @@ def estimate_h100(ns=(4, 8, 16), model: str = "sd15", launches_json: str | None 
     path = launches_json or os.path.join(ROOT, "bench", "results", "static-sm90", "launches.json")
     with open(path) as f:
         calls = json.load(f)
-    fused = {p: max(len(c["loss_launches"][p]["triton"]) + len(c["loss_launches"][p]["torch"]) for c in calls)
+    fused = {p: max(len(call["loss_launches"][p]["triton"]) + len(call["loss_launches"][p]["torch"]) for call in calls)
              for p in ("forward", "backward")}
     rate = UTILISATION * H100_BF16_FLOPS
     bench = DomainStudioStep(model, "official", torch.device("meta"))
     c, h, w = bench.spec["latent"]
     rows = []
     for n in ns:
-        flops = _counted_split(bench, n, FlopCounterMode(display=False), lambda c: c.get_total_flops())
-        launches = _counted_split(bench, n, LaunchCounter(), lambda c: len(c.torch) + len(c.triton))
-        nbytes = _counted_split(bench, n, static.Traffic(), lambda c: c.bytes)
+        flops = _counted_split(bench, n, FlopCounterMode(display=False), lambda k: k.get_total_flops())
+        launches = _counted_split(bench, n, LaunchCounter(), lambda k: len(k.torch) + len(k.triton))
+        nbytes = _counted_split(bench, n, static.Traffic(), lambda k: k.bytes)
         x0_bytes = n * c * h * w * 4  # one batch of float32 x̃0
         for variant in ("official", "dsfast"):
             part_s = {p: flops[p] / rate for p in ("source_fwd", "adapted_fwd", "model_bwd")}
@@ -467,9 +466,6 @@ def estimate_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import json
-
     ap = argparse.ArgumentParser(prog="python -m bench.training",
                                  description="the split of one DomainStudio step estimated for an H100 (no GPU used)")
     ap.add_argument("--h100-estimate", action="store_true", required=True,
