@@ -18,17 +18,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _benches(clock="thread"):
-    return {v: DomainStudioStep("tiny", v, torch.device("cpu"), latent=LATENT, clock=clock)
-            for v in ("official", "dsfast")}
-
-
 @pytest.mark.slow
 def test_parts_are_positive_and_sum_to_the_unsplit_step(one_thread):
     """Each part takes time, and the parts add up to an unsplit step (timed apart, one backward): the split
     neither leaves work out nor counts it twice nor adds work of its own. Thread CPU time on one thread, so
     other processes on the machine do not enter it."""
-    found = training.time_split(_benches(), BATCH, warmup=2, steps=7)
+    benches = {v: DomainStudioStep("tiny", v, torch.device("cpu"), latent=LATENT, clock="thread")
+               for v in ("official", "dsfast")}
+    found = training.time_split(benches, BATCH, warmup=2, steps=7)
     for variant, row in found.items():
         assert all(row[f"{p}_s"] > 0 for p in PARTS), (variant, row)
         assert row["parts_sum_s"] == pytest.approx(sum(row[f"{p}_s"] for p in PARTS))
