@@ -1,6 +1,7 @@
 """Run a benchmark suite, write JSON lines, regenerate the markdown tables and the plots.
 
-    python -m bench.run --suite cpu             # make bench: reduced CPU sweep + tiny training step (<= 10 min, 2 cores)
+    python -m bench.run --suite cpu             # make bench: reduced CPU sweep + tiny training step + step split (~12 min, 2 cores)
+    python -m bench.run --suite cpu --split-only  # only the split of a training step, demo + sd-small (~2 min)
     python -m bench.run --suite gpu             # make bench-gpu: the full op sweep (one <= 10 min device call)
     python -m bench.run --suite gpu-train       # training step: adm256, sd15, sdxl (+ largest micro-batch)
     python -m bench.run --suite cpu --quick     # one tiny shape, seconds (the smoke test)
@@ -8,7 +9,7 @@
 
 Output, per device (``<device>`` = slugified CPU model or ``torch.cuda.get_device_name``):
 ``bench/results/<device>/kernels-<suite>.jsonl`` (one row per op x pass x shape x dtype x provider),
-``training-<suite>.jsonl``, ``table.md`` (every row), ``time_vs_size.png``, ``memory_vs_n.png``;
+``training-<suite>.jsonl``, ``split-<suite>.jsonl`` (a step's parts), ``table.md`` (every kernel row), ``time_vs_size.png``, ``memory_vs_n.png``;
 and the summary between the marker comments of ``bench/README.md``.
 """
 from __future__ import annotations
@@ -55,6 +56,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_simd() -> str | None:
+    """The widest vector ISA /proc/cpuinfo's flags list: "AVX-512" (avx512f), "AVX2+FMA", "AVX2", or "SSE" (None
+    where there is no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2+FMA" if "fma" in flags else "AVX2"
+    return "SSE"
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
@@ -98,6 +114,8 @@ def environment(device: torch.device, suite: str, threads: int) -> dict:
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
+    else:
+        env["cpu_simd"] = cpu_simd()
     return env
 
 
@@ -287,6 +305,26 @@ def training_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def split_table(rows: list[dict]) -> str:
+    """One line per model x variant: ms per step, and each part of the split step in ms (share of the parts' sum)."""
+    from bench.training import PART_LABELS, PARTS
+
+    head = (["model", "params", "input × batch", "variant", "ms/step", "parts' sum ms"] + [PART_LABELS[p] for p in PARTS]
+            + ["loss fwd+bwd share", "step vs dsfast"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ok = [r for r in rows if r.get("status") == "ok"]
+    dsfast = {(r["model"], r["batch"]): r for r in ok if r["variant"] == "dsfast"}
+    for r in sorted(ok, key=lambda r: (r["model"], r["batch"], r["variant"] != "official")):
+        base = dsfast.get((r["model"], r["batch"]))
+        ratio = f"{r['s_per_step'] / base['s_per_step']:.2f}×" if base else ""
+        lines.append("| " + " | ".join(
+            [r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['latent']} × {r['batch']}", r["variant"],
+             _fmt_ms(r["s_per_step"]), _fmt_ms(r["parts_sum_s"])]
+            + [f"{_fmt_ms(r[f'{p}_s'])} ({r[f'{p}_pct']:.1f}%)" for p in PARTS]
+            + [f"{r['loss_fwd_pct'] + r['loss_bwd_pct']:.1f}%", ratio]) + " |")
+    return "\n".join(lines)
+
+
 def _order(rows):
     ops = ["haar_dwt2", "haar_wavedec2_l3", "haar_idwt2", "haar_waverec2_l3", "high_frequency",
            "pairwise_similarity_kl", "hf_pairwise_similarity_kl", "hf_mse", "domainstudio_loss"]
@@ -379,9 +417,10 @@ def domainstudio_summary(rows: list[dict], copy_gbps: float | None, fma_gfmas: f
 def device_section(device_dir: str, rel: str) -> str:
     kernels = load_rows(device_dir, "kernels")
     train = load_rows(device_dir, "training")
-    if not kernels and not train:
+    split = load_rows(device_dir, "split")
+    if not kernels and not train and not split:
         return ""
-    meta = max(kernels or train, key=lambda r: r.get("run_id", ""))
+    meta = max(kernels or train or split, key=lambda r: r.get("run_id", ""))
     out = [f"### {meta['device']} ({meta['device_type']})", ""]
     out.append(f"torch {meta['torch']}, triton {meta.get('triton')}, dsfast {meta.get('dsfast')}, "
                f"commit `{(meta.get('git_commit') or '?')[:10]}`{' (dirty)' if meta.get('git_dirty') else ''}, "
@@ -423,6 +462,16 @@ def device_section(device_dir: str, rel: str) -> str:
             out += ["Rows not measured:", "", skips, ""]
     if train:
         out += ["Training step (DomainStudio; see `bench/training.py`):", "", training_table(train), ""]
+    split_ok = [r for r in split if r.get("status") == "ok"]
+    if split_ok:
+        s0 = max(split_ok, key=lambda r: r.get("run_id", ""))
+        out += [f"One DomainStudio step split into its parts (`--split-only`; see \"What the loss costs in a step\"): "
+                f"{s0['device']} ({s0.get('cpu_simd') or 'ISA unknown'}), {s0['threads']} thread(s), "
+                f"{'thread CPU time' if s0.get('clock') == 'thread' else 'wall time'}, medians of {s0['steps']} steps "
+                f"after {s0['warmup']} warm-up, run {s0['run_id']}; ms (share of the parts' sum):", "",
+                split_table(split), ""]
+    if _skip_summary(split):
+        out += ["Split rows not measured:", "", _skip_summary(split), ""]
     return "\n".join(out)
 
 
@@ -566,6 +615,11 @@ def main(argv=None):
                     help="GPU: skip rows whose inputs together exceed this (default 4 GiB)")
     ap.add_argument("--models", default=None, help="training models (cpu: tiny; gpu-train: adm256,sd15,sdxl)")
     ap.add_argument("--no-training", action="store_true", help="cpu suite: skip the training step")
+    ap.add_argument("--no-split", action="store_true", help="cpu suite: skip the split of a training step")
+    ap.add_argument("--split-only", action="store_true",
+                    help="cpu suite: only the split of a training step into its parts (official vs dsfast)")
+    ap.add_argument("--split-models", default="demo,sd-small",
+                    help="models of the split (bench/training.py MODELS; default demo,sd-small)")
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
                     help="cpu suite: 'thread' times the calling thread's CPU time (needs --threads 1; for a "
                          "machine shared with other jobs)")
@@ -593,6 +647,13 @@ def main(argv=None):
     from bench import kernels, peers, roof, training
 
     suite = args.suite
+    if args.split_only and (suite != "cpu" or args.no_split):
+        ap.error("--split-only needs the cpu suite and no --no-split")
+    split_models = args.split_models.split(",")
+    unknown = set(split_models) - set(training.MODELS)
+    if unknown:
+        ap.error(f"unknown --split-models {sorted(unknown)}; known: {list(training.MODELS)}")
+
     if suite == "cpu":
         device = torch.device("cpu")
     else:
@@ -617,7 +678,7 @@ def main(argv=None):
     print(f"dsfast bench --suite {tag}: {env['device']}, torch {env['torch']}, {threads} thread(s), "
           f"budget {budget:.0f} s -> {device_dir}")
 
-    if suite in ("cpu", "gpu"):
+    if suite in ("cpu", "gpu") and not args.split_only:
         ops = args.ops.split(",") if args.ops else list(peers.OPS)
         unknown = set(ops) - set(peers.OPS)
         if unknown:
@@ -660,7 +721,7 @@ def main(argv=None):
         if device.type == "cpu":
             print(roof_summary(writer.rows))
 
-    if suite == "gpu-train" or (suite == "cpu" and not args.no_training):
+    if suite == "gpu-train" or (suite == "cpu" and not args.no_training and not args.split_only):
         models = args.models.split(",") if args.models else (["tiny"] if suite == "cpu" else ["adm256", "sd15", "sdxl"])
         writer = Writer(os.path.join(device_dir, f"training-{tag}.jsonl"))
         train_deadline = deadline + (60 if suite == "cpu" else 0)  # the CPU step gets its own minute
@@ -669,6 +730,17 @@ def main(argv=None):
                          warmup=1 if args.quick else 2, steps=1 if args.quick else (3 if suite == "cpu" else 5),
                          batch=4 if args.quick else None, latent=(3, 16, 16) if args.quick and suite == "cpu" else None,
                          search=device.type == "cuda" and not args.quick and not args.no_batch_search)
+        finally:
+            writer.close()
+
+    if suite == "cpu" and not args.no_split:
+        writer = Writer(os.path.join(device_dir, f"split-{tag}.jsonl"))
+        try:  # quick: the tiny model at 3x16x16, one timed step; the split gets its own 3 minutes
+            training.run_split(["tiny"] if args.quick else split_models, device, base_row=env, emit=writer,
+                               deadline=deadline + 60 + 180,
+                               warmup=1 if args.quick else 2, steps=1 if args.quick else 5,
+                               batch=4 if args.quick else None, latent=(3, 16, 16) if args.quick else None,
+                               clock=args.clock)
         finally:
             writer.close()
 

@@ -93,7 +93,7 @@ def kernel_table(records: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Roofline
 # --------------------------------------------------------------------------------------------------
-class _Traffic(TorchDispatchMode):
+class Traffic(TorchDispatchMode):
     """Bytes every aten op reads (tensor inputs) and writes (tensor outputs); views move nothing."""
 
     def __init__(self):
@@ -134,10 +134,10 @@ def eager_bytes(shape) -> dict:
     for name, fn in ops.items():
         source = torch.randn(small)
         adapted = torch.randn(small, requires_grad=True)
-        with _Traffic() as fwd:
+        with Traffic() as fwd:
             outs = fn(source, adapted)
         grads = [torch.ones_like(t) for t in outs]
-        with _Traffic() as bwd:
+        with Traffic() as bwd:
             torch.autograd.backward(outs, grads)
         found[name] = {"fwd": round(fwd.bytes * scale), "fwd+bwd": round((fwd.bytes + bwd.bytes) * scale)}
     return found

@@ -52,6 +52,14 @@ def test_bench_run_quick(tmp_path):
     assert {r["variant"] for r in train if r["status"] == "ok"} == {"official", "dsfast"}
     assert all(r["s_per_step"] > 0 and r["peak_bytes"] > 0 for r in train)
 
+    from bench.training import PARTS
+
+    split = [json.loads(line) for line in (device_dir / "split-cpu-quick.jsonl").read_text().splitlines()]
+    assert sorted(r["variant"] for r in split) == ["dsfast", "official"]
+    for r in split:
+        assert r["cpu_simd"] and r["device"] == r["cpu"] and all(r[f"{p}_s"] > 0 for p in PARTS), r
+        assert sum(r[f"{p}_pct"] for p in PARTS) == pytest.approx(100)
+
     for png in ("time_vs_size.png", "memory_vs_n.png"):
         data = (device_dir / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -60,4 +68,4 @@ def test_bench_run_quick(tmp_path):
     text = readme.read_text()
     assert "intro kept" in text and "tail kept" in text and "\nold\n" not in text
     assert text.count("<!-- dsfast-bench:start -->") == 1 and "**Headline**" in text
-    assert "time_vs_size.png" in text and "Training step" in text
+    assert "time_vs_size.png" in text and "Training step" in text and "One DomainStudio step split" in text
