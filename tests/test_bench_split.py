@@ -19,17 +19,15 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_parts_are_positive_and_sum_to_the_unsplit_step(one_thread):
-    """Each part takes time, and the parts add up to an unsplit step (timed apart, one backward): the split
-    neither leaves work out nor counts it twice nor adds work of its own. Thread CPU time on one thread, so
-    other processes on the machine do not enter it."""
+def test_every_part_is_timed(one_thread):
+    """Each part takes time and the row's sum is its parts'. (Whether the parts add up to an unsplit step is
+    reported by the bench, ``parts_sum_s`` beside ``s_per_step``, not asserted: no timed unit tests.)"""
     benches = {v: DomainStudioStep("tiny", v, torch.device("cpu"), latent=LATENT, clock="thread")
                for v in ("official", "dsfast")}
     found = training.time_split(benches, BATCH, warmup=2, steps=7)
     for variant, row in found.items():
         assert all(row[f"{p}_s"] > 0 for p in PARTS), (variant, row)
         assert row["parts_sum_s"] == pytest.approx(sum(row[f"{p}_s"] for p in PARTS))
-        assert row["parts_sum_s"] == pytest.approx(row["s_per_step"], rel=0.25), (variant, row)
 
 
 @pytest.mark.slow
