@@ -102,7 +102,7 @@ def plain_step(cfg, bundle, unet, method, step):
     total.backward()
     logs = {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}, **norms}
     # the weights matter: the unweighted hf-MSE is another number
-    assert abs(float(reference.hf_mse(ada, x0.double())) / logs["hfmse"] - 1) > 0.1
+    assert abs(float(reference.hf_mse(ada, x0.double()).detach()) / logs["hfmse"] - 1) > 0.1
     return logs, {n: p.grad.clone() for n, p in unet.named_parameters()}
 
 
