@@ -10,10 +10,12 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from . import distributed as D
+from .checkpoint import zero0_masters
 from .families import Family, FamilyOptions, ModelInfo, describe, down_factor, get
 
 LORA_DIR = "lora"
@@ -83,16 +85,9 @@ def full_parameters(params, zero3: bool):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if zero3 else nullcontext()
 
 
-def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict | None:
-    """The module's complete state dict (fp32, CPU) on rank 0, None elsewhere; every rank must call it."""
-    with full_parameters(module.parameters(), zero3):
-        if D.rank() != 0:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
 class EMA:
-    """Exponential moving average of the trainable weights: fp32, on the training device, on rank 0.
+    """Exponential moving average of the trainable weights (a 16-bit run's float32 master weights, see
+    :func:`trained_weights`): fp32, on the training device, on rank 0.
 
     decay_t = min(decay, (1 + t) / (10 + t)) with ``warmup`` (the usual warm-up, so short few-shot runs move),
     else the constant ``decay`` (the released DomainStudio code).
@@ -126,18 +121,47 @@ class EMA:
             self.params[k].copy_(v)
 
 
-def update_ema(ema: EMA | None, module: torch.nn.Module, zero3: bool, step: int) -> None:
-    """One EMA step from the engine's weights; collective under ZeRO-3 (``ema`` is None off rank 0)."""
-    named = trainable_named_parameters(module)
-    with full_parameters([p for _, p in named], zero3):
-        if ema is not None:
-            ema.update(named, step)
+def trained_weights(engine, zero3: bool):
+    """``(name, full float32 value)`` of each trained parameter of ``engine`` (on its device), one at a time; every
+    rank must exhaust it (collective). A float32 run's module holds the weights themselves; a bf16/fp16 run's module
+    holds 16-bit copies rounded from DeepSpeed's float32 master weights, so the masters are taken (ZeRO-1/2/3:
+    ``safe_get_full_fp32_param``, an all-reduce or all-gather per parameter; ZeRO-0: its optimizer's copies)."""
+    named = trainable_named_parameters(engine.module)
+    if all(p.dtype == torch.float32 for _, p in named):
+        with full_parameters([p for _, p in named], zero3):
+            yield from ((n, p.detach()) for n, p in named)
+    elif engine.zero_optimization_stage() == 0:
+        yield from zip((n for n, _ in named), zero0_masters(engine.optimizer.state_dict(), [p for _, p in named]))
+    else:
+        for n, p in named:
+            yield n, safe_get_full_fp32_param(p)
 
 
-def export_weights(module: torch.nn.Module, ema: EMA | None, zero3: bool) -> dict | None:
-    """Full fp32 CPU state dict on rank 0 with the EMA weights in place of the trained ones; collective."""
-    sd = full_state_dict(module, zero3)
-    if sd is not None and ema is not None:
+def update_ema(ema: EMA | None, engine, zero3: bool, step: int) -> None:
+    """One EMA step from the trained weights (:func:`trained_weights`); collective (``ema`` is None off rank 0)."""
+    weights = trained_weights(engine, zero3)
+    if ema is None:
+        for _ in weights:  # the other ranks take part in the gathers
+            pass
+    else:
+        ema.update(weights, step)
+
+
+def export_weights(engine, ema: EMA | None, zero3: bool) -> dict | None:
+    """The module's full float32 CPU state dict on rank 0 (None elsewhere): the trained weights from
+    :func:`trained_weights`, or the EMA's in their place; collective."""
+    module = engine.module
+    trained = {}
+    for n, w in trained_weights(engine, zero3):
+        if D.rank() == 0:
+            trained[n] = w.to("cpu", torch.float32, copy=True)
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    with full_parameters(frozen, zero3):
+        if D.rank() != 0:
+            return None
+        sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items() if k not in trained}
+    sd.update(trained)
+    if ema is not None:
         sd.update({k: v.detach().cpu().clone() for k, v in ema.params.items()})
     return sd
 

@@ -24,7 +24,7 @@ from .checkpoint import CheckpointManager, problem, read_weights, tag_of
 from .data import count_images
 from .errors import USER_ERRORS, ConfigError, ModelError
 from .families import FamilyOptions, load_pipeline
-from .models import build_pipeline, describe, load, lora_config
+from .models import build_pipeline, describe, load, lora_config, trainable_named_parameters
 
 
 def _checkpoints(run: Path) -> CheckpointManager:
@@ -79,7 +79,8 @@ def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device):
     lora = lora_config(info, model["lora_rank"], model.get("lora_alpha"))
     bundle = load(info, model["pretrained"], dtype=torch.float32, lora=lora, frozen_source=False, device=device,
                   options=FamilyOptions(vae=model.get("vae")))
-    return build_pipeline(bundle, read_weights(d, cfg["deepspeed"]["zero_stage"] == 3), device=device)
+    sd = read_weights(d, cfg["deepspeed"]["zero_stage"], trainable_named_parameters(bundle.unet))
+    return build_pipeline(bundle, sd, device=device)
 
 
 def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, num_inference_steps: int = 50,
