@@ -12,7 +12,6 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from . import distributed as D
 from .checkpoint import zero0_masters
@@ -175,13 +174,14 @@ def _base_state_dict(sd: dict) -> dict:
 
 def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True, exact: bool = False) -> torch.nn.Module:
     """A plain (non-DeepSpeed) denoiser holding ``sd`` (with its LoRA adapters when ``with_lora``). ``exact``: under
-    LoRA the frozen base weights come from the pretrained folder in float32, not from their training-precision
-    copy in ``sd`` (``final/``: a bf16 run must not round the weights it never trained)."""
+    LoRA in a 16-bit run the frozen base weights come from the pretrained folder in float32, not from their
+    rounded training-precision copy in ``sd`` (``final/``: a bf16 run must not round the weights it never
+    trained); a float32 run's ``sd`` holds them exactly."""
     if bundle.lora is None:
         unet = type(bundle.unet).from_config(bundle.unet.config)
         unet.load_state_dict(sd)
         return unet.eval()
-    if exact:
+    if exact and bundle.family.dtype != torch.float32:
         unet = bundle.family.load_part(bundle.family.denoiser).float()
     else:
         unet = type(bundle.unet).from_config(bundle.unet.config)
@@ -224,18 +224,15 @@ def _replace_dir(out: Path):
 
 
 def save_final(bundle: Bundle, sd: dict, out: Path) -> None:
-    """``final/``: a pipeline folder for ``DiffusionPipeline.from_pretrained`` (adapted weights; LoRA fused),
-    and for LoRA runs also ``final/lora/pytorch_lora_weights.safetensors`` for the pipeline's ``load_lora_weights``."""
+    """``final/``: a pipeline folder for ``DiffusionPipeline.from_pretrained``: the trained denoiser in float32
+    (LoRA fused into it) and the frozen parts as the pretrained folder holds them (:meth:`Family.export`: copied
+    file by file, not loaded again); for LoRA runs also ``final/lora/pytorch_lora_weights.safetensors`` for the
+    pipeline's ``load_lora_weights``. The pretrained denoiser is read from disk at most once (a 16-bit LoRA run:
+    its float32 base weights)."""
     with _replace_dir(Path(out)) as tmp:
-        cpu = torch.device("cpu")
-        pipe = bundle.family.pipeline(build_unet(bundle, sd, with_lora=False, exact=True), cpu, exact=True)
+        unet = build_unet(bundle, sd, exact=True)
         if bundle.lora is not None:
-            peft_unet = build_unet(bundle, sd, exact=True)
-            bundle.family.save_lora(tmp / LORA_DIR, peft_unet)
-            # fuse W + scale * B @ A with peft on the adapter-holding copy, then copy into the plain UNet
-            for m in peft_unet.modules():
-                if isinstance(m, BaseTunerLayer):
-                    m.merge()
-            getattr(pipe, bundle.family.denoiser).load_state_dict(_base_state_dict(dict(peft_unet.state_dict())),
-                                                                  strict=True)
-        pipe.save_pretrained(tmp)
+            bundle.family.save_lora(tmp / LORA_DIR, unet)
+            unet.fuse_lora()  # W + scale * B @ A (peft's merge), then the plain layers back in place
+            unet.unload_lora()
+        bundle.family.export(unet, tmp)
