@@ -248,3 +248,9 @@ def test_bf16_full_finetune_exports_the_float32_master_weights(assets, tmp_path,
     ckpt = read_weights(run / "checkpoints" / "step_00000002", stage, trained)
     for k, v in final.items():
         assert torch.equal(ckpt[k], v), k
+    # dsfast sample --checkpoint latest --dtype bfloat16: those weights, rounded once, in a bf16 pipeline
+    from dsfast.train.sample import checkpoint_pipeline
+
+    pipe = checkpoint_pipeline(run, "latest", torch.device("cpu"), torch.bfloat16)
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, final[k].bfloat16()), k
