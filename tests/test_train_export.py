@@ -100,3 +100,17 @@ def test_copy_part_files_takes_what_from_pretrained_reads(tmp_path):
               "diffusion_pytorch_model.safetensors.index.json"):
         (src / n).unlink()
     assert not copy_part_files(src, tmp_path / "none") and not (tmp_path / "none").exists()
+
+
+def test_sample_from_final_in_bfloat16(flux, tmp_path, monkeypatch):
+    """``dsfast sample --dtype bfloat16`` on a pipeline folder: every part of the pipeline runs in bf16."""
+    from dsfast.train import sample
+
+    seen = {}
+    real = sample.run_pipeline
+    monkeypatch.setattr(sample, "run_pipeline", lambda pipe, *a, **k: seen.update(
+        {n: m.dtype for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}) or real(pipe, *a, **k))
+    imgs = sample.sample_images(flux, 1, prompt="a sks dog", num_inference_steps=2, device="cpu", dtype=torch.bfloat16)
+    assert imgs.shape[:2] == (1, 3) and bool(torch.isfinite(imgs).all())
+    assert set(seen) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
+    assert set(seen.values()) == {torch.bfloat16}

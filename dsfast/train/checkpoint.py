@@ -392,7 +392,8 @@ def read_weights(ckpt_dir: Path, zero_stage: int, trained: list[tuple[str, torch
     if zero_stage == 3:
         sd = _zero_fp32_weights(ckpt_dir)
     else:
-        states = _load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu")
+        # mapped, not read: only the tensors taken are (the file also holds the optimizer state at ZeRO-0)
+        states = _load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True)
         sd = states["module"]
         if any(sd[n].dtype != torch.float32 for n, _ in trained):
             if zero_stage == 0:

@@ -19,7 +19,7 @@ from .families import Family, FamilyOptions, ModelInfo, describe, down_factor, g
 
 LORA_DIR = "lora"
 __all__ = ["EMA", "LORA_DIR", "Bundle", "build_pipeline", "describe", "down_factor", "export_weights", "load",
-           "lora_config", "pretrained_pipeline", "save_final", "trainable_named_parameters", "update_ema"]
+           "load_adapters", "lora_config", "pretrained_pipeline", "save_final", "trainable_named_parameters", "update_ema"]
 
 
 def lora_config(info: ModelInfo, rank: int, alpha: float | None) -> LoraConfig | None:
@@ -188,10 +188,15 @@ def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True, exact: bool 
         unet.load_state_dict(_base_state_dict(sd))
     if with_lora:
         unet.add_adapter(bundle.lora)
-        missing = unet.load_state_dict({k: v for k, v in sd.items() if "lora_" in k}, strict=False)
-        if missing.unexpected_keys:
-            raise RuntimeError(f"unexpected LoRA keys {missing.unexpected_keys[:4]}")
+        load_adapters(unet, sd)
     return unet.eval()
+
+
+def load_adapters(unet: torch.nn.Module, sd: dict) -> None:
+    """Copy the LoRA adapter weights of the full state dict ``sd`` into the adapter-holding ``unet``."""
+    missing = unet.load_state_dict({k: v for k, v in sd.items() if "lora_" in k}, strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"unexpected LoRA keys {missing.unexpected_keys[:4]}")
 
 
 def build_pipeline(bundle: Bundle, sd: dict, *, device: torch.device, with_lora: bool = True,

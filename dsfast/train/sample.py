@@ -24,7 +24,7 @@ from .checkpoint import CheckpointManager, problem, read_weights, tag_of
 from .data import count_images
 from .errors import USER_ERRORS, ConfigError, ModelError
 from .families import FamilyOptions, load_pipeline
-from .models import describe, load, lora_config, trainable_named_parameters
+from .models import describe, load, load_adapters, lora_config, trainable_named_parameters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype
 
@@ -87,7 +87,7 @@ def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device, d
     if lora is None:
         bundle.unet.load_state_dict(sd)
     else:
-        bundle.unet.load_state_dict({k: v for k, v in sd.items() if "lora_" in k}, strict=False)
+        load_adapters(bundle.unet, sd)
     del sd
     return bundle.family.pipeline(bundle.unet.eval(), device, dtype)
 
@@ -156,7 +156,7 @@ def sample_images(run_or_pipeline_dir, num: int, *, seed: int = 0, prompt: str |
     if checkpoint is None:
         path = _pipeline_dir(run_or_pipeline_dir)
         diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
-        pipe = load_pipeline(str(path), torch_dtype=dtype).to(device)
+        pipe = load_pipeline(str(path), dtype=dtype).to(device)
         run = path.parent
     else:
         pipe = checkpoint_pipeline(run_or_pipeline_dir, checkpoint, device, dtype)
