@@ -114,3 +114,25 @@ def test_sample_from_final_in_bfloat16(flux, tmp_path, monkeypatch):
     assert imgs.shape[:2] == (1, 3) and bool(torch.isfinite(imgs).all())
     assert set(seen) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
     assert set(seen.values()) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["fused", "unfused"])
+def test_zero0_masters_follow_the_trained_parameters(flat):
+    """The ZeRO-0 16-bit optimizers' float32 copies, per parameter in the engine's order; other parameters than
+    the optimizer holds are an error, not weights put in the wrong places."""
+    from dsfast.train.checkpoint import zero0_masters
+    from dsfast.train.errors import TrainingError
+
+    params = [torch.zeros(2, 3), torch.zeros(4), torch.zeros(5)]
+    values = torch.arange(15.0)
+    state = ({"fp32_groups_flat": [values[:10], values[10:]]} if flat
+             else {"fp32_groups": [[values[:6].view(2, 3), values[6:10]], [values[10:]]]})
+    got = zero0_masters(state, params)
+    assert [g.shape for g in got] == [p.shape for p in params]
+    assert torch.equal(torch.cat([g.flatten() for g in got]), values)
+    wrong = [params[:2], [*params, torch.zeros(1)]]
+    if not flat:  # a flat group has no shapes of its own to check against
+        wrong.append([torch.zeros(3, 2), *params[1:]])
+    for other in wrong:
+        with pytest.raises(TrainingError, match="other parameters"):
+            zero0_masters(state, other)

@@ -354,10 +354,13 @@ def zero0_masters(state: dict, params: list) -> list[torch.Tensor]:
     """The float32 master weights in the state dict of DeepSpeed's ZeRO-0 16-bit optimizer (``FP16_Optimizer``:
     flat per group; ``FP16_UnfusedOptimizer``: one per parameter), in the order of ``params`` (the parameters
     the engine trains, or tensors of their shapes)."""
+    held = [m for group in state["fp32_groups"] for m in group] if "fp32_groups" in state else state["fp32_groups_flat"]
+    if sum(m.numel() for m in held) != sum(p.numel() for p in params):
+        raise TrainingError("DeepSpeed's optimizer holds other parameters than the module trains")
     if "fp32_groups" in state:
-        masters = [m for group in state["fp32_groups"] for m in group]
-    else:
-        flat = iter(state["fp32_groups_flat"])
+        masters = held
+    else:  # consecutive views of the flat groups
+        flat = iter(held)
         masters, chunk, used = [], next(flat), 0
         for p in params:
             if used == chunk.numel():
