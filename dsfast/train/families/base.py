@@ -5,9 +5,10 @@ A family knows one kind of diffusers pipeline: how to recognise it from its ``mo
 the conditioning its denoiser takes (:meth:`encode_prompts`), images into what it diffuses and back
 (:meth:`encode` / :meth:`decode`), call the denoiser (:meth:`predict`), which noise process it trains
 with (``process``: :class:`~dsfast.train.diffusion.DDPM` or :class:`~dsfast.train.diffusion.FlowMatching`),
-where LoRA adapters go (``lora_targets``) and which pipeline samples from and exports the weights
-(:meth:`pipeline`). Conditioning is a dict of batch-first float32 tensors on the training device, so a
-method can index, expand and concatenate it without knowing what is inside.
+where LoRA adapters go (``lora_targets``), which pipeline samples from the weights (:meth:`pipeline`)
+and how it writes them as a pipeline folder (:meth:`export`). Conditioning is a dict of batch-first
+float32 tensors on the training device, so a method can index, expand and concatenate it without
+knowing what is inside.
 
 A new family is a file in this folder with a subclass, and a line in ``families/__init__.py``.
 """
