@@ -120,8 +120,8 @@ def test_sample_from_final_in_bfloat16(flux, tmp_path, monkeypatch):
 def test_zero0_masters_follow_the_trained_parameters(flat):
     """The ZeRO-0 16-bit optimizers' float32 copies, per parameter in the engine's order; other parameters than
     the optimizer holds are an error, not weights put in the wrong places."""
-    from dsfast.train.checkpoint import zero0_masters
     from dsfast.train.errors import TrainingError
+    from dsfast.train.models import zero0_masters
 
     params = [torch.zeros(2, 3), torch.zeros(4), torch.zeros(5)]
     values = torch.arange(15.0)

@@ -30,6 +30,7 @@ import torch
 
 from . import distributed as D
 from .errors import ConfigError, NonFiniteLoss, TrainingError
+from .models import zero0_masters
 
 COMPLETE = "COMPLETE"
 DIVERGED = "DIVERGED"
@@ -348,28 +349,6 @@ def _load(path: Path, **kw):
         return torch.load(path, weights_only=False, **kw)
     except Exception as exc:  # noqa: BLE001 - a damaged file is one line naming it
         raise TrainingError(f"{path} could not be read: {_first_line(exc)}") from None
-
-
-def zero0_masters(state: dict, params: list) -> list[torch.Tensor]:
-    """The float32 master weights in the state dict of DeepSpeed's ZeRO-0 16-bit optimizer (``FP16_Optimizer``:
-    flat per group; ``FP16_UnfusedOptimizer``: one per parameter), in the order of ``params`` (the parameters
-    the engine trains, or tensors of their shapes)."""
-    held = [m for group in state["fp32_groups"] for m in group] if "fp32_groups" in state else state["fp32_groups_flat"]
-    if sum(m.numel() for m in held) != sum(p.numel() for p in params):
-        raise TrainingError("DeepSpeed's optimizer holds other parameters than the module trains")
-    if "fp32_groups" in state:
-        masters = held
-    else:  # consecutive views of the flat groups
-        flat = iter(held)
-        masters, chunk, used = [], next(flat), 0
-        for p in params:
-            if used == chunk.numel():
-                chunk, used = next(flat), 0
-            masters.append(chunk[used:used + p.numel()].view(p.shape))
-            used += p.numel()
-    if [m.shape for m in masters] != [p.shape for p in params]:
-        raise TrainingError("DeepSpeed's optimizer holds other parameters than the module trains")
-    return masters
 
 
 def _zero_fp32_weights(ckpt_dir: Path) -> dict:

@@ -14,7 +14,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from peft import LoraConfig
 
 from . import distributed as D
-from .checkpoint import zero0_masters
+from .errors import TrainingError
 from .families import Family, FamilyOptions, ModelInfo, describe, down_factor, get
 
 LORA_DIR = "lora"
@@ -134,6 +134,28 @@ def trained_weights(engine, zero3: bool):
     else:
         for n, p in named:
             yield n, safe_get_full_fp32_param(p)
+
+
+def zero0_masters(state: dict, params: list) -> list[torch.Tensor]:
+    """The float32 master weights in the state dict of DeepSpeed's ZeRO-0 16-bit optimizer (``FP16_Optimizer``:
+    flat per group; ``FP16_UnfusedOptimizer``: one per parameter), in the order of ``params`` (the parameters
+    the engine trains, or tensors of their shapes)."""
+    held = [m for group in state["fp32_groups"] for m in group] if "fp32_groups" in state else state["fp32_groups_flat"]
+    if sum(m.numel() for m in held) != sum(p.numel() for p in params):
+        raise TrainingError("DeepSpeed's optimizer holds other parameters than the module trains")
+    if "fp32_groups" in state:
+        masters = held
+    else:  # consecutive views of the flat groups
+        flat = iter(held)
+        masters, chunk, used = [], next(flat), 0
+        for p in params:
+            if used == chunk.numel():
+                chunk, used = next(flat), 0
+            masters.append(chunk[used:used + p.numel()].view(p.shape))
+            used += p.numel()
+    if [m.shape for m in masters] != [p.shape for p in params]:
+        raise TrainingError("DeepSpeed's optimizer holds other parameters than the module trains")
+    return masters
 
 
 def update_ema(ema: EMA | None, engine, zero3: bool, step: int) -> None:
