@@ -178,6 +178,9 @@ CASES = {
         ([*SAMPLE_RUN, "--num", "nan"], "argument --num: not an integer: 'nan'"),
         ([*SAMPLE_RUN, "--steps", "-1"], "argument --steps: must be at least 1, got -1"),
         ([*SAMPLE_RUN, "--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
+        ([*SAMPLE_RUN, "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        *([([*SAMPLE_RUN, "--dtype", "float16"], "float16 sampling needs a GPU")] if not torch.cuda.is_available()
+          else []),
         (["--run", "{t}/missing"], "{t}/missing: no such folder"),
         (["--run", "{t}/file.txt"], "{t}/file.txt: no such folder"),
         (["--run", "{t}/empty"], "{t}/empty: neither a diffusers pipeline folder nor a run folder"),

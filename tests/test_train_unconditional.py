@@ -201,3 +201,56 @@ def test_resume_refuses_a_checkpoint_without_its_ema_or_rng(assets, baseline, tm
     expect = f"{missing} is missing" if listed else f"has no {missing}"
     assert len(lines) == 1 and expect in lines[0], p.stderr[-2000:]
     assert (run / "metrics.jsonl").read_text() == before and not (run / "checkpoints" / "step_00000006").exists()
+
+
+def _zero_masters(ckpt: Path, stage: int, names: list[str]) -> dict:
+    """What DeepSpeed's optimizer holds as the float32 weights in checkpoint ``ckpt`` (read with DeepSpeed's own
+    tools: zero_to_fp32, or the ZeRO-0 16-bit optimizer's per-parameter copies in the order it was given them)."""
+    if stage:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    groups = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]["fp32_groups"]
+    return dict(zip(names, (m for g in groups for m in g), strict=True))
+
+
+@pytest.mark.parametrize("stage,ema", [(0, 0.0), (2, 0.0), (3, 0.0), (2, 0.9)],
+                         ids=["zero0", "zero2", "zero3", "zero2_ema"])
+def test_bf16_full_finetune_exports_the_float32_master_weights(assets, tmp_path, stage, ema):
+    """A bf16 full fine-tune: final/ (and ``dsfast sample --checkpoint``'s weights) hold DeepSpeed's float32
+    master weights, not the module's bf16 copies; an EMA averages the masters."""
+    from diffusers import UNet2DModel
+
+    from dsfast.train.checkpoint import read_weights
+    from dsfast.train.models import EMA
+
+    cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", method="finetune", checkpoint_every=1,
+                      keep_last=0, train__max_steps=2, train__lr=1e-3, train__ema=ema, train__ema_warmup=True,
+                      train__mixed_precision="bf16", deepspeed__zero_stage=stage)
+    run_train(cfg, tmp_path)
+    run = tmp_path / "run"
+    final = UNet2DModel.from_pretrained(str(run / "final"), subfolder="unet").state_dict()
+    names = list(final)
+    masters = [_zero_masters(run / "checkpoints" / f"step_0000000{s}", stage, names) for s in (1, 2)]
+    if ema:
+        avg = EMA(UNet2DModel.from_pretrained(str(assets / "model"), subfolder="unet").named_parameters(), ema, True)
+        for step, m in enumerate(masters):
+            avg.update(m.items(), step)
+        want = avg.params
+    else:
+        want = masters[1]
+    assert sorted(want) == sorted(final)
+    for k, v in final.items():
+        assert v.dtype == torch.float32 and torch.equal(v, want[k]), k
+    # the weights are not what a bf16 copy could hold
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in final.values())
+    trained = list(UNet2DModel.from_pretrained(str(assets / "model"), subfolder="unet").named_parameters())
+    ckpt = read_weights(run / "checkpoints" / "step_00000002", stage, trained)
+    for k, v in final.items():
+        assert torch.equal(ckpt[k], v), k
+    # dsfast sample --checkpoint latest --dtype bfloat16: those weights, rounded once, in a bf16 pipeline
+    from dsfast.train.sample import checkpoint_pipeline
+
+    pipe = checkpoint_pipeline(run, "latest", torch.device("cpu"), torch.bfloat16)
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, final[k].bfloat16()), k

@@ -30,6 +30,7 @@ import torch
 
 from . import distributed as D
 from .errors import ConfigError, NonFiniteLoss, TrainingError
+from .models import zero0_masters
 
 COMPLETE = "COMPLETE"
 DIVERGED = "DIVERGED"
@@ -350,22 +351,37 @@ def _load(path: Path, **kw):
         raise TrainingError(f"{path} could not be read: {_first_line(exc)}") from None
 
 
-def read_weights(ckpt_dir: Path, zero3: bool) -> dict:
+def _zero_fp32_weights(ckpt_dir: Path) -> dict:
+    """The float32 weights DeepSpeed's ZeRO-1/2/3 optimizer states in ``ckpt_dir`` hold (its zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    except Exception as exc:  # noqa: BLE001
+        raise TrainingError(f"checkpoint {ckpt_dir} could not be read: {_first_line(exc)}") from None
+
+
+def read_weights(ckpt_dir: Path, zero_stage: int, trained: list[tuple[str, torch.Tensor]]) -> dict:
     """The trained module's full fp32 state dict in a verified checkpoint (one process, no engine), with the
-    EMA weights in place of the trained ones when the run keeps an EMA (as its ``final/`` would hold)."""
+    EMA weights in place of the trained ones when the run keeps an EMA (as its ``final/`` would hold).
+    ``trained``: ``(name, parameter)`` of the parameters the run trains, in the order the engine took them. A
+    bf16/fp16 run's module state holds 16-bit copies of them: their float32 master weights are read from the
+    optimizer's state instead (as the run's ``final/`` holds them)."""
     ckpt_dir = Path(ckpt_dir)
     why = problem(ckpt_dir)
     if why is not None:
         raise TrainingError(f"checkpoint {ckpt_dir} cannot be used: {why}")
-    if zero3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        try:
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-        except Exception as exc:  # noqa: BLE001
-            raise TrainingError(f"checkpoint {ckpt_dir} could not be read: {_first_line(exc)}") from None
+    if zero_stage == 3:
+        sd = _zero_fp32_weights(ckpt_dir)
     else:
-        sd = _load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+        # mapped, not read: only the tensors taken are (the file also holds the optimizer state at ZeRO-0)
+        states = _load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True)
+        sd = states["module"]
+        if any(sd[n].dtype != torch.float32 for n, _ in trained):
+            if zero_stage == 0:
+                sd.update(zip((n for n, _ in trained), zero0_masters(states["optimizer"], [p for _, p in trained])))
+            else:
+                sd.update(_zero_fp32_weights(ckpt_dir))
     sd = {k: v.detach().float().cpu() for k, v in sd.items()}
     if (ckpt_dir / "ema.pt").is_file():
         sd.update(_load(ckpt_dir / "ema.pt", map_location="cpu")["params"])

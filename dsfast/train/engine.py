@@ -390,7 +390,7 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
         if start:  # what a kill between the checkpoint and the end of its step lost: the grid and the metrics line
             if cfg.sample_every and start % cfg.sample_every == 0 and D.any_flag(
                     rank == 0 and not _grid_path(run_dir, start).is_file()):
-                _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, start, log, device)
+                _sample_grid(cfg, bundle, export_weights(engine, ema, zero3), run_dir, start, log, device)
                 D.barrier()
             if log is not None and _log_due(start, t) and log.last < start:
                 log.write(start, saved_logs)
@@ -427,7 +427,7 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
                     raise stopped(exc) from None
                 ckpts.confirm()  # the newest checkpoint's weights gave a finite step
                 if t.ema:
-                    update_ema(ema, engine.module, zero3, step)
+                    update_ema(ema, engine, zero3, step)
                 step += 1
                 logs["lr"] = lr_sched.get_last_lr()[0] if lr_sched is not None else t.lr
                 logs["sec_per_step"] = time.perf_counter() - started  # the training step only
@@ -442,7 +442,7 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
                     maybe_kill(f"saved:{step}")
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     started = time.perf_counter()
-                    _sample_grid(cfg, bundle, export_weights(engine.module, ema, zero3), run_dir, step, log, device)
+                    _sample_grid(cfg, bundle, export_weights(engine, ema, zero3), run_dir, step, log, device)
                     D.barrier()
                     logs["sample_sec"] = time.perf_counter() - started
                     maybe_kill(f"sampled:{step}")
@@ -457,7 +457,7 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
             if log is not None:
                 log.close()
 
-        sd = export_weights(engine.module, ema, zero3)
+        sd = export_weights(engine, ema, zero3)
         failed = None
         if rank == 0:
             try:

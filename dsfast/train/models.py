@@ -10,15 +10,16 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from . import distributed as D
+from .errors import TrainingError
 from .families import Family, FamilyOptions, ModelInfo, describe, down_factor, get
 
 LORA_DIR = "lora"
 __all__ = ["EMA", "LORA_DIR", "Bundle", "build_pipeline", "describe", "down_factor", "export_weights", "load",
-           "lora_config", "pretrained_pipeline", "save_final", "trainable_named_parameters", "update_ema"]
+           "load_adapters", "lora_config", "pretrained_pipeline", "save_final", "trainable_named_parameters", "update_ema"]
 
 
 def lora_config(info: ModelInfo, rank: int, alpha: float | None) -> LoraConfig | None:
@@ -83,16 +84,9 @@ def full_parameters(params, zero3: bool):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if zero3 else nullcontext()
 
 
-def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict | None:
-    """The module's complete state dict (fp32, CPU) on rank 0, None elsewhere; every rank must call it."""
-    with full_parameters(module.parameters(), zero3):
-        if D.rank() != 0:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
 class EMA:
-    """Exponential moving average of the trainable weights: fp32, on the training device, on rank 0.
+    """Exponential moving average of the trainable weights (a 16-bit run's float32 master weights, see
+    :func:`trained_weights`): fp32, on the training device, on rank 0.
 
     decay_t = min(decay, (1 + t) / (10 + t)) with ``warmup`` (the usual warm-up, so short few-shot runs move),
     else the constant ``decay`` (the released DomainStudio code).
@@ -126,18 +120,69 @@ class EMA:
             self.params[k].copy_(v)
 
 
-def update_ema(ema: EMA | None, module: torch.nn.Module, zero3: bool, step: int) -> None:
-    """One EMA step from the engine's weights; collective under ZeRO-3 (``ema`` is None off rank 0)."""
-    named = trainable_named_parameters(module)
-    with full_parameters([p for _, p in named], zero3):
-        if ema is not None:
-            ema.update(named, step)
+def trained_weights(engine, zero3: bool):
+    """``(name, full float32 value)`` of each trained parameter of ``engine`` (on its device), one at a time; every
+    rank must exhaust it (collective). A float32 run's module holds the weights themselves; a bf16/fp16 run's module
+    holds 16-bit copies rounded from DeepSpeed's float32 master weights, so the masters are taken (ZeRO-1/2/3:
+    ``safe_get_full_fp32_param``, an all-reduce or all-gather per parameter; ZeRO-0: its optimizer's copies)."""
+    named = trainable_named_parameters(engine.module)
+    if all(p.dtype == torch.float32 for _, p in named):
+        with full_parameters([p for _, p in named], zero3):
+            yield from ((n, p.detach()) for n, p in named)
+    elif engine.zero_optimization_stage() == 0:
+        yield from zip((n for n, _ in named), zero0_masters(engine.optimizer.state_dict(), [p for _, p in named]))
+    else:
+        for n, p in named:
+            yield n, safe_get_full_fp32_param(p)
 
 
-def export_weights(module: torch.nn.Module, ema: EMA | None, zero3: bool) -> dict | None:
-    """Full fp32 CPU state dict on rank 0 with the EMA weights in place of the trained ones; collective."""
-    sd = full_state_dict(module, zero3)
-    if sd is not None and ema is not None:
+def zero0_masters(state: dict, params: list) -> list[torch.Tensor]:
+    """The float32 master weights in the state dict of DeepSpeed's ZeRO-0 16-bit optimizer (``FP16_Optimizer``:
+    flat per group; ``FP16_UnfusedOptimizer``: one per parameter), in the order of ``params`` (the parameters
+    the engine trains, or tensors of their shapes)."""
+    held = [m for group in state["fp32_groups"] for m in group] if "fp32_groups" in state else state["fp32_groups_flat"]
+    if sum(m.numel() for m in held) != sum(p.numel() for p in params):
+        raise TrainingError("DeepSpeed's optimizer holds other parameters than the module trains")
+    if "fp32_groups" in state:
+        masters = held
+    else:  # consecutive views of the flat groups
+        flat = iter(held)
+        masters, chunk, used = [], next(flat), 0
+        for p in params:
+            if used == chunk.numel():
+                chunk, used = next(flat), 0
+            masters.append(chunk[used:used + p.numel()].view(p.shape))
+            used += p.numel()
+    if [m.shape for m in masters] != [p.shape for p in params]:
+        raise TrainingError("DeepSpeed's optimizer holds other parameters than the module trains")
+    return masters
+
+
+def update_ema(ema: EMA | None, engine, zero3: bool, step: int) -> None:
+    """One EMA step from the trained weights (:func:`trained_weights`); collective (``ema`` is None off rank 0)."""
+    weights = trained_weights(engine, zero3)
+    if ema is None:
+        for _ in weights:  # the other ranks take part in the gathers
+            pass
+    else:
+        ema.update(weights, step)
+
+
+def export_weights(engine, ema: EMA | None, zero3: bool) -> dict | None:
+    """The module's full float32 CPU state dict on rank 0 (None elsewhere): the trained weights from
+    :func:`trained_weights`, or the EMA's in their place; collective."""
+    module = engine.module
+    trained = {}
+    for n, w in trained_weights(engine, zero3):
+        if D.rank() == 0:
+            trained[n] = w.to("cpu", torch.float32, copy=True)
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    with full_parameters(frozen, zero3):
+        if D.rank() != 0:
+            return None
+        sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items() if k not in trained}
+    sd.update(trained)
+    if ema is not None:
         sd.update({k: v.detach().cpu().clone() for k, v in ema.params.items()})
     return sd
 
@@ -151,23 +196,29 @@ def _base_state_dict(sd: dict) -> dict:
 
 def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True, exact: bool = False) -> torch.nn.Module:
     """A plain (non-DeepSpeed) denoiser holding ``sd`` (with its LoRA adapters when ``with_lora``). ``exact``: under
-    LoRA the frozen base weights come from the pretrained folder in float32, not from their training-precision
-    copy in ``sd`` (``final/``: a bf16 run must not round the weights it never trained)."""
+    LoRA in a 16-bit run the frozen base weights come from the pretrained folder in float32, not from their
+    rounded training-precision copy in ``sd`` (``final/``: a bf16 run must not round the weights it never
+    trained); a float32 run's ``sd`` holds them exactly."""
     if bundle.lora is None:
         unet = type(bundle.unet).from_config(bundle.unet.config)
         unet.load_state_dict(sd)
         return unet.eval()
-    if exact:
+    if exact and bundle.family.dtype != torch.float32:
         unet = bundle.family.load_part(bundle.family.denoiser).float()
     else:
         unet = type(bundle.unet).from_config(bundle.unet.config)
         unet.load_state_dict(_base_state_dict(sd))
     if with_lora:
         unet.add_adapter(bundle.lora)
-        missing = unet.load_state_dict({k: v for k, v in sd.items() if "lora_" in k}, strict=False)
-        if missing.unexpected_keys:
-            raise RuntimeError(f"unexpected LoRA keys {missing.unexpected_keys[:4]}")
+        load_adapters(unet, sd)
     return unet.eval()
+
+
+def load_adapters(unet: torch.nn.Module, sd: dict) -> None:
+    """Copy the LoRA adapter weights of the full state dict ``sd`` into the adapter-holding ``unet``."""
+    missing = unet.load_state_dict({k: v for k, v in sd.items() if "lora_" in k}, strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"unexpected LoRA keys {missing.unexpected_keys[:4]}")
 
 
 def build_pipeline(bundle: Bundle, sd: dict, *, device: torch.device, with_lora: bool = True,
@@ -200,18 +251,15 @@ def _replace_dir(out: Path):
 
 
 def save_final(bundle: Bundle, sd: dict, out: Path) -> None:
-    """``final/``: a pipeline folder for ``DiffusionPipeline.from_pretrained`` (adapted weights; LoRA fused),
-    and for LoRA runs also ``final/lora/pytorch_lora_weights.safetensors`` for the pipeline's ``load_lora_weights``."""
+    """``final/``: a pipeline folder for ``DiffusionPipeline.from_pretrained``: the trained denoiser in float32
+    (LoRA fused into it) and the frozen parts as the pretrained folder holds them (:meth:`Family.export`: copied
+    file by file, not loaded again); for LoRA runs also ``final/lora/pytorch_lora_weights.safetensors`` for the
+    pipeline's ``load_lora_weights``. The pretrained denoiser is read from disk at most once (a 16-bit LoRA run:
+    its float32 base weights)."""
     with _replace_dir(Path(out)) as tmp:
-        cpu = torch.device("cpu")
-        pipe = bundle.family.pipeline(build_unet(bundle, sd, with_lora=False, exact=True), cpu, exact=True)
+        unet = build_unet(bundle, sd, exact=True)
         if bundle.lora is not None:
-            peft_unet = build_unet(bundle, sd, exact=True)
-            bundle.family.save_lora(tmp / LORA_DIR, peft_unet)
-            # fuse W + scale * B @ A with peft on the adapter-holding copy, then copy into the plain UNet
-            for m in peft_unet.modules():
-                if isinstance(m, BaseTunerLayer):
-                    m.merge()
-            getattr(pipe, bundle.family.denoiser).load_state_dict(_base_state_dict(dict(peft_unet.state_dict())),
-                                                                  strict=True)
-        pipe.save_pretrained(tmp)
+            bundle.family.save_lora(tmp / LORA_DIR, unet)
+            unet.fuse_lora()  # W + scale * B @ A (peft's merge), then the plain layers back in place
+            unet.unload_lora()
+        bundle.family.export(unet, tmp)

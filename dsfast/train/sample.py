@@ -24,7 +24,9 @@ from .checkpoint import CheckpointManager, problem, read_weights, tag_of
 from .data import count_images
 from .errors import USER_ERRORS, ConfigError, ModelError
 from .families import FamilyOptions, load_pipeline
-from .models import build_pipeline, describe, load, lora_config
+from .models import describe, load, load_adapters, lora_config, trainable_named_parameters
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype
 
 
 def _checkpoints(run: Path) -> CheckpointManager:
@@ -66,9 +68,11 @@ def _checkpoint_dir(run: Path, which: str) -> Path:
     return d
 
 
-def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device):
-    """The pipeline of a run's checkpoint (``latest`` or ``step_N``) on ``device``: the run's pretrained pipeline
-    with the checkpoint's UNet weights (EMA weights when the run keeps an EMA, as in ``final/``)."""
+def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The pipeline of a run's checkpoint (``latest`` or ``step_N``) on ``device`` in ``dtype``: the run's pretrained
+    pipeline with the checkpoint's trained weights (EMA weights when the run keeps an EMA, as in ``final/``). The
+    parts are loaded once, in ``dtype`` on ``device``; the weights go into the loaded denoiser (under LoRA only
+    the adapters: the base weights stay as the pretrained folder holds them)."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ModelError(f"--checkpoint needs a run folder (with config.yaml); {run} is not one")
@@ -77,9 +81,15 @@ def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device):
     model = cfg["model"]
     info = describe(model["pretrained"])
     lora = lora_config(info, model["lora_rank"], model.get("lora_alpha"))
-    bundle = load(info, model["pretrained"], dtype=torch.float32, lora=lora, frozen_source=False, device=device,
+    bundle = load(info, model["pretrained"], dtype=dtype, lora=lora, frozen_source=False, device=device,
                   options=FamilyOptions(vae=model.get("vae")))
-    return build_pipeline(bundle, read_weights(d, cfg["deepspeed"]["zero_stage"] == 3), device=device)
+    sd = read_weights(d, cfg["deepspeed"]["zero_stage"], trainable_named_parameters(bundle.unet))
+    if lora is None:
+        bundle.unet.load_state_dict(sd)
+    else:
+        load_adapters(bundle.unet, sd)
+    del sd
+    return bundle.family.pipeline(bundle.unet.eval(), device, dtype)
 
 
 def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, num_inference_steps: int = 50,
@@ -136,18 +146,20 @@ def generate_images(make_pipe, folder: str | Path, num: int, *, prompt: str, see
 
 def sample_images(run_or_pipeline_dir, num: int, *, seed: int = 0, prompt: str | None = None,
                   num_inference_steps: int = 50, checkpoint: str | None = None,
-                  device: str | torch.device | None = None) -> torch.Tensor:
+                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Generate ``num`` images from a run folder (its ``final/``, or with ``checkpoint="latest"|"step_N"``
     one of its checkpoints) or a pipeline folder: (N, 3, H, W) in [0, 1]. The pipeline runs on ``device``
-    (default: ``LOCAL_RANK``'s GPU when there is one, else the CPU)."""
+    (default: ``LOCAL_RANK``'s GPU when there is one, else the CPU) in ``dtype`` (float16: a GPU only)."""
     device = D.device() if device is None else torch.device(device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("float16 sampling needs a GPU; on the CPU use float32 or bfloat16")
     if checkpoint is None:
         path = _pipeline_dir(run_or_pipeline_dir)
         diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
-        pipe = load_pipeline(str(path)).to(device)
+        pipe = load_pipeline(str(path), dtype=dtype).to(device)
         run = path.parent
     else:
-        pipe = checkpoint_pipeline(run_or_pipeline_dir, checkpoint, device)
+        pipe = checkpoint_pipeline(run_or_pipeline_dir, checkpoint, device, dtype)
         run = Path(run_or_pipeline_dir)
     cfg = _run_config(run)
     if prompt is None and getattr(pipe, "tokenizer", None) is not None:
@@ -176,6 +188,8 @@ def parser() -> ArgumentParser:
     ap.add_argument("--out", type=output_file, default="grid.png",
                     help="grid PNG to write; its folder must exist (default: grid.png)")
     ap.add_argument("--out-dir", default=None, help="also write each image as a PNG into this folder")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                    help="precision of the pipeline (default: float32; float16 needs a GPU)")
     return ap
 
 
@@ -185,7 +199,7 @@ def main(argv=None) -> int:
         if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
             raise ConfigError(f"--out-dir {args.out_dir} exists and is not a folder")
         imgs = sample_images(args.run, args.num, seed=args.seed, prompt=args.prompt, num_inference_steps=args.steps,
-                             checkpoint=args.checkpoint)
+                             checkpoint=args.checkpoint, dtype=DTYPES[args.dtype])
     except USER_ERRORS as exc:
         print(f"dsfast sample: error: {exc}", file=sys.stderr)
         return 1

@@ -5,9 +5,10 @@ A family knows one kind of diffusers pipeline: how to recognise it from its ``mo
 the conditioning its denoiser takes (:meth:`encode_prompts`), images into what it diffuses and back
 (:meth:`encode` / :meth:`decode`), call the denoiser (:meth:`predict`), which noise process it trains
 with (``process``: :class:`~dsfast.train.diffusion.DDPM` or :class:`~dsfast.train.diffusion.FlowMatching`),
-where LoRA adapters go (``lora_targets``) and which pipeline samples from and exports the weights
-(:meth:`pipeline`). Conditioning is a dict of batch-first float32 tensors on the training device, so a
-method can index, expand and concatenate it without knowing what is inside.
+where LoRA adapters go (``lora_targets``), which pipeline samples from the weights (:meth:`pipeline`)
+and how it writes them as a pipeline folder (:meth:`export`). Conditioning is a dict of batch-first
+float32 tensors on the training device, so a method can index, expand and concatenate it without
+knowing what is inside.
 
 A new family is a file in this folder with a subclass, and a line in ``families/__init__.py``.
 """
@@ -18,6 +19,8 @@ import importlib
 import inspect
 import json
 import os
+import re
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +127,32 @@ def part_class(index: dict, name: str):
 
 def frozen(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     return module.eval().requires_grad_(False).to(device, dtype)
+
+
+def placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` itself when every weight is on ``device`` in ``dtype``, else a copy there."""
+    if all(p.device == torch.device(device) and p.dtype == dtype for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(device, dtype)
+
+
+# the weights from_pretrained reads by default: (sharded) non-variant safetensors and their index
+_WEIGHTS = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+_SERIALIZED = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
+
+
+def copy_part_files(src: Path, out: Path) -> bool:
+    """Copy the files of the part folder ``src`` that ``from_pretrained`` reads (its config files and its
+    non-variant ``.safetensors`` weights; other weight files such as ``.bin`` or ``.fp16.safetensors`` are left
+    out) into ``out``; False (nothing copied) when it has no such weights."""
+    files = [f for f in src.iterdir() if f.is_file()]
+    if not any(_WEIGHTS.fullmatch(f.name) for f in files):
+        return False
+    out.mkdir(parents=True)
+    for f in files:
+        if _WEIGHTS.fullmatch(f.name) or not (f.name.endswith(_SERIALIZED) or ".index." in f.name):
+            shutil.copyfile(f, out / f.name)  # the hub cache's links are followed
+    return True
 
 
 class Family:
@@ -262,25 +291,56 @@ class Family:
         """The scheduler of sample grids, class images and ``final/``: the pipeline's own."""
         return copy.deepcopy(self.parts["scheduler"])
 
-    def pipeline(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32, *,
-                 exact: bool = False):
-        """The family's diffusers pipeline around ``model``, on ``device``, in ``dtype``, with copies of the frozen
-        parts (the text encoders come back from the CPU for it, see :meth:`offload_text_encoders`); ``exact``: the
-        frozen parts as the pretrained folder holds them, not their training-precision copies (``final/``)."""
-        parts = {}
-        for name, part in self.parts.items():
-            if not isinstance(part, torch.nn.Module):
-                parts[name] = part
-            else:
-                parts[name] = self.load_part(name) if exact else copy.deepcopy(part).to(device, dtype)
-        parts["scheduler"] = self.sampling_scheduler()
+    def pipeline(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
+        """The family's diffusers pipeline around ``model``, on ``device``, in ``dtype``: a frozen part already there
+        in that precision is used as it is, the others are copied (the text encoders come back from the CPU for it,
+        see :meth:`offload_text_encoders`)."""
+        parts = {name: placed(part, device, dtype) if isinstance(part, torch.nn.Module) else part
+                 for name, part in self.parts.items()}
+        return self._assemble(parts, model.to(device, dtype))
+
+    def _assemble(self, parts: dict, model: torch.nn.Module):
+        """The pipeline object of ``parts`` (the pipeline's own flags, the sampling scheduler) and ``model``."""
+        parts = {**parts, "scheduler": self.sampling_scheduler()}
         accepted = inspect.signature(self.pipeline_class.__init__).parameters
         flags = {k: v for k, v in self.index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))
                  and k in accepted}
         flags.update(self.pipeline_flags)
         parts = {k: v for k, v in parts.items() if k in accepted}
-        pipe = self.pipeline_class(**parts, **flags, **{self.denoiser: model if exact else model.to(device, dtype)})
-        return pipe.to(device) if exact else pipe
+        return self.pipeline_class(**parts, **flags, **{self.denoiser: model})
+
+    def export(self, model: torch.nn.Module, folder: Path) -> None:
+        """Write the pipeline folder of ``model`` (``final/``) part by part, without a second copy of the frozen
+        parts in memory: ``model_index.json`` and the denoiser, tokenizers and scheduler from memory, each frozen
+        part's files copied from the folder it was loaded from (:meth:`part_folder`); a part whose folder is not
+        at hand, or holds no ``.safetensors`` weights, is saved from memory when it is in float32 there, else
+        loaded from its folder (in its saved precision) and saved, one part at a time."""
+        pipe = self._assemble(dict(self.parts), model)
+        folder.mkdir(parents=True, exist_ok=True)
+        pipe.save_config(folder)
+        for name, spec in pipe.config.items():
+            if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+                continue
+            part = getattr(pipe, name)
+            if part is model or not isinstance(part, torch.nn.Module):
+                part.save_pretrained(folder / name)
+                continue
+            src = self.part_folder(name)
+            if src is not None and copy_part_files(src, folder / name):
+                continue
+            if all(p.dtype == torch.float32 for p in part.parameters()):
+                part.save_pretrained(folder / name)
+            else:
+                self.load_part(name).save_pretrained(folder / name)
+
+    def part_folder(self, name: str) -> Path | None:
+        """The folder part ``name`` loads from (``<pretrained>/<name>``, or ``model.vae``): a local folder or its
+        copy in the local Hugging Face cache; None when neither is at hand."""
+        repo, sub = (self.options.vae, "") if name == "vae" and self.options.vae else (self.pretrained, name)
+        if Path(repo).is_dir():
+            return Path(repo, sub)
+        cached = try_to_load_from_cache(repo, f"{sub}/config.json" if sub else "config.json")
+        return Path(cached).parent if isinstance(cached, str) else None
 
     def offload_text_encoders(self) -> None:
         """Moves the text encoders to the CPU once the prompts are encoded (T5-XXL alone is 4.7 B parameters): training

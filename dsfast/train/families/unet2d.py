@@ -1,7 +1,6 @@
 """``unet2d``: a pixel-space ``UNet2DModel`` with a DDPM scheduler (``DDPMPipeline``), unconditional."""
 from __future__ import annotations
 
-import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from ..diffusion import vlb_term
@@ -68,9 +67,6 @@ class UNet2D(Family):
 
     def sampling_scheduler(self):
         return DDPMScheduler.from_config(self.process.scheduler.config)
-
-    def pipeline(self, model, device, dtype=torch.float32, *, exact=False):
-        return DDPMPipeline(unet=model.to(device, dtype), scheduler=self.sampling_scheduler())
 
 
 __all__ = ["UNet2D", "down_factor"]
