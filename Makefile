@@ -32,6 +32,7 @@ $(STAMP): setup.py pyproject.toml $(LOCK) $(wildcard csrc/*.cpp csrc/*.h csrc/cp
 	@test ! -f $(dir $(PY))activate || echo "dsfast is installed in $(dir $(PY)): run 'source $(dir $(PY))activate' to put the dsfast command on PATH."
 
 # DSFAST_REQUIRE_BACKENDS: a missing C++ extension or Triton fails the run instead of skipping.
+# DSFAST_REQUIRE_NVCC=1 (set by .ci/run): the CUDA compile tests fail without nvcc instead of skipping.
 TEST_ENV := DSFAST_REQUIRE_BACKENDS=cpp,triton
 
 test: install test-triton-oldest
