@@ -108,7 +108,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     sample: SampleConfig = SampleConfig()
-    output_dir: str = Field(None, description="the run folder; None = runs/<config file stem> (runs/dsfast for a config given as a dict)")
+    output_dir: str | None = Field(None, description="the run folder; None = runs/<config file stem> (runs/dsfast for a config given as a dict)")
     checkpoint_every: int = Field(500, ge=0, description="0 = only at the end")
     keep_last: int = Field(2, ge=0, description="complete checkpoints kept (0 = all)")
     sample_every: int = Field(500, ge=0, description="0 = never")
