@@ -119,9 +119,7 @@ def train_and_sample(args, config: dict, stops: list[int], log: Path | None = No
     with contextlib.ExitStack() as stack:
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
-            file = stack.enter_context(open(log, "w"))
-            stack.enter_context(contextlib.redirect_stderr(file))
-            stack.enter_context(contextlib.redirect_stdout(file))
+            stack.enter_context(output_to(stack.enter_context(open(log, "w"))))
         for k, stop in enumerate(stops):
             t = time.time()
             run_dir = Path(train(config, [f"train.max_steps={stop}"], resume="none" if k == 0 else "latest"))
@@ -129,6 +127,27 @@ def train_and_sample(args, config: dict, stops: list[int], log: Path | None = No
             samples[stop] = ddim_samples(run_dir / "final", args.num_samples, args.sample_steps)
     shutil.rmtree(Path(config["output_dir"]) / "checkpoints", ignore_errors=True)
     return samples, seconds
+
+
+@contextlib.contextmanager
+def output_to(file):
+    """This process's stdout and stderr go to ``file``, at the file-descriptor level too: the compilers and linkers
+    that DeepSpeed's op checks start (e.g. a probe for libaio) write to the descriptors, not to ``sys.stderr``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+        with contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        file.flush()
+        for fd, saved_fd in zip((1, 2), saved):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
 
 
 def _one_thread() -> None:

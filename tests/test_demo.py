@@ -34,6 +34,25 @@ def test_demo_smoke(tmp_path):
     assert "finetune" in (out / "runs" / "finetune_seed1.log").read_text()
 
 
+def test_run_output_goes_to_its_log_at_the_descriptor_level(tmp_path, capfd):
+    """A run's log takes what subprocesses write too (DeepSpeed's op checks start gcc/ld, whose errors about a
+    missing libaio reached the demo's terminal through the inherited stderr)."""
+    import subprocess
+    import sys
+
+    from dsfast.demo import output_to
+
+    log = tmp_path / "run.log"
+    with open(log, "w") as f, output_to(f):
+        print("from python")
+        print("to stderr", file=sys.stderr)
+        subprocess.run([sys.executable, "-c", "import os; os.write(2, b'from a subprocess\\n')"], check=True)
+    assert sorted(log.read_text().splitlines()) == ["from a subprocess", "from python", "to stderr"]
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "after\n" and err == ""
+
+
 def test_moving_average_has_no_partial_first_window():
     import numpy as np
 
