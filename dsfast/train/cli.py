@@ -38,11 +38,7 @@ def config_keys(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[tupl
     for name, field in cls.model_fields.items():
         ann = field.annotation
         if cls is RunConfig and name == "loss":
-            loss: dict[str, tuple] = {}
-            for method, section in methods.LOSS_CONFIGS.items():
-                for key, loss_field in section.model_fields.items():
-                    loss.setdefault(key, (loss_field, []))[1].append(method)
-            keys += [(f"loss.{key}", loss_field, owners) for key, (loss_field, owners) in loss.items()]
+            keys += [(f"loss.{key}", loss_field, owners) for key, (loss_field, owners) in methods.LOSS_KEYS.items()]
         elif isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += config_keys(ann, f"{prefix}{name}.")
         else:

@@ -148,13 +148,10 @@ def _drop_old_loss_keys(data: dict, method: str) -> None:
     if not isinstance(loss, dict):
         return
     own = methods.LOSS_CONFIGS[method].model_fields
-    for key in [k for k in loss if k not in own]:
-        owners = [name for name, section in methods.LOSS_CONFIGS.items() if key in section.model_fields]
-        if not owners:
-            continue  # a key of no method: the schema's error names the known keys
+    for key in [k for k in loss if k not in own and k in methods.LOSS_KEYS]:  # a key of no method: the schema's error
+        field, owners = methods.LOSS_KEYS[key]
         value = loss[key]
-        if (value is None or value == 0 or key in _FILLED_FOR_EVERY_METHOD
-                or value == methods.LOSS_CONFIGS[owners[0]].model_fields[key].default):
+        if value is None or value == 0 or key in _FILLED_FOR_EVERY_METHOD or value == field.default:
             del loss[key]
         else:
             raise ConfigError(f"config key 'loss.{key}' belongs to method {' / '.join(owners)}; this config's method "

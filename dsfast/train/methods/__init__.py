@@ -23,6 +23,19 @@ NAMES = tuple(sorted({m.name for m in METHODS}))
 LOSS_CONFIGS = {m.name: m.loss_config for m in METHODS if m.mode == "dsfast"}  # method -> its loss section
 
 
+def _loss_keys() -> dict[str, tuple]:
+    """Every key of the loss sections -> (its pydantic field, as the first method that has it declares it; the
+    methods that have it)."""
+    keys: dict[str, tuple] = {}
+    for name, section in LOSS_CONFIGS.items():
+        for key, field in section.model_fields.items():
+            keys.setdefault(key, (field, []))[1].append(name)
+    return keys
+
+
+LOSS_KEYS = _loss_keys()
+
+
 def get(name: str, family: str, mode: str = "dsfast") -> type[Method]:
     """The method class of config ``method`` for a model of ``family`` (a family name, e.g. ``sdxl``) in ``loss.mode``
     ``mode``: the released step's own class where there is one for the model's kind, else the method's."""
@@ -36,4 +49,4 @@ def get(name: str, family: str, mode: str = "dsfast") -> type[Method]:
     raise ConfigError(f"method '{name}' needs {need} model; the pretrained model is {family} ({kind})")
 
 
-__all__ = ["LOSS_CONFIGS", "METHODS", "NAMES", "Method", "MicroOut", "Needs", "get"]
+__all__ = ["LOSS_CONFIGS", "LOSS_KEYS", "METHODS", "NAMES", "Method", "MicroOut", "Needs", "get"]
