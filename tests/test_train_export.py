@@ -2,6 +2,7 @@
 DeepSpeed: the frozen parts are copied from the pretrained folder, not loaded again; the pretrained denoiser is
 read at most once (a 16-bit LoRA run's float32 base); what the folder holds loads with diffusers."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,19 @@ def test_sample_from_final_in_bfloat16(flux, tmp_path, monkeypatch):
     assert imgs.shape[:2] == (1, 3) and bool(torch.isfinite(imgs).all())
     assert set(seen) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
     assert set(seen.values()) == {torch.bfloat16}
+
+
+def test_sample_an_unconditional_pipeline_in_bfloat16():
+    """A DDPMPipeline in bfloat16 (``dsfast sample --dtype bfloat16``, and a bf16 run's sample grids): its images come
+    back as float32 in [0, 1] (its numpy output failed on bfloat16), near the float32 pipeline's."""
+    from dsfast.train import sample
+
+    folder = Path(__file__).resolve().parents[1] / "assets" / "source_model"
+    full = sample.sample_images(folder, 2, num_inference_steps=3, device="cpu")
+    half = sample.sample_images(folder, 2, num_inference_steps=3, device="cpu", dtype=torch.bfloat16)
+    assert half.dtype == torch.float32 and half.shape == full.shape == (2, 3, 16, 16)
+    assert 0 <= float(half.min()) and float(half.max()) <= 1
+    assert float((half - full).abs().max()) < 0.1
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["fused", "unfused"])

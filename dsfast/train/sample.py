@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from diffusers.utils import logging as diffusers_logging
@@ -109,15 +108,13 @@ def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, nu
         if is_text:
             size = {} if resolution is None else {"height": resolution, "width": resolution}
             res = pipe(prompt=[prompt] * n, generator=gens, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, output_type="np", **size)
+                       guidance_scale=guidance_scale, output_type="pt", **size)
         else:
-            res = pipe(batch_size=n, generator=gens, num_inference_steps=num_inference_steps, output_type="np")
-        arr = torch.from_numpy(np.asarray(res.images)).float()
-        if arr.ndim == 3:
-            arr = arr[..., None]
+            res = pipe(batch_size=n, generator=gens, num_inference_steps=num_inference_steps, output_type="pt")
+        # (n, C, H, W) in the pipeline's precision ("np" would fail in bfloat16: numpy has no such type)
+        arr = res.images.float().cpu()
         if not bool(torch.isfinite(arr).all()):
             raise ModelError("the pipeline produced non-finite images (NaN/inf): its weights have diverged")
-        arr = arr.permute(0, 3, 1, 2)
         if arr.shape[1] == 1:
             arr = arr.repeat(1, 3, 1, 1)
         out.append(arr.clamp(0, 1))
