@@ -892,7 +892,7 @@ def option_from_config(cfg, world: int) -> Option:
     return Option("config", space=getattr(cfg.loss, "space", None), lora_rank=cfg.model.lora_rank,
                   checkpointing=t.gradient_checkpointing, zero_stage=z.zero_stage,
                   offload_optimizer=z.offload_optimizer == "cpu", offload_param=z.offload_param == "cpu",
-                  world=world, precision=t.mixed_precision, micro_batch=t.micro_batch_size,
+                  world=world, precision=t.mixed_precision or "no", micro_batch=t.micro_batch_size,
                   reduce_bucket=None if bucket in (None, "auto") else int(bucket))
 
 

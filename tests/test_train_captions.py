@@ -136,7 +136,7 @@ BAD = {  # name: (files to write into the image folder, overrides, the one line 
                            "config key 'data.instance_prompt' is required for a text-to-image model (with "
                            "data.captions too"),
     "official": ({"img_000.txt": "a"}, {"data.captions": "txt", **OFFICIAL},
-                 "with loss.mode=official: the released code trains every image with the one instance prompt"),
+                 "with loss.mode=official: per-image captions are not reproduced"),
     "official_auto": ({"metadata.jsonl": '{"file_name": "img_000.png", "text": "a"}\n'}, OFFICIAL,
                       "data.captions=auto (captions in"),
 }

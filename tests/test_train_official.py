@@ -1,9 +1,11 @@
 """loss.mode=official reproduces the released DomainStudio training step (commit cc69341).
 
-The truth here is an independent transcription of the released loss code (its double loops with
-nn.CosineSimilarity, nn.Softmax(dim=1), nn.KLDivLoss() and a conv2d Haar with its filters), run on
-the same x_t / t / noise / subset as the method; values and gradients w.r.t. the trainable
-parameters must agree. Also: the per-term gradient norms logged on logging steps.
+The truth here is an independent transcription of the released step (its double loops with
+nn.CosineSimilarity, nn.Softmax(dim=1), nn.KLDivLoss() and a conv2d Haar with its filters; the text-to-image
+prompts tokenised unpadded and padded together, latents sampled from the VAE posterior), fed with the draws
+taken from the run's :class:`Draws` directly (not from the method's micro-batch); the engine's ``run_step``
+must give the same loss and gradients. Also: the official defaults, the samplers, and the per-term gradient
+norms logged on logging steps.
 """
 import math
 
@@ -12,8 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusers import DDIMScheduler, DDPMScheduler
+
+import dsfast.train.sample as sample_module
 from dsfast.train import methods
-from dsfast.train.config import load_config, resolve
+from dsfast.train.config import family_options, load_config, official_differences, resolve
+from dsfast.train.errors import ConfigError
+from dsfast.train.families import TEXT2IMAGE, UNCONDITIONAL
 from dsfast.train.data import Draws, load_images
 from dsfast.train.diffusion import vlb_term
 from dsfast.train.engine import run_step
@@ -90,7 +97,7 @@ def _released_loss(unet, source, sched, mb):
 def _method(root, learned, mode="official", **over):
     model = f"{root}/model_{int(learned)}"
     cfg = resolve(load_config(tiny_config(root, model, f"{root}/imgs", train__batch_size=BATCH, loss__mode=mode,
-                                          **over)), "unet2d")
+                                          train__mixed_precision="no", **over)), "unet2d")
     bundle = load(describe(model), model, dtype=torch.float32, lora=None, frozen_source=True, device=CPU)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # adapted != source, else the pairwise gradients vanish
@@ -112,25 +119,39 @@ def root(tmp_path_factory):
     return str(r)
 
 
+def _engine_step(method, unet, step, ks):
+    """One ``run_step`` of the engine on the micro-batch ``ks``: ``(logged terms, gradients)``."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    logs = run_step(method, unet, [method.micro_batch(step, ks)], lambda loss: loss.backward(), step=step, device=CPU)
+    return logs, [p.grad.clone() for p in params]
+
+
+def _assert_same_step(logs, grads, ref, unet):
+    assert logs["loss"] == pytest.approx(ref.item(), rel=1e-5)
+    g_ref = torch.autograd.grad(ref, [p for p in unet.parameters() if p.requires_grad])
+    scale = max(g.abs().max().item() for g in g_ref)
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed_sigma", "learned_sigma"])
 def test_official_unconditional_step_equals_released_loss(root, learned):
     torch.manual_seed(0)
     cfg, bundle, method = _method(root, learned)
     assert not method.has_global and bundle.source.training  # local per micro-batch; source in train mode
-    unet, params = bundle.unet, [p for p in bundle.unet.parameters() if p.requires_grad]
+    images, draws, ks = method.batches.images[0], method.draws, list(range(BATCH))
     for step in (0, 5):
-        mb = method.micro_batch(step, list(range(BATCH)))
-        assert len(set(mb["subset"].tolist())) == 3
-        out = method.forward(unet, mb, need_source=False)
-        ref = _released_loss(unet, bundle.source, bundle.scheduler, mb)
-        assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
-        assert ("hf" in out.terms) == learned and ("hfmse" in out.terms) == learned
-        g_got = torch.autograd.grad(out.loss, params)
-        g_ref = torch.autograd.grad(ref, params)
-        scale = max(g.abs().max().item() for g in g_ref)
-        for a, b in zip(g_got, g_ref):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale)
+        idx, flip, t, noise = draws.batch(step, ks, images.shape[0], images.shape[1:])
+        x0 = torch.stack([images[i].flip(-1) if f else images[i] for i, f in zip(idx, flip)])
+        released = {"x0": x0, "t": t, "noise": noise, "subset": draws.subset(step, 0, BATCH, 3)}
+        assert len(set(released["subset"].tolist())) == 3
+        logs, grads = _engine_step(method, bundle.unet, step, ks)
+        assert ("hf" in logs) == learned and ("hfmse" in logs) == learned
+        _assert_same_step(logs, grads, _released_loss(bundle.unet, bundle.source, bundle.scheduler, released),
+                          bundle.unet)
 
 
 def test_official_defaults_and_checks(root):
@@ -140,13 +161,47 @@ def test_official_defaults_and_checks(root):
     cfg, _, _ = _method(root, False, mode="dsfast")
     assert (cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.train.ema_warmup, cfg.loss.hfmse_weighting) == \
         (0.0, 1.0, True, "min_snr")
-    from dsfast.train.errors import ConfigError
     with pytest.raises(ConfigError, match="micro_batch_size must be >= 3"):
         resolve(load_config(tiny_config(root, f"{root}/model_0", f"{root}/imgs", train__batch_size=4,
-                                        train__micro_batch_size=2, loss__mode="official")), "unet2d")
+                                        train__micro_batch_size=2, loss__mode="official",
+                                        train__mixed_precision="no")), "unet2d")
     with pytest.raises(ConfigError, match="loss.num_anchors"):
         resolve(load_config(tiny_config(root, f"{root}/model_0", f"{root}/imgs", loss__mode="official",
-                                        loss__num_anchors=2)), "unet2d")
+                                        loss__num_anchors=2, train__mixed_precision="no")), "unet2d")
+
+
+def _resolved(root, family, mode, world=1, **over):
+    t2i = dict(data__instance_prompt="a sks dog", data__class_prompt="a dog") if family == "sd" else {}
+    return resolve(load_config(tiny_config(root, f"{root}/model_0", f"{root}/imgs", loss__mode=mode,
+                                           train__batch_size=None, sample__num_inference_steps=None, **t2i, **over)),
+                   family, world=world)
+
+
+def test_official_takes_the_released_settings(root, monkeypatch):
+    """fp16 (unconditional; on CPU an error until float32 is asked for), the per-GPU batch, the EMA and the
+    raw weights in final/, DDIM with 20 steps (text-to-image), and the items not reproduced, logged."""
+    with pytest.raises(ConfigError, match="set train.mixed_precision=no to run it in float32"):
+        _resolved(root, "unet2d", "official")
+    cfg = _resolved(root, "unet2d", "official", train__mixed_precision="no")
+    assert "precision (train.mixed_precision=no; released: fp16)" in official_differences(cfg, UNCONDITIONAL)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = _resolved(root, "unet2d", "official", world=2)
+    t, s = cfg.train, cfg.sample
+    assert (t.mixed_precision, t.batch_size, t.micro_batch_size, t.ema, t.final_raw) == ("fp16", 6, 3, 0.9999, True)
+    assert (s.scheduler, s.num_inference_steps, s.precision) == ("pipeline", 50, "fp16")
+    assert [d.split(" (")[0] for d in official_differences(cfg, UNCONDITIONAL)] == ["data order"]
+    cfg = _resolved(root, "sd", "official", world=2)
+    t, s = cfg.train, cfg.sample
+    assert (t.mixed_precision, t.batch_size, t.micro_batch_size, t.final_raw) == ("no", 8, 4, True)
+    assert (s.scheduler, s.num_inference_steps, s.precision) == ("ddim", 20, "fp16")
+    assert [d.split(" (")[0] for d in official_differences(cfg, TEXT2IMAGE)] == ["data order", "crop"]
+    for family in ("unet2d", "sd"):
+        cfg = _resolved(root, family, "dsfast")
+        assert (cfg.train.mixed_precision, cfg.train.final_raw, cfg.sample.scheduler, cfg.sample.num_inference_steps,
+                cfg.sample.precision) == ("no", False, "pipeline", 50, "no")
+        assert official_differences(cfg, UNCONDITIONAL) == []
+    with pytest.raises(ConfigError, match="sample.scheduler=ddim does not apply to flux models"):
+        _resolved(root, "flux", "dsfast", sample__scheduler="ddim")
 
 
 def test_min_snr_weighting_caps_the_hf_mse(root):
@@ -188,8 +243,8 @@ def test_grad_norms_are_the_loss_head_gradients_and_do_not_depend_on_micro_batch
 # ----------------------------------------------------------------------------- text-to-image
 
 
-def _released_sd_loss(unet, vae, sched, emb_i, emb_c, mb):
-    """The released train_domainstudio.py step (prior preservation on), transcribed."""
+def _released_sd_loss(unet, vae, text_encoder, tokenizer, sched, prompts, released):
+    """The released train_domainstudio.py step (prior preservation on, pad_tokens=False), transcribed."""
     sim, sfm, kl = nn.CosineSimilarity(), nn.Softmax(dim=1), nn.KLDivLoss()
 
     def dist(feats):
@@ -204,21 +259,25 @@ def _released_sd_loss(unet, vae, sched, emb_i, emb_c, mb):
                     col += 1
         return sfm(d)
 
-    m = mb["z"].shape[0]
-    latents, noise = torch.cat([mb["z"], mb["zc"]]), torch.cat([mb["noise"], mb["noise_c"]])
-    enc = torch.cat([emb_i.expand(m, -1, -1), emb_c.expand(m, -1, -1)])
-    timestep = mb["t_shared"][:1]
-    timesteps = (timestep[0] * torch.ones(2 * m)).long()
+    m = released["z"].shape[0]
+    ids = [tokenizer(p, padding="do_not_pad", truncation=True, max_length=tokenizer.model_max_length).input_ids
+           for p in prompts]  # collate_fn: the instance prompts, then the class prompts, padded to the longest
+    input_ids = tokenizer.pad({"input_ids": [ids[0]] * m + [ids[1]] * m}, padding=True, return_tensors="pt").input_ids
+    enc = text_encoder(input_ids)[0]
+    latents = torch.cat([released["z"], released["zc"]])
+    noise = torch.cat([released["noise"], released["noise_c"]])
+    timestep = released["t_shared"]
+    timesteps = (timestep * torch.ones(2 * m)).long()
     noisy = sched.add_noise(latents, noise, timesteps)
     residual = unet(noisy, timesteps, enc).sample
-    pred_sample = sched.step(residual, timestep[0], noisy).pred_original_sample
+    pred_sample = sched.step(residual, timestep, noisy).pred_original_sample
     pred_instance, pred_class = torch.chunk(pred_sample, 2, dim=0)
     image, image_prior = vae.decode(pred_instance.float()).sample, vae.decode(pred_class.float()).sample
     rel_loss = kl(torch.log(dist(image)), dist(image_prior))
     image_wave, prior_wave = _hf(image), _hf(image_prior)
     rel_wave_loss = kl(torch.log(dist(image_wave)), dist(prior_wave))
-    wave_loss = F.mse_loss(image_wave.float(), _hf(mb["x_other"]).float(), reduction="mean")
-    timesteps = torch.cat([mb["t"], mb["t_c"]])
+    wave_loss = F.mse_loss(image_wave.float(), _hf(released["x_other"]).float(), reduction="mean")
+    timesteps = torch.cat([released["t"], released["t_c"]])
     pred = unet(sched.add_noise(latents, noise, timesteps), timesteps, enc).sample
     pred_i, pred_p = torch.chunk(pred, 2, dim=0)
     t_i, t_p = torch.chunk(noise, 2, dim=0)
@@ -227,36 +286,75 @@ def _released_sd_loss(unet, vae, sched, emb_i, emb_c, mb):
     return loss + 1.0 * prior + 100.0 * rel_loss + 100.0 * rel_wave_loss + 0.1 * wave_loss
 
 
-@pytest.mark.slow
-def test_official_text2image_step_equals_released_loss(tmp_path):
+def _released_draws(vae, draws, images, class_images, step, ks):
+    """The released step's random inputs, drawn from the run's :class:`Draws` (one stream per draw): latents
+    ``latent_dist.sample() * 0.18215``, per-sample t and noise, the class samples' own t, one t for the pairwise
+    branch, and the hf-MSE target: a batch of instance images drawn on its own (a second shuffled loader)."""
+    m, out = len(ks), {}
+    for key, imgs, stream in (("", images, 0), ("c", class_images, 1)):
+        idx, flip, t, noise = draws.batch(step, ks, imgs.shape[0], (4, 8, 8), stream=stream)
+        assert not flip.any()  # no --hflip
+        dist = vae.encode(imgs[idx]).latent_dist
+        n = torch.stack([draws.draw(step, k, (4, 8, 8), stream=stream + 2)[2] for k in ks])
+        out.update({f"z{key}": (dist.mean + dist.std * n) * 0.18215, f"t{'_c' if key else ''}": t,
+                    f"noise{'_c' if key else ''}": noise})
+    other = draws.other_batch(step, ks[0], images.shape[0], m)
+    assert len(set(other.tolist())) == m  # a batch of distinct images, as a shuffled loader gives
+    out.update(t_shared=draws.shared_t(step, ks[0]), x_other=images[other])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_root(tmp_path_factory):
     from dsfast.train.testing import make_sd_pipeline
 
-    torch.manual_seed(0)
-    make_sd_pipeline(tmp_path / "sd")
-    write_images(tmp_path / "imgs", 4, size=16)
+    r = tmp_path_factory.mktemp("official_sd")
+    make_sd_pipeline(r / "sd")
+    write_images(r / "imgs", 4, size=16)
+    return r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip_sample", [False, True], ids=["no_clip", "clip_sample"])
+def test_official_text2image_step_equals_released_loss(sd_root, tmp_path, monkeypatch, clip_sample):
+    """The engine's step against the released step with the released draws; DDIM class images with 20 steps."""
+    import json
+    import shutil
+
+    model = tmp_path / "sd"
+    shutil.copytree(sd_root / "sd", model)
+    sched_file = model / "scheduler" / "scheduler_config.json"
+    sched_file.write_text(json.dumps({**json.loads(sched_file.read_text()), "clip_sample": clip_sample}))
     cfg = resolve(load_config(tiny_config(
-        tmp_path, tmp_path / "sd", tmp_path / "imgs", loss__mode="official", train__batch_size=3,
+        tmp_path, model, sd_root / "imgs", loss__mode="official", train__batch_size=3,
         data__instance_prompt="a sks dog", data__class_prompt="a dog", data__num_class_images=3,
-        data__class_dir=str(tmp_path / "class"), sample__num=2)), "sd", down_factor=4)
+        data__class_dir=str(tmp_path / "class"), sample__num=2, sample__num_inference_steps=None)), "sd",
+        down_factor=4)
     assert (cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.data.random_flip) == (1e-2, 0.0, False)
-    bundle = load(describe(str(tmp_path / "sd")), str(tmp_path / "sd"), dtype=torch.float32, lora=None,
-                  frozen_source=False, device=CPU)
+    bundle = load(describe(str(model)), str(model), dtype=torch.float32, lora=None, frozen_source=False, device=CPU,
+                  options=family_options(cfg))
     assert bundle.source is None  # the released script loads a frozen copy it never uses
+    seen = []
+
+    def recording(pipe, num, **kw):  # the class images: which sampler, steps and precision; random pixels
+        seen.append((type(pipe.scheduler), kw["num_inference_steps"], pipe.unet.dtype))
+        return torch.rand(num, 3, 16, 16, generator=torch.Generator().manual_seed(len(seen)))
+
+    monkeypatch.setattr(sample_module, "run_pipeline", recording)
     draws = Draws(seed=0, batch_size=3, num_timesteps=1000, random_flip=False)
+    images = load_images(cfg.data.instance_dir, 16)
     method = methods.get("domainstudio", "sd", "official")(
-        bundle=bundle, images=load_images(cfg.data.instance_dir, 16), draws=draws, loss=cfg.loss, data=cfg.data,
-        sample=cfg.sample, dtype=torch.float32, device=CPU)
+        bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
+        dtype=torch.float32, device=CPU)
+    assert seen == [(DDIMScheduler, 20, torch.float32)] * 3  # as released: DDIM, 20 steps (fp16 on a GPU only)
     assert not method.has_global
-    assert isinstance(method.batches.latents, tuple)  # (mean, std): latent_dist.sample() each step
     unet = bundle.unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    mb = method.micro_batch(2, [0, 1, 2])
-    out = method.forward(unet, mb, need_source=False)
-    assert {"instance", "prior", "image", "hf", "hfmse"} <= set(out.terms)
-    ref = _released_sd_loss(unet, bundle.vae, bundle.scheduler, method.emb_prompts["encoder_hidden_states"],
-                            method.emb_class["encoder_hidden_states"], mb)
-    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    g_got, g_ref = torch.autograd.grad(out.loss, params), torch.autograd.grad(ref, params)
-    scale = max(g.abs().max().item() for g in g_ref)
-    for a, b in zip(g_got, g_ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale)
+    # a step whose shared t leaves x0 predictions outside [-1, 1] (the clip_sample branch clips them)
+    step = next(s for s in range(100) if draws.shared_t(s, 0) > 600)
+    released = _released_draws(bundle.vae, draws, images, load_images(cfg.data.class_dir, 16), step, [0, 1, 2])
+    logs, grads = _engine_step(method, unet, step, [0, 1, 2])
+    assert {"instance", "prior", "image", "hf", "hfmse"} <= set(logs)
+    sched = DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")  # the released noise_scheduler
+    ref = _released_sd_loss(unet, bundle.vae, bundle.family.parts["text_encoder"], bundle.family.parts["tokenizer"],
+                            sched, ["a sks dog", "a dog"], released)
+    _assert_same_step(logs, grads, ref, unet)

@@ -22,8 +22,8 @@ from .ds_config import adopt_stock_json
 from .errors import ConfigError
 from .schema import Section
 
-__all__ = ["ConfigError", "RUN_CONFIGS", "RunConfig", "check_resolution", "dump_config", "family_options", "load_config", "parse_overrides",
-           "resolve"]
+__all__ = ["ConfigError", "RUN_CONFIGS", "RunConfig", "check_resolution", "dump_config", "family_options", "load_config",
+           "official_differences", "parse_overrides", "resolve"]
 
 
 class ModelConfig(Section):
@@ -60,9 +60,10 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps, then constant")
     max_grad_norm: float | None = Field(None, description="gradient clipping (max norm), 0 = none; None = the mode's default: 1.0 (dsfast), 0 (official)")
     seed: int = Field(0, description="every random draw is a function of (seed, step, sample index)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="training precision: no (float32) | bf16 | fp16 (GPU only)")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(None, description="training precision: no (float32) | bf16 | fp16 (GPU only); None = the mode's default: no (dsfast); official: fp16 (unconditional, the released command's --use_fp16 True; on CPU an error: set no to run it in float32), no (text-to-image: the released command sets none)")
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (less memory)")
     ema: float | None = Field(None, ge=0.0, lt=1.0, description="EMA decay, 0 = off; final/ holds the EMA weights")
+    final_raw: bool | None = Field(None, description="with an EMA, final/raw/ holds the trained (non-EMA) weights too; None = the mode's default: false (dsfast), true (official: the released code saves both)")
     ema_warmup: bool | None = Field(None, description="EMA decay min(ema, (1+t)/(10+t)) instead of the constant ema; None = the mode's default: true (dsfast), false (official)")
     resume: str = Field("auto", description="auto | latest | none | <checkpoint dir>")
     log_every: int = Field(1, ge=1, description="metrics.jsonl / TensorBoard line every N steps")
@@ -91,7 +92,9 @@ class DeepSpeedConfig(Section):
 
 class SampleConfig(Section):
     num: int = Field(16, ge=1, description="images per sample grid")
-    num_inference_steps: int = Field(50, ge=1, description="sampler steps of the sample grids and of class-image generation")
+    scheduler: Literal["pipeline", "ddim", "ddpm"] | None = Field(None, description="the sampler of sample grids, class images and final/: pipeline (the pipeline's own scheduler, as diffusers samples) | ddim | ddpm (from the pipeline's scheduler config; DDPM-trained families only); None = the mode's default: pipeline (dsfast); official: ddim (text-to-image), pipeline (unconditional), as released")
+    num_inference_steps: int | None = Field(None, ge=1, description="sampler steps of the sample grids and of class-image generation; None = the mode's default: 50; official text-to-image: 20 (the released --save_infer_steps)")
+    precision: Literal["no", "bf16", "fp16"] | None = Field(None, description="precision of the sample grids and of class-image generation; None = the mode's default: train.mixed_precision (dsfast); official: fp16 on a GPU, no (float32) on CPU, as the released code generates its class images")
     seed: int = Field(0, description="image i of a grid uses seed + i")
     prompt: str | None = Field(None, description="text-to-image; None = data.instance_prompt")
     guidance_scale: float = Field(7.5, description="classifier-free guidance (text-to-image)")
@@ -275,12 +278,20 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     method = methods.get(cfg.method, family, cfg.loss.mode)
     fam = families.get(family)
     d = cfg.model_dump()
-    loss, train, data = d["loss"], d["train"], d["data"]
+    loss, train, data, sample = d["loss"], d["train"], d["data"], d["sample"]
+    official = loss["mode"] == "official"
+    released = RELEASED[fam.kind]
+    cuda = torch.cuda.is_available()
+    if official and train["batch_size"] is None:  # the released batch is per GPU
+        train["batch_size"] = released["batch_per_gpu"] * world
+    if official and train["mixed_precision"] is None and released["mixed_precision"] == "fp16" and not cuda:
+        raise ConfigError("loss.mode=official trains this model in fp16 as released (train.mixed_precision), which "
+                          "needs a GPU: set train.mixed_precision=no to run it in float32 on CPU (not the released "
+                          "precision)")
     for key, value in method.defaults[fam.kind].items():  # the method's loss keys, train.lr / ema / batch_size
         section = loss if key in loss else train
         if section[key] is None:
             section[key] = value
-    official = loss["mode"] == "official"
     for key, value, applies in (("train.weighting_scheme", train["weighting_scheme"] not in (None, "none"), "sd3, flux"),
                                 ("train.precondition_outputs", train["precondition_outputs"], "sd3, flux"),
                                 ("model.max_sequence_length", d["model"]["max_sequence_length"] is not None, "sd3, flux"),
@@ -293,17 +304,26 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
                                 (train, "weight_decay", RELEASED[fam.kind]["weight_decay"] if official else 0.0),
                                 (train, "max_grad_norm", 0.0 if official else 1.0),
                                 (train, "ema_warmup", not official),
-                                (data, "random_flip", RELEASED[fam.kind]["random_flip"] if official else True)):
+                                (data, "random_flip", released["random_flip"] if official else True),
+                                (train, "mixed_precision", released["mixed_precision"] if official else "no"),
+                                (train, "final_raw", official),
+                                (sample, "scheduler", released["sampler"] if official else "pipeline"),
+                                (sample, "num_inference_steps", released["sample_steps"] if official else 50)):
         if key in section and section[key] is None:
             section[key] = value
+    if sample["precision"] is None:
+        sample["precision"] = ("fp16" if cuda else "no") if official else train["mixed_precision"]
+    if sample["scheduler"] not in fam.samplers:
+        raise ConfigError(f"sample.scheduler={sample['scheduler']} does not apply to {family} models (they take: "
+                          f"{', '.join(fam.samplers)})")
     if official:
         _check_official(loss, family)
     if data["class_dir"] is None:
         data["class_dir"] = str(Path(d["output_dir"]) / "class_images")
     if data["resolution"] is None:
         data["resolution"] = default_resolution or 256
-    if d["sample"]["prompt"] is None:
-        d["sample"]["prompt"] = data["instance_prompt"]
+    if sample["prompt"] is None:
+        sample["prompt"] = data["instance_prompt"]
     batch = train["batch_size"]
     if train["micro_batch_size"] is None:
         if batch % world:
@@ -313,8 +333,9 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
         raise ConfigError(f"train.batch_size={batch} must be a multiple of train.micro_batch_size x world size "
                           f"= {train['micro_batch_size']} x {world}")
     check_resolution(data["resolution"], down_factor)
-    if train["mixed_precision"] == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision=fp16 is not supported on CPU (use bf16 or no)")
+    for key, value in (("train.mixed_precision", train["mixed_precision"]), ("sample.precision", sample["precision"])):
+        if value == "fp16" and not cuda:
+            raise ConfigError(f"{key}=fp16 is not supported on CPU (use bf16 or no)")
     resolved = _validate(d)
     method.check(resolved.loss, resolved.data, fam.kind)
     if method.needs(resolved.loss).pairwise and batch < 3:
@@ -333,7 +354,7 @@ def family_options(cfg: RunConfig) -> families.FamilyOptions:
                                   guidance=3.5 if m.guidance is None else m.guidance,
                                   weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
                                   mode_scale=t.mode_scale, precondition_outputs=t.precondition_outputs,
-                                  resolution=cfg.data.resolution)
+                                  resolution=cfg.data.resolution, sampler=cfg.sample.scheduler)
 
 
 def check_resolution(resolution: int, down_factor: int, key: str = "data.resolution") -> None:
@@ -345,9 +366,34 @@ def check_resolution(resolution: int, down_factor: int, key: str = "data.resolut
 
 
 # what the released code trains with, where dsfast's defaults differ: guided-diffusion's unconditional training
-# (Adam, no weight decay, random flips) and Text-to-Image/train_domainstudio.py (AdamW 1e-2, no --hflip)
-RELEASED = {families.UNCONDITIONAL: dict(weight_decay=0.0, random_flip=True),
-            families.TEXT2IMAGE: dict(weight_decay=1e-2, random_flip=False)}
+# (Adam, no weight decay, random flips; the README command: --use_fp16 True, --batch_size 3 per GPU; it draws no
+# samples, so the sample grids keep dsfast's sampler) and Text-to-Image/train_domainstudio.py (AdamW 1e-2, no
+# --hflip, no --mixed_precision in the README command, --train_batch_size 4 per GPU, class images and saved
+# pipelines with DDIM and --save_infer_steps 20)
+RELEASED = {families.UNCONDITIONAL: dict(weight_decay=0.0, random_flip=True, mixed_precision="fp16", batch_per_gpu=3,
+                                         sampler="pipeline", sample_steps=50),
+            families.TEXT2IMAGE: dict(weight_decay=1e-2, random_flip=False, mixed_precision="no", batch_per_gpu=4,
+                                      sampler="ddim", sample_steps=20)}
+
+
+def official_differences(cfg: RunConfig, kind: str) -> list[str]:
+    """What a resolved ``loss.mode=official`` run on a model of ``kind`` does not reproduce of the released run
+    (logged at its start); empty in dsfast mode."""
+    if cfg.loss.mode != "official":
+        return []
+    released, t = RELEASED[kind], cfg.train
+    out = ["data order (dsfast draws each sample from one shuffled sequence of the images over the global batch; "
+           "the released loaders shuffle per rank" + (", each rank its shard of the images, and drop the last "
+                                                      "partial batch)" if kind == families.UNCONDITIONAL else ")")]
+    if kind == families.TEXT2IMAGE:
+        out.append("crop (the released script crops at random, no --center_crop; dsfast crops each image once, "
+                   "before caching its latents: data.center_crop)")
+    if t.mixed_precision != released["mixed_precision"]:
+        out.append(f"precision (train.mixed_precision={t.mixed_precision}; released: {released['mixed_precision']})")
+    if t.micro_batch_size != released["batch_per_gpu"]:
+        out.append(f"batch per GPU (train.micro_batch_size={t.micro_batch_size}; released: "
+                   f"{released['batch_per_gpu']})")
+    return out
 _OFFICIAL_LOSS = dict(stencil="domainstudio", space="pixel", tau=1.0, direction="source||adapted", reduction="mean",
                       num_anchors=None, hfmse_weighting="none")
 

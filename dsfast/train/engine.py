@@ -59,11 +59,12 @@ from .checkpoint import (
     maybe_kill,
     problem,
 )
-from .config import RunConfig, dump_config, family_options, load_config, resolve
+from .config import RunConfig, dump_config, family_options, load_config, official_differences, resolve
 from .data import Draws, load_images
 from .ds_config import build_ds_config, size_zero_buffers
 from .errors import ConfigError, DataError, NonFiniteLoss, TrainingError
 from .models import (
+    DTYPES,
     EMA,
     build_pipeline,
     describe,
@@ -76,7 +77,6 @@ from .models import (
 )
 from .sample import run_pipeline
 
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # metrics.jsonl: sec_per_step is the training step alone; checkpoint_sec / sample_sec the work after it
 _NOT_IN_BAR = ("lr", "sec_per_step", "checkpoint_sec", "sample_sec")
 
@@ -283,7 +283,7 @@ def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: Metr
     s = cfg.sample
     # the training RNG goes on as if no grid were drawn (a resumed run redraws a lost grid from the checkpoint)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        pipe = build_pipeline(bundle, sd, device=device, dtype=DTYPES[cfg.train.mixed_precision])
+        pipe = build_pipeline(bundle, sd, device=device, dtype=DTYPES[s.precision])
         imgs = run_pipeline(pipe, s.num, seed=s.seed, prompt=s.prompt,
                             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                             resolution=cfg.data.resolution)
@@ -348,6 +348,10 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
     try:
         if rank == 0:
             dump_config(cfg, run_dir / "config.yaml")
+            differs = official_differences(cfg, info.kind)
+            if differs:
+                print(f"dsfast: loss.mode=official does not reproduce the released run's {'; '.join(differs)}",
+                      flush=True)
         D.barrier()
 
         unet = bundle.unet
@@ -458,10 +462,13 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
                 log.close()
 
         sd = export_weights(engine, ema, zero3)
+        trained = export_weights(engine, None, zero3) if t.ema and t.final_raw else None  # collective
         failed = None
         if rank == 0:
             try:
                 save_final(bundle, sd, run_dir / "final")
+                if trained is not None:  # the weights without the EMA, beside it (as the released code saves both)
+                    save_final(bundle, trained, run_dir / "final" / "raw")
             except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error type
                 failed = exc
         if D.any_flag(failed is not None):

@@ -18,8 +18,10 @@ from .errors import TrainingError
 from .families import Family, FamilyOptions, ModelInfo, describe, down_factor, get
 
 LORA_DIR = "lora"
-__all__ = ["EMA", "LORA_DIR", "Bundle", "build_pipeline", "describe", "down_factor", "export_weights", "load",
+__all__ = ["DTYPES", "EMA", "LORA_DIR", "Bundle", "build_pipeline", "describe", "down_factor", "export_weights", "load",
            "load_adapters", "lora_config", "pretrained_pipeline", "save_final", "trainable_named_parameters", "update_ema"]
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # of train.mixed_precision / sample.precision
 
 
 def lora_config(info: ModelInfo, rank: int, alpha: float | None) -> LoraConfig | None:

@@ -81,7 +81,8 @@ def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device, d
     info = describe(model["pretrained"])
     lora = lora_config(info, model["lora_rank"], model.get("lora_alpha"))
     bundle = load(info, model["pretrained"], dtype=dtype, lora=lora, frozen_source=False, device=device,
-                  options=FamilyOptions(vae=model.get("vae")))
+                  options=FamilyOptions(vae=model.get("vae"),
+                                        sampler=(cfg.get("sample") or {}).get("scheduler") or "pipeline"))
     sd = read_weights(d, cfg["deepspeed"]["zero_stage"], trainable_named_parameters(bundle.unet))
     if lora is None:
         bundle.unet.load_state_dict(sd)

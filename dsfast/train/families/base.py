@@ -28,7 +28,7 @@ from typing import ClassVar
 from urllib.parse import urlparse
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
@@ -42,6 +42,7 @@ from ..diffusion import DDPM, FlowMatching
 from ..errors import ModelError
 
 UNCONDITIONAL, TEXT2IMAGE = "unconditional", "text2image"  # the two kinds of model the methods know
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}  # sample.scheduler's names for DDPM-trained families
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class FamilyOptions:
     mode_scale: float = 1.29
     precondition_outputs: bool = False  # flow matching: regress x0 = x_t - σ·v̂ on x0 (SD3 script's flag)
     resolution: int | None = None  # training images' size in pixels (SDXL's size conditioning)
+    sampler: str = "pipeline"  # sample.scheduler: the pipeline's own scheduler, or a name of SAMPLERS
 
 
 def hub_offline() -> bool:
@@ -169,6 +171,7 @@ class Family:
     default_space: ClassVar[str] = "latent"  # where DomainStudio compares samples by default (loss.space)
     default_hfmse_weighting: ClassVar[str] = "min_snr"
     default_weighting: ClassVar[str | None] = None  # flow matching: train.weighting_scheme's default (None: DDPM)
+    samplers: ClassVar[tuple[str, ...]] = ("pipeline", *SAMPLERS)  # the sample.scheduler values it takes
     vae_fp32: ClassVar[bool] = False  # the pipeline's VAE overflows in float16: keep it in float32 (SDXL)
     pipeline_flags: ClassVar[dict] = {}  # pipeline arguments that override the folder's model_index.json
 
@@ -288,8 +291,12 @@ class Family:
     # ---------------------------------------------------------------- pipelines
 
     def sampling_scheduler(self):
-        """The scheduler of sample grids, class images and ``final/``: the pipeline's own."""
-        return copy.deepcopy(self.parts["scheduler"])
+        """The scheduler of sample grids, class images and ``final/`` (``options.sampler``): the pipeline's own, or
+        a scheduler of :data:`SAMPLERS` built from its config."""
+        own = self.parts["scheduler"]
+        if self.options.sampler == "pipeline":
+            return copy.deepcopy(own)
+        return SAMPLERS[self.options.sampler].from_config(own.config)
 
     def pipeline(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
         """The family's diffusers pipeline around ``model``, on ``device``, in ``dtype``: a frozen part already there

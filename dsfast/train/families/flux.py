@@ -23,6 +23,7 @@ class Flux(Family):
                     "ff_context.net.2")
     default_weighting = "none"  # as diffusers' DreamBooth LoRA script of the family
     default_hfmse_weighting = "none"  # flow matching: the x0 error is σ·(v-space error), no 1/SNR blow-up
+    samplers = ("pipeline",)  # the pipeline's flow-matching scheduler only
 
     @classmethod
     def info(cls, pretrained, index):

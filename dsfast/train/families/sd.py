@@ -3,7 +3,7 @@ latents, one CLIP text encoder, DDPM with ε- or v-prediction."""
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
 from .base import Family, ModelInfo, ddpm, size_of, vae_factor
 from .unet2d import down_factor
@@ -48,9 +48,10 @@ class SD(Family):
                                        do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds.float()}
 
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of ``prompt`` unpadded (with its start and end tokens, at most the encoder's context)."""
+        tok = self.parts["tokenizer"]
+        return len(tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids)
+
     def predict(self, model, x_t, t, cond):
         return model(x_t.to(self.dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype)).sample.float()
-
-    def sampling_scheduler(self):
-        # DDPM sampling, with the values StableDiffusionPipeline forces on a scheduler
-        return DDPMScheduler.from_config(self.process.scheduler.config, steps_offset=1, clip_sample=False)

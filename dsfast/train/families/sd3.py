@@ -20,6 +20,7 @@ class SD3(Family):
                     "attn.to_out.0", "attn.to_q", "attn.to_v")
     default_weighting = "logit_normal"  # as diffusers' DreamBooth LoRA script of the family
     default_hfmse_weighting = "none"  # flow matching: the x0 error is σ·(v-space error), no 1/SNR blow-up
+    samplers = ("pipeline",)  # the pipeline's flow-matching scheduler only
 
     @classmethod
     def info(cls, pretrained, index):

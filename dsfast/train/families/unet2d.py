@@ -1,7 +1,7 @@
 """``unet2d``: a pixel-space ``UNet2DModel`` with a DDPM scheduler (``DDPMPipeline``), unconditional."""
 from __future__ import annotations
 
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, UNet2DModel
 
 from ..diffusion import vlb_term
 from ..errors import ModelError
@@ -64,9 +64,6 @@ class UNet2D(Family):
         if scheduler.config.prediction_type != "epsilon":
             raise ValueError("learned-sigma models are supported with prediction_type='epsilon' only")
         return {"vlb": vlb_term(scheduler, pred.detach(), var, x0, x_t, t, variance_type)}
-
-    def sampling_scheduler(self):
-        return DDPMScheduler.from_config(self.process.scheduler.config)
 
 
 __all__ = ["UNet2D", "down_factor"]

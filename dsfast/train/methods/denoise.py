@@ -28,7 +28,7 @@ from ..data import LatentBatches, instance_prompts, load_images
 from ..errors import ConfigError, DataError
 from ..families import TEXT2IMAGE, UNCONDITIONAL
 from ..families.base import cat, expand, take
-from ..models import pretrained_pipeline
+from ..models import DTYPES, pretrained_pipeline
 from ..sample import generate_images
 from ..schema import Section
 from .base import Method, MicroOut, Needs
@@ -94,8 +94,8 @@ class DenoisingMethod(Method):
         latents = self.encode(images)
         class_latents = None
         if self.needs(loss).class_images:
-            generate_images(lambda: pretrained_pipeline(bundle, device, dtype), data.class_dir, data.num_class_images,
-                            prompt=data.class_prompt, seed=draws.seed * 1_000_003,
+            generate_images(lambda: pretrained_pipeline(bundle, device, DTYPES[sample.precision]), data.class_dir,
+                            data.num_class_images, prompt=data.class_prompt, seed=draws.seed * 1_000_003,
                             num_inference_steps=sample.num_inference_steps, guidance_scale=sample.guidance_scale,
                             resolution=data.resolution, what="data.class_dir")
             cimgs = load_images(data.class_dir, data.resolution, center_crop=data.center_crop, what="data.class_dir")

@@ -3,7 +3,10 @@ only): bbzhu-jy16/DomainStudio ``Text-to-Image/train_domainstudio.py`` at cc6934
 of diffusers' ``train_dreambooth.py`` too.
 
 :class:`ReleasedDraws` (every method in official mode): a fresh ``latent_dist.sample()`` each step from the cached
-posterior mean and std, and a class sample draws its own timestep.
+posterior mean and std, a class sample draws its own timestep, and the prompts are padded to the longest of the
+batch (the released ``pad_tokens=False``: the instance prompt and, with class images, the class prompt tokenised
+together), not to the encoder's context of 77 tokens. CLIP's text encoder is causal, so the encoding of the first
+L tokens does not depend on what follows: the embeddings are the first L rows of the 77-token encoding.
 
 :class:`OfficialDomainStudioSD` adds the released pairwise/hf branch: a second UNet forward on the instance and
 class latents, noised with the same noise at one t shared by the micro-batch; x0 = the scheduler's
@@ -39,8 +42,16 @@ class ReleasedDraws:
         super().check(loss, data, kind)
         if data.captions != "none" and instance_prompts(data) is not None:
             raise ConfigError(f"data.captions={data.captions} (captions in {data.instance_dir}) with loss.mode=official:"
-                              " the released code trains every image with the one instance prompt; use "
-                              "data.captions=none or loss.mode=dsfast")
+                              " per-image captions are not reproduced (the released --read_prompts_from_txts pads "
+                              "each batch's captions to their longest); use data.captions=none or loss.mode=dsfast")
+
+    def __init__(self, *, data, **kw):
+        super().__init__(data=data, **kw)
+        prompts = [data.instance_prompt] + ([data.class_prompt] if self.batches.class_latents is not None else [])
+        length = max(self.family.prompt_length(p) for p in prompts)
+        self.emb_prompts = {k: v[:, :length] for k, v in self.emb_prompts.items()}
+        if self.emb_class is not None:
+            self.emb_class = {k: v[:, :length] for k, v in self.emb_class.items()}
 
     def encode(self, images):
         """``(mean, std)`` of the posterior, each ``(2, N, ...)``: a latent is sampled afresh each step."""
