@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 import dsfast.train.sample as sample_module
 from dsfast.train import methods
@@ -312,6 +312,26 @@ def sd_root(tmp_path_factory):
     make_sd_pipeline(r / "sd")
     write_images(r / "imgs", 4, size=16)
     return r
+
+
+def test_the_sampler_is_the_pipelines_own_or_the_released_one(sd_root, tmp_path):
+    """dsfast mode samples (class images, grids, final/) with the pipeline's own scheduler, official t2i with DDIM."""
+    import json
+    import shutil
+
+    model = tmp_path / "sd"
+    shutil.copytree(sd_root / "sd", model)
+    sched_file = model / "scheduler" / "scheduler_config.json"
+    sched_file.write_text(json.dumps({**json.loads(sched_file.read_text()), "_class_name": "PNDMScheduler"}))
+    index = model / "model_index.json"  # as an SD-1.x folder: a PNDM scheduler
+    index.write_text(json.dumps({**json.loads(index.read_text()), "scheduler": ["diffusers", "PNDMScheduler"]}))
+    for mode, want in (("dsfast", PNDMScheduler), ("official", DDIMScheduler)):
+        cfg = resolve(load_config(tiny_config(tmp_path, model, sd_root / "imgs", loss__mode=mode,
+                                              data__instance_prompt="a sks dog", data__class_prompt="a dog")), "sd",
+                      down_factor=4)
+        bundle = load(describe(str(model)), str(model), dtype=torch.float32, lora=None, frozen_source=False,
+                      device=CPU, options=family_options(cfg))
+        assert type(bundle.family.pipeline(bundle.unet, CPU).scheduler) is want
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def metrics(run: Path) -> list[dict]:
 @pytest.mark.drift
 def test_domainstudio_run_folder(assets, tmp_path):
     cfg = tiny_config(tmp_path, assets / "model", assets / "imgs", checkpoint_every=1, keep_last=2, sample_every=2,
-                      train__max_steps=3)
+                      train__max_steps=3, train__final_raw=True)
     p = run_train(cfg, tmp_path, "train.seed=1")  # CLI override
     run = tmp_path / "run"
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -68,6 +68,9 @@ def test_domainstudio_run_folder(assets, tmp_path):
 
     before = UNet2DModel.from_pretrained(str(assets / "model"), subfolder="unet")
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), pipe.unet.state_dict().values()))
+    # train.final_raw: final/raw/ holds the trained weights, which differ from the EMA's
+    raw = UNet2DModel.from_pretrained(str(run / "final" / "raw"), subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), pipe.unet.state_dict().values()))
 
     from dsfast.train.sample import main as sample_main
     from dsfast.train.sample import sample_images
