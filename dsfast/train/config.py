@@ -313,11 +313,11 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
             section[key] = value
     if sample["precision"] is None:
         sample["precision"] = ("fp16" if cuda else "no") if official else train["mixed_precision"]
+    if official:
+        _check_official(loss, family)
     if sample["scheduler"] not in fam.samplers:
         raise ConfigError(f"sample.scheduler={sample['scheduler']} does not apply to {family} models (they take: "
                           f"{', '.join(fam.samplers)})")
-    if official:
-        _check_official(loss, family)
     if data["class_dir"] is None:
         data["class_dir"] = str(Path(d["output_dir"]) / "class_images")
     if data["resolution"] is None:
