@@ -12,18 +12,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+from torch import nn
 
 import dsfast.train.sample as sample_module
 from dsfast.train import methods
 from dsfast.train.config import family_options, load_config, official_differences, resolve
-from dsfast.train.errors import ConfigError
-from dsfast.train.families import TEXT2IMAGE, UNCONDITIONAL
 from dsfast.train.data import Draws, load_images
 from dsfast.train.diffusion import vlb_term
 from dsfast.train.engine import run_step
+from dsfast.train.errors import ConfigError
+from dsfast.train.families import TEXT2IMAGE, UNCONDITIONAL
 from dsfast.train.models import describe, load
 from dsfast.train.testing import make_unconditional_pipeline, tiny_config, write_images
 
