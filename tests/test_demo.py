@@ -97,3 +97,16 @@ def test_the_comparison_shows_the_sweeps_largest_lambda_image_from_the_same_nois
     # a sweep below the main λ_img adds no row
     assert len(demo.comparison_rows(4.0, one["target"], one["source"], {"finetune": one["ft"], "domainstudio": one["ds"]},
                                     {"0": one["s1"]})) == 4
+
+
+def test_sampling_a_model_prints_nothing(tmp_path, capfd):
+    """The demo samples every model with ddim_samples: no "Loading pipeline components" bar per model."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from dsfast.pretrain import ddim_samples
+
+    source = make_unconditional_pipeline(tmp_path / "source", sample_size=8, channels=1, block_out_channels=(8, 16))
+    capfd.readouterr()
+    diffusers_logging.enable_progress_bar()  # as in a fresh process (another test may have turned it off)
+    assert ddim_samples(source, 2, steps=2).shape == (2, 1, 8, 8)
+    assert capfd.readouterr() == ("", "")
