@@ -315,10 +315,10 @@ def comparison_rows(lambda_image: float, train01: torch.Tensor, source: torch.Te
     and, when the sweep (samples by λ_img, as ``f"{λ:g}"``) goes higher, DomainStudio at the sweep's largest λ_img:
     the far end of the trade-off the sweep measures, from the same noise."""
     rows = {LABELS["target"]: train01, LABELS["source"]: source, LABELS["finetune"]: final["finetune"],
-            f"{LABELS['domainstudio']}, λ_img {lambda_image:g}": final["domainstudio"]}
+            f"{LABELS['domainstudio']},\nλ_img {lambda_image:g}": final["domainstudio"]}
     strongest = max(sweep, key=float, default=None)
     if strongest is not None and float(strongest) > lambda_image:
-        rows[f"{LABELS['domainstudio']}, λ_img {strongest}"] = sweep[strongest]
+        rows[f"{LABELS['domainstudio']},\nλ_img {strongest}"] = sweep[strongest]
     return rows
 
 

@@ -91,9 +91,9 @@ def test_the_comparison_shows_the_sweeps_largest_lambda_image_from_the_same_nois
     one = {name: torch.full((4, 1, 2, 2), float(k)) for k, name in enumerate(("target", "source", "ft", "ds", "s1", "s16"))}
     rows = demo.comparison_rows(4.0, one["target"], one["source"], {"finetune": one["ft"], "domainstudio": one["ds"]},
                                 {"1": one["s1"], "16": one["s16"]})
-    assert list(rows) == ["training images (10)", "source model", "fine-tuned", "DomainStudio, λ_img 4",
-                          "DomainStudio, λ_img 16"]
-    assert rows["DomainStudio, λ_img 16"] is one["s16"] and rows["DomainStudio, λ_img 4"] is one["ds"]
+    assert list(rows) == ["training images (10)", "source model", "fine-tuned", "DomainStudio,\nλ_img 4",
+                          "DomainStudio,\nλ_img 16"]
+    assert rows["DomainStudio,\nλ_img 16"] is one["s16"] and rows["DomainStudio,\nλ_img 4"] is one["ds"]
     # a sweep below the main λ_img adds no row
     assert len(demo.comparison_rows(4.0, one["target"], one["source"], {"finetune": one["ft"], "domainstudio": one["ds"]},
                                     {"0": one["s1"]})) == 4
