@@ -26,6 +26,7 @@ import os
 import warnings
 
 from setuptools import find_packages, setup
+from setuptools.warnings import InformationOnly
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,12 +93,20 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# An editable install maps dsfast.kernels to kernels/ (see the docstring), so setuptools installs it with an
+# import finder and tells the user, on every install, to beware of folders named like the package in the working
+# directory: tests/test_install.py checks exactly that, and there is nothing for the user to do.
+warnings.filterwarnings("ignore", message="Editable installation", category=InformationOnly)
+
 setup(
     packages=_packages(),
     package_dir={"dsfast.kernels": "kernels", "dsfast._csrc": "csrc"},
     # the __init__.py of dsfast.kernels is dsfast/kernels/__init__.py (see the docstring)
     package_data={"dsfast": ["kernels/__init__.py"], "dsfast._csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cuh",
                                    "cuda/*.cu", "cuda/*.cpp"]},
+    # package_data above is the whole list of data files; setuptools' default (every tracked file inside a
+    # package) also takes csrc/cpu, csrc/cuda and dsfast/kernels as undeclared packages and warns about each
+    include_package_data=False,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

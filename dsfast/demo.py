@@ -13,7 +13,10 @@
    target-style rate and MMD² to fresh target images.
 4. Repeats DomainStudio at the final step for each λ_img of ``--sweep`` (first seed only)
    (the diversity-vs-fidelity trade-off, ``sweep.png``).
-5. Writes ``comparison.png``, ``curves.png``, ``loss_curves.png``, ``metrics.json`` and prints a table.
+5. Writes ``comparison.png`` (the training images, then the samples of the source, fine-tuned and DomainStudio
+   models of the first seed at the final step and, when the sweep goes above ``--lambda-image``, of DomainStudio at
+   the sweep's largest λ_img: every row from the same noise), ``curves.png``, ``loss_curves.png``,
+   ``metrics.json`` and prints a table.
 """
 from __future__ import annotations
 
@@ -131,15 +134,18 @@ def train_and_sample(args, config: dict, stops: list[int], log: Path | None = No
 
 @contextlib.contextmanager
 def output_to(file):
-    """This process's stdout and stderr go to ``file``, at the file-descriptor level too: the compilers and linkers
-    that DeepSpeed's op checks start (e.g. a probe for libaio) write to the descriptors, not to ``sys.stderr``."""
+    """This process's stdout and stderr go to ``file``, at the file-descriptor level: what subprocesses write goes
+    there too. ``sys.stdout`` / ``sys.stderr`` stay on descriptors 1 and 2, so a library that silences a child by
+    pointing ``sys.stderr.fileno()`` elsewhere (DeepSpeed's op checks, whose probe for libaio starts a linker that
+    fails) still silences it."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     try:
         os.dup2(file.fileno(), 1)
         os.dup2(file.fileno(), 2)
-        with contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
+        with (open(1, "w", buffering=1, closefd=False) as out, open(2, "w", buffering=1, closefd=False) as err,
+              contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
             yield
     finally:
         sys.stdout.flush()
@@ -282,12 +288,13 @@ def _plt():
 
 
 def comparison_figure(rows: dict[str, torch.Tensor], path: Path, title: str, cols: int = 10, sample_rows: int = 2) -> None:
-    """Labelled rows: the training images, then ``sample_rows`` x ``cols`` samples of each model (same noise per column)."""
+    """Rows labelled by their keys: the first (the training images) whole, then ``sample_rows`` x ``cols`` samples of
+    each model (same noise per column)."""
     from dsfast.images import make_grid
 
     plt = _plt()
-    grids = [(name, make_grid(imgs[: len(imgs) if name == "target" else cols * sample_rows], cols=cols, pad=1))
-             for name, imgs in rows.items()]
+    grids = [(label, make_grid(imgs[: len(imgs) if k == 0 else cols * sample_rows], cols=cols, pad=1))
+             for k, (label, imgs) in enumerate(rows.items())]
     heights = [g.shape[0] for _, g in grids]
     label_in, width = 1.7, cols * 0.62 + 1.9  # inches: room for the row labels on the left
     height = sum(heights) / 17 * 0.62 + 0.7
@@ -296,10 +303,23 @@ def comparison_figure(rows: dict[str, torch.Tensor], path: Path, title: str, col
     for ax, (name, g) in zip(np.atleast_1d(axes), grids):
         ax.imshow(g, interpolation="nearest")
         ax.set_axis_off()
-        ax.text(-0.02, 0.5, LABELS.get(name, name), transform=ax.transAxes, ha="right", va="center", fontsize=10)
+        ax.text(-0.02, 0.5, name, transform=ax.transAxes, ha="right", va="center", fontsize=10)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def comparison_rows(lambda_image: float, train01: torch.Tensor, source: torch.Tensor, final: dict[str, torch.Tensor],
+                    sweep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows of ``comparison.png`` by label: training images, source, fine-tuned, DomainStudio at ``lambda_image``
+    and, when the sweep (samples by λ_img, as ``f"{λ:g}"``) goes higher, DomainStudio at the sweep's largest λ_img:
+    the far end of the trade-off the sweep measures, from the same noise."""
+    rows = {LABELS["target"]: train01, LABELS["source"]: source, LABELS["finetune"]: final["finetune"],
+            f"{LABELS['domainstudio']},\nλ_img {lambda_image:g}": final["domainstudio"]}
+    strongest = max(sweep, key=float, default=None)
+    if strongest is not None and float(strongest) > lambda_image:
+        rows[f"{LABELS['domainstudio']},\nλ_img {strongest}"] = sweep[strongest]
+    return rows
 
 
 def curves_figure(summary: dict, baselines: dict, path: Path) -> None:
@@ -456,7 +476,7 @@ def main(argv=None) -> int:
             runs[f"sweep_image{lam:g}"] = (run_config(args, "domainstudio", seed0, target_dir,
                                                       out / "runs" / f"sweep_image{lam:g}", lambda_image=lam), [args.steps])
     per_seed = {m: {} for m in METHODS}
-    final_samples, seconds, sweep = {}, {m: {} for m in METHODS}, {}
+    final_samples, seconds, sweep, sweep_samples = {}, {m: {} for m in METHODS}, {}, {}
     for name, samples, sec in run_all(args, runs):
         scores = {s: scorer.score(x, source_labels) for s, x in samples.items()}
         print(f"{name}: trained in {sec:.0f} s", flush=True)
@@ -466,6 +486,8 @@ def main(argv=None) -> int:
                   f"MMD² to target {v['mmd2_to_target']:.3f}", flush=True)
         if name.startswith("sweep_image"):
             sweep[name.removeprefix("sweep_image")] = scores[args.steps]
+            sweep_samples[name.removeprefix("sweep_image")] = samples[args.steps]
+            save_images(samples[args.steps], out / "samples" / name)
             continue
         method, seed = name.rsplit("_seed", 1)
         per_seed[method][int(seed)] = scores
@@ -481,7 +503,8 @@ def main(argv=None) -> int:
 
     summary = {m: summarise(per_seed[m]) for m in METHODS}
     final = {m: summary[m][stops[-1]] for m in METHODS}
-    comparison_figure({"target": train01, "source": source_samples, **final_samples}, out / "comparison.png",
+    comparison_figure(comparison_rows(args.lambda_image, train01, source_samples, final_samples, sweep_samples),
+                      out / "comparison.png",
                       f"{args.steps} steps, lr {args.lr:g}, batch {args.batch_size}, EMA {args.ema:g}, seed {seed0}; "
                       f"every column: one noise (DDIM {args.sample_steps} steps, eta 0)")
     curves_figure(summary, baselines, out / "curves.png")

@@ -245,14 +245,13 @@ def build_pipeline(preset: str, path) -> None:
     import torch
     from diffusers import (
         AutoencoderKL,
-        DDPMScheduler,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
     )
 
-    from dsfast.train.testing import _tiny_clip_tokenizer, _tiny_t5_tokenizer
+    from dsfast.train.testing import _tiny_clip_tokenizer, _tiny_t5_tokenizer, sd_scheduler
 
     spec = PRESETS[preset]
     denoiser = spec.get("denoiser", "unet")
@@ -280,7 +279,7 @@ def build_pipeline(preset: str, path) -> None:
         else:
             pipe = StableDiffusionPipeline(
                 vae=vae, text_encoder=encoders[0], tokenizer=toks[0][0], unet=model,
-                scheduler=DDPMScheduler(num_train_timesteps=1000), safety_checker=None, feature_extractor=None,
+                scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)
         pipe.save_pretrained(str(path))
 

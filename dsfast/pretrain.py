@@ -103,9 +103,11 @@ def ddim_samples(pipeline_dir: str | Path, num: int, steps: int = 50) -> torch.T
     quantised to 8 bits (what PNGs hold); sample i starts from the noise of seed i, so two models
     sampled with the same ``num`` get the same noise per sample."""
     from diffusers import DDIMPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     from dsfast.train.sample import run_pipeline
 
+    diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar (the demo printed one per model)
     pipe = DDIMPipeline.from_pretrained(str(pipeline_dir))
     pipe.set_progress_bar_config(disable=True)
     channels = pipe.unet.config.out_channels

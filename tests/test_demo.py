@@ -53,6 +53,26 @@ def test_run_output_goes_to_its_log_at_the_descriptor_level(tmp_path, capfd):
     assert out == "after\n" and err == ""
 
 
+def test_run_output_keeps_what_a_library_silences_out_of_the_log(tmp_path):
+    """Inside output_to, a library that silences a child process by pointing ``sys.stderr.fileno()`` at a file (as
+    DeepSpeed's op checks do around the linker that probes for libaio) keeps the child's errors out of the log."""
+    import os
+    import subprocess
+    import sys
+
+    from dsfast.demo import output_to
+
+    log = tmp_path / "run.log"
+    with open(log, "w") as f, output_to(f), open(os.devnull, "w") as devnull:
+        saved = os.dup(sys.stderr.fileno())
+        os.dup2(devnull.fileno(), sys.stderr.fileno())
+        subprocess.run([sys.executable, "-c", "import os; os.write(2, b'ld: cannot find -laio\\n')"], check=True)
+        os.dup2(saved, sys.stderr.fileno())
+        os.close(saved)
+        print("after the probe", file=sys.stderr)
+    assert log.read_text() == "after the probe\n"
+
+
 def test_moving_average_has_no_partial_first_window():
     import numpy as np
 
@@ -63,3 +83,30 @@ def test_moving_average_has_no_partial_first_window():
 def test_checkpoint_steps():
     assert demo.checkpoint_steps(600, 3) == [200, 400, 600]
     assert demo.checkpoint_steps(2, 4) == [1, 2]
+
+
+def test_the_comparison_shows_the_sweeps_largest_lambda_image_from_the_same_noise():
+    import torch
+
+    one = {name: torch.full((4, 1, 2, 2), float(k)) for k, name in enumerate(("target", "source", "ft", "ds", "s1", "s16"))}
+    rows = demo.comparison_rows(4.0, one["target"], one["source"], {"finetune": one["ft"], "domainstudio": one["ds"]},
+                                {"1": one["s1"], "16": one["s16"]})
+    assert list(rows) == ["training images (10)", "source model", "fine-tuned", "DomainStudio,\nλ_img 4",
+                          "DomainStudio,\nλ_img 16"]
+    assert rows["DomainStudio,\nλ_img 16"] is one["s16"] and rows["DomainStudio,\nλ_img 4"] is one["ds"]
+    # a sweep below the main λ_img adds no row
+    assert len(demo.comparison_rows(4.0, one["target"], one["source"], {"finetune": one["ft"], "domainstudio": one["ds"]},
+                                    {"0": one["s1"]})) == 4
+
+
+def test_sampling_a_model_prints_nothing(tmp_path, capfd):
+    """The demo samples every model with ddim_samples: no "Loading pipeline components" bar per model."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from dsfast.pretrain import ddim_samples
+
+    source = make_unconditional_pipeline(tmp_path / "source", sample_size=8, channels=1, block_out_channels=(8, 16))
+    capfd.readouterr()
+    diffusers_logging.enable_progress_bar()  # as in a fresh process (another test may have turned it off)
+    assert ddim_samples(source, 2, steps=2).shape == (2, 1, 8, 8)
+    assert capfd.readouterr() == ("", "")

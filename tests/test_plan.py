@@ -335,3 +335,19 @@ def test_cli_from_a_flux_run_config(tmp_path, capsys):
                                             model__max_sequence_length=32)))
     assert main(["--config", str(f), "--gpu", "8"]) == 0
     assert "| config | 16 |" in capsys.readouterr().out
+
+
+def test_build_pipeline_writes_an_sd_scheduler_diffusers_does_not_flag(tmp_path):
+    """The SD folder build_pipeline writes (bench, tests) has the scheduler settings StableDiffusionPipeline wants:
+    with steps_offset 0 or clip_sample on, diffusers warns (printing the whole scheduler config) and rewrites them."""
+    import json
+    import warnings
+
+    from dsfast.plan import build_pipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_pipeline("sd-small", tmp_path / "m")
+    assert [str(w.message)[:200] for w in caught if issubclass(w.category, FutureWarning)] == []
+    config = json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["steps_offset"] == 1 and config["clip_sample"] is False

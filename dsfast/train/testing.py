@@ -93,6 +93,13 @@ def _tiny_clip_tokenizer(path: Path):
     return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16), len(vocab)
 
 
+def sd_scheduler() -> DDPMScheduler:
+    """The scheduler of the tiny SD pipelines (here and ``dsfast.plan.build_pipeline``): steps_offset 1 and no
+    clip_sample, as StableDiffusionPipeline wants them (with others it warns, printing the whole config, and
+    rewrites them)."""
+    return DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False)
+
+
 def make_sd_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
     """A tiny Stable-Diffusion-family pipeline (UNet2DConditionModel, AutoencoderKL, CLIP) saved locally.
 
@@ -113,8 +120,7 @@ def make_sd_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
-        sched = DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False)  # as SD pipelines want
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sd_scheduler(),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(str(path))
     return Path(path)
