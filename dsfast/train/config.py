@@ -33,6 +33,8 @@ class ModelConfig(Section):
     vae: str | None = Field(None, description="a VAE folder or hub id to use instead of the pipeline's (e.g. an fp16-safe SDXL VAE)")
     max_sequence_length: int | None = Field(None, ge=1, description="T5 prompt tokens (sd3: 256, flux: 512 when None)")
     guidance: float | None = Field(None, description="flux: the guidance embedding's value in training (guidance-distilled FLUX.1-dev); None = 3.5")
+    quantize: Literal["none", "int8", "float8", "nf4"] = Field("none", description="LoRA runs: the frozen base weights of the UNet/transformer, loaded quantized through diffusers' quantization configs: int8 / float8 (torchao weight-only) | nf4 (bitsandbytes 4-bit, GPU only); the adapters train in the training precision; the text encoders are not quantized (see drop_text_encoders)")
+    drop_text_encoders: bool = Field(False, description="text-to-image: free the text encoders once the prompts (instance, class and the sample grids' prompt, with its unconditional one) are encoded; sample grids then take the cached embeddings; final/ still holds the text encoders (copied from the pretrained folder)")
 
 
 class DataConfig(Section):
@@ -53,6 +55,7 @@ class TrainConfig(Section):
     batch_size: int | None = Field(None, ge=1, description="the global batch (instance images per optimizer step, all ranks and micro-batches): the pairwise losses see all of it")
     micro_batch_size: int | None = Field(None, ge=1, description="per rank per forward; None = batch_size / world size; smaller values accumulate with the exact two-pass scheme")
     lr: float | None = Field(None, gt=0, description="AdamW learning rate")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw | adamw8bit (AdamW with 8-bit optimizer states, torchao's AdamW8bit as a DeepSpeed client optimizer; ZeRO stage 0-2 without optimizer offload)")
     weight_decay: float | None = Field(None, description="AdamW weight decay; None = the mode's default: 0 (dsfast); official: 0 (unconditional), 1e-2 (text-to-image), as released")
     adam_beta1: float = Field(0.9, description="AdamW beta1")
     adam_beta2: float = Field(0.999, description="AdamW beta2")
@@ -126,6 +129,12 @@ class RunConfig(Section):
             raise ValueError("config key 'data.instance_dir' is required (a folder of training images)")
         if getattr(self.loss, "source", None) == "lora_off" and self.model.lora_rank == 0:  # domainstudio's key
             raise ValueError("loss.source=lora_off needs model.lora_rank > 0")
+        if self.model.quantize != "none" and self.model.lora_rank == 0:
+            raise ValueError(f"model.quantize={self.model.quantize} quantizes the frozen base weights of a LoRA run: it "
+                             "needs model.lora_rank > 0 (a full fine-tune trains those weights)")
+        if self.train.optimizer == "adamw8bit" and (self.deepspeed.zero_stage == 3 or self.deepspeed.offload_optimizer != "none"):
+            raise ValueError("train.optimizer=adamw8bit runs at deepspeed.zero_stage 0, 1 or 2 without "
+                             "deepspeed.offload_optimizer (DeepSpeed's ZeRO-3 and its CPU offload use their own optimizers)")
         return self
 
 
