@@ -150,6 +150,12 @@ def frozen(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) ->
     return module.eval().requires_grad_(False).to(device, dtype)
 
 
+def moved(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(device, dtype)``; a quantized diffusers model (``model.quantize``) only to ``device``: it is in the
+    training precision already, and diffusers refuses to cast it."""
+    return model.to(device) if getattr(model, "is_quantized", False) else model.to(device, dtype)
+
+
 def placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """``module`` itself when every weight is on ``device`` in ``dtype``, else a copy there."""
     if all(p.device == torch.device(device) and p.dtype == dtype for p in module.parameters()):
@@ -227,6 +233,7 @@ class Family:
         self.pretrained, self.dtype, self.device, self.options = pretrained, dtype, device, options
         self.index = model_index(pretrained)
         self.parts: dict = {}
+        self.dropped: list[str] = []  # text encoders freed after the prompts were encoded (drop_text_encoders)
         for name, spec in self.index.items():
             if name.startswith("_") or not isinstance(spec, (list, tuple)):
                 continue
@@ -346,8 +353,7 @@ class Family:
         see :meth:`offload_text_encoders`)."""
         parts = {name: placed(part, device, dtype) if isinstance(part, torch.nn.Module) else part
                  for name, part in self.parts.items()}
-        # a quantized denoiser is in the training precision already (diffusers refuses to cast it)
-        return self._assemble(parts, model.to(device) if getattr(model, "is_quantized", False) else model.to(device, dtype))
+        return self._assemble(parts, moved(model, device, dtype))
 
     def _assemble(self, parts: dict, model: torch.nn.Module):
         """The pipeline object of ``parts`` (the pipeline's own flags, the sampling scheduler) and ``model``."""
@@ -368,10 +374,14 @@ class Family:
         pipe = self._assemble(dict(self.parts), model)
         folder.mkdir(parents=True, exist_ok=True)
         pipe.save_config(folder)
+        if self.dropped:  # the pipeline object has None there: model_index.json names the folder's classes
+            index = json.loads((folder / "model_index.json").read_text())
+            index.update({name: self.index[name] for name in self.dropped})
+            (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for name, spec in pipe.config.items():
-            if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+            if name.startswith("_") or not isinstance(spec, (list, tuple)) or (spec[0] is None and name not in self.dropped):
                 continue
-            part = getattr(pipe, name)
+            part = getattr(pipe, name) if name not in self.dropped else self.load_part(name)
             if part is model or not isinstance(part, torch.nn.Module):
                 part.save_pretrained(folder / name)
                 continue
@@ -398,6 +408,20 @@ class Family:
         for name, part in self.parts.items():
             if name.startswith("text_encoder") and part is not None:
                 part.to("cpu")
+
+    def drop_text_encoders(self) -> None:
+        """Frees the text encoders once every prompt is encoded (``model.drop_text_encoders``): sample grids take the
+        cached :meth:`sample_conditioning`; :meth:`export` copies their files from the pretrained folder."""
+        for name, part in self.parts.items():
+            if name.startswith("text_encoder") and part is not None:
+                self.parts[name] = None
+                self.dropped.append(name)
+
+    def sample_conditioning(self, prompt: str, guidance: bool) -> dict:
+        """The pipeline's own encoding of ``prompt`` for one image, as its call's keyword arguments
+        (``prompt_embeds=...``, and with ``guidance`` the unconditional embeddings classifier-free guidance
+        needs), on the device: sample grids of a run whose text encoders are dropped."""
+        raise NotImplementedError
 
     def lora_state_dict(self, peft_model: torch.nn.Module) -> dict:
         """The adapters of ``peft_model`` as ``load_lora_weights`` reads them."""
