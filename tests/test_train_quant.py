@@ -118,7 +118,7 @@ def test_quantized_base_prediction_error(tmp_path, family):
     (["train.optimizer=adamw8bit", "deepspeed.zero_stage=3"], "flux", "adamw8bit runs at deepspeed.zero_stage 0, 1 or 2"),
     (["train.optimizer=adamw8bit", "deepspeed.offload_optimizer=cpu"], "flux", "without deepspeed.offload_optimizer"),
     (["model.drop_text_encoders=true", "data.instance_prompt=null"], "unet2d", "text-to-image|sd, sdxl, sd3, flux"),
-    (["model.quantize=int4"], "flux", "'model.quantize'"),
+    (["model.quantize=int4"], "flux", "'model.quantize' has a bad value 'int4'"),
 ])
 def test_bad_combinations_are_one_error(override, family, match):
     with pytest.raises(ConfigError, match=match):
