@@ -20,7 +20,7 @@ from dsfast.train.testing import (
 )
 
 PROMPT = "a sks dog"
-# DomainStudio LoRA on a quantized base, 2 steps, a sample grid and a checkpoint at step 2
+# DomainStudio LoRA on a quantized base, 2 steps, a sample grid and a checkpoint at step 2, resumed for a third
 LORA_CASES = {
     "flux-int8-lora_off-drop": ("flux", dict(model__quantize="int8", model__drop_text_encoders=True,
                                              loss__source="lora_off")),
@@ -46,10 +46,12 @@ def lora_case(root: Path, key: str, family: str, over: dict) -> dict:
                       model__lora_rank=4, train__lr=1e-3, sample_every=2, checkpoint_every=2, **over)
     out = train(cfg)
     final = load_pipeline(str(out / "final"))
+    train(cfg, ["train.max_steps=3", "sample_every=0"])  # resumes from step 2 (the quantized base is not in it)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     base = load_pipeline(str(model))  # the unquantized pretrained pipeline
     img_final, img_base = _images(final), _images(base)
     base.load_lora_weights(str(out / "final" / "lora"))
-    return {"steps": len((out / "metrics.jsonl").read_text().splitlines()),
+    return {"steps": steps,
             "grid": (out / "samples" / "step_00000002.png").is_file(),
             "text_encoders": sorted(n for n, p in final.components.items() if n.startswith("text_encoder") and p is not None),
             "final_vs_base": float(np.abs(img_final - img_base).max()),

@@ -183,15 +183,16 @@ def copy_part_files(src: Path, out: Path) -> bool:
 
 
 def quantized_weights_as_buffers(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with each frozen weight that is a quantized tensor subclass (torchao's) held as a buffer of the
-    same name: the layers read it as before, and DeepSpeed's engine, which tracks its parameters with weak
-    references, moves it to the device as a buffer (a parameter of a tensor subclass is swapped in place on
-    ``.to()``, which weak references forbid)."""
+    """``module`` with each frozen weight that is a quantized tensor subclass (torchao's) held as a non-persistent
+    buffer of the same name: the layers read it as before; DeepSpeed's engine, which tracks its parameters with
+    weak references, moves it to the device as a buffer (a parameter of a tensor subclass is swapped in place on
+    ``.to()``, which weak references forbid); and checkpoints leave it out (it is the pretrained folder's weight,
+    quantized again when a run resumes)."""
     for layer in module.modules():
         for name, p in list(layer._parameters.items()):
             if p is not None and is_traceable_wrapper_subclass(p):
                 del layer._parameters[name]
-                layer.register_buffer(name, p.detach())
+                layer.register_buffer(name, p.detach(), persistent=False)
     return module
 
 
