@@ -46,16 +46,16 @@ def lora_case(root: Path, key: str, family: str, over: dict) -> dict:
                       model__lora_rank=4, train__lr=1e-3, sample_every=2, checkpoint_every=2, **over)
     out = train(cfg)
     final = load_pipeline(str(out / "final"))
-    train(cfg, ["train.max_steps=3", "sample_every=0"])  # resumes from step 2 (the quantized base is not in it)
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     base = load_pipeline(str(model))  # the unquantized pretrained pipeline
     img_final, img_base = _images(final), _images(base)
     base.load_lora_weights(str(out / "final" / "lora"))
-    return {"steps": steps,
+    lora_vs_final = float(np.abs(_images(base) - img_final).max())
+    train(cfg, ["train.max_steps=3", "sample_every=0"])  # resumes from step 2 (the quantized base is not in it)
+    return {"steps": [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()],
             "grid": (out / "samples" / "step_00000002.png").is_file(),
             "text_encoders": sorted(n for n, p in final.components.items() if n.startswith("text_encoder") and p is not None),
             "final_vs_base": float(np.abs(img_final - img_base).max()),
-            "lora_vs_final": float(np.abs(_images(base) - img_final).max()),
+            "lora_vs_final": lora_vs_final,
             "finite": bool(np.isfinite(img_final).all())}
 
 
