@@ -72,8 +72,8 @@ class FamilyOptions:
     quantize: str = "none"  # LoRA runs: the denoiser's frozen base weights quantized (see quantization_config)
 
 
-# model.quantize -> (package, diffusers' quantization config of the denoiser's frozen base); the package is imported
-# only when a run asks for it (importing torchao logs lines about CUDA libraries it cannot load on a CPU machine)
+# model.quantize -> the package its quantization config needs (checked before any work, imported only by a run
+# that asks for it: quantization_config)
 QUANTIZERS = {"int8": "torchao", "float8": "torchao", "nf4": "bitsandbytes"}
 
 
@@ -369,9 +369,9 @@ class Family:
     def export(self, model: torch.nn.Module, folder: Path) -> None:
         """Write the pipeline folder of ``model`` (``final/``) part by part, without a second copy of the frozen
         parts in memory: ``model_index.json`` and the denoiser, tokenizers and scheduler from memory, each frozen
-        part's files copied from the folder it was loaded from (:meth:`part_folder`); a part whose folder is not
-        at hand, or holds no ``.safetensors`` weights, is saved from memory when it is in float32 there, else
-        loaded from its folder (in its saved precision) and saved, one part at a time."""
+        part's files (dropped text encoders' too) copied from the folder it was loaded from (:meth:`part_folder`);
+        a part whose folder is not at hand, or holds no ``.safetensors`` weights, is saved from memory when it is
+        in float32 there, else loaded from its folder (in its saved precision) and saved, one part at a time."""
         pipe = self._assemble(dict(self.parts), model)
         folder.mkdir(parents=True, exist_ok=True)
         pipe.save_config(folder)
@@ -382,14 +382,14 @@ class Family:
         for name, spec in pipe.config.items():
             if name.startswith("_") or not isinstance(spec, (list, tuple)) or (spec[0] is None and name not in self.dropped):
                 continue
-            part = getattr(pipe, name) if name not in self.dropped else self.load_part(name)
-            if part is model or not isinstance(part, torch.nn.Module):
+            part = getattr(pipe, name)  # None: a dropped text encoder
+            if part is model or (part is not None and not isinstance(part, torch.nn.Module)):
                 part.save_pretrained(folder / name)
                 continue
             src = self.part_folder(name)
             if src is not None and copy_part_files(src, folder / name):
                 continue
-            if all(p.dtype == torch.float32 for p in part.parameters()):
+            if part is not None and all(p.dtype == torch.float32 for p in part.parameters()):
                 part.save_pretrained(folder / name)
             else:
                 self.load_part(name).save_pretrained(folder / name)
