@@ -277,7 +277,7 @@ def _grid_path(run_dir: Path, step: int) -> Path:
 
 
 def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: MetricsLog | None,
-                 device: torch.device, embeds: dict | None) -> None:
+                 device: torch.device, embeds: dict | None = None) -> None:
     if D.rank() != 0:
         return
     s = cfg.sample
