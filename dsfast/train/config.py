@@ -8,6 +8,7 @@ written to ``<run>/config.yaml`` so a run is reproducible from its folder alone.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -33,6 +34,8 @@ class ModelConfig(Section):
     vae: str | None = Field(None, description="a VAE folder or hub id to use instead of the pipeline's (e.g. an fp16-safe SDXL VAE)")
     max_sequence_length: int | None = Field(None, ge=1, description="T5 prompt tokens (sd3: 256, flux: 512 when None)")
     guidance: float | None = Field(None, description="flux: the guidance embedding's value in training (guidance-distilled FLUX.1-dev); None = 3.5")
+    quantize: Literal["none", "int8", "float8", "nf4"] = Field("none", description="LoRA runs: the frozen base weights of the UNet/transformer, loaded quantized through diffusers' quantization configs: int8 / float8 (torchao weight-only) | nf4 (bitsandbytes 4-bit, GPU only); the adapters train in the training precision; the text encoders are not quantized (see drop_text_encoders)")
+    drop_text_encoders: bool = Field(False, description="text-to-image: free the text encoders once the prompts (instance, class and the sample grids' prompt, with its unconditional one) are encoded; sample grids then take the cached embeddings; final/ still holds the text encoders (copied from the pretrained folder)")
 
 
 class DataConfig(Section):
@@ -53,6 +56,7 @@ class TrainConfig(Section):
     batch_size: int | None = Field(None, ge=1, description="the global batch (instance images per optimizer step, all ranks and micro-batches): the pairwise losses see all of it")
     micro_batch_size: int | None = Field(None, ge=1, description="per rank per forward; None = batch_size / world size; smaller values accumulate with the exact two-pass scheme")
     lr: float | None = Field(None, gt=0, description="AdamW learning rate")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw | adamw8bit (AdamW with 8-bit optimizer states, bitsandbytes' AdamW8bit as a DeepSpeed client optimizer, as diffusers' --use_8bit_adam; ZeRO stage 0-2 without optimizer offload)")
     weight_decay: float | None = Field(None, description="AdamW weight decay; None = the mode's default: 0 (dsfast); official: 0 (unconditional), 1e-2 (text-to-image), as released")
     adam_beta1: float = Field(0.9, description="AdamW beta1")
     adam_beta2: float = Field(0.999, description="AdamW beta2")
@@ -129,6 +133,12 @@ class RunConfig(Section):
             raise ValueError("config key 'data.instance_dir' is required (a folder of training images)")
         if getattr(self.loss, "source", None) == "lora_off" and self.model.lora_rank == 0:  # domainstudio's key
             raise ValueError("loss.source=lora_off needs model.lora_rank > 0")
+        if self.model.quantize != "none" and self.model.lora_rank == 0:
+            raise ValueError(f"model.quantize={self.model.quantize} quantizes the frozen base weights of a LoRA run: it "
+                             "needs model.lora_rank > 0 (a full fine-tune trains those weights)")
+        if self.train.optimizer == "adamw8bit" and (self.deepspeed.zero_stage == 3 or self.deepspeed.offload_optimizer != "none"):
+            raise ValueError("train.optimizer=adamw8bit runs at deepspeed.zero_stage 0, 1 or 2 without "
+                             "deepspeed.offload_optimizer (DeepSpeed's ZeRO-3 and its CPU offload use their own optimizers)")
         return self
 
 
@@ -295,7 +305,8 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     for key, value, applies in (("train.weighting_scheme", train["weighting_scheme"] not in (None, "none"), "sd3, flux"),
                                 ("train.precondition_outputs", train["precondition_outputs"], "sd3, flux"),
                                 ("model.max_sequence_length", d["model"]["max_sequence_length"] is not None, "sd3, flux"),
-                                ("model.guidance", d["model"]["guidance"] is not None, "flux")):
+                                ("model.guidance", d["model"]["guidance"] is not None, "flux"),
+                                ("model.drop_text_encoders", d["model"]["drop_text_encoders"], "sd, sdxl, sd3, flux")):
         if value and family not in applies.split(", "):
             raise ConfigError(f"{key} applies to {applies} models only; the model is {family}")
     for section, key, value in ((loss, "hfmse_weighting", "none" if official else fam.default_hfmse_weighting),
@@ -333,6 +344,7 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
         raise ConfigError(f"train.batch_size={batch} must be a multiple of train.micro_batch_size x world size "
                           f"= {train['micro_batch_size']} x {world}")
     check_resolution(data["resolution"], down_factor)
+    _check_backends(d["model"]["quantize"], train["optimizer"])
     for key, value in (("train.mixed_precision", train["mixed_precision"]), ("sample.precision", sample["precision"])):
         if value == "fp16" and not cuda:
             raise ConfigError(f"{key}=fp16 is not supported on CPU (use bf16 or no)")
@@ -347,6 +359,17 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     return resolved
 
 
+def _check_backends(quantize: str, optimizer: str) -> None:
+    """The packages model.quantize / train.optimizer need are installed (not imported), and nf4 has its GPU."""
+    if quantize == "nf4" and not torch.cuda.is_available():
+        raise ConfigError("model.quantize=nf4 needs a CUDA GPU (bitsandbytes 4-bit; diffusers refuses it on CPU): "
+                          "use int8 or float8 on CPU")
+    for key, value, package in (("model.quantize", quantize, families.QUANTIZERS.get(quantize)),
+                                ("train.optimizer", optimizer, "bitsandbytes" if optimizer == "adamw8bit" else None)):
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{key}={value} needs {package}: pip install 'dsfast[quant]'")
+
+
 def family_options(cfg: RunConfig) -> families.FamilyOptions:
     """The model family's settings of a resolved config."""
     m, t = cfg.model, cfg.train
@@ -354,7 +377,8 @@ def family_options(cfg: RunConfig) -> families.FamilyOptions:
                                   guidance=3.5 if m.guidance is None else m.guidance,
                                   weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
                                   mode_scale=t.mode_scale, precondition_outputs=t.precondition_outputs,
-                                  resolution=cfg.data.resolution, sampler=cfg.sample.scheduler)
+                                  resolution=cfg.data.resolution, sampler=cfg.sample.scheduler,
+                                  quantize=m.quantize)
 
 
 def check_resolution(resolution: int, down_factor: int, key: str = "data.resolution") -> None:

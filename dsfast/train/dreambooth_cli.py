@@ -32,7 +32,6 @@ UNSUPPORTED = {
     "--scale_lr": "dsfast does not scale the learning rate; give --learning_rate the value to train with",
     "--train_text_encoder": "dsfast trains the UNet (or its LoRA adapters) only",
     "--num_train_epochs": "use --max_train_steps",
-    "--use_8bit_adam": "for optimizer memory use `dsfast train` with deepspeed.offload_optimizer=cpu",
     "--validation_prompt": "dsfast writes sample grids: add sample_every=N sample.prompt='...'",
     "--num_validation_images": "add sample.num=N",
     "--validation_steps": "add sample_every=N",
@@ -99,6 +98,7 @@ def parser() -> ArgumentParser:
     a("--resume_from_checkpoint", help="'latest' or a dsfast checkpoint folder")
     a("--gradient_checkpointing", action="store_true", help="gradient checkpointing in the UNet")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), help="training precision")
+    a("--use_8bit_adam", action="store_true", help="AdamW with 8-bit states (bitsandbytes; train.optimizer=adamw8bit)")
     a("--adam_beta1", type=float, help="AdamW beta1")
     a("--adam_beta2", type=float, help="AdamW beta2")
     a("--adam_weight_decay", type=float, help="AdamW weight decay")
@@ -170,6 +170,8 @@ def flags_to_config(args: argparse.Namespace, world: int = 1) -> dict:
              "precondition_outputs": None if args.precondition_outputs is None else bool(args.precondition_outputs)}
     if args.gradient_checkpointing:
         train["gradient_checkpointing"] = True
+    if args.use_8bit_adam:
+        train["optimizer"] = "adamw8bit"
     if args.train_batch_size is not None:
         train["micro_batch_size"] = args.train_batch_size
         train["batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * world

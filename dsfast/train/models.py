@@ -16,6 +16,7 @@ from peft import LoraConfig
 from . import distributed as D
 from .errors import TrainingError
 from .families import Family, FamilyOptions, ModelInfo, describe, down_factor, get
+from .families.base import moved
 
 LORA_DIR = "lora"
 __all__ = ["DTYPES", "EMA", "LORA_DIR", "Bundle", "build_pipeline", "describe", "down_factor", "export_weights", "load",
@@ -68,7 +69,7 @@ def load(info: ModelInfo, pretrained: str, *, dtype: torch.dtype, lora: LoraConf
     b = Bundle(info, family, lora=lora)
     if frozen_source:
         # a plain module built before deepspeed.initialize, so ZeRO-3 never partitions it
-        b.source = copy.deepcopy(b.unet).eval().requires_grad_(False).to(device, dtype)
+        b.source = moved(copy.deepcopy(b.unet).eval().requires_grad_(False), device, dtype)
     if lora is not None:
         b.unet.requires_grad_(False)
         b.unet.add_adapter(lora)  # only the adapter weights train
@@ -198,15 +199,19 @@ def _base_state_dict(sd: dict) -> dict:
 
 def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True, exact: bool = False) -> torch.nn.Module:
     """A plain (non-DeepSpeed) denoiser holding ``sd`` (with its LoRA adapters when ``with_lora``). ``exact``: under
-    LoRA in a 16-bit run the frozen base weights come from the pretrained folder in float32, not from their
-    rounded training-precision copy in ``sd`` (``final/``: a bf16 run must not round the weights it never
-    trained); a float32 run's ``sd`` holds them exactly."""
+    LoRA in a 16-bit run or on a quantized base the frozen base weights come from the pretrained folder in
+    float32, not from their rounded copy in ``sd`` (``final/``: a run must not round the weights it never
+    trained); a float32 run's ``sd`` holds them exactly. Not ``exact`` on a quantized base (sample grids, class
+    images): the base quantized as in training, loaded again from the pretrained folder."""
     if bundle.lora is None:
         unet = type(bundle.unet).from_config(bundle.unet.config)
         unet.load_state_dict(sd)
         return unet.eval()
-    if exact and bundle.family.dtype != torch.float32:
-        unet = bundle.family.load_part(bundle.family.denoiser).float()
+    family = bundle.family
+    if exact and (family.dtype != torch.float32 or family.quantized):
+        unet = family.load_part(family.denoiser).float()
+    elif family.quantized:  # as it trains: the quantized base from the pretrained folder
+        unet = family.load_denoiser(family.dtype)
     else:
         unet = type(bundle.unet).from_config(bundle.unet.config)
         unet.load_state_dict(_base_state_dict(sd))

@@ -53,5 +53,11 @@ class SD(Family):
         tok = self.parts["tokenizer"]
         return len(tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids)
 
+    @torch.no_grad()
+    def sample_conditioning(self, prompt, guidance):
+        pipe = self._assemble(dict(self.parts), self.model)
+        embeds, negative = pipe.encode_prompt([prompt], self.device, 1, guidance)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
     def predict(self, model, x_t, t, cond):
         return model(x_t.to(self.dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype)).sample.float()
