@@ -63,6 +63,10 @@ def test_option_from_config_keeps_a_stock_json_bucket(tmp_path):
     base = {"model": {"pretrained": "m"}, "data": {"instance_dir": "d"}, "output_dir": "o"}
     assert option_from_config(load_config({**base, "deepspeed": {"config": str(f)}}), 2).reduce_bucket == 2 * 10**8
     assert option_from_config(load_config(base), 2).reduce_bucket is None
+    low = option_from_config(load_config({**base, "model": {"pretrained": "m", "lora_rank": 4, "quantize": "nf4",
+                                                            "drop_text_encoders": True},
+                                          "train": {"optimizer": "adamw8bit"}}), 1)
+    assert (low.quantize, low.optimizer, low.drop_text) == ("nf4", "adamw8bit", True)
 
 
 def test_lora_trains_only_adapters(planner):
@@ -335,3 +339,86 @@ def test_cli_from_a_flux_run_config(tmp_path, capsys):
                                             model__max_sequence_length=32)))
     assert main(["--config", str(f), "--gpu", "8"]) == 0
     assert "| config | 16 |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------- frozen-weight options
+def _tensor_bytes(t) -> int:
+    """Bytes of a tensor, a quantized tensor subclass's being those of its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_tensor_bytes(getattr(t, n)) for n in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
+def _lora_denoiser(spec):
+    """The trainer's LoRA layout of a preset's denoiser, on the CPU with random weights."""
+    import torch
+
+    from dsfast.plan import _denoiser, _family
+
+    torch.manual_seed(0)
+    model = _denoiser(spec).requires_grad_(False)
+    model.add_adapter(_family(spec).lora_config(8, None))
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float8", "nf4"])
+def test_quantized_frozen_bytes_are_what_the_libraries_hold(fmt):
+    """The plan's saving from model.quantize is the bytes torchao's weight-only int8 / float8 and bitsandbytes' nf4
+    hold for the frozen Linear weights (the LoRA adapters' base layers of the flux-small transformer, quantized on
+    the CPU as diffusers' TorchAoConfig / BitsAndBytesConfig do it, layer by layer)."""
+    import torch
+
+    from dsfast.plan import PRESETS
+
+    spec = PRESETS["flux-small"]
+    model = _lora_denoiser(spec)
+    base = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    before = sum(_tensor_bytes(m.weight) for m in base)
+    if fmt == "nf4":
+        bnb = pytest.importorskip("bitsandbytes")
+        after = 0
+        for m in base:
+            q = bnb.nn.Params4bit(m.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=False).to("cpu")
+            after += _tensor_bytes(q) + _tensor_bytes(q.quant_state.absmax)
+    else:
+        ao = pytest.importorskip("torchao.quantization")
+        ao.quantize_(model, {"int8": ao.Int8WeightOnlyConfig, "float8": ao.Float8WeightOnlyConfig}[fmt](),
+                     filter_fn=lambda m, _: any(m is b for b in base))
+        after = sum(_tensor_bytes(m.weight) for m in base)
+    planner = Planner(spec)
+    plain = planner.predict(OPTIONS["dsfast+lora"], 4, 64)
+    quant = planner.predict(Option("q", lora_rank=8, quantize=fmt), 4, 64)
+    assert after < before and abs((plain["frozen"] - quant["frozen"]) - (before - after)) <= 1
+    assert {k: v for k, v in quant.items() if k not in ("frozen", "device", "total")} == \
+        {k: v for k, v in plain.items() if k not in ("frozen", "device", "total")}
+
+
+def test_adamw8bit_moments_are_torchaos():
+    """train.optimizer=adamw8bit: the moments the plan counts per tensor are those torchao's AdamW8bit allocates in
+    its first step (8-bit states with a scale per 256-block for tensors of >= 4096 elements in whole blocks,
+    float32 for the others); the plan sums them over the trained parameters."""
+    import torch
+
+    optim = pytest.importorskip("torchao.optim")
+    from dsfast.plan import PRESETS, adam8bit_state_bytes
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (100, 4096, 4096 + 128, 65536)]
+    opt = optim.AdamW8bit(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        assert adam8bit_state_bytes(p.numel()) == sum(_tensor_bytes(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+    planner = Planner(PRESETS["flux-small"])
+    sizes = [p.numel() for p in planner.models(0)[0].parameters()]
+    adam8 = planner.predict(OPTIONS["dsfast+adam8"], 4, 64)
+    assert adam8["optimizer"] == sum(adam8bit_state_bytes(n) for n in sizes) < 8 * sum(sizes) * 0.3
+
+
+def test_dropped_text_encoders_leave_the_cached_prompts():
+    from dsfast.plan import PRESETS, _buffer_bytes
+
+    planner = Planner(PRESETS["flux-small"])
+    text = sum(_count(t)[0] * 4 + _buffer_bytes(t, 4) for t in planner.models(8)[2])
+    kept, dropped = planner.predict(OPTIONS["dsfast+lora"], 4, 64), planner.predict(OPTIONS["dsfast+lora+notext"], 4, 64)
+    assert kept["frozen"] - dropped["frozen"] == text > 0 and kept["cached"] == dropped["cached"]
