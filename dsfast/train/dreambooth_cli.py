@@ -32,7 +32,6 @@ UNSUPPORTED = {
     "--scale_lr": "dsfast does not scale the learning rate; give --learning_rate the value to train with",
     "--train_text_encoder": "dsfast trains the UNet (or its LoRA adapters) only",
     "--num_train_epochs": "use --max_train_steps",
-    "--use_8bit_adam": "for optimizer memory use `dsfast train` with deepspeed.offload_optimizer=cpu",
     "--validation_prompt": "dsfast writes sample grids: add sample_every=N sample.prompt='...'",
     "--num_validation_images": "add sample.num=N",
     "--validation_steps": "add sample_every=N",
@@ -99,6 +98,13 @@ def parser() -> ArgumentParser:
     a("--resume_from_checkpoint", help="'latest' or a dsfast checkpoint folder")
     a("--gradient_checkpointing", action="store_true", help="gradient checkpointing in the UNet")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), help="training precision")
+    a("--use_8bit_adam", action="store_true", help="AdamW with 8-bit optimizer states (train.optimizer=adamw8bit: "
+                                                  "torchao's AdamW8bit)")
+    a("--quantize", choices=("none", "int8", "float8", "nf4"),
+      help="with --rank: load the frozen UNet/transformer base quantized (model.quantize: int8 / float8 torchao "
+           "weight-only, nf4 bitsandbytes, GPU only)")
+    a("--drop_text_encoders", action="store_true",
+      help="free the text encoders once the prompts are encoded (model.drop_text_encoders)")
     a("--adam_beta1", type=float, help="AdamW beta1")
     a("--adam_beta2", type=float, help="AdamW beta2")
     a("--adam_weight_decay", type=float, help="AdamW weight decay")
@@ -147,7 +153,8 @@ def flags_to_config(args: argparse.Namespace, world: int = 1) -> dict:
         raise ConfigError(f"--lr_warmup_steps {warmup} with --lr_scheduler constant: diffusers ignores the "
                           "warm-up of that schedule; add --lr_scheduler constant_with_warmup to warm up")
     model = {"pretrained": args.pretrained_model_name_or_path, "vae": args.pretrained_vae_model_name_or_path,
-             "guidance": args.guidance_scale, "max_sequence_length": args.max_sequence_length}
+             "guidance": args.guidance_scale, "max_sequence_length": args.max_sequence_length,
+             "quantize": args.quantize, "drop_text_encoders": args.drop_text_encoders or None}
     data = {"instance_dir": args.instance_data_dir, "instance_prompt": args.instance_prompt,
             "class_prompt": args.class_prompt, "class_dir": args.class_data_dir,
             "num_class_images": args.num_class_images, "resolution": args.resolution}
@@ -166,7 +173,7 @@ def flags_to_config(args: argparse.Namespace, world: int = 1) -> dict:
              "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2, "weight_decay": args.adam_weight_decay,
              "adam_eps": args.adam_epsilon, "max_grad_norm": args.max_grad_norm,
              "weighting_scheme": args.weighting_scheme, "logit_mean": args.logit_mean, "logit_std": args.logit_std,
-             "mode_scale": args.mode_scale,
+             "mode_scale": args.mode_scale, "optimizer": "adamw8bit" if args.use_8bit_adam else None,
              "precondition_outputs": None if args.precondition_outputs is None else bool(args.precondition_outputs)}
     if args.gradient_checkpointing:
         train["gradient_checkpointing"] = True
