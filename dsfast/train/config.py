@@ -8,6 +8,7 @@ written to ``<run>/config.yaml`` so a run is reproducible from its folder alone.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -55,7 +56,7 @@ class TrainConfig(Section):
     batch_size: int | None = Field(None, ge=1, description="the global batch (instance images per optimizer step, all ranks and micro-batches): the pairwise losses see all of it")
     micro_batch_size: int | None = Field(None, ge=1, description="per rank per forward; None = batch_size / world size; smaller values accumulate with the exact two-pass scheme")
     lr: float | None = Field(None, gt=0, description="AdamW learning rate")
-    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw | adamw8bit (AdamW with 8-bit optimizer states, torchao's AdamW8bit as a DeepSpeed client optimizer; ZeRO stage 0-2 without optimizer offload)")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw | adamw8bit (AdamW with 8-bit optimizer states, bitsandbytes' AdamW8bit as a DeepSpeed client optimizer, as diffusers' --use_8bit_adam; ZeRO stage 0-2 without optimizer offload)")
     weight_decay: float | None = Field(None, description="AdamW weight decay; None = the mode's default: 0 (dsfast); official: 0 (unconditional), 1e-2 (text-to-image), as released")
     adam_beta1: float = Field(0.9, description="AdamW beta1")
     adam_beta2: float = Field(0.999, description="AdamW beta2")
@@ -322,6 +323,7 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
         raise ConfigError(f"train.batch_size={batch} must be a multiple of train.micro_batch_size x world size "
                           f"= {train['micro_batch_size']} x {world}")
     check_resolution(data["resolution"], down_factor)
+    _check_backends(d["model"]["quantize"], train["optimizer"])
     if train["mixed_precision"] == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 is not supported on CPU (use bf16 or no)")
     resolved = _validate(d)
@@ -335,6 +337,17 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     return resolved
 
 
+def _check_backends(quantize: str, optimizer: str) -> None:
+    """The packages model.quantize / train.optimizer need are installed (not imported), and nf4 has its GPU."""
+    if quantize == "nf4" and not torch.cuda.is_available():
+        raise ConfigError("model.quantize=nf4 needs a CUDA GPU (bitsandbytes 4-bit; diffusers refuses it on CPU): "
+                          "use int8 or float8 on CPU")
+    for key, value, package in (("model.quantize", quantize, families.QUANTIZERS.get(quantize)),
+                                ("train.optimizer", optimizer, "bitsandbytes" if optimizer == "adamw8bit" else None)):
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{key}={value} needs {package}: pip install 'dsfast[quant]'")
+
+
 def family_options(cfg: RunConfig) -> families.FamilyOptions:
     """The model family's settings of a resolved config."""
     m, t = cfg.model, cfg.train
@@ -342,7 +355,7 @@ def family_options(cfg: RunConfig) -> families.FamilyOptions:
                                   guidance=3.5 if m.guidance is None else m.guidance,
                                   weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
                                   mode_scale=t.mode_scale, precondition_outputs=t.precondition_outputs,
-                                  resolution=cfg.data.resolution)
+                                  resolution=cfg.data.resolution, quantize=m.quantize)
 
 
 def check_resolution(resolution: int, down_factor: int, key: str = "data.resolution") -> None:

@@ -27,7 +27,14 @@ EXTENSIONS_DIR = os.path.join(sys.prefix, ".cache", "dsfast", "torch_extensions"
 
 # Library log lines a user cannot act on: (logger, text of the message)
 _NOISE = (("diffusers.models.modeling_utils", "should be kept in float32: []."),  # an empty list
-          ("transformers.utils.import_utils", "requires torchvision (not installed)"))  # image processors unused
+          ("transformers.utils.import_utils", "requires torchvision (not installed)"),  # image processors unused
+          # torchao (model.quantize), imported by transformers whenever it is installed: its CUDA kernels on a CPU
+          # machine, and tensor types diffusers looks for that this torchao release no longer has
+          ("torchao", "Failed to load"),
+          ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+          ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+          # int8 weight-only layers of a float32 run train and sample (tests/test_train_quant.py)
+          ("diffusers.quantizers.torchao.torchao_quantizer", "only bfloat16 is supported right now"))
 
 
 class _DropMessage(logging.Filter):

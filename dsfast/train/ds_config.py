@@ -189,9 +189,9 @@ def build_ds_config(t, z, world: int) -> dict:
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.batch_size // (t.micro_batch_size * world),
-        "optimizer": {"type": "AdamW", "params": {
+        **({} if t.optimizer == "adamw8bit" else {"optimizer": {"type": "AdamW", "params": {  # client_optimizer
             "lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
-            **({} if cuda else {"torch_adam": True})}},
+            **({} if cuda else {"torch_adam": True})}}}),
         "zero_optimization": zero,
         "bf16": {"enabled": t.mixed_precision == "bf16"},
         "fp16": {"enabled": t.mixed_precision == "fp16"},
@@ -214,6 +214,19 @@ def build_ds_config(t, z, world: int) -> dict:
         if name in stock:
             stock[name] = {**stock[name], "enabled": ds[name]["enabled"]}
     return _deep_merge(ds, _fill_auto(stock, ds))
+
+
+def client_optimizer(t, params):
+    """The optimizer dsfast gives DeepSpeed itself (None: DeepSpeed's AdamW of the config's ``optimizer`` section):
+    ``train.optimizer=adamw8bit`` is bitsandbytes' ``AdamW8bit`` (as diffusers' ``--use_8bit_adam``): 8-bit
+    block-wise quantized moments of tensors of 4096 elements or more (under ZeRO-1/2 the flat partition of all
+    trained weights), float32 moments of smaller ones. bitsandbytes runs it on CPU and GPU without a compile step."""
+    if t.optimizer != "adamw8bit":
+        return None
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                               weight_decay=t.weight_decay)
 
 
 def reduce_bucket_elements(trainable: int) -> int:

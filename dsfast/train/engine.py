@@ -61,7 +61,7 @@ from .checkpoint import (
 )
 from .config import RunConfig, dump_config, family_options, load_config, resolve
 from .data import Draws, load_images
-from .ds_config import build_ds_config, size_zero_buffers
+from .ds_config import build_ds_config, client_optimizer, size_zero_buffers
 from .errors import ConfigError, DataError, NonFiniteLoss, TrainingError
 from .models import (
     EMA,
@@ -368,8 +368,9 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
         def warmup(s: int) -> float:
             return min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
 
+        params = [p for _, p in named]
         engine, _, _, lr_sched = deepspeed.initialize(
-            model=unet, model_parameters=[p for _, p in named], config=ds_config,
+            model=unet, model_parameters=params, optimizer=client_optimizer(t, params), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup))
         zero3 = cfg.deepspeed.zero_stage == 3
         if ema is not None:

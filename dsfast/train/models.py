@@ -196,15 +196,19 @@ def _base_state_dict(sd: dict) -> dict:
 
 def build_unet(bundle: Bundle, sd: dict, *, with_lora: bool = True, exact: bool = False) -> torch.nn.Module:
     """A plain (non-DeepSpeed) denoiser holding ``sd`` (with its LoRA adapters when ``with_lora``). ``exact``: under
-    LoRA in a 16-bit run the frozen base weights come from the pretrained folder in float32, not from their
-    rounded training-precision copy in ``sd`` (``final/``: a bf16 run must not round the weights it never
-    trained); a float32 run's ``sd`` holds them exactly."""
+    LoRA in a 16-bit run or on a quantized base the frozen base weights come from the pretrained folder in
+    float32, not from their rounded copy in ``sd`` (``final/``: a run must not round the weights it never
+    trained); a float32 run's ``sd`` holds them exactly. Not ``exact`` on a quantized base (sample grids, class
+    images): the base quantized as in training, loaded again from the pretrained folder."""
     if bundle.lora is None:
         unet = type(bundle.unet).from_config(bundle.unet.config)
         unet.load_state_dict(sd)
         return unet.eval()
-    if exact and bundle.family.dtype != torch.float32:
-        unet = bundle.family.load_part(bundle.family.denoiser).float()
+    family = bundle.family
+    if exact and (family.dtype != torch.float32 or family.quantized):
+        unet = family.load_part(family.denoiser).float()
+    elif family.quantized:  # as it trains: the quantized base from the pretrained folder
+        unet = family.load_denoiser(family.dtype)
     else:
         unet = type(bundle.unet).from_config(bundle.unet.config)
         unet.load_state_dict(_base_state_dict(sd))

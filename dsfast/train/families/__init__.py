@@ -8,7 +8,7 @@ from __future__ import annotations
 from diffusers import DiffusionPipeline
 
 from ..errors import ConfigError, ModelError
-from .base import TEXT2IMAGE, UNCONDITIONAL, Family, FamilyOptions, ModelInfo, model_index
+from .base import QUANTIZERS, TEXT2IMAGE, UNCONDITIONAL, Family, FamilyOptions, ModelInfo, model_index
 from .flux import Flux
 from .sd import SD
 from .sd3 import SD3
@@ -49,6 +49,6 @@ def describe(pretrained: str) -> ModelInfo:
     return family_of(pretrained, index).info(pretrained, index)
 
 
-__all__ = ["FAMILIES", "NAMES", "TEXT2IMAGE", "UNCONDITIONAL", "Family", "FamilyOptions", "ModelInfo", "describe",
+__all__ = ["FAMILIES", "NAMES", "QUANTIZERS", "TEXT2IMAGE", "UNCONDITIONAL", "Family", "FamilyOptions", "ModelInfo", "describe",
            "down_factor", "family_of", "get",
            "load_pipeline"]

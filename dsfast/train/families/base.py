@@ -36,6 +36,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.checkpoint import checkpoint
 
 from ..diffusion import DDPM, FlowMatching
@@ -68,6 +69,26 @@ class FamilyOptions:
     mode_scale: float = 1.29
     precondition_outputs: bool = False  # flow matching: regress x0 = x_t - σ·v̂ on x0 (SD3 script's flag)
     resolution: int | None = None  # training images' size in pixels (SDXL's size conditioning)
+    quantize: str = "none"  # LoRA runs: the denoiser's frozen base weights quantized (see quantization_config)
+
+
+# model.quantize -> (package, diffusers' quantization config of the denoiser's frozen base); the package is imported
+# only when a run asks for it (importing torchao logs lines about CUDA libraries it cannot load on a CPU machine)
+QUANTIZERS = {"int8": "torchao", "float8": "torchao", "nf4": "bitsandbytes"}
+
+
+def quantization_config(kind: str, dtype: torch.dtype):
+    """diffusers' quantization config of ``model.quantize=kind`` (None for ``none``): torchao weight-only int8 /
+    float8 (``TorchAoConfig``), bitsandbytes 4-bit NF4 computing in ``dtype`` (``BitsAndBytesConfig``)."""
+    if kind == "none":
+        return None
+    from diffusers import BitsAndBytesConfig, TorchAoConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
 
 
 def hub_offline() -> bool:
@@ -155,6 +176,19 @@ def copy_part_files(src: Path, out: Path) -> bool:
     return True
 
 
+def quantized_weights_as_buffers(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with each frozen weight that is a quantized tensor subclass (torchao's) held as a buffer of the
+    same name: the layers read it as before, and DeepSpeed's engine, which tracks its parameters with weak
+    references, moves it to the device as a buffer (a parameter of a tensor subclass is swapped in place on
+    ``.to()``, which weak references forbid)."""
+    for layer in module.modules():
+        for name, p in list(layer._parameters.items()):
+            if p is not None and is_traceable_wrapper_subclass(p):
+                del layer._parameters[name]
+                layer.register_buffer(name, p.detach())
+    return module
+
+
 class Family:
     """One kind of diffusers pipeline; an instance holds the loaded frozen parts of one run (see the module
     docstring). Subclasses set the class attributes and implement the methods that raise here."""
@@ -188,7 +222,8 @@ class Family:
     def __init__(self, pretrained: str, *, dtype: torch.dtype, device: torch.device, trained_dtype: torch.dtype,
                  options: FamilyOptions):
         """Loads every part but the denoiser, frozen (eval, no grad) in ``dtype`` on ``device``; the denoiser
-        (``self.model``) in ``trained_dtype`` on the CPU (the DeepSpeed engine places it)."""
+        (``self.model``) in ``trained_dtype`` on the CPU (the DeepSpeed engine places it), its weights quantized
+        as ``options.quantize`` says (:meth:`load_denoiser`)."""
         self.pretrained, self.dtype, self.device, self.options = pretrained, dtype, device, options
         self.index = model_index(pretrained)
         self.parts: dict = {}
@@ -198,7 +233,7 @@ class Family:
             if spec[0] is None or name in self.skip_parts:
                 self.parts[name] = None
             elif name == self.denoiser:
-                self.model = self.load_part(name).to(trained_dtype)
+                self.model = self.load_denoiser(trained_dtype)
             else:
                 part = self.load_part(name)
                 self.parts[name] = frozen(part, self.part_dtype(name), device) if isinstance(part, torch.nn.Module) else part
@@ -210,6 +245,20 @@ class Family:
         if name == "vae" and self.options.vae:
             return cls.from_pretrained(self.options.vae)
         return cls.from_pretrained(self.pretrained, subfolder=name)
+
+    def load_denoiser(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The denoiser in ``dtype`` on the CPU, its weights quantized per ``options.quantize`` (diffusers'
+        quantization config: the linear layers' weights quantized, the other weights in ``dtype``)."""
+        config = quantization_config(self.options.quantize, dtype)
+        if config is None:
+            return self.load_part(self.denoiser).to(dtype)
+        model = part_class(self.index, self.denoiser).from_pretrained(self.pretrained, subfolder=self.denoiser,
+                                                                      quantization_config=config, torch_dtype=dtype)
+        return quantized_weights_as_buffers(model)
+
+    @property
+    def quantized(self) -> bool:
+        return self.options.quantize != "none"
 
     def part_dtype(self, name: str) -> torch.dtype:
         """The precision of frozen part ``name`` in training."""
@@ -297,7 +346,8 @@ class Family:
         see :meth:`offload_text_encoders`)."""
         parts = {name: placed(part, device, dtype) if isinstance(part, torch.nn.Module) else part
                  for name, part in self.parts.items()}
-        return self._assemble(parts, model.to(device, dtype))
+        # a quantized denoiser is in the training precision already (diffusers refuses to cast it)
+        return self._assemble(parts, model.to(device) if getattr(model, "is_quantized", False) else model.to(device, dtype))
 
     def _assemble(self, parts: dict, model: torch.nn.Module):
         """The pipeline object of ``parts`` (the pipeline's own flags, the sampling scheduler) and ``model``."""
