@@ -70,11 +70,11 @@ def live_tensor_bytes() -> int:
     seen, total = set(), 0
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-            try:
+            try:  # a wrapper tensor subclass (torchao's quantized weights) has no storage: its inner tensors count
                 storage = obj.untyped_storage()
+                key = storage.data_ptr()
             except (RuntimeError, NotImplementedError):
                 continue
-            key = storage.data_ptr()
             if key and key not in seen:
                 seen.add(key)
                 total += storage.nbytes()

@@ -13,8 +13,8 @@ UNet, SD3's MMDiT, FLUX.1's transformer). Per rank and per step, in bytes:
   8 B moments. ZeRO stage 1 divides the optimizer part (moments, master) by the world size, stage 2 also the
   gradients, stage 3 also the weights; ``offload_optimizer=cpu`` moves the optimizer part (and, stage ≥ 2,
   the gradient partition) to host memory, ``offload_param=cpu`` the stage-3 weight partition;
-  ``train.optimizer=adamw8bit`` (torchao's AdamW8bit) keeps each moment in 1 B per element plus a float32
-  scale per 256-block (tensors of >= 4096 elements in whole blocks; 8 B for the others; per parameter
+  ``train.optimizer=adamw8bit`` (bitsandbytes' AdamW8bit) keeps each moment in 1 B per element plus a
+  float32 absmax per 256-block (tensors of >= 4096 elements; 8 B per element for the others; per parameter
   without ZeRO, one flat partition with it), master and gradients unchanged;
 * **frozen copies**: VAE, text encoder(s) (CLIP, and T5-XXL on SD3/FLUX: the trainer keeps them loaded for
   sample grids), the LoRA base weights, in the run's precision (each part in the family's ``part_dtype``:
@@ -399,9 +399,12 @@ def preset_options(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------- frozen and optimizer formats
 QUANT_FORMATS = ("none", "int8", "float8", "nf4")  # model.quantize
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one float32 absmax per 64 weights
-# torchao's AdamW8bit: per state tensor one byte an element, a float32 scale per 256-block and its 256-entry float32
-# code table, for tensors of >= 4096 elements in whole blocks; float32 states for the others
-ADAM8_BLOCK, ADAM8_MIN, ADAM8_QMAP = 256, 4096, 256 * 4
+# torchao's formats; nf4's matmul (bitsandbytes) saves the 4-bit weight for backward, its dequantized copy is
+# transient
+TORCHAO_FORMATS = ("int8", "float8")
+# bitsandbytes' AdamW8bit (train.optimizer=adamw8bit): per state one byte an element and a float32 absmax per
+# 256-block, for tensors of >= 4096 elements (its min_8bit_size; float32 states below); its code tables are shared
+ADAM8_BLOCK, ADAM8_MIN = 256, 4096
 
 
 def quantized_weight_bytes(rows: int, cols: int, fmt: str) -> float:
@@ -432,9 +435,9 @@ def quantized_saving(denoiser, fmt: str, w: int) -> float:
 
 def adam8bit_state_bytes(n: int) -> int:
     """AdamW's two moments of a float32 tensor of ``n`` elements under train.optimizer=adamw8bit."""
-    if n < ADAM8_MIN or n % ADAM8_BLOCK:
+    if n < ADAM8_MIN:
         return 8 * n
-    return 2 * (n + n // ADAM8_BLOCK * 4 + ADAM8_QMAP)
+    return 2 * (n + -(-n // ADAM8_BLOCK) * 4)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -714,16 +717,37 @@ def _fit(spec, models, option, space: str, r1: int, r2: int) -> dict:
     return fit
 
 
-def _activations(fit: dict, resolution: int, m: int, option: Option) -> tuple[int, int]:
+def _activations(fit: dict, resolution: int, m: int, option: Option, copies: tuple = (0, 0, 0)) -> tuple[int, int]:
     """``(peak, held)`` activation bytes of ``m`` samples: the peak of the micro-batch's forward (the decode's
-    on top of what the denoiser holds), and what the denoiser holds when its backward starts."""
+    on top of what the denoiser holds), and what the denoiser holds when its backward starts. ``copies``: the
+    float32 bytes of the weight copies a quantized forward saves (:func:`dequantized_copies`), per forward."""
     px = resolution * resolution
     val = {k: m * max(0.0, c + a * px + b * px * px) for k, (c, a, b) in fit.items()}
-    held = val["held"]
+    every, outside, unit = copies
+    held = val["held"] + every
     if option.checkpointing:  # what the units do not recompute, and one unit's recomputation
-        held = val["checkpoint_kept"]
-        return int(max(held + val["max_unit"], held + val["decode"])), int(held)
-    return int(max(val["unet"], held + val["decode"])), int(held)
+        held = val["checkpoint_kept"] + outside
+        return int(max(held + val["max_unit"] + unit, held + val["decode"])), int(held)
+    return int(max(val["unet"] + every, held + val["decode"])), int(held)
+
+
+def dequantized_copies(denoiser, fmt: str) -> tuple[int, int, int]:
+    """torchao's int8 / float8 weight-only linear casts the quantized weight to the activations' dtype above
+    autograd (on any device), and the matmul saves that copy for backward: float32 bytes of the copies one
+    forward saves — ``(all, outside the checkpointed units, the largest unit's)``; none for nf4 (bitsandbytes'
+    matmul saves the 4-bit weight, its dequantized copy is transient)."""
+    if fmt not in TORCHAO_FORMATS:
+        return 0, 0, 0
+    import torch
+
+    def frozen_linear_bytes(module):
+        return sum(4 * m.weight.numel() for m in module.modules()
+                   if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+
+    units = [u for u in denoiser.modules() if type(u).__name__ in CHECKPOINT_UNITS]
+    inside = [frozen_linear_bytes(u) for u in units]
+    every = frozen_linear_bytes(denoiser)
+    return every, every - sum(inside), max(inside, default=0)
 
 
 def _probe_sizes(spec: dict, models) -> tuple[int, int]:
@@ -818,8 +842,15 @@ class Planner:
         if option.optimizer == "adamw8bit":  # per parameter without ZeRO; ZeRO steps one flat partition
             sizes = [p.numel() for p in denoiser.parameters() if p.requires_grad] if z == 0 else [p_train // world]
             moments = sum(adam8bit_state_bytes(n) for n in sizes)
+            # a CPU run (``total``): bitsandbytes' CPU update dequantizes the two states of a tensor, copies its
+            # gradient and forms sqrt(v) and the denominator in float32: 5 temporaries of the largest 8-bit tensor
+            step_temp = 20 * max([n for n in sizes if n >= ADAM8_MIN], default=0)
         else:
             moments = p_train * 8 / (world if z >= 1 else 1)
+            # A CPU run (``total``) steps with torch's single-tensor AdamW (dsfast's optimizer without CUDA): on
+            # DeepSpeed's flat fp32 partition (ZeRO ≥ 1) it makes two temporaries of its size, sqrt(v) and its
+            # quotient; DeepSpeed's fused (GPU) and CPU Adam make none.
+            step_temp = 8 * p_train / world if z >= 1 else 0.0
         micro = option.micro_batch or batch // world
         accumulating = micro * world < batch
         host, host_moments = 0.0, 0.0  # host memory: allocated at set-up / by the first optimizer.step()
@@ -840,7 +871,8 @@ class Planner:
         space = self.space(option)
         if option.official:
             micro = batch // world  # one pass over the whole batch
-        act, act_unet = (a * w // 4 for a in _activations(fit, resolution, micro, option))  # probed in fp32
+        copies = dequantized_copies(denoiser, option.quantize)
+        act, act_unet = (a * w // 4 for a in _activations(fit, resolution, micro, option, copies))  # in fp32
         pixels = resolution * resolution
         if vae is None:  # unconditional: x0 and its noise per sample
             image, latent = denoiser.config.in_channels * pixels, 0
@@ -889,10 +921,6 @@ class Planner:
             transient = grads
         else:
             held += grads
-        # A CPU run (``total``) steps with torch's single-tensor AdamW (dsfast's optimizer without CUDA): on
-        # DeepSpeed's flat fp32 partition (ZeRO ≥ 1) it makes two temporaries of its size, sqrt(v) and its
-        # quotient; DeepSpeed's fused (GPU) and CPU Adam make none.
-        step_temp = 8 * p_train / world if z >= 1 and option.optimizer == "adamw" else 0.0
         peak_dev, peak_cpu = max(peak_act, reduce_dev) + features, max(peak_act, reduce_cpu) + features
         if first_step:
             device = held + max(peak_dev, transient + moments)

@@ -393,22 +393,23 @@ def test_quantized_frozen_bytes_are_what_the_libraries_hold(fmt):
         {k: v for k, v in plain.items() if k not in ("frozen", "device", "total")}
 
 
-def test_adamw8bit_moments_are_torchaos():
-    """train.optimizer=adamw8bit: the moments the plan counts per tensor are those torchao's AdamW8bit allocates in
-    its first step (8-bit states with a scale per 256-block for tensors of >= 4096 elements in whole blocks,
-    float32 for the others); the plan sums them over the trained parameters."""
+def test_adamw8bit_moments_are_bitsandbytes():
+    """train.optimizer=adamw8bit: the moments the plan counts per tensor are those bitsandbytes' AdamW8bit allocates
+    in its first step (8-bit states with a float32 absmax per 256-block for tensors of >= 4096 elements, float32
+    for the others); the plan sums them over the trained parameters."""
     import torch
 
-    optim = pytest.importorskip("torchao.optim")
+    bnb = pytest.importorskip("bitsandbytes")
     from dsfast.plan import PRESETS, adam8bit_state_bytes
 
-    params = [torch.nn.Parameter(torch.randn(n)) for n in (100, 4096, 4096 + 128, 65536)]
-    opt = optim.AdamW8bit(params, lr=1e-4)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (100, 4096, 4096 + 100, 65536)]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-4)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
     for p in params:
-        assert adam8bit_state_bytes(p.numel()) == sum(_tensor_bytes(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+        held = sum(_tensor_bytes(v) for k, v in opt.state[p].items() if k in ("state1", "state2", "absmax1", "absmax2"))
+        assert adam8bit_state_bytes(p.numel()) == held
     planner = Planner(PRESETS["flux-small"])
     sizes = [p.numel() for p in planner.models(0)[0].parameters()]
     adam8 = planner.predict(OPTIONS["dsfast+adam8"], 4, 64)
@@ -422,3 +423,20 @@ def test_dropped_text_encoders_leave_the_cached_prompts():
     text = sum(_count(t)[0] * 4 + _buffer_bytes(t, 4) for t in planner.models(8)[2])
     kept, dropped = planner.predict(OPTIONS["dsfast+lora"], 4, 64), planner.predict(OPTIONS["dsfast+lora+notext"], 4, 64)
     assert kept["frozen"] - dropped["frozen"] == text > 0 and kept["cached"] == dropped["cached"]
+
+
+@pytest.mark.parametrize("preset", ["sdxl-small", "flux-small"])
+def test_plan_predicts_the_committed_cpu_rows_of_the_frozen_weight_options(preset):
+    """The rows bench/memory.py measured of the trainer's step with model.quantize=int8 / float8 and
+    train.optimizer=adamw8bit (and the runs they change), committed under bench/results: the plan within 15 %."""
+    from bench.memory import FROZEN_TERMS, RESULTS, load_rows, predicted_bytes
+    from dsfast.plan import PRESETS
+
+    rows = {r["option"]: r for r in load_rows(RESULTS / "intel-r-xeon-r-processor" / f"memory-train-cpu-{preset}.jsonl")
+            if r["resolution"] == 64}
+    measured = [o for o in FROZEN_TERMS if o in rows]
+    assert {"dsfast+lora+int8", "dsfast+lora+float8", "dsfast+adam8"} <= set(measured)
+    planner = Planner(PRESETS[preset])
+    for option in {*measured, *(FROZEN_TERMS[o] for o in measured)}:
+        row = rows[option]
+        assert abs(predicted_bytes(planner, row) / row["peak_bytes"] - 1) <= 0.15, option
