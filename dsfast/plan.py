@@ -440,6 +440,13 @@ def adam8bit_state_bytes(n: int) -> int:
     return 2 * (n + -(-n // ADAM8_BLOCK) * 4)
 
 
+def adam8bit_cpu_temporaries(sizes) -> int:
+    """Peak bytes of the temporaries of train.optimizer=adamw8bit's step on the CPU, tensors of ``sizes``
+    elements: bitsandbytes' CPU update dequantizes the two states of one tensor at a time, copies its gradient
+    and forms sqrt(v) and the denominator in float32 (5 of the largest 8-bit tensor); its CUDA kernel makes none."""
+    return 20 * max([n for n in sizes if n >= ADAM8_MIN], default=0)
+
+
 # ----------------------------------------------------------------------------------------- model
 def _meta_models(spec: dict, lora_rank: int):
     """``(denoiser, vae, text encoders)`` on the meta device; with ``lora_rank`` the trainer's adapters (its
@@ -842,9 +849,7 @@ class Planner:
         if option.optimizer == "adamw8bit":  # per parameter without ZeRO; ZeRO steps one flat partition
             sizes = [p.numel() for p in denoiser.parameters() if p.requires_grad] if z == 0 else [p_train // world]
             moments = sum(adam8bit_state_bytes(n) for n in sizes)
-            # a CPU run (``total``): bitsandbytes' CPU update dequantizes the two states of a tensor, copies its
-            # gradient and forms sqrt(v) and the denominator in float32: 5 temporaries of the largest 8-bit tensor
-            step_temp = 20 * max([n for n in sizes if n >= ADAM8_MIN], default=0)
+            step_temp = adam8bit_cpu_temporaries(sizes)  # a CPU run's (``total``)
         else:
             moments = p_train * 8 / (world if z >= 1 else 1)
             # A CPU run (``total``) steps with torch's single-tensor AdamW (dsfast's optimizer without CUDA): on
