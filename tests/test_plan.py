@@ -389,8 +389,11 @@ def test_quantized_frozen_bytes_are_what_the_libraries_hold(fmt):
     plain = planner.predict(OPTIONS["dsfast+lora"], 4, 64)
     quant = planner.predict(Option("q", lora_rank=8, quantize=fmt), 4, 64)
     assert after < before and abs((plain["frozen"] - quant["frozen"]) - (before - after)) <= 1
-    assert {k: v for k, v in quant.items() if k not in ("frozen", "device", "total")} == \
-        {k: v for k, v in plain.items() if k not in ("frozen", "device", "total")}
+    # torchao's linear saves a float32 copy of each weight for backward (no checkpointing: all of them)
+    copies = 0 if fmt == "nf4" else before
+    assert quant["activations_held"] - plain["activations_held"] == copies
+    changed = ("frozen", "device", "total", "activations", "activations_held")
+    assert {k: v for k, v in quant.items() if k not in changed} == {k: v for k, v in plain.items() if k not in changed}
 
 
 def test_adamw8bit_moments_are_bitsandbytes():
