@@ -133,7 +133,8 @@ def test_dreambooth_flags_map_onto_the_config():
                  "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--learning_rate", "2e-6",
                  "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "10", "--max_train_steps", "40",
                  "--checkpointing_steps", "20", "--resume_from_checkpoint", "latest", "--gradient_checkpointing",
-                 "--mixed_precision", "bf16", "--output_dir", "out", "--seed", "7", "--rank", "8", world=2)
+                 "--mixed_precision", "bf16", "--output_dir", "out", "--seed", "7", "--rank", "8", "--use_8bit_adam",
+                 world=2)
     assert cfg == {
         "method": "dreambooth",
         "model": {"pretrained": "sd", "lora_rank": 8},
@@ -142,7 +143,8 @@ def test_dreambooth_flags_map_onto_the_config():
         "loss": {"prior": 0.5},
         # per-device batch 2 x 3 accumulation steps x 2 ranks = a global batch of 12
         "train": {"max_steps": 40, "lr": 2e-6, "warmup_steps": 10, "seed": 7, "mixed_precision": "bf16",
-                  "gradient_checkpointing": True, "micro_batch_size": 2, "batch_size": 12, "resume": "latest"},
+                  "gradient_checkpointing": True, "optimizer": "adamw8bit", "micro_batch_size": 2, "batch_size": 12,
+                  "resume": "latest"},
         "output_dir": "out",
         "checkpoint_every": 20,
     }

@@ -294,7 +294,8 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
     for key, value, applies in (("train.weighting_scheme", train["weighting_scheme"] not in (None, "none"), "sd3, flux"),
                                 ("train.precondition_outputs", train["precondition_outputs"], "sd3, flux"),
                                 ("model.max_sequence_length", d["model"]["max_sequence_length"] is not None, "sd3, flux"),
-                                ("model.guidance", d["model"]["guidance"] is not None, "flux")):
+                                ("model.guidance", d["model"]["guidance"] is not None, "flux"),
+                                ("model.drop_text_encoders", d["model"]["drop_text_encoders"], "sd, sdxl, sd3, flux")):
         if value and family not in applies.split(", "):
             raise ConfigError(f"{key} applies to {applies} models only; the model is {family}")
     for section, key, value in ((loss, "hfmse_weighting", "none" if official else fam.default_hfmse_weighting),

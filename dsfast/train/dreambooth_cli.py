@@ -98,8 +98,7 @@ def parser() -> ArgumentParser:
     a("--resume_from_checkpoint", help="'latest' or a dsfast checkpoint folder")
     a("--gradient_checkpointing", action="store_true", help="gradient checkpointing in the UNet")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), help="training precision")
-    a("--use_8bit_adam", action="store_true", help="AdamW with 8-bit optimizer states (train.optimizer=adamw8bit: "
-                                                  "torchao's AdamW8bit)")
+    a("--use_8bit_adam", action="store_true", help="AdamW with 8-bit states (bitsandbytes; train.optimizer=adamw8bit)")
     a("--quantize", choices=("none", "int8", "float8", "nf4"),
       help="with --rank: load the frozen UNet/transformer base quantized (model.quantize: int8 / float8 torchao "
            "weight-only, nf4 bitsandbytes, GPU only)")
@@ -173,10 +172,12 @@ def flags_to_config(args: argparse.Namespace, world: int = 1) -> dict:
              "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2, "weight_decay": args.adam_weight_decay,
              "adam_eps": args.adam_epsilon, "max_grad_norm": args.max_grad_norm,
              "weighting_scheme": args.weighting_scheme, "logit_mean": args.logit_mean, "logit_std": args.logit_std,
-             "mode_scale": args.mode_scale, "optimizer": "adamw8bit" if args.use_8bit_adam else None,
+             "mode_scale": args.mode_scale,
              "precondition_outputs": None if args.precondition_outputs is None else bool(args.precondition_outputs)}
     if args.gradient_checkpointing:
         train["gradient_checkpointing"] = True
+    if args.use_8bit_adam:
+        train["optimizer"] = "adamw8bit"
     if args.train_batch_size is not None:
         train["micro_batch_size"] = args.train_batch_size
         train["batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * world

@@ -277,7 +277,7 @@ def _grid_path(run_dir: Path, step: int) -> Path:
 
 
 def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: MetricsLog | None,
-                 device: torch.device) -> None:
+                 device: torch.device, embeds: dict | None = None) -> None:
     if D.rank() != 0:
         return
     s = cfg.sample
@@ -286,7 +286,7 @@ def _sample_grid(cfg: RunConfig, bundle, sd, run_dir: Path, step: int, log: Metr
         pipe = build_pipeline(bundle, sd, device=device, dtype=DTYPES[cfg.train.mixed_precision])
         imgs = run_pipeline(pipe, s.num, seed=s.seed, prompt=s.prompt,
                             num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                            resolution=cfg.data.resolution)
+                            resolution=cfg.data.resolution, embeds=embeds)
     out = _grid_path(run_dir, step)
     out.parent.mkdir(exist_ok=True)
     save_grid(imgs, out)
@@ -359,7 +359,13 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
                       random_flip=cfg.data.random_flip, sample_t=process.draw)
         method = method_cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
                             dtype=dtype, device=device)
-        bundle.family.offload_text_encoders()  # the method has encoded its prompts
+        # the method has encoded its prompts: the sample grids' prompt too, then the text encoders go
+        embeds = None
+        if cfg.model.drop_text_encoders:
+            embeds = bundle.family.sample_conditioning(cfg.sample.prompt, cfg.sample.guidance_scale > 1)
+            bundle.family.drop_text_encoders()
+        else:
+            bundle.family.offload_text_encoders()
         named = trainable_named_parameters(unet)
         # the EMA starts from the pretrained weights, taken before ZeRO-3 partitions them
         ema = EMA(named, t.ema, t.ema_warmup) if t.ema and rank == 0 else None
@@ -391,7 +397,7 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
         if start:  # what a kill between the checkpoint and the end of its step lost: the grid and the metrics line
             if cfg.sample_every and start % cfg.sample_every == 0 and D.any_flag(
                     rank == 0 and not _grid_path(run_dir, start).is_file()):
-                _sample_grid(cfg, bundle, export_weights(engine, ema, zero3), run_dir, start, log, device)
+                _sample_grid(cfg, bundle, export_weights(engine, ema, zero3), run_dir, start, log, device, embeds)
                 D.barrier()
             if log is not None and _log_due(start, t) and log.last < start:
                 log.write(start, saved_logs)
@@ -443,7 +449,7 @@ def train(config, overrides=(), *, resume: str | None = None, on_valid=None) -> 
                     maybe_kill(f"saved:{step}")
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     started = time.perf_counter()
-                    _sample_grid(cfg, bundle, export_weights(engine, ema, zero3), run_dir, step, log, device)
+                    _sample_grid(cfg, bundle, export_weights(engine, ema, zero3), run_dir, step, log, device, embeds)
                     D.barrier()
                     logs["sample_sec"] = time.perf_counter() - started
                     maybe_kill(f"sampled:{step}")

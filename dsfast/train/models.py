@@ -16,6 +16,7 @@ from peft import LoraConfig
 from . import distributed as D
 from .errors import TrainingError
 from .families import Family, FamilyOptions, ModelInfo, describe, down_factor, get
+from .families.base import moved
 
 LORA_DIR = "lora"
 __all__ = ["EMA", "LORA_DIR", "Bundle", "build_pipeline", "describe", "down_factor", "export_weights", "load",
@@ -66,7 +67,7 @@ def load(info: ModelInfo, pretrained: str, *, dtype: torch.dtype, lora: LoraConf
     b = Bundle(info, family, lora=lora)
     if frozen_source:
         # a plain module built before deepspeed.initialize, so ZeRO-3 never partitions it
-        b.source = copy.deepcopy(b.unet).eval().requires_grad_(False).to(device, dtype)
+        b.source = moved(copy.deepcopy(b.unet).eval().requires_grad_(False), device, dtype)
     if lora is not None:
         b.unet.requires_grad_(False)
         b.unet.add_adapter(lora)  # only the adapter weights train

@@ -92,14 +92,17 @@ def checkpoint_pipeline(run_dir: str | Path, which: str, device: torch.device, d
 
 
 def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, batch: int = 8, resolution: int | None = None) -> torch.Tensor:
+                 guidance_scale: float = 7.5, batch: int = 8, resolution: int | None = None,
+                 embeds: dict | None = None) -> torch.Tensor:
     """``num`` images (N, 3, H, W) in [0, 1] of ``pipe`` on its device; image i uses CPU generator seed ``seed + i``
-    (stable across num and devices). ``resolution``: the size of text-to-image images (None: the pipeline's)."""
+    (stable across num and devices). ``resolution``: the size of text-to-image images (None: the pipeline's).
+    ``embeds``: the prompt's cached embeddings (``Family.sample_conditioning``) in its place, for a pipeline
+    without text encoders."""
     if num < 1:
         raise ConfigError(f"the number of images must be at least 1 (got {num})")
     out = []
     is_text = getattr(pipe, "tokenizer", None) is not None
-    if is_text and not prompt:
+    if is_text and not prompt and embeds is None:
         raise ConfigError("a text-to-image pipeline needs a prompt (--prompt)")
     pipe.set_progress_bar_config(disable=True)
     for start in range(0, num, batch):
@@ -107,7 +110,9 @@ def run_pipeline(pipe, num: int, *, seed: int = 0, prompt: str | None = None, nu
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
         if is_text:
             size = {} if resolution is None else {"height": resolution, "width": resolution}
-            res = pipe(prompt=[prompt] * n, generator=gens, num_inference_steps=num_inference_steps,
+            text = ({"prompt": [prompt] * n} if embeds is None else
+                    {k: v.expand(n, *v.shape[1:]) for k, v in embeds.items() if v is not None})
+            res = pipe(**text, generator=gens, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, output_type="pt", **size)
         else:
             res = pipe(batch_size=n, generator=gens, num_inference_steps=num_inference_steps, output_type="pt")

@@ -72,8 +72,8 @@ class FamilyOptions:
     quantize: str = "none"  # LoRA runs: the denoiser's frozen base weights quantized (see quantization_config)
 
 
-# model.quantize -> (package, diffusers' quantization config of the denoiser's frozen base); the package is imported
-# only when a run asks for it (importing torchao logs lines about CUDA libraries it cannot load on a CPU machine)
+# model.quantize -> the package its quantization config needs (checked before any work, imported only by a run
+# that asks for it: quantization_config)
 QUANTIZERS = {"int8": "torchao", "float8": "torchao", "nf4": "bitsandbytes"}
 
 
@@ -150,6 +150,12 @@ def frozen(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) ->
     return module.eval().requires_grad_(False).to(device, dtype)
 
 
+def moved(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(device, dtype)``; a quantized diffusers model (``model.quantize``) only to ``device``: it is in the
+    training precision already, and diffusers refuses to cast it."""
+    return model.to(device) if getattr(model, "is_quantized", False) else model.to(device, dtype)
+
+
 def placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """``module`` itself when every weight is on ``device`` in ``dtype``, else a copy there."""
     if all(p.device == torch.device(device) and p.dtype == dtype for p in module.parameters()):
@@ -177,15 +183,16 @@ def copy_part_files(src: Path, out: Path) -> bool:
 
 
 def quantized_weights_as_buffers(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with each frozen weight that is a quantized tensor subclass (torchao's) held as a buffer of the
-    same name: the layers read it as before, and DeepSpeed's engine, which tracks its parameters with weak
-    references, moves it to the device as a buffer (a parameter of a tensor subclass is swapped in place on
-    ``.to()``, which weak references forbid)."""
+    """``module`` with each frozen weight that is a quantized tensor subclass (torchao's) held as a non-persistent
+    buffer of the same name: the layers read it as before; DeepSpeed's engine, which tracks its parameters with
+    weak references, moves it to the device as a buffer (a parameter of a tensor subclass is swapped in place on
+    ``.to()``, which weak references forbid); and checkpoints leave it out (it is the pretrained folder's weight,
+    quantized again when a run resumes)."""
     for layer in module.modules():
         for name, p in list(layer._parameters.items()):
             if p is not None and is_traceable_wrapper_subclass(p):
                 del layer._parameters[name]
-                layer.register_buffer(name, p.detach())
+                layer.register_buffer(name, p.detach(), persistent=False)
     return module
 
 
@@ -227,6 +234,7 @@ class Family:
         self.pretrained, self.dtype, self.device, self.options = pretrained, dtype, device, options
         self.index = model_index(pretrained)
         self.parts: dict = {}
+        self.dropped: list[str] = []  # text encoders freed after the prompts were encoded (drop_text_encoders)
         for name, spec in self.index.items():
             if name.startswith("_") or not isinstance(spec, (list, tuple)):
                 continue
@@ -346,8 +354,7 @@ class Family:
         see :meth:`offload_text_encoders`)."""
         parts = {name: placed(part, device, dtype) if isinstance(part, torch.nn.Module) else part
                  for name, part in self.parts.items()}
-        # a quantized denoiser is in the training precision already (diffusers refuses to cast it)
-        return self._assemble(parts, model.to(device) if getattr(model, "is_quantized", False) else model.to(device, dtype))
+        return self._assemble(parts, moved(model, device, dtype))
 
     def _assemble(self, parts: dict, model: torch.nn.Module):
         """The pipeline object of ``parts`` (the pipeline's own flags, the sampling scheduler) and ``model``."""
@@ -362,23 +369,27 @@ class Family:
     def export(self, model: torch.nn.Module, folder: Path) -> None:
         """Write the pipeline folder of ``model`` (``final/``) part by part, without a second copy of the frozen
         parts in memory: ``model_index.json`` and the denoiser, tokenizers and scheduler from memory, each frozen
-        part's files copied from the folder it was loaded from (:meth:`part_folder`); a part whose folder is not
-        at hand, or holds no ``.safetensors`` weights, is saved from memory when it is in float32 there, else
-        loaded from its folder (in its saved precision) and saved, one part at a time."""
+        part's files (dropped text encoders' too) copied from the folder it was loaded from (:meth:`part_folder`);
+        a part whose folder is not at hand, or holds no ``.safetensors`` weights, is saved from memory when it is
+        in float32 there, else loaded from its folder (in its saved precision) and saved, one part at a time."""
         pipe = self._assemble(dict(self.parts), model)
         folder.mkdir(parents=True, exist_ok=True)
         pipe.save_config(folder)
+        if self.dropped:  # the pipeline object has None there: model_index.json names the folder's classes
+            index = json.loads((folder / "model_index.json").read_text())
+            index.update({name: self.index[name] for name in self.dropped})
+            (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for name, spec in pipe.config.items():
-            if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+            if name.startswith("_") or not isinstance(spec, (list, tuple)) or (spec[0] is None and name not in self.dropped):
                 continue
-            part = getattr(pipe, name)
-            if part is model or not isinstance(part, torch.nn.Module):
+            part = getattr(pipe, name)  # None: a dropped text encoder
+            if part is model or (part is not None and not isinstance(part, torch.nn.Module)):
                 part.save_pretrained(folder / name)
                 continue
             src = self.part_folder(name)
             if src is not None and copy_part_files(src, folder / name):
                 continue
-            if all(p.dtype == torch.float32 for p in part.parameters()):
+            if part is not None and all(p.dtype == torch.float32 for p in part.parameters()):
                 part.save_pretrained(folder / name)
             else:
                 self.load_part(name).save_pretrained(folder / name)
@@ -398,6 +409,20 @@ class Family:
         for name, part in self.parts.items():
             if name.startswith("text_encoder") and part is not None:
                 part.to("cpu")
+
+    def drop_text_encoders(self) -> None:
+        """Frees the text encoders once every prompt is encoded (``model.drop_text_encoders``): sample grids take the
+        cached :meth:`sample_conditioning`; :meth:`export` copies their files from the pretrained folder."""
+        for name, part in self.parts.items():
+            if name.startswith("text_encoder") and part is not None:
+                self.parts[name] = None
+                self.dropped.append(name)
+
+    def sample_conditioning(self, prompt: str, guidance: bool) -> dict:
+        """The pipeline's own encoding of ``prompt`` for one image, as its call's keyword arguments
+        (``prompt_embeds=...``, and with ``guidance`` the unconditional embeddings classifier-free guidance
+        needs), on the device: sample grids of a run whose text encoders are dropped."""
+        raise NotImplementedError
 
     def lora_state_dict(self, peft_model: torch.nn.Module) -> dict:
         """The adapters of ``peft_model`` as ``load_lora_weights`` reads them."""

@@ -42,6 +42,13 @@ class Flux(Family):
                                                max_sequence_length=self.options.max_sequence_length or 512)
         return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
 
+    @torch.no_grad()
+    def sample_conditioning(self, prompt, guidance):
+        """FLUX.1's guidance is an embedding (sample.guidance_scale), not classifier-free: no negative prompt."""
+        embeds, pooled, _ = self._assemble(dict(self.parts), self.model).encode_prompt(
+            [prompt], None, device=self.device, max_sequence_length=self.options.max_sequence_length or 512)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
     def predict(self, model, x_t, t, cond):
         d, (b, c, h, w) = self.dtype, x_t.shape
         tokens = FluxPipeline._pack_latents(x_t.to(d), b, c, h, w)

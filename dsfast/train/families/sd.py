@@ -48,6 +48,12 @@ class SD(Family):
                                        do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds.float()}
 
+    @torch.no_grad()
+    def sample_conditioning(self, prompt, guidance):
+        pipe = self._assemble(dict(self.parts), self.model)
+        embeds, negative = pipe.encode_prompt([prompt], self.device, 1, guidance)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
     def predict(self, model, x_t, t, cond):
         return model(x_t.to(self.dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype)).sample.float()
 

@@ -42,6 +42,15 @@ class SD3(Family):
                                                   max_sequence_length=self.options.max_sequence_length or 256)
         return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
 
+    @torch.no_grad()
+    def sample_conditioning(self, prompt, guidance):
+        pipe = self._assemble(dict(self.parts), self.model)
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            [prompt], None, None, device=self.device, do_classifier_free_guidance=guidance,
+            max_sequence_length=self.options.max_sequence_length or 256)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}
+
     def predict(self, model, x_t, t, cond):
         d = self.dtype
         return model(hidden_states=x_t.to(d), timestep=self.process.model_time(t),

@@ -48,6 +48,14 @@ class SDXL(Family):
         return {"encoder_hidden_states": embeds.float(), "text_embeds": pooled.float(),
                 "time_ids": ids.to(self.device).expand(len(prompts), -1)}
 
+    @torch.no_grad()
+    def sample_conditioning(self, prompt, guidance):
+        pipe = self._assemble(dict(self.parts), self.model)  # with the folder's force_zeros_for_empty_prompt
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            [prompt], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}
+
     def predict(self, model, x_t, t, cond):
         d = self.dtype
         added = {"text_embeds": cond["text_embeds"].to(d), "time_ids": cond["time_ids"].to(d)}
