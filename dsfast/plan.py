@@ -16,14 +16,13 @@ UNet, SD3's MMDiT, FLUX.1's transformer). Per rank and per step, in bytes:
   ``train.optimizer=adamw8bit`` (bitsandbytes' AdamW8bit) keeps each moment in 1 B per element plus a
   float32 absmax per 256-block (tensors of >= 4096 elements; 8 B per element for the others; per parameter
   without ZeRO, one flat partition with it), master and gradients unchanged;
-* **frozen copies**: VAE, text encoder(s) (CLIP, and T5-XXL on SD3/FLUX: the trainer keeps them loaded for
-  sample grids), the LoRA base weights, in the run's precision (each part in the family's ``part_dtype``:
+* **frozen copies**: VAE and the LoRA base weights, in the run's precision (each part in the family's ``part_dtype``:
   SDXL's VAE stays float32); ``model.quantize`` stores the frozen ``nn.Linear`` weights of the LoRA base
   (those diffusers' quantizers replace; biases, norms, convolutions, embeddings stay in the run's precision)
   as int8 (1 B + a float32 scale and an int8 zero point per output row: torchao), float8 (1 B + a float32
   scale per row: torchao) or nf4 (0.5 B + a float32 absmax per 64-block: bitsandbytes);
-  ``model.drop_text_encoders`` frees the text encoders after the prompts are encoded (their embeddings stay
-  cached);
+  the text encoders (CLIP, and T5-XXL on SD3/FLUX) in host memory: the trainer moves them to the CPU
+  once the prompts are encoded, and ``model.drop_text_encoders`` frees them (their embeddings stay cached);
 * **activations** of one micro-batch: a short probe of the actual architecture at two small resolutions —
   the run's forward (the denoiser on instance + class latents — a UNet on the latent image, SD3's
   transformer on its 2x2 patches, FLUX's on 2x2-packed latent tokens, each with the cached prompt embeddings
@@ -836,10 +835,12 @@ class Planner:
         w = 2 if option.precision in ("bf16", "fp16") else 4
         # frozen parts in the training precision, each as the family loads it (SDXL's VAE in float32), and the
         # models' buffers (SD3's positional embedding table)
-        text = [] if option.drop_text else text  # freed once the prompt embeddings are cached
-        frozen = (p_unet - p_train + sum(_count(t)[0] for t in text)) * w + _count(vae)[0] * self._vae_bytes(w)
-        frozen += sum(_buffer_bytes(m, w) for m in (denoiser, vae, *text))
+        frozen = (p_unet - p_train) * w + _count(vae)[0] * self._vae_bytes(w)
+        frozen += sum(_buffer_bytes(m, w) for m in (denoiser, vae))
         frozen -= quantized_saving(denoiser, option.quantize, w)
+        # the text encoders, in the run's precision: moved to the CPU once the prompts are encoded (host memory),
+        # or freed (model.drop_text_encoders)
+        text_bytes = 0 if option.drop_text else sum(_count(t)[0] * w + _buffer_bytes(t, w) for t in text)
         world, z = option.world, option.zero_stage
         # trained parameters: weights, gradients, an fp32 master copy (mixed precision; DeepSpeed's fp32
         # partition at any ZeRO stage, also in float32 training), AdamW moments
@@ -858,9 +859,9 @@ class Planner:
             step_temp = 8 * p_train / world if z >= 1 else 0.0
         micro = option.micro_batch or batch // world
         accumulating = micro * world < batch
-        host, host_moments = 0.0, 0.0  # host memory: allocated at set-up / by the first optimizer.step()
+        host, host_moments = float(text_bytes), 0.0  # host memory: allocated at set-up / by the first optimizer.step()
         if option.offload_optimizer:
-            host, host_moments = master, moments
+            host, host_moments = host + master, moments
             master = moments = 0.0
             if z >= 2:
                 # the gradient partition and, ZeRO-2, a staging copy of the weight partition; ZeRO-3 a second
