@@ -378,7 +378,7 @@ OPTIONS = {
 _LATENT_DEFAULT = ("dsfast", "dsfast+pixel", "dsfast+lora", "dsfast+ckpt", "dsfast+ckpt+bf16", "dsfast+lora+ckpt",
                    "dsfast+lora+ckpt+bf16", "zero2-offload", "zero3-offload", "zero3-offload+ckpt+bf16")
 # The frozen-weight options (model.quantize, train.optimizer=adamw8bit, model.drop_text_encoders) on the families
-# whose base weights and text encoders are what a 24 GB card cannot hold.
+# whose frozen base a 24 GB card cannot hold (and whose text encoders fill host memory).
 _LOW_MEMORY = ("dsfast+lora+ckpt+bf16+int8", "dsfast+lora+ckpt+bf16+float8", "dsfast+lora+ckpt+bf16+nf4",
                "dsfast+lora+ckpt+bf16+adam8", "dsfast+lora+ckpt+bf16+notext", "dsfast+lora+ckpt+bf16+nf4+adam8+notext")
 FAMILY_OPTIONS = {
