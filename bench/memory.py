@@ -4,6 +4,7 @@ and ``dsfast plan``'s prediction of each point.
     python -m bench.memory                      # the sweep (~10 min on 2 cores): rows + plots
     python -m bench.memory --report-only        # plots and the markdown table from the rows
     python -m bench.memory --preset sd3-small   # the same for a reduced-width SD3 (or flux-small: FLUX.1)
+    python -m bench.memory --preset sdxl-small  # SDXL: the frozen-weight options (quantize, adamw8bit, no text)
 
 Model (``--preset``, a ``dsfast.plan.PRESETS`` entry, random weights saved with ``save_pretrained``; 6
 instance images, 4 class images): ``sd-small`` (default), a Stable-Diffusion-architecture pipeline with
@@ -11,7 +12,9 @@ reduced width (the SD-1.5 UNet2DConditionModel / AutoencoderKL / CLIP text-encod
 levels, 2 layers per block, cross-attention at 3 levels, an 8x VAE with 4 levels — at 1/10 of SD-1.5's UNet
 width); ``sd3-small`` / ``flux-small``, the SD3 / FLUX.1 structures (joint blocks on 2x2 patches; double and
 single blocks on 2x2-packed tokens; a 16-channel 8x VAE; CLIP + CLIP + T5 / CLIP + T5) at small width, trained
-through their families with ``model.max_sequence_length`` set to the preset's T5 tokens. The official form
+through their families with ``model.max_sequence_length`` set to the preset's T5 tokens; ``sdxl-small``, the
+SDXL structure (3 UNet levels, linear-projection transformers, two CLIP encoders, text_time conditioning) at
+widths 32/64/128. The official form
 is written for the SD UNet only (the flow-matching families have no released DomainStudio step).
 
 Forms (every one trains the whole UNet in float32 with AdamW on one process unless said otherwise):
@@ -26,7 +29,12 @@ Forms (every one trains the whole UNet in float32 with AdamW on one process unle
                source decode without grad), ``+latent`` (``loss.space=latent``), ``+lora`` (``model.lora_rank=8``,
                ``loss.source=lora_off``), ``+ckpt`` (``train.gradient_checkpointing=true``), micro-batches
                (``train.micro_batch_size``: the two-pass scheme), and ``zero2-offload`` / ``zero3-offload`` on
-               2 ranks (torchrun, gloo; per-rank peak, global batch split over the ranks).
+               2 ranks (torchrun, gloo; per-rank peak, global batch split over the ranks);
+``dsfast+lora+int8`` / ``+float8`` / ``+notext``   the LoRA run with ``model.quantize=int8`` / ``float8``
+               (torchao weight-only, its CPU kernels) / ``model.drop_text_encoders=true``, and ``dsfast+adam8``
+               (``train.optimizer=adamw8bit``, a full fine-tune), at 64 px and batch 4 (sdxl-small,
+               flux-small) beside ``dsfast+lora`` and ``dsfast`` there: weights and optimizer states are most of
+               that peak (nf4 needs a GPU).
 
 Measured: ``peak_bytes`` = bytes of torch tensors alive when the step starts (parameters, gradients,
 optimizer state, frozen models, cached latents: every tensor the garbage collector can reach, each storage
@@ -62,11 +70,11 @@ def live_tensor_bytes() -> int:
     seen, total = set(), 0
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-            try:
+            try:  # a wrapper tensor subclass (torchao's quantized weights) has no storage: its inner tensors count
                 storage = obj.untyped_storage()
+                key = storage.data_ptr()
             except (RuntimeError, NotImplementedError):
                 continue
-            key = storage.data_ptr()
             if key and key not in seen:
                 seen.add(key)
                 total += storage.nbytes()
@@ -149,10 +157,19 @@ OPTIONS = {
     "dsfast+lora+ckpt": ["model.lora_rank=8", "loss.source=lora_off", "train.gradient_checkpointing=true"],
     "dsfast+latent+lora+ckpt": ["loss.space=latent", "model.lora_rank=8", "loss.source=lora_off",
                                 "train.gradient_checkpointing=true"],
+    "dsfast+lora+int8": ["model.lora_rank=8", "loss.source=lora_off", "model.quantize=int8"],
+    "dsfast+lora+float8": ["model.lora_rank=8", "loss.source=lora_off", "model.quantize=float8"],
+    "dsfast+adam8": ["train.optimizer=adamw8bit"],
+    "dsfast+lora+notext": ["model.lora_rank=8", "loss.source=lora_off", "model.drop_text_encoders=true"],
     "zero2-offload": ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"],
     "zero3-offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu"],
 }
 RANKS = {"zero2-offload": 2, "zero3-offload": 2}
+# the frozen-weight options and the run each changes, measured at 64 px and batch 4 where the weights are most of
+# the peak (nf4: bitsandbytes' 4-bit layers need a GPU); 8-bit AdamW on a full fine-tune (a small model's LoRA
+# tensors are under torchao's 4096 elements: float32 states)
+FROZEN_TERMS = {"dsfast+lora+int8": "dsfast+lora", "dsfast+lora+float8": "dsfast+lora", "dsfast+adam8": "dsfast",
+                "dsfast+lora+notext": "dsfast+lora"}
 
 
 def worker(spec: dict) -> None:
@@ -240,6 +257,8 @@ def official_step(assets: dict, resolution: int, batch: int) -> dict:
 # ----------------------------------------------------------------------------------------- sweep
 def cases(quick: bool, preset: str = "sd-small") -> list[dict]:
     """(option, resolution, global batch, micro-batch) points, most important first."""
+    if preset == "sdxl-small":  # the frozen-weight terms against the LoRA run they change
+        return [dict(option=o, resolution=64, batch=4) for o in ("dsfast", "dsfast+lora", *FROZEN_TERMS)][:2 if quick else None]
     if preset != "sd-small":  # the transformer families: loss.space=latent by default, no official form
         out = [dict(option=o, resolution=128, batch=4) for o in ("dsfast", "dsfast+lora")]
         out += [dict(option="dsfast", resolution=128, batch=16, micro=2), dict(option="dsfast+ckpt", resolution=128,
@@ -249,6 +268,7 @@ def cases(quick: bool, preset: str = "sd-small") -> list[dict]:
         out += [dict(option=o, resolution=256, batch=4) for o in ("dsfast", "dsfast+lora")]
         out += [dict(option="dsfast", resolution=256, batch=16, micro=1)]
         out += [dict(option=o, resolution=128, batch=16, micro=2) for o in RANKS]
+        out += [dict(option=o, resolution=64, batch=4) for o in ("dsfast", "dsfast+lora", *FROZEN_TERMS)]
         return out[:2] if quick else out
     combined = "dsfast+latent+lora+ckpt"
     out = [dict(option="official", resolution=128, batch=4), dict(option="dsfast", resolution=128, batch=16, micro=2),
@@ -344,7 +364,7 @@ def main(argv=None) -> int:
     return 0
 
 
-PRESETS = ("sd-small", "sd3-small", "flux-small")  # the reduced-width models measured here
+PRESETS = ("sd-small", "sd3-small", "flux-small", "sdxl-small")  # the reduced-width models measured here
 
 
 def _suffix(preset: str, sep: str) -> str:

@@ -13,9 +13,16 @@ UNet, SD3's MMDiT, FLUX.1's transformer). Per rank and per step, in bytes:
   8 B moments. ZeRO stage 1 divides the optimizer part (moments, master) by the world size, stage 2 also the
   gradients, stage 3 also the weights; ``offload_optimizer=cpu`` moves the optimizer part (and, stage ≥ 2,
   the gradient partition) to host memory, ``offload_param=cpu`` the stage-3 weight partition;
-* **frozen copies**: VAE, text encoder(s) (CLIP, and T5-XXL on SD3/FLUX: the trainer keeps them loaded for
-  sample grids), the LoRA base weights, in the run's precision (each part in the family's ``part_dtype``:
-  SDXL's VAE stays float32);
+  ``train.optimizer=adamw8bit`` (bitsandbytes' AdamW8bit) keeps each moment in 1 B per element plus a
+  float32 absmax per 256-block (tensors of >= 4096 elements; 8 B per element for the others; per parameter
+  without ZeRO, one flat partition with it), master and gradients unchanged;
+* **frozen copies**: VAE and the LoRA base weights, in the run's precision (each part in the family's ``part_dtype``:
+  SDXL's VAE stays float32); ``model.quantize`` stores the frozen ``nn.Linear`` weights of the LoRA base
+  (those diffusers' quantizers replace; biases, norms, convolutions, embeddings stay in the run's precision)
+  as int8 (1 B + a float32 scale and an int8 zero point per output row: torchao), float8 (1 B + a float32
+  scale per row: torchao) or nf4 (0.5 B + a float32 absmax per 64-block: bitsandbytes);
+  the text encoders (CLIP, and T5-XXL on SD3/FLUX) in host memory: the trainer moves them to the CPU
+  once the prompts are encoded, and ``model.drop_text_encoders`` frees them (their embeddings stay cached);
 * **activations** of one micro-batch: a short probe of the actual architecture at two small resolutions —
   the run's forward (the denoiser on instance + class latents — a UNet on the latent image, SD3's
   transformer on its 2x2 patches, FLUX's on 2x2-packed latent tokens, each with the cached prompt embeddings
@@ -172,6 +179,20 @@ PRESETS = {
                        t5=dict(vocab_size=_TINY_T5_VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
                                feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
                                relative_attention_max_distance=32)),
+    # SDXL's structure (3 UNet levels, cross-attention transformers at the lower two with linear projections,
+    # text_time conditioning on two CLIP encoders' states side by side and the second's pooled projection): widths
+    # 32/64/128, 1 and 2 transformer layers, encoders of width 64, an 8x VAE with 4 levels.
+    "sdxl-small": dict(family="text2image", resolution=128, text_len=16, sdxl=True,
+                       unet=dict(sample_size=16, block_out_channels=(32, 64, 128), layers_per_block=2,
+                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                 transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
+                                 cross_attention_dim=128, use_linear_projection=True, addition_embed_type="text_time",
+                                 addition_time_embed_dim=16, projection_class_embeddings_input_dim=6 * 16 + 64),
+                       vae=dict(_SD_VAE, block_out_channels=(32, 64, 64, 64), sample_size=128),
+                       text=[dict(**_TINY_CLIP_IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, max_position_embeddings=16, **extra)
+                             for extra in ({}, {"projection_dim": 64})]),
 }
 
 
@@ -237,18 +258,20 @@ def _denoiser(spec: dict):
 
 def build_pipeline(preset: str, path) -> None:
     """Save a text-to-image preset with random weights as a local pipeline folder of its family (bench, tests):
-    StableDiffusionPipeline, StableDiffusion3Pipeline or FluxPipeline, with dsfast.train.testing's tiny
-    tokenizers (the presets' vocabulary sizes are theirs)."""
+    StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline, with
+    dsfast.train.testing's tiny tokenizers (the presets' vocabulary sizes are theirs)."""
     import tempfile
     from pathlib import Path
 
     import torch
     from diffusers import (
         AutoencoderKL,
+        EulerDiscreteScheduler,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
     )
 
     from dsfast.train.testing import _tiny_clip_tokenizer, _tiny_t5_tokenizer, sd_scheduler
@@ -276,6 +299,15 @@ def build_pipeline(preset: str, path) -> None:
                 base_image_seq_len=256, max_image_seq_len=4096)
             pipe = FluxPipeline(transformer=model, vae=vae, scheduler=sched, text_encoder=encoders[0],
                                 tokenizer=toks[0][0], text_encoder_2=encoders[1], tokenizer_2=t5_tok)
+        elif spec.get("sdxl"):
+            sched = EulerDiscreteScheduler(  # the scheduler_config.json of stable-diffusion-xl-base-1.0
+                num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, steps_offset=1,
+                timestep_spacing="leading")
+            pipe = StableDiffusionXLPipeline(
+                vae=vae, text_encoder=encoders[0], tokenizer=toks[0][0], text_encoder_2=encoders[1],
+                tokenizer_2=toks[1][0], unet=model, scheduler=sched, force_zeros_for_empty_prompt=True,
+                add_watermarker=False)
         else:
             pipe = StableDiffusionPipeline(
                 vae=vae, text_encoder=encoders[0], tokenizer=toks[0][0], unet=model,
@@ -301,9 +333,13 @@ class Option:
     precision: str = "no"  # train.mixed_precision
     micro_batch: int | None = None  # train.micro_batch_size (None: global batch / world)
     reduce_bucket: int | None = None  # zero_optimization.reduce_bucket_size of deepspeed.config (None: dsfast's)
+    quantize: str = "none"  # model.quantize: the frozen denoiser's Linear weights under LoRA (QUANT_FORMATS)
+    optimizer: str = "adamw"  # train.optimizer: adamw, or adamw8bit (8-bit moments)
+    drop_text: bool = False  # model.drop_text_encoders: the text encoders freed once the prompts are cached
 
 
 _LORA_CKPT = dict(lora_rank=8, checkpointing=True)
+_LORA_BF16 = dict(_LORA_CKPT, precision="bf16")
 OPTIONS = {
     "official": Option("official", official=True, space="pixel"),
     "dsfast": Option("dsfast"),
@@ -317,6 +353,19 @@ OPTIONS = {
     "dsfast+latent+lora+ckpt": Option("dsfast+latent+lora+ckpt", space="latent", **_LORA_CKPT),
     "dsfast+latent+lora+ckpt+bf16": Option("dsfast+latent+lora+ckpt+bf16", space="latent", **_LORA_CKPT,
                                            precision="bf16"),
+    # the frozen-weight terms one at a time in float32 (what bench/memory.py measures on a CPU)
+    "dsfast+lora+int8": Option("dsfast+lora+int8", lora_rank=8, quantize="int8"),
+    "dsfast+lora+float8": Option("dsfast+lora+float8", lora_rank=8, quantize="float8"),
+    "dsfast+adam8": Option("dsfast+adam8", optimizer="adamw8bit"),  # a full fine-tune's: LoRA's are small
+    "dsfast+lora+notext": Option("dsfast+lora+notext", lora_rank=8, drop_text=True),
+    "dsfast+lora+ckpt+bf16+int8": Option("dsfast+lora+ckpt+bf16+int8", **_LORA_BF16, quantize="int8"),
+    "dsfast+lora+ckpt+bf16+float8": Option("dsfast+lora+ckpt+bf16+float8", **_LORA_BF16, quantize="float8"),
+    "dsfast+lora+ckpt+bf16+nf4": Option("dsfast+lora+ckpt+bf16+nf4", **_LORA_BF16, quantize="nf4"),
+    "dsfast+lora+ckpt+bf16+adam8": Option("dsfast+lora+ckpt+bf16+adam8", **_LORA_BF16, optimizer="adamw8bit"),
+    "dsfast+lora+ckpt+bf16+notext": Option("dsfast+lora+ckpt+bf16+notext", **_LORA_BF16, drop_text=True),
+    # the 24 GB combination: every one of the three
+    "dsfast+lora+ckpt+bf16+nf4+adam8+notext": Option("dsfast+lora+ckpt+bf16+nf4+adam8+notext", **_LORA_BF16,
+                                                     quantize="nf4", optimizer="adamw8bit", drop_text=True),
     "zero2-offload": Option("zero2-offload", zero_stage=2, offload_optimizer=True, world=2),
     "zero3-offload": Option("zero3-offload", zero_stage=3, offload_optimizer=True, offload_param=True, world=2),
     "zero3-offload+ckpt+bf16": Option("zero3-offload+ckpt+bf16", zero_stage=3, offload_optimizer=True,
@@ -327,18 +376,73 @@ OPTIONS = {
 # released code is DDPM's).
 _LATENT_DEFAULT = ("dsfast", "dsfast+pixel", "dsfast+lora", "dsfast+ckpt", "dsfast+ckpt+bf16", "dsfast+lora+ckpt",
                    "dsfast+lora+ckpt+bf16", "zero2-offload", "zero3-offload", "zero3-offload+ckpt+bf16")
+# The frozen-weight options (model.quantize, train.optimizer=adamw8bit, model.drop_text_encoders) on the families
+# whose frozen base a 24 GB card cannot hold (and whose text encoders fill host memory).
+_LOW_MEMORY = ("dsfast+lora+ckpt+bf16+int8", "dsfast+lora+ckpt+bf16+float8", "dsfast+lora+ckpt+bf16+nf4",
+               "dsfast+lora+ckpt+bf16+adam8", "dsfast+lora+ckpt+bf16+notext", "dsfast+lora+ckpt+bf16+nf4+adam8+notext")
 FAMILY_OPTIONS = {
     "unet2d": ("dsfast", "dsfast+ckpt", "zero2-offload", "zero3-offload"),
     "sd": ("official", "dsfast", "dsfast+latent", "dsfast+lora", "dsfast+ckpt", "dsfast+latent+lora+ckpt",
            "dsfast+latent+lora+ckpt+bf16", "zero2-offload", "zero3-offload"),
-    "sdxl": ("official", *_LATENT_DEFAULT),
-    "sd3": _LATENT_DEFAULT,
-    "flux": _LATENT_DEFAULT,
+    "sdxl": ("official", *_LATENT_DEFAULT, *_LOW_MEMORY),
+    "sd3": (*_LATENT_DEFAULT, *_LOW_MEMORY),
+    "flux": (*_LATENT_DEFAULT, *_LOW_MEMORY),
 }
 
 
 def preset_options(spec: dict) -> dict:
     return {k: OPTIONS[k] for k in FAMILY_OPTIONS[family_name(spec)]}
+
+
+# ----------------------------------------------------------------------------------------- frozen and optimizer formats
+QUANT_FORMATS = ("none", "int8", "float8", "nf4")  # model.quantize
+NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one float32 absmax per 64 weights
+# torchao's formats; nf4's matmul (bitsandbytes) saves the 4-bit weight for backward, its dequantized copy is
+# transient
+TORCHAO_FORMATS = ("int8", "float8")
+# bitsandbytes' AdamW8bit (train.optimizer=adamw8bit): per state one byte an element and a float32 absmax per
+# 256-block, for tensors of >= 4096 elements (its min_8bit_size; float32 states below); its code tables are shared
+ADAM8_BLOCK, ADAM8_MIN = 256, 4096
+
+
+def quantized_weight_bytes(rows: int, cols: int, fmt: str) -> float:
+    """Bytes of one quantized Linear weight of ``rows`` (outputs) x ``cols``: torchao's weight-only int8 (int8
+    values, a float32 scale and an int8 zero point per output row) and float8 (e4m3 values, a float32 scale per
+    row), bitsandbytes' nf4 (two 4-bit values a byte, a float32 absmax per 64-block)."""
+    n = rows * cols
+    if fmt == "int8":
+        return n + rows * 5
+    if fmt == "float8":
+        return n + rows * 4
+    if fmt == "nf4":
+        return n / 2 + -(-n // NF4_BLOCK) * 4
+    raise ValueError(f"model.quantize={fmt!r}: one of {', '.join(QUANT_FORMATS)}")
+
+
+def quantized_saving(denoiser, fmt: str, w: int) -> float:
+    """Bytes the ``fmt`` quantization of the frozen denoiser saves against its ``w``-byte weights: the weight of
+    every frozen ``nn.Linear`` (what diffusers' TorchAoConfig and BitsAndBytesConfig replace, before the LoRA
+    adapters are added: the adapters' base layers); biases, norms, convolutions and embeddings stay."""
+    if fmt == "none":
+        return 0.0
+    import torch
+
+    return sum(m.weight.numel() * w - quantized_weight_bytes(*m.weight.shape, fmt) for m in denoiser.modules()
+               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+
+
+def adam8bit_state_bytes(n: int) -> int:
+    """AdamW's two moments of a float32 tensor of ``n`` elements under train.optimizer=adamw8bit."""
+    if n < ADAM8_MIN:
+        return 8 * n
+    return 2 * (n + -(-n // ADAM8_BLOCK) * 4)
+
+
+def adam8bit_cpu_temporaries(sizes) -> int:
+    """Peak bytes of the temporaries of train.optimizer=adamw8bit's step on the CPU, tensors of ``sizes``
+    elements: bitsandbytes' CPU update dequantizes the two states of one tensor at a time, copies its gradient
+    and forms sqrt(v) and the denominator in float32 (5 of the largest 8-bit tensor); its CUDA kernel makes none."""
+    return 20 * max([n for n in sizes if n >= ADAM8_MIN], default=0)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -618,16 +722,37 @@ def _fit(spec, models, option, space: str, r1: int, r2: int) -> dict:
     return fit
 
 
-def _activations(fit: dict, resolution: int, m: int, option: Option) -> tuple[int, int]:
+def _activations(fit: dict, resolution: int, m: int, option: Option, copies: tuple = (0, 0, 0)) -> tuple[int, int]:
     """``(peak, held)`` activation bytes of ``m`` samples: the peak of the micro-batch's forward (the decode's
-    on top of what the denoiser holds), and what the denoiser holds when its backward starts."""
+    on top of what the denoiser holds), and what the denoiser holds when its backward starts. ``copies``: the
+    float32 bytes of the weight copies a quantized forward saves (:func:`dequantized_copies`), per forward."""
     px = resolution * resolution
     val = {k: m * max(0.0, c + a * px + b * px * px) for k, (c, a, b) in fit.items()}
-    held = val["held"]
+    every, outside, unit = copies
+    held = val["held"] + every
     if option.checkpointing:  # what the units do not recompute, and one unit's recomputation
-        held = val["checkpoint_kept"]
-        return int(max(held + val["max_unit"], held + val["decode"])), int(held)
-    return int(max(val["unet"], held + val["decode"])), int(held)
+        held = val["checkpoint_kept"] + outside
+        return int(max(held + val["max_unit"] + unit, held + val["decode"])), int(held)
+    return int(max(val["unet"] + every, held + val["decode"])), int(held)
+
+
+def dequantized_copies(denoiser, fmt: str) -> tuple[int, int, int]:
+    """torchao's int8 / float8 weight-only linear casts the quantized weight to the activations' dtype above
+    autograd (on any device), and the matmul saves that copy for backward: float32 bytes of the copies one
+    forward saves — ``(all, outside the checkpointed units, the largest unit's)``; none for nf4 (bitsandbytes'
+    matmul saves the 4-bit weight, its dequantized copy is transient)."""
+    if fmt not in TORCHAO_FORMATS:
+        return 0, 0, 0
+    import torch
+
+    def frozen_linear_bytes(module):
+        return sum(4 * m.weight.numel() for m in module.modules()
+                   if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+
+    units = [u for u in denoiser.modules() if type(u).__name__ in CHECKPOINT_UNITS]
+    inside = [frozen_linear_bytes(u) for u in units]
+    every = frozen_linear_bytes(denoiser)
+    return every, every - sum(inside), max(inside, default=0)
 
 
 def _probe_sizes(spec: dict, models) -> tuple[int, int]:
@@ -709,20 +834,33 @@ class Planner:
         w = 2 if option.precision in ("bf16", "fp16") else 4
         # frozen parts in the training precision, each as the family loads it (SDXL's VAE in float32), and the
         # models' buffers (SD3's positional embedding table)
-        frozen = (p_unet - p_train + sum(_count(t)[0] for t in text)) * w + _count(vae)[0] * self._vae_bytes(w)
-        frozen += sum(_buffer_bytes(m, w) for m in (denoiser, vae, *text))
+        frozen = (p_unet - p_train) * w + _count(vae)[0] * self._vae_bytes(w)
+        frozen += sum(_buffer_bytes(m, w) for m in (denoiser, vae))
+        frozen -= quantized_saving(denoiser, option.quantize, w)
+        # the text encoders, in the run's precision: moved to the CPU once the prompts are encoded (host memory),
+        # or freed (model.drop_text_encoders)
+        text_bytes = 0 if option.drop_text else sum(_count(t)[0] * w + _buffer_bytes(t, w) for t in text)
         world, z = option.world, option.zero_stage
         # trained parameters: weights, gradients, an fp32 master copy (mixed precision; DeepSpeed's fp32
         # partition at any ZeRO stage, also in float32 training), AdamW moments
         weights = p_train * w / (world if z >= 3 else 1)
         grads = p_train * w / (world if z >= 2 else 1)
         master = p_train * 4 / (world if z >= 1 else 1) if w == 2 or z >= 1 else 0.0
-        moments = p_train * 8 / (world if z >= 1 else 1)
+        if option.optimizer == "adamw8bit":  # per parameter without ZeRO; ZeRO steps one flat partition
+            sizes = [p.numel() for p in denoiser.parameters() if p.requires_grad] if z == 0 else [p_train // world]
+            moments = sum(adam8bit_state_bytes(n) for n in sizes)
+            step_temp = adam8bit_cpu_temporaries(sizes)  # a CPU run's (``total``)
+        else:
+            moments = p_train * 8 / (world if z >= 1 else 1)
+            # A CPU run (``total``) steps with torch's single-tensor AdamW (dsfast's optimizer without CUDA): on
+            # DeepSpeed's flat fp32 partition (ZeRO ≥ 1) it makes two temporaries of its size, sqrt(v) and its
+            # quotient; DeepSpeed's fused (GPU) and CPU Adam make none.
+            step_temp = 8 * p_train / world if z >= 1 else 0.0
         micro = option.micro_batch or batch // world
         accumulating = micro * world < batch
-        host, host_moments = 0.0, 0.0  # host memory: allocated at set-up / by the first optimizer.step()
+        host, host_moments = float(text_bytes), 0.0  # host memory: allocated at set-up / by the first optimizer.step()
         if option.offload_optimizer:
-            host, host_moments = master, moments
+            host, host_moments = host + master, moments
             master = moments = 0.0
             if z >= 2:
                 # the gradient partition and, ZeRO-2, a staging copy of the weight partition; ZeRO-3 a second
@@ -738,7 +876,8 @@ class Planner:
         space = self.space(option)
         if option.official:
             micro = batch // world  # one pass over the whole batch
-        act, act_unet = (a * w // 4 for a in _activations(fit, resolution, micro, option))  # probed in fp32
+        copies = dequantized_copies(denoiser, option.quantize)
+        act, act_unet = (a * w // 4 for a in _activations(fit, resolution, micro, option, copies))  # in fp32
         pixels = resolution * resolution
         if vae is None:  # unconditional: x0 and its noise per sample
             image, latent = denoiser.config.in_channels * pixels, 0
@@ -787,10 +926,6 @@ class Planner:
             transient = grads
         else:
             held += grads
-        # A CPU run (``total``) steps with torch's single-tensor AdamW (dsfast's optimizer without CUDA): on
-        # DeepSpeed's flat fp32 partition (ZeRO ≥ 1) it makes two temporaries of its size, sqrt(v) and its
-        # quotient; DeepSpeed's fused (GPU) and CPU Adam make none.
-        step_temp = 8 * p_train / world if z >= 1 else 0.0
         peak_dev, peak_cpu = max(peak_act, reduce_dev) + features, max(peak_act, reduce_cpu) + features
         if first_step:
             device = held + max(peak_dev, transient + moments)
@@ -892,7 +1027,8 @@ def option_from_config(cfg, world: int) -> Option:
                   checkpointing=t.gradient_checkpointing, zero_stage=z.zero_stage,
                   offload_optimizer=z.offload_optimizer == "cpu", offload_param=z.offload_param == "cpu",
                   world=world, precision=t.mixed_precision or "no", micro_batch=t.micro_batch_size,
-                  reduce_bucket=None if bucket in (None, "auto") else int(bucket))
+                  reduce_bucket=None if bucket in (None, "auto") else int(bucket), quantize=cfg.model.quantize,
+                  optimizer=t.optimizer, drop_text=cfg.model.drop_text_encoders)
 
 
 def _count_images(folder: str) -> int:

@@ -74,3 +74,39 @@ def test_config_doc_needs_its_markers_once():
         config_doc.with_table("# no markers\n")
     with pytest.raises(ValueError, match="once each"):
         config_doc.with_table(f"{config_doc.START}\n{config_doc.END}\n{config_doc.END}\n")
+
+
+# ----------------------------------------------------------------------------------------- recipes
+def _recipe_blocks():
+    """docs/recipes.md's (bash, yaml) code blocks, in order: one pair per recipe."""
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    return re.findall(r"^```bash\n(.*?)^```\n\n```yaml\n(.*?)^```", text, flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("family, down_factor", [("flux", 16), ("sdxl", 8)])
+def test_recipe_flags_and_yaml_are_one_valid_config(family, down_factor, monkeypatch):
+    """Each recipe's YAML loads and resolves for its family (as on a GPU: nf4 needs one), and its `dsfast
+    dreambooth` flags map to that config."""
+    import shlex
+
+    import torch
+    import yaml
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    from dsfast.train import dreambooth_cli
+    from dsfast.train.config import load_config, resolve
+
+    blocks = dict(zip(("flux", "sdxl"), _recipe_blocks()))
+    assert len(_recipe_blocks()) == 2
+    flags, text = blocks[family]
+    cfg = load_config(yaml.safe_load(text))
+    r = resolve(cfg, family, down_factor=down_factor)
+    assert (r.model.quantize, r.train.optimizer, r.model.drop_text_encoders, r.loss.source) == \
+        ("nf4", "adamw8bit", True, "lora_off")
+    argv = shlex.split(flags.replace("\\\n", " "))
+    assert argv[:2] == ["dsfast", "dreambooth"]
+    args, extra = dreambooth_cli.parser().parse_known_args(argv[2:])
+    assert not extra
+    from_flags = load_config(dreambooth_cli.flags_to_config(args), args.overrides)
+    assert from_flags.model_dump() == cfg.model_dump()

@@ -1,4 +1,6 @@
 """`dsfast plan` arithmetic on a tiny SD-structured architecture (meta device: no weights, seconds)."""
+import importlib
+
 import pytest
 
 from dsfast.plan import OPTIONS, Option, Planner, _count, largest_micro_batch, main
@@ -21,9 +23,13 @@ def planner():
 
 
 def test_model_states_by_zero_stage_and_offload(planner):
+    from dsfast.plan import _buffer_bytes
+
     p = _count(planner.models(0)[0])[1]
+    # the text encoder: on the CPU once the prompts are encoded
+    text = sum(_count(t)[0] * 4 + _buffer_bytes(t, 4) for t in planner.models(0)[2])
     base = planner.predict(OPTIONS["dsfast"], 4, 32)
-    assert (base["weights"], base["grads"], base["optimizer"], base["host"]) == (4 * p, 4 * p, 8 * p, 0)
+    assert (base["weights"], base["grads"], base["optimizer"], base["host"]) == (4 * p, 4 * p, 8 * p, text)
     z2 = planner.predict(Option("z2", zero_stage=2, world=2, space="latent"), 4, 32)
     assert (z2["weights"], z2["grads"], z2["optimizer"]) == (4 * p, 2 * p, 6 * p)  # fp32 partition copy included
     states = 4 * p + 2 * p + 6 * p + z2["frozen"] + z2["inputs"] + z2["cached"]
@@ -37,13 +43,13 @@ def test_model_states_by_zero_stage_and_offload(planner):
     assert z2p["device"] == states + z2p["activations"] + z2p["features"]
     # offload: fp32 master, its gradient, a staging copy of the weights (+ the accumulation buffer), moments
     z2o = planner.predict(Option("z2o", zero_stage=2, world=2, offload_optimizer=True), 4, 32)
-    assert (z2o["grads"], z2o["optimizer"], z2o["host"]) == (0, 0, 2 * p + 2 * p + 2 * p + 4 * p)
+    assert (z2o["grads"], z2o["optimizer"], z2o["host"]) == (0, 0, text + 2 * p + 2 * p + 2 * p + 4 * p)
     z2a = planner.predict(Option("z2a", zero_stage=2, world=2, offload_optimizer=True, micro_batch=1), 4, 32)
     assert z2a["host"] == z2o["host"] + 2 * p
     # ZeRO-3: weight partition, gradient partition, master and its gradient, moments on the host; the bucket
     # and the gathered weights on the device
     z3o = planner.predict(OPTIONS["zero3-offload"], 4, 32)
-    assert z3o["weights"] == 0 and z3o["host"] == 2 * p + 2 * p + 2 * p + 2 * p + 4 * p
+    assert z3o["weights"] == 0 and z3o["host"] == text + 2 * p + 2 * p + 2 * p + 2 * p + 4 * p
     assert z3o["device"] == (z3o["frozen"] + z3o["inputs"] + z3o["cached"] + 4 * p + 4 * p + z3o["activations"]
                              + z3o["features"])
     assert z3o["total"] == z3o["device"] + z3o["host"]
@@ -63,6 +69,10 @@ def test_option_from_config_keeps_a_stock_json_bucket(tmp_path):
     base = {"model": {"pretrained": "m"}, "data": {"instance_dir": "d"}, "output_dir": "o"}
     assert option_from_config(load_config({**base, "deepspeed": {"config": str(f)}}), 2).reduce_bucket == 2 * 10**8
     assert option_from_config(load_config(base), 2).reduce_bucket is None
+    low = option_from_config(load_config({**base, "model": {"pretrained": "m", "lora_rank": 4, "quantize": "nf4",
+                                                            "drop_text_encoders": True},
+                                          "train": {"optimizer": "adamw8bit"}}), 1)
+    assert (low.quantize, low.optimizer, low.drop_text) == ("nf4", "adamw8bit", True)
 
 
 def test_lora_trains_only_adapters(planner):
@@ -351,3 +361,115 @@ def test_build_pipeline_writes_an_sd_scheduler_diffusers_does_not_flag(tmp_path)
     assert [str(w.message)[:200] for w in caught if issubclass(w.category, FutureWarning)] == []
     config = json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())
     assert config["steps_offset"] == 1 and config["clip_sample"] is False
+
+
+# ----------------------------------------------------------------------------------------- frozen-weight options
+def _tensor_bytes(t) -> int:
+    """Bytes of a tensor, a quantized tensor subclass's being those of its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_tensor_bytes(getattr(t, n)) for n in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
+def _lora_denoiser(spec):
+    """The trainer's LoRA layout of a preset's denoiser, on the CPU with random weights."""
+    import torch
+
+    from dsfast.plan import _denoiser, _family
+
+    torch.manual_seed(0)
+    model = _denoiser(spec).requires_grad_(False)
+    model.add_adapter(_family(spec).lora_config(8, None))
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float8", "nf4"])
+def test_quantized_frozen_bytes_are_what_the_libraries_hold(fmt):
+    """The plan's saving from model.quantize is the bytes torchao's weight-only int8 / float8 and bitsandbytes' nf4
+    hold for the frozen Linear weights (the LoRA adapters' base layers of the flux-small transformer, quantized on
+    the CPU as diffusers' TorchAoConfig / BitsAndBytesConfig do it, layer by layer)."""
+    import torch
+
+    from dsfast.plan import PRESETS
+
+    spec = PRESETS["flux-small"]
+    model = _lora_denoiser(spec)
+    base = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    before = sum(_tensor_bytes(m.weight) for m in base)
+    if fmt == "nf4":
+        bnb = importlib.import_module("bitsandbytes")
+        after = 0
+        for m in base:
+            q = bnb.nn.Params4bit(m.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=False).to("cpu")
+            after += _tensor_bytes(q) + _tensor_bytes(q.quant_state.absmax)
+    else:
+        ao = importlib.import_module("torchao.quantization")
+        ao.quantize_(model, {"int8": ao.Int8WeightOnlyConfig, "float8": ao.Float8WeightOnlyConfig}[fmt](),
+                     filter_fn=lambda m, _: any(m is b for b in base))
+        after = sum(_tensor_bytes(m.weight) for m in base)
+    planner = Planner(spec)
+    plain = planner.predict(OPTIONS["dsfast+lora"], 4, 64)
+    quant = planner.predict(Option("q", lora_rank=8, quantize=fmt), 4, 64)
+    assert after < before and abs((plain["frozen"] - quant["frozen"]) - (before - after)) <= 1
+    # torchao's linear saves a float32 copy of each weight for backward (no checkpointing: all of them)
+    copies = 0 if fmt == "nf4" else before
+    assert quant["activations_held"] - plain["activations_held"] == copies
+    changed = ("frozen", "device", "total", "activations", "activations_held")
+    assert {k: v for k, v in quant.items() if k not in changed} == {k: v for k, v in plain.items() if k not in changed}
+
+
+def test_adamw8bit_moments_are_bitsandbytes():
+    """train.optimizer=adamw8bit: the moments the plan counts per tensor are those bitsandbytes' AdamW8bit allocates
+    in its first step (8-bit states with a float32 absmax per 256-block for tensors of >= 4096 elements, float32
+    for the others); the plan sums them over the trained parameters."""
+    import torch
+
+    bnb = importlib.import_module("bitsandbytes")
+    from bench.kernels import cpu_peak_extra_bytes
+    from dsfast.plan import PRESETS, adam8bit_cpu_temporaries, adam8bit_state_bytes
+
+    sizes = (100, 3000, 4096, 4096 + 100, 65536)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    # the first step allocates the states, and on the CPU its update's temporaries
+    peak = cpu_peak_extra_bytes(opt.step)
+    for p in params:
+        held = sum(_tensor_bytes(v) for k, v in opt.state[p].items() if k in ("state1", "state2", "absmax1", "absmax2"))
+        assert adam8bit_state_bytes(p.numel()) == held
+    states = sum(adam8bit_state_bytes(n) for n in sizes)
+    assert peak == pytest.approx(states + adam8bit_cpu_temporaries(sizes), rel=0.01)
+    # the plan: per trained parameter of a full fine-tune (no ZeRO)
+    planner = Planner(PRESETS["flux-small"])
+    trained = [p.numel() for p in planner.models(0)[0].parameters()]
+    adam8 = planner.predict(OPTIONS["dsfast+adam8"], 4, 64)
+    assert adam8["optimizer"] == sum(adam8bit_state_bytes(n) for n in trained) < 8 * sum(trained) * 0.3
+
+
+def test_dropped_text_encoders_leave_the_cached_prompts():
+    from dsfast.plan import PRESETS, _buffer_bytes
+
+    planner = Planner(PRESETS["flux-small"])
+    text = sum(_count(t)[0] * 4 + _buffer_bytes(t, 4) for t in planner.models(8)[2])
+    kept, dropped = planner.predict(OPTIONS["dsfast+lora"], 4, 64), planner.predict(OPTIONS["dsfast+lora+notext"], 4, 64)
+    # kept, the trainer moves them to the CPU after encoding: host memory, not the device's
+    assert kept["host"] - dropped["host"] == kept["total"] - dropped["total"] == text > 0
+    assert kept["device"] == dropped["device"] and kept["cached"] == dropped["cached"]
+
+
+@pytest.mark.parametrize("preset", ["sdxl-small", "flux-small"])
+def test_plan_predicts_the_committed_cpu_rows_of_the_frozen_weight_options(preset):
+    """The rows bench/memory.py measured of the trainer's step with model.quantize=int8 / float8,
+    model.drop_text_encoders and train.optimizer=adamw8bit (and the runs they change), committed under
+    bench/results: the plan within 15 %."""
+    from bench.memory import FROZEN_TERMS, RESULTS, load_rows, predicted_bytes
+    from dsfast.plan import PRESETS
+
+    rows = {r["option"]: r for r in load_rows(RESULTS / "intel-r-xeon-r-processor" / f"memory-train-cpu-{preset}.jsonl")
+            if r["resolution"] == 64}
+    assert set(FROZEN_TERMS) <= set(rows)
+    planner = Planner(PRESETS[preset])
+    for option in {*FROZEN_TERMS, *FROZEN_TERMS.values()}:
+        row = rows[option]
+        assert abs(predicted_bytes(planner, row) / row["peak_bytes"] - 1) <= 0.15, option

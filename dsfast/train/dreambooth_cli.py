@@ -99,6 +99,11 @@ def parser() -> ArgumentParser:
     a("--gradient_checkpointing", action="store_true", help="gradient checkpointing in the UNet")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), help="training precision")
     a("--use_8bit_adam", action="store_true", help="AdamW with 8-bit states (bitsandbytes; train.optimizer=adamw8bit)")
+    a("--quantize", choices=("none", "int8", "float8", "nf4"),
+      help="with --rank: load the frozen UNet/transformer base quantized (model.quantize: int8 / float8 torchao "
+           "weight-only, nf4 bitsandbytes, GPU only)")
+    a("--drop_text_encoders", action="store_true",
+      help="free the text encoders once the prompts are encoded (model.drop_text_encoders)")
     a("--adam_beta1", type=float, help="AdamW beta1")
     a("--adam_beta2", type=float, help="AdamW beta2")
     a("--adam_weight_decay", type=float, help="AdamW weight decay")
@@ -147,7 +152,8 @@ def flags_to_config(args: argparse.Namespace, world: int = 1) -> dict:
         raise ConfigError(f"--lr_warmup_steps {warmup} with --lr_scheduler constant: diffusers ignores the "
                           "warm-up of that schedule; add --lr_scheduler constant_with_warmup to warm up")
     model = {"pretrained": args.pretrained_model_name_or_path, "vae": args.pretrained_vae_model_name_or_path,
-             "guidance": args.guidance_scale, "max_sequence_length": args.max_sequence_length}
+             "guidance": args.guidance_scale, "max_sequence_length": args.max_sequence_length,
+             "quantize": args.quantize, "drop_text_encoders": args.drop_text_encoders or None}
     data = {"instance_dir": args.instance_data_dir, "instance_prompt": args.instance_prompt,
             "class_prompt": args.class_prompt, "class_dir": args.class_data_dir,
             "num_class_images": args.num_class_images, "resolution": args.resolution}
