@@ -1,8 +1,6 @@
 """Fine-tuning, DreamBooth and DomainStudio on tiny SDXL, SD3 (with and without T5) and FLUX.1 pipelines:
 2 steps each through ``dsfast.train.train``, full and LoRA, with ``final/`` loaded and sampled by diffusers
 (tests/family_runs.py runs them all in one process); and the exact global-batch gradient on sdxl and flux."""
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from dsfast.train.config import family_options, load_config, resolve
 from dsfast.train.data import Draws, load_images
 from dsfast.train.engine import run_step
 from dsfast.train.models import describe, load
-from dsfast.train.testing import make_flux_pipeline, make_sdxl_pipeline, subprocess_env, tiny_config, write_images
+from dsfast.train.testing import make_flux_pipeline, make_sdxl_pipeline, run_script, tiny_config, write_images
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +28,7 @@ TERMS = {"finetune": {"instance"}, "dreambooth": {"instance", "prior"},
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    p = subprocess.run([sys.executable, str(Path(__file__).parent / "family_runs.py"), str(root), str(root / "r.json")],
-                       env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads((root / "r.json").read_text())
+    return run_script(Path(__file__).parent / "family_runs.py", root, timeout=900)[0]
 
 
 CASE_KEYS = {f"{f}-{m}-{'lora' if r else 'full'}": (f"{f}-{m}-{r}", f, m, r) for f, m, r in CASES}

@@ -1,8 +1,6 @@
 """Quantized frozen bases (``model.quantize``), text encoders dropped after caching (``model.drop_text_encoders``)
 and AdamW with 8-bit states (``train.optimizer=adamw8bit``) on tiny SDXL, FLUX and UNet2D models
 (tests/quant_runs.py runs the training cases in one process)."""
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from dsfast.train.testing import (
     make_sd3_pipeline,
     make_sd_pipeline,
     make_sdxl_pipeline,
-    subprocess_env,
+    run_script,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,10 +33,8 @@ CURVE_TOLERANCE = 1e-2
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    p = subprocess.run([sys.executable, str(Path(__file__).parent / "quant_runs.py"), str(root), str(root / "r.json")],
-                       env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return {**json.loads((root / "r.json").read_text()), "stderr": p.stderr}
+    result, stderr = run_script(Path(__file__).parent / "quant_runs.py", root, timeout=600)
+    return {**result, "stderr": stderr}
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import string
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -173,6 +175,15 @@ def subprocess_env() -> dict:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+def run_script(script, root, timeout: int) -> tuple[dict, str]:
+    """Runs ``script <root> <root>/r.json`` in a trainer subprocess (:func:`subprocess_env`): the JSON it wrote and
+    its stderr; a failure of the script is an AssertionError with the end of its stderr."""
+    p = subprocess.run([sys.executable, str(script), str(root), str(root / "r.json")], env=subprocess_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads((root / "r.json").read_text()), p.stderr
 
 
 # The ZeRO-2 DeepSpeed JSON of the transformers / accelerate docs (ds_config_zero2.json): "auto" values,
