@@ -11,7 +11,7 @@ LOCK    := constraints.txt
 # The Triton whose CPU interpreter runs the kernel tests when torch is a CPU build (a CUDA torch brings its own).
 TRITON_CPU := 3.9.0
 
-.PHONY: install install-offline test test-fast test-latest lock test-triton-oldest test-gpu bench bench-gpu demo docs clean
+.PHONY: install install-offline test test-fast test-quant test-latest lock test-triton-oldest test-gpu bench bench-gpu demo docs clean
 
 install: $(STAMP)
 
@@ -35,12 +35,25 @@ $(STAMP): setup.py pyproject.toml $(LOCK) $(wildcard csrc/*.cpp csrc/*.h csrc/cp
 # DSFAST_REQUIRE_NVCC=1 (set by .ci/run): the CUDA compile tests fail without nvcc instead of skipping.
 TEST_ENV := DSFAST_REQUIRE_BACKENDS=cpp,triton
 
-test: install test-triton-oldest
-	$(TEST_ENV) $(PY) -m pytest tests -q
+test: install test-triton-oldest test-quant
+	$(TEST_ENV) $(PY) -m pytest tests -q -m "not quant"
 
 # The fast set for development (a minute or two): no trainer launches, nvcc or inductor compiles.
 test-fast: install
-	$(TEST_ENV) $(PY) -m pytest tests -q -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest tests -q -m "not slow and not quant"
+
+# The tests of model.quantize and train.optimizer=adamw8bit (marked `quant`), with the quant extra's packages
+# (torchao, bitsandbytes, at the lock's versions) in a folder of their own on PYTHONPATH: once installed,
+# diffusers and peft import them in every process, which would slow every trainer launch of the main run.
+QUANT_SITE := .quant-site
+
+$(QUANT_SITE)/.ready: $(STAMP) $(LOCK)
+	rm -rf $(QUANT_SITE)
+	$(PIP) install -q --no-deps -c $(LOCK) --target $(QUANT_SITE) torchao bitsandbytes
+	touch $@
+
+test-quant: install $(QUANT_SITE)/.ready
+	$(TEST_ENV) PYTHONPATH=$(CURDIR)/$(QUANT_SITE) $(PY) -m pytest tests -q -m quant
 
 # Drift check: a side environment with the newest releases of every dependency that pyproject.toml leaves
 # open (torch stays the machine's 2.13.0 CPU build, deepspeed its pinned version), then what a new user runs
@@ -55,12 +68,12 @@ test-latest: install
 	python3 -m venv $(LATEST_VENV)
 	$(LATEST_PY) -m pip install -q -U pip wheel 'setuptools<81'
 	$(LATEST_PY) -m pip install -q torch==2.13.0
-	DSFAST_BUILD_EXT=0 $(LATEST_PY) -m pip install -q -U --upgrade-strategy eager --no-build-isolation -e '.[test]' \
+	DSFAST_BUILD_EXT=0 $(LATEST_PY) -m pip install -q -U --upgrade-strategy eager --no-build-isolation -e '.[test,quant]' \
 		torch==2.13.0 "triton>=$(TRITON_CPU)"
 	@echo "test-latest: versions that differ from $(LOCK):"
 	@LC_ALL=C comm -13 <(grep -v '^#' $(LOCK) | LC_ALL=C sort) \
 		<($(LATEST_PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|cuda-)' | LC_ALL=C sort)
-	$(TEST_ENV) $(LATEST_PY) -m pytest tests -q -m drift -p no:cacheprovider
+	$(TEST_ENV) $(LATEST_PY) -m pytest tests -q -m "drift or quant" -p no:cacheprovider
 
 # Moves the lock to the versions `make test-latest` just passed with (review the diff, then run `make test`).
 lock:

@@ -4,7 +4,7 @@ and ``dsfast plan``'s prediction of each point.
     python -m bench.memory                      # the sweep (~10 min on 2 cores): rows + plots
     python -m bench.memory --report-only        # plots and the markdown table from the rows
     python -m bench.memory --preset sd3-small   # the same for a reduced-width SD3 (or flux-small: FLUX.1)
-    python -m bench.memory --preset sdxl-small  # SDXL: the frozen-weight options (quantize, adamw8bit, no text)
+    python -m bench.memory --preset sdxl-small  # SDXL: the frozen-weight options (quantize, adamw8bit, no text; pip install dsfast[quant])
 
 Model (``--preset``, a ``dsfast.plan.PRESETS`` entry, random weights saved with ``save_pretrained``; 6
 instance images, 4 class images): ``sd-small`` (default), a Stable-Diffusion-architecture pipeline with

@@ -83,6 +83,7 @@ def _recipe_blocks():
     return re.findall(r"^```bash\n(.*?)^```\n\n```yaml\n(.*?)^```", text, flags=re.S | re.M)
 
 
+@pytest.mark.quant  # resolve checks that the recipe's packages are installed
 @pytest.mark.parametrize("family, down_factor", [("flux", 16), ("sdxl", 8)])
 def test_recipe_flags_and_yaml_are_one_valid_config(family, down_factor, monkeypatch):
     """Each recipe's YAML loads and resolves for its family (as on a GPU: nf4 needs one), and its `dsfast

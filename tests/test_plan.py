@@ -383,6 +383,7 @@ def _lora_denoiser(spec):
     return model
 
 
+@pytest.mark.quant
 @pytest.mark.parametrize("fmt", ["int8", "float8", "nf4"])
 def test_quantized_frozen_bytes_are_what_the_libraries_hold(fmt):
     """The plan's saving from model.quantize is the bytes torchao's weight-only int8 / float8 and bitsandbytes' nf4
@@ -418,6 +419,7 @@ def test_quantized_frozen_bytes_are_what_the_libraries_hold(fmt):
     assert {k: v for k, v in quant.items() if k not in changed} == {k: v for k, v in plain.items() if k not in changed}
 
 
+@pytest.mark.quant
 def test_adamw8bit_moments_are_bitsandbytes():
     """train.optimizer=adamw8bit: the moments the plan counts per tensor are those bitsandbytes' AdamW8bit allocates
     in its first step (8-bit states with a float32 absmax per 256-block for tensors of >= 4096 elements, float32

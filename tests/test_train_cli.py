@@ -127,6 +127,7 @@ def _flags(*argv, world=1):
 COMMON = ["--pretrained_model_name_or_path", "sd", "--instance_data_dir", "dog", "--instance_prompt", "a sks dog"]
 
 
+@pytest.mark.quant  # --use_8bit_adam: resolve checks that bitsandbytes is installed
 def test_dreambooth_flags_map_onto_the_config():
     cfg = _flags(*COMMON, "--class_data_dir", "cls", "--class_prompt", "a dog", "--with_prior_preservation",
                  "--prior_loss_weight", "0.5", "--num_class_images", "50", "--resolution", "64",

@@ -19,6 +19,8 @@ from dsfast.train.testing import (
     run_script,
 )
 
+pytestmark = pytest.mark.quant
+
 sys.path.insert(0, str(Path(__file__).parent))
 from quant_runs import LORA_CASES  # noqa: E402
 
