@@ -266,7 +266,6 @@ def build_pipeline(preset: str, path) -> None:
     import torch
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         StableDiffusion3Pipeline,
@@ -274,7 +273,7 @@ def build_pipeline(preset: str, path) -> None:
         StableDiffusionXLPipeline,
     )
 
-    from dsfast.train.testing import _tiny_clip_tokenizer, _tiny_t5_tokenizer, sd_scheduler
+    from dsfast.train.testing import _tiny_clip_tokenizer, _tiny_t5_tokenizer, flux_scheduler, sd_scheduler, sdxl_scheduler
 
     spec = PRESETS[preset]
     denoiser = spec.get("denoiser", "unet")
@@ -294,16 +293,11 @@ def build_pipeline(preset: str, path) -> None:
                 text_encoder=encoders[0], tokenizer=toks[0][0], text_encoder_2=encoders[1], tokenizer_2=toks[1][0],
                 text_encoder_3=encoders[2], tokenizer_3=t5_tok)
         elif denoiser == "flux":
-            sched = FlowMatchEulerDiscreteScheduler(  # the scheduler_config.json of FLUX.1-dev
-                num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                base_image_seq_len=256, max_image_seq_len=4096)
+            sched = flux_scheduler()
             pipe = FluxPipeline(transformer=model, vae=vae, scheduler=sched, text_encoder=encoders[0],
                                 tokenizer=toks[0][0], text_encoder_2=encoders[1], tokenizer_2=t5_tok)
         elif spec.get("sdxl"):
-            sched = EulerDiscreteScheduler(  # the scheduler_config.json of stable-diffusion-xl-base-1.0
-                num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, steps_offset=1,
-                timestep_spacing="leading")
+            sched = sdxl_scheduler()
             pipe = StableDiffusionXLPipeline(
                 vae=vae, text_encoder=encoders[0], tokenizer=toks[0][0], text_encoder_2=encoders[1],
                 tokenizer_2=toks[1][0], unet=model, scheduler=sched, force_zeros_for_empty_prompt=True,

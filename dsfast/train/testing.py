@@ -102,6 +102,21 @@ def sd_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False)
 
 
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """The scheduler_config.json of stable-diffusion-xl-base-1.0 (the tiny SDXL pipelines, ``build_pipeline``)."""
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, steps_offset=1,
+        timestep_spacing="leading")
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler_config.json of FLUX.1-dev (the tiny FLUX pipelines, ``build_pipeline``)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+
+
 def make_sd_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
     """A tiny Stable-Diffusion-family pipeline (UNet2DConditionModel, AutoencoderKL, CLIP) saved locally.
 
@@ -263,10 +278,7 @@ def make_sdxl_pipeline(path, *, sample_size: int = 8, seed: int = 0) -> Path:
             # add_time_ids (original size, crop top-left, target size: 6 numbers) + text_encoder_2's pooled embedding
             projection_class_embeddings_input_dim=6 * time_dim + te_2.config.projection_dim)
         vae = _tiny_vae(sample_size, 4, scaling_factor=0.13025)
-        sched = EulerDiscreteScheduler(  # the scheduler_config.json of stable-diffusion-xl-base-1.0
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, steps_offset=1,
-            timestep_spacing="leading")
+        sched = sdxl_scheduler()
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te_2, tokenizer=tok,
                                          tokenizer_2=tok_2, unet=unet, scheduler=sched,
                                          force_zeros_for_empty_prompt=True, add_watermarker=False)
@@ -323,9 +335,7 @@ def make_flux_pipeline(path, *, sample_size: int = 8, guidance_embeds: bool = Tr
             guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
         vae = _tiny_vae(sample_size, latent_channels, scaling_factor=0.3611, shift_factor=0.1159,
                         use_quant_conv=False, use_post_quant_conv=False)
-        sched = FlowMatchEulerDiscreteScheduler(  # the scheduler_config.json of FLUX.1-dev
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096)
+        sched = flux_scheduler()
         pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
                             text_encoder_2=te_2, tokenizer_2=tok_2)
         pipe.save_pretrained(str(path))
