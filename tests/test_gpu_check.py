@@ -71,6 +71,7 @@ def test_cpu_only_machine_stops_at_the_first_gpu_step(tmp_path, capsys):
     assert report["versions"]["torch"] and report["versions"]["python"]
 
 
+@pytest.mark.slow
 def test_a_step_past_its_timeout_is_killed_and_the_next_still_runs(tmp_path):
     # the child sleeps in a grandchild: the whole process group goes at the timeout
     sleeper = "import subprocess, sys; print('started', flush=True); subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])"

@@ -272,6 +272,7 @@ def test_pairwise_many_samples(device, backend, n, gen):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES + [("cpu", "torch")])
+@pytest.mark.slow
 def test_torch_compile_fullgraph(device, backend, gen, seed):
     """fullgraph=True fails on any graph break; aot_eager runs the fake impls and the autograd formulas."""
     s, a = (torch.randn((4, 3, 8, 8), generator=gen).to(device) for _ in range(2))

@@ -206,6 +206,7 @@ def test_published_parameter_counts(preset, denoiser, text):
 
 
 @pytest.mark.parametrize("preset", ["sd3-small", "flux-small"])
+@pytest.mark.slow
 def test_a_saved_pipeline_plans_as_its_preset_and_lora_sits_where_the_trainer_puts_it(tmp_path, preset):
     """spec_from_pretrained reads an SD3 / FLUX.1 folder (transformer, VAE, CLIP and T5 configs) into the preset's
     architecture; LoRA adapters cover the parameters the trainer's own loading makes trainable."""
@@ -229,6 +230,7 @@ def test_a_saved_pipeline_plans_as_its_preset_and_lora_sits_where_the_trainer_pu
     assert sum(p.numel() for p in bundle.unet.parameters()) == _count(a.models(8)[0])[0]
 
 
+@pytest.mark.slow
 def test_spec_from_the_trainers_tiny_family_pipelines(tmp_path):
     """The test pipelines of every text-to-image family (SD3 without T5 too) give specs whose meta models have
     the saved models' parameter counts."""
@@ -272,6 +274,7 @@ def test_transformer_activations_are_linear_in_the_pixels(preset):
 
 
 @pytest.mark.parametrize("preset", ["sd-small", "sd3-small", "flux-small"])
+@pytest.mark.slow
 def test_live_bytes_on_meta_are_torch_profilers_peak_on_cpu(preset):
     """The probe's allocator model: the peak of live tensor bytes of the forward traced on the meta device (the
     fused-attention stand-in) equals torch.profiler's peak of the same forward run on the CPU."""
@@ -301,6 +304,7 @@ def test_cli_preset_transformer_resolution_rule(capsys):
     assert "downsampling factor 16" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_preset_flux_small(capsys):
     assert main(["--preset", "flux-small", "--gpu", "0.1"]) == 0
     out = capsys.readouterr().out
@@ -461,6 +465,7 @@ def test_dropped_text_encoders_leave_the_cached_prompts():
 
 
 @pytest.mark.parametrize("preset", ["sdxl-small", "flux-small"])
+@pytest.mark.slow
 def test_plan_predicts_the_committed_cpu_rows_of_the_frozen_weight_options(preset):
     """The rows bench/memory.py measured of the trainer's step with model.quantize=int8 / float8,
     model.drop_text_encoders and train.optimizer=adamw8bit (and the runs they change), committed under

@@ -278,6 +278,7 @@ def _forced_gram_config(block_n, splits):
 @pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "splitk"])
 @pytest.mark.parametrize("n", [17, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.slow
 def test_gram_multi_tile(monkeypatch, n, splits, dtype, gen):
     """Several 16x16 tiles: off-diagonal tile pairs, the mirrored lower half, split-K (summed by the last split)."""
     monkeypatch.setenv("DSFAST_TRITON_GPU_TILES", "1")  # GPU K blocks: several per split
@@ -356,6 +357,7 @@ def test_hf_gram_backward(shape, dtype, stencil, gen):
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
 @pytest.mark.parametrize("n", [17, 33])
+@pytest.mark.slow
 def test_hf_gram_multi_tile(monkeypatch, n, splits, gen):
     monkeypatch.setattr(K_hfgram, "gram_config", _forced_gram_config(16, splits))
     x = _rand((n, 3, 8, 6), torch.float32, gen, noncontig=True)
@@ -413,6 +415,7 @@ def test_domainstudio_grams_backward(shape, dtype, with_target, gen):
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
+@pytest.mark.slow
 def test_domainstudio_grams_multi_tile(monkeypatch, splits, gen):
     """Off-diagonal tile pairs (which must not add to the hf-MSE sum), the mirrored halves, split-K."""
     monkeypatch.setattr(K_hfgram, "gram_config", _forced_gram_config(16, splits))
@@ -476,6 +479,7 @@ def test_domainstudio_grams_sse_weights(shape, dtype, with_target, gen):
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["direct", "splitk"])
+@pytest.mark.slow
 def test_domainstudio_grams_sse_weights_multi_tile(monkeypatch, splits, gen):
     """Three 16-row tiles (the last one partial): each diagonal tile weights its own samples' rows, each
     backward row tile its own rows; split-K sums of weighted partials. float64 weights on float32 inputs."""
@@ -491,6 +495,7 @@ def test_domainstudio_grams_sse_weights_multi_tile(monkeypatch, splits, gen):
     _check(out, _ds_weighted_reference(x, t, st, sw, grads), torch.float32)
 
 
+@pytest.mark.slow
 def test_domainstudio_pair_grams_sse_weights(monkeypatch, gen):
     """Both batches in one launch (three 16-row tiles, split-K): the adapted batch's partial sums weighted (they
     add up to the weighted sum), the Grams untouched; all-ones weights give the unweighted launch's bits."""
@@ -543,6 +548,7 @@ def test_domainstudio_grams_bad_sse_weights(sse_weights, error):
         K_ds.domainstudio_grams_backward(g, g, g[0, 0], x, x, w, sw)
 
 
+@pytest.mark.slow
 def test_domainstudio_loss_launch_count_with_hfmse_weights(monkeypatch):
     """Per-sample hf-MSE weights add no launch: the whole loss launches exactly what it launches unweighted
     (tests/test_triton_launch.py: at most 3 forward and 3 backward)."""
@@ -567,6 +573,7 @@ def test_domainstudio_loss_launch_count_with_hfmse_weights(monkeypatch):
 
 
 @pytest.mark.parametrize("n", [17, 33])
+@pytest.mark.slow
 def test_hf_gram_backward_multi_tile(monkeypatch, n, gen):
     monkeypatch.setattr(K_hfgram, "gram_backward_config",
                         lambda *a: K_gram.GramBackwardConfig(16, 16, 16, 4, 1))

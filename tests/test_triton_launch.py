@@ -85,6 +85,7 @@ def test_no_device_switch_off_cuda(monkeypatch, device):
 LOSS_SHAPE = (16, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_domainstudio_loss_launch_count(monkeypatch):
     """The whole DomainStudio loss (Triton backend, all three terms) is at most 3 GPU launches forward and 3
     backward: Triton kernels plus the aten ops that would be kernels on a GPU, counted on CPU tensors.
