@@ -80,13 +80,19 @@ def read_image(path: str | Path, *, channels: int = 3, size: int | tuple[int, in
         if im.size != (w, h):
             im = im.resize((w, h), Image.BICUBIC)
     elif square is not None:
-        w, h = im.size
-        scale = square / min(w, h)
-        nw, nh = max(square, round(w * scale)), max(square, round(h * scale))
+        nh, nw, top, left = square_crop(im.size[1], im.size[0], square, center_crop)
         im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = ((nw - square) // 2, (nh - square) // 2) if center_crop else (0, 0)
         im = im.crop((left, top, left + square, top + square))
     return _to_tensor(im, range01)
+
+
+def square_crop(h: int, w: int, square: int, center_crop: bool = True) -> tuple[int, int, int, int]:
+    """How :func:`read_image` makes an ``H x W`` image ``square``: ``(resized H, resized W, crop top, crop left)``
+    (shorter side scaled to ``square``, then an R x R crop, centred or at the top left)."""
+    scale = square / min(w, h)
+    nw, nh = max(square, round(w * scale)), max(square, round(h * scale))
+    top, left = ((nh - square) // 2, (nw - square) // 2) if center_crop else (0, 0)
+    return nh, nw, top, left
 
 
 def image_sizes(files: list[Path]) -> list[tuple[int, int]]:

@@ -356,6 +356,17 @@ def test_sdxl_conditioning_matches_pipeline(family, pipeline):
     assert cond["time_ids"].tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]  # original, crop, target size
     # the default resolution is the pipeline's default size (8 latent cells of a 2x VAE)
     assert family("sdxl").encode_prompts([PROMPT])["time_ids"].tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]
+    # a training image's own ids: its original size and crop, as the pipeline's helper lays them out
+    geometry = torch.tensor([[[20, 36, 0, 6], [37, 16, 10, 0]], [[20, 36, 0, 7], [37, 16, 11, 0]]])
+    ids = fam.image_conditioning(geometry)["time_ids"]
+    assert ids.shape == (2, 2, 6) and ids.dtype == torch.float32
+    for f in range(2):
+        for i in range(2):
+            h, w, top, left = geometry[f, i].tolist()
+            want = pipe._get_add_time_ids((h, w), (top, left), (16, 16), dtype=torch.float32,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            close(ids[f, i], want[0], msg=f"image_conditioning {f} {i}")
+    assert family("sd").image_conditioning(geometry) == {}  # no family but SDXL conditions on image sizes
     # the family's call of its UNet at the pipeline's timestep: the same inputs, the same output
     assert float(t) == int(t)
     t_idx = torch.tensor([int(t)])

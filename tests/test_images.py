@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from dsfast.images import ImageFolderError, load_folder, read_image
+from dsfast.train.data import image_geometry, load_images
 
 
 def _picture(gen, size=16, channels=1) -> np.ndarray:
@@ -47,3 +48,29 @@ def test_images_without_a_known_range_are_refused_by_name(tmp_path, array, mode)
     assert Image.open(tmp_path / "x.tif").mode == mode
     with pytest.raises(ImageFolderError, match=rf"x\.tif.*PIL mode '{mode}'"):
         load_folder(tmp_path, channels=3)
+
+
+@pytest.mark.parametrize("center_crop", [True, False])
+def test_image_geometry_is_where_the_training_pixels_come_from(tmp_path, gen, center_crop):
+    """image_geometry's original size and crop of each image, as given and mirrored (SDXL's size/crop ids), is
+    the window of the resized picture that load_images returns, and of its mirror image."""
+    sizes = [(20, 36), (37, 16), (16, 16)]  # (H, W): wide, tall, already square
+    for k, (h, w) in enumerate(sizes):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.int32).numpy().astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{k}.png")
+    geometry = image_geometry(tmp_path, 16, center_crop=center_crop)
+    images = load_images(tmp_path, 16, center_crop=center_crop)
+    assert geometry.shape == (2, 3, 4) and geometry.dtype == torch.long
+    assert geometry[0, 0].tolist() == ([20, 36, 0, 6] if center_crop else [20, 36, 0, 0])
+    assert geometry[1, 0].tolist() == ([20, 36, 0, 7] if center_crop else [20, 36, 0, 13])  # 29 px wide resized
+    for k, (h, w) in enumerate(sizes):
+        assert geometry[:, k, :2].tolist() == [[h, w], [h, w]]
+        s = 16 / min(h, w)
+        nh, nw = round(h * s), round(w * s)
+        with Image.open(tmp_path / f"{k}.png") as im:
+            full = torch.from_numpy(np.asarray(im.resize((nw, nh), Image.BICUBIC), dtype=np.float32).copy())
+        full = full.permute(2, 0, 1) / 127.5 - 1
+        for flip, picture in ((0, full), (1, full.flip(-1))):
+            _, _, top, left = geometry[flip, k].tolist()
+            window = picture[:, top:top + 16, left:left + 16]
+            torch.testing.assert_close(window, images[k].flip(-1) if flip else images[k], rtol=0, atol=1e-6)

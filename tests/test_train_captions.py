@@ -13,7 +13,7 @@ from dsfast.images import load_folder
 from dsfast.train import cli as train_cli
 from dsfast.train import dreambooth_cli, engine, methods
 from dsfast.train.config import DataConfig, family_options, load_config, resolve
-from dsfast.train.data import Draws, instance_prompts, load_images, read_captions
+from dsfast.train.data import Draws, count_images, image_geometry, instance_prompts, load_images, read_captions
 from dsfast.train.errors import DataError
 from dsfast.train.models import describe, load, lora_config
 from dsfast.train.testing import make_flux_pipeline, make_sd_pipeline, make_sdxl_pipeline, tiny_config, write_images
@@ -235,33 +235,14 @@ def test_each_sample_is_conditioned_on_its_own_caption(case, pipelines, imgs, tm
     family_name, over = METHOD_CASES[case]
     _metadata(imgs, [{"file_name": n, "text": t} for n, t in CAPTIONS.items()])
     write_images(tmp_path / "class", 4, size=16, seed=1)  # given: no class image is generated
-    info = describe(str(pipelines(family_name)))
-    cfg = resolve(load_config(tiny_config(tmp_path, pipelines(family_name), imgs, data__instance_prompt=PROMPT,
-                                          data__captions="auto", data__class_dir=str(tmp_path / "class"),
-                                          data__num_class_images=4, **over)),
-                  info.family, down_factor=info.down_factor)
-    cls = methods.get(cfg.method, info.family)
-    bundle = load(info, cfg.model.pretrained, dtype=torch.float32, lora=lora_config(info, 0, None),
-                  frozen_source=cls.needs(cfg.loss).frozen_source, device=torch.device("cpu"),
-                  options=family_options(cfg))
-    images = load_images(imgs, 16)
-    draws = Draws(seed=0, batch_size=4, num_timesteps=1000, random_flip=True)
-    method = cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
-                 dtype=torch.float32, device=torch.device("cpu"))
+    method, bundle, draws, images = _method(pipelines(family_name), imgs, tmp_path / "class", tmp_path,
+                                            data__captions="auto", **over)
     family = method.family
     names = [f.name for f in load_folder(imgs)[1]]
     expect = {n: family.encode_prompts([CAPTIONS.get(n, PROMPT)]) for n in names}
     assert len({float(e["encoder_hidden_states"].sum()) for e in expect.values()}) == 4  # four distinct conditionings
     class_cond = family.encode_prompts(["a dog"])
-
-    calls = []
-    predict = family.predict
-
-    def recording(model_, x_t, t, cond):
-        calls.append({k: v.detach().clone() for k, v in cond.items()})
-        return predict(model_, x_t, t, cond)
-
-    family.predict = recording
+    calls = _record_predict(family)
     seen_flipped = set()
     with torch.no_grad():
         for step in range(3):
@@ -287,6 +268,74 @@ def test_each_sample_is_conditioned_on_its_own_caption(case, pipelines, imgs, tm
                     if flipped:
                         seen_flipped.add(i)
     assert seen_flipped  # mirrored samples were drawn (and conditioned as their image)
+
+
+def _method(pipeline, instance_dir, class_dir, tmp_path, **over):
+    """``(method, bundle, draws, images)``: the config's method built over the tiny ``pipeline`` on the CPU, with the
+    class images of ``class_dir`` (given: none is generated), a global batch of 4 and random flips."""
+    info = describe(str(pipeline))
+    n_class = count_images(class_dir, "class")
+    cfg = resolve(load_config(tiny_config(tmp_path, pipeline, instance_dir, data__instance_prompt=PROMPT,
+                                          data__class_dir=str(class_dir), data__num_class_images=n_class, **over)),
+                  info.family, down_factor=info.down_factor)
+    cls = methods.get(cfg.method, info.family)
+    bundle = load(info, cfg.model.pretrained, dtype=torch.float32, lora=lora_config(info, 0, None),
+                  frozen_source=cls.needs(cfg.loss).frozen_source, device=torch.device("cpu"),
+                  options=family_options(cfg))
+    images = load_images(instance_dir, 16)
+    draws = Draws(seed=0, batch_size=4, num_timesteps=1000, random_flip=True)
+    method = cls(bundle=bundle, images=images, draws=draws, loss=cfg.loss, data=cfg.data, sample=cfg.sample,
+                 dtype=torch.float32, device=torch.device("cpu"))
+    return method, bundle, draws, images
+
+
+def _record_predict(family) -> list[dict]:
+    """Makes ``family.predict`` record the conditioning of each call into the returned list."""
+    calls = []
+    predict = family.predict
+
+    def recording(model_, x_t, t, cond):
+        calls.append({k: v.detach().clone() for k, v in cond.items()})
+        return predict(model_, x_t, t, cond)
+
+    family.predict = recording
+    return calls
+
+
+def _sized_images(folder, sizes, seed):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for k, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return folder
+
+
+def test_sdxl_samples_are_conditioned_on_their_own_images_size_and_crop(pipelines, tmp_path):
+    """SDXL's size/crop ids (``time_ids``) of each sample are its own image's (its mirror's where mirrored), as
+    diffusers' SDXL scripts condition a training image: on the adapted model's instance and class samples, and on
+    the frozen source's call with the class prompt."""
+    inst = _sized_images(tmp_path / "inst", [(20, 36), (37, 16), (16, 27), (16, 16)], seed=0)
+    classes = _sized_images(tmp_path / "class", [(16, 25), (30, 16)], seed=1)
+    method, bundle, draws, _ = _method(pipelines("sdxl"), inst, classes, tmp_path, data__class_prompt="a dog",
+                                       loss__source="frozen", loss__prior=1.0, loss__space="latent")
+    own = method.family.image_conditioning(image_geometry(inst, 16))["time_ids"]
+    own_c = method.family.image_conditioning(image_geometry(classes, 16))["time_ids"]
+    assert not torch.equal(own[0, 0], own[1, 0]) and not torch.equal(own_c[0, 0], own_c[1, 0])  # crops not centred
+    calls = _record_predict(method.family)
+    mirrored = {"instance": False, "class": False}
+    with torch.no_grad():
+        for step in range(3):
+            for ks in ([0, 1], [2, 3]):
+                mb = method.micro_batch(step, ks)
+                calls.clear()
+                method.forward(bundle.unet, mb, need_source=True)
+                instance = own[mb["flip"], mb["i"]]
+                assert len(calls) == 2  # the adapted model (instance + class samples), the frozen source
+                torch.testing.assert_close(calls[0]["time_ids"], torch.cat([instance, own_c[mb["flip_c"], mb["j"]]]))
+                torch.testing.assert_close(calls[1]["time_ids"], instance)
+                mirrored["instance"] |= any(f and int(i) in (0, 2) for i, f in zip(mb["i"], mb["flip"]))
+                mirrored["class"] |= bool(mb["flip_c"].any())
+    assert mirrored == {"instance": True, "class": True}  # mirrored off-centre crops were drawn
 
 
 # ----------------------------------------------------------------------------- a short run

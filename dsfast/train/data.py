@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dsfast.images import IMAGE_EXTENSIONS, ImageFolderError, list_images, load_folder
+from dsfast.images import IMAGE_EXTENSIONS, ImageFolderError, image_sizes, list_images, load_folder, square_crop
 
 from .errors import DataError
 
-__all__ = ["Captions", "DataError", "Draws", "LatentBatches", "count_images", "generator",
+__all__ = ["Captions", "DataError", "Draws", "LatentBatches", "count_images", "generator", "image_geometry",
            "instance_prompts", "load_images", "read_captions", "to_device"]
 
 
@@ -32,6 +32,23 @@ def load_images(folder: str | Path, resolution: int, *, channels: int = 3, cente
     except ImageFolderError as exc:
         raise DataError(str(exc)) from None
     return images
+
+
+def image_geometry(folder: str | Path, resolution: int, *, center_crop: bool = True,
+                   what: str = "data.instance_dir") -> torch.Tensor:
+    """Where each image of :func:`load_images` comes from: ``(2, N, 4)`` longs ``(original H, original W, crop
+    top, crop left)``, the crop in the resized image (SDXL's size and crop conditioning), for the images as
+    given (0) and mirrored (1: the crop's left offset measured from the mirrored image's left edge). Reads the
+    files' headers only."""
+    try:
+        sizes = image_sizes(list_images(folder, what))
+    except ImageFolderError as exc:
+        raise DataError(str(exc)) from None
+    rows = []
+    for h, w in sizes:
+        nh, nw, top, left = square_crop(h, w, resolution, center_crop)
+        rows.append([(h, w, top, left), (h, w, top, nw - resolution - left)])
+    return torch.tensor(rows, dtype=torch.long).permute(1, 0, 2).contiguous()
 
 
 def count_images(folder: str | Path, what: str) -> int:
@@ -238,9 +255,10 @@ def _with_mirror(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class LatentBatches:
-    """Micro-batches of the cached encoded images (VAE latents; unet2d: the pixels): ``{z, x0 (pixels), t, noise, i}`` (``i``: the dataset index of each
-    sample, which picks its caption; a mirrored sample keeps its image's index) and, with class latents,
-    ``{zc, noise_c, t_c}`` (a class sample per instance sample; dsfast shares the instance's timestep,
+    """Micro-batches of the cached encoded images (VAE latents; unet2d: the pixels): ``{z, x0 (pixels), t, noise, i,
+    flip}`` (``i``: the dataset index of each sample, which picks its caption; a mirrored sample keeps its image's
+    index; ``flip``: 1 where mirrored) and, with class latents, ``{zc, noise_c, t_c, j, flip_c}`` (a class sample
+    per instance sample, its class image's index and flip; dsfast shares the instance's timestep,
     ``t_c`` is the class sample's own draw, for loss.mode=official). Latents are ``(2, N, ...)`` (the images
     as given and mirrored, see :func:`_with_mirror`) on ``device``; given as ``(mean, std)`` (official) a latent
     is sampled afresh each step, mean + std·n with n a draw of its own stream."""
@@ -264,11 +282,11 @@ class LatentBatches:
         d, shape = self.draws, self.latent_shape
         i, flip, t, noise = (to_device(x, self.device) for x in d.batch(step, ks, self.images.shape[1], shape))
         mb = {"z": self._latent(self.latents, flip, i, step, ks, 2), "x0": self.images[flip, i], "t": t,
-              "noise": noise, "i": i}
+              "noise": noise, "i": i, "flip": flip}
         if self.class_latents is not None:
             n_class = _mean(self.class_latents).shape[1]
             j, cflip, tc, nc = (to_device(x, self.device) for x in d.batch(step, ks, n_class, shape, stream=1))
-            mb.update(zc=self._latent(self.class_latents, cflip, j, step, ks, 3), noise_c=nc, t_c=tc)
+            mb.update(zc=self._latent(self.class_latents, cflip, j, step, ks, 3), noise_c=nc, t_c=tc, j=j, flip_c=cflip)
         return mb
 
 

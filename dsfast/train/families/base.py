@@ -294,6 +294,12 @@ class Family:
         """The denoiser's conditioning of each prompt: ``{name: (len(prompts), ...) float32}`` on the device."""
         raise NotImplementedError
 
+    def image_conditioning(self, geometry: torch.Tensor) -> dict:
+        """The conditioning that comes from each training image rather than its prompt, from
+        :func:`dsfast.train.data.image_geometry`'s ``(..., 4)`` rows (original H, W, crop top, left), replacing
+        the same keys of :meth:`encode_prompts`' conditioning: ``{name: (..., k) float32}``; none here."""
+        return {}
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, batch: int = 8, std: bool = False):
         """What the denoiser diffuses, from images in [-1, 1] (on the device): VAE latent means, shifted and

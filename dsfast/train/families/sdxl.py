@@ -35,18 +35,28 @@ class SDXL(Family):
                                          tokenizer=p["tokenizer"], tokenizer_2=p["tokenizer_2"], unet=self.model,
                                          scheduler=p["scheduler"])
 
+    def _resolution(self, pipe) -> int:
+        return self.options.resolution or pipe.default_sample_size * pipe.vae_scale_factor
+
     @torch.no_grad()
     def encode_prompts(self, prompts):
-        """As the pipeline conditions its UNet: the size/crop ids of a centre-cropped image of the training
-        resolution, ``(R, R) + (0, 0) + (R, R)``."""
+        """As the pipeline conditions its UNet when it generates at the training resolution R: size/crop ids
+        ``(R, R) + (0, 0) + (R, R)`` (a training image's own replace them: :meth:`image_conditioning`)."""
         pipe = self._encoder()
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
-        r = self.options.resolution or pipe.default_sample_size * pipe.vae_scale_factor
+        r = self._resolution(pipe)
         ids = pipe._get_add_time_ids((r, r), (0, 0), (r, r), dtype=torch.float32,
                                      text_encoder_projection_dim=self.parts["text_encoder_2"].config.projection_dim)
         return {"encoder_hidden_states": embeds.float(), "text_embeds": pooled.float(),
                 "time_ids": ids.to(self.device).expand(len(prompts), -1)}
+
+    def image_conditioning(self, geometry):
+        """SDXL's micro-conditioning of a training image, as diffusers' SDXL training scripts compute it: its
+        original ``(H, W)``, the top-left corner of its crop in the resized image, and the target ``(R, R)``."""
+        r = self._resolution(self._encoder())
+        target = geometry.new_tensor([r, r]).expand(*geometry.shape[:-1], 2)
+        return {"time_ids": torch.cat([geometry, target], -1).float().to(self.device)}
 
     @torch.no_grad()
     def sample_conditioning(self, prompt, guidance):

@@ -24,7 +24,7 @@ from pydantic import Field
 from dsfast.losses import PriorPreservationLoss
 
 from .. import distributed as D
-from ..data import LatentBatches, instance_prompts, load_images
+from ..data import LatentBatches, image_geometry, instance_prompts, load_images
 from ..errors import ConfigError, DataError
 from ..families import TEXT2IMAGE, UNCONDITIONAL
 from ..families.base import cat, expand, take
@@ -91,6 +91,10 @@ class DenoisingMethod(Method):
             own = sum(p != data.instance_prompt for p in captions)
             print(f"dsfast: data.captions={data.captions}: {own} of {len(captions)} images train with their own "
                   f"caption, the others with data.instance_prompt ({len(distinct)} distinct prompts)", flush=True)
+        # per image, the conditioning of its size and crop (SDXL's), as given and mirrored: (2, N, ...) each
+        self.image_cond = self.family.image_conditioning(
+            image_geometry(data.instance_dir, data.resolution, center_crop=data.center_crop).to(device))
+        self.class_image_cond = {}
         latents = self.encode(images)
         class_latents = None
         if self.needs(loss).class_images:
@@ -100,6 +104,9 @@ class DenoisingMethod(Method):
                             resolution=data.resolution, what="data.class_dir")
             cimgs = load_images(data.class_dir, data.resolution, center_crop=data.center_crop, what="data.class_dir")
             class_latents = self.encode(cimgs)
+            self.class_image_cond = self.family.image_conditioning(
+                image_geometry(data.class_dir, data.resolution, center_crop=data.center_crop, what="data.class_dir")
+                .to(device))
         self.batches = LatentBatches(images, latents, draws, device, class_latents)
         self.prior = PriorPreservationLoss(loss.prior) if loss.prior > 0 and class_latents is not None else None
 
@@ -115,10 +122,20 @@ class DenoisingMethod(Method):
     def micro_batch(self, step, ks):
         return self.batches(step, ks)
 
-    def instance_cond(self, mb) -> dict:
+    def instance_cond(self, mb, prompt: dict | None = None) -> dict:
         """The conditioning of the micro-batch's instance samples: the rows of their images' prompts (each
-        image's caption, or the instance prompt), picked by the dataset indices ``mb["i"]``."""
-        return take(self.emb_prompts, self.prompt_rows[mb["i"]])
+        image's caption, or the instance prompt), picked by the dataset indices ``mb["i"]``, or one ``prompt``'s
+        conditioning for all; with each image's own size/crop conditioning (its mirror's where mirrored)."""
+        i = mb["i"]
+        cond = take(self.emb_prompts, self.prompt_rows[i]) if prompt is None else expand(prompt, i.shape[0])
+        return {**cond, **{k: v[mb["flip"], i] for k, v in self.image_cond.items()}}
+
+    def class_cond(self, mb) -> dict:
+        """The conditioning of the micro-batch's class samples: the class prompt, with each class image's own
+        size/crop conditioning."""
+        j = mb["j"]
+        return {**expand(self.emb_class, j.shape[0]),
+                **{k: v[mb["flip_c"], j] for k, v in self.class_image_cond.items()}}
 
     def denoise(self, model, mb):
         """``(MicroOut, z_t, instance output, class z_t, class output)``; the class parts are None without them.
@@ -131,7 +148,7 @@ class DenoisingMethod(Method):
         if "zc" in mb:
             tc = self.class_t(mb)
             zct = proc.noisy(mb["zc"], mb["noise_c"], tc)
-            raw = fam.predict(model, torch.cat([zt, zct]), torch.cat([t, tc]), cat(cond_i, expand(self.emb_class, m)))
+            raw = fam.predict(model, torch.cat([zt, zct]), torch.cat([t, tc]), cat(cond_i, self.class_cond(mb)))
             pred, var = fam.split_output(raw, z.shape[1])
             pred_i, pred_c = pred[:m], pred[m:]
         else:

@@ -21,7 +21,6 @@ from pydantic import Field
 
 from ..errors import ConfigError
 from ..families import TEXT2IMAGE, UNCONDITIONAL
-from ..families.base import expand
 from .base import DomainStudioTerms, Needs, hfmse_weights, weighted_hf_mse
 from .denoise import DenoisingLossConfig, DenoisingMethod
 
@@ -109,7 +108,7 @@ class DomainStudio(DenoisingMethod):
         """Source x0 latents (no grad) per ``loss.source``."""
         if self.source == "class_prompt":
             return self.process.x0(pred_c.detach(), zct, t)
-        cond = self.instance_cond(mb) if self.emb_class is None else expand(self.emb_class, zt.shape[0])
+        cond = self.instance_cond(mb, self.emb_class)  # the class prompt where there is one
         if self.source == "frozen":
             s = self.family.predict(self.bundle.source, zt, t, cond)
         else:  # lora_off

@@ -24,7 +24,7 @@ from ...data import instance_prompts, to_device
 from ...diffusion import predicted_x0
 from ...errors import ConfigError
 from ...families import TEXT2IMAGE
-from ...families.base import cat, expand
+from ...families.base import cat
 from ..base import OfficialPairwise, weighted_hf_mse
 from ..domainstudio import DomainStudio
 from ..dreambooth import DreamBooth
@@ -101,7 +101,7 @@ class OfficialDomainStudioSD(ReleasedDraws, DomainStudio):
             return out
         m = t.shape[0]
         z_t = torch.cat([sch.add_noise(mb["z"], mb["noise"], t), sch.add_noise(mb["zc"], mb["noise_c"], t)])
-        pred = self.family.predict(model, z_t, torch.cat([t, t]), cat(self.instance_cond(mb), expand(self.emb_class, m)))
+        pred = self.family.predict(model, z_t, torch.cat([t, t]), cat(self.instance_cond(mb), self.class_cond(mb)))
         x0 = predicted_x0(sch, pred, z_t, torch.cat([t, t]))
         if sch.config.get("clip_sample", False):  # as DDPMScheduler.step's pred_original_sample
             r = sch.config.get("clip_sample_range", 1.0)
