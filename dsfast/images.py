@@ -66,11 +66,13 @@ def _to_tensor(im, range01: bool) -> torch.Tensor:
 
 
 def read_image(path: str | Path, *, channels: int = 3, size: int | tuple[int, int] | None = None,
-               square: int | None = None, center_crop: bool = True, range01: bool = True) -> torch.Tensor:
+               square: int | None = None, shorter: int | None = None, center_crop: bool = True,
+               range01: bool = True) -> torch.Tensor:
     """One image as ``(channels, H, W)``.
 
     ``size`` resizes to exactly ``(H, W)`` (bicubic); ``square=R`` instead scales the shorter side to R
-    and crops an R x R square (centred, or top-left when ``center_crop`` is False), as training does.
+    and crops an R x R square (centred, or top-left when ``center_crop`` is False), as training does;
+    ``shorter=R`` only scales the shorter side to R (random crops are taken from it).
     """
     from PIL import Image
 
@@ -79,10 +81,12 @@ def read_image(path: str | Path, *, channels: int = 3, size: int | tuple[int, in
         h, w = (size, size) if isinstance(size, int) else size
         if im.size != (w, h):
             im = im.resize((w, h), Image.BICUBIC)
-    elif square is not None:
-        nh, nw, top, left = square_crop(im.size[1], im.size[0], square, center_crop)
+    elif square is not None or shorter is not None:
+        r = square or shorter
+        nh, nw, top, left = square_crop(im.size[1], im.size[0], r, center_crop)
         im = im.resize((nw, nh), Image.BICUBIC)
-        im = im.crop((left, top, left + square, top + square))
+        if square is not None:
+            im = im.crop((left, top, left + r, top + r))
     return _to_tensor(im, range01)
 
 

@@ -302,20 +302,12 @@ def _record_predict(family) -> list[dict]:
     return calls
 
 
-def _sized_images(folder, sizes, seed):
-    folder.mkdir()
-    rng = np.random.default_rng(seed)
-    for k, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{k}.png")
-    return folder
-
-
 def test_sdxl_samples_are_conditioned_on_their_own_images_size_and_crop(pipelines, tmp_path):
     """SDXL's size/crop ids (``time_ids``) of each sample are its own image's (its mirror's where mirrored), as
     diffusers' SDXL scripts condition a training image: on the adapted model's instance and class samples, and on
     the frozen source's call with the class prompt."""
-    inst = _sized_images(tmp_path / "inst", [(20, 36), (37, 16), (16, 27), (16, 16)], seed=0)
-    classes = _sized_images(tmp_path / "class", [(16, 25), (30, 16)], seed=1)
+    inst = write_images(tmp_path / "inst", 0, sizes=[(20, 36), (37, 16), (16, 27), (16, 16)])
+    classes = write_images(tmp_path / "class", 0, sizes=[(16, 25), (30, 16)], seed=1)
     method, bundle, draws, _ = _method(pipelines("sdxl"), inst, classes, tmp_path, data__class_prompt="a dog",
                                        loss__source="frozen", loss__prior=1.0, loss__space="latent")
     own = method.family.image_conditioning(image_geometry(inst, 16))["time_ids"]

@@ -16,9 +16,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from torch import nn
 
 import dsfast.train.sample as sample_module
+from dsfast.images import list_images, read_image
 from dsfast.train import methods
 from dsfast.train.config import family_options, load_config, official_differences, resolve
-from dsfast.train.data import Draws, load_images
+from dsfast.train.data import Draws, RandomCrops, load_images
 from dsfast.train.diffusion import vlb_term
 from dsfast.train.engine import run_step
 from dsfast.train.errors import ConfigError
@@ -141,7 +142,7 @@ def test_official_unconditional_step_equals_released_loss(root, learned):
     torch.manual_seed(0)
     cfg, bundle, method = _method(root, learned)
     assert not method.has_global and bundle.source.training  # local per micro-batch; source in train mode
-    images, draws, ks = method.batches.images[0], method.draws, list(range(BATCH))
+    images, draws, ks = method.batches.instances.pixels[0], method.draws, list(range(BATCH))
     for step in (0, 5):
         idx, flip, t, noise = draws.batch(step, ks, images.shape[0], images.shape[1:])
         x0 = torch.stack([images[i].flip(-1) if f else images[i] for i, f in zip(idx, flip)])
@@ -193,6 +194,8 @@ def test_official_takes_the_released_settings(root, monkeypatch):
     t, s = cfg.train, cfg.sample
     assert (t.mixed_precision, t.batch_size, t.micro_batch_size, t.final_raw) == ("no", 8, 4, True)
     assert (s.scheduler, s.num_inference_steps, s.precision) == ("ddim", 20, "fp16")
+    assert cfg.data.random_crop and [d.split(" (")[0] for d in official_differences(cfg, TEXT2IMAGE)] == ["data order"]
+    cfg = _resolved(root, "sd", "official", world=2, data__random_crop=False)
     assert [d.split(" (")[0] for d in official_differences(cfg, TEXT2IMAGE)] == ["data order", "crop"]
     for family in ("unet2d", "sd"):
         cfg = _resolved(root, family, "dsfast")
@@ -291,16 +294,28 @@ def _released_draws(vae, draws, images, class_images, step, ks):
     branch, and the hf-MSE target: a batch of instance images drawn on its own (a second shuffled loader)."""
     m, out = len(ks), {}
     for key, imgs, stream in (("", images, 0), ("c", class_images, 1)):
-        idx, flip, t, noise = draws.batch(step, ks, imgs.shape[0], (4, 8, 8), stream=stream)
+        idx, flip, t, noise = draws.batch(step, ks, len(imgs), (4, 8, 8), stream=stream)
         assert not flip.any()  # no --hflip
-        dist = vae.encode(imgs[idx]).latent_dist
+        dist = vae.encode(_released_crops(imgs, idx, draws, step, ks, stream)).latent_dist
         n = torch.stack([draws.draw(step, k, (4, 8, 8), stream=stream + 2)[2] for k in ks])
         out.update({f"z{key}": (dist.mean + dist.std * n) * 0.18215, f"t{'_c' if key else ''}": t,
                     f"noise{'_c' if key else ''}": noise})
-    other = draws.other_batch(step, ks[0], images.shape[0], m)
+    other = draws.other_batch(step, ks[0], len(images), m)
     assert len(set(other.tolist())) == m  # a batch of distinct images, as a shuffled loader gives
-    out.update(t_shared=draws.shared_t(step, ks[0]), x_other=images[other])
+    out.update(t_shared=draws.shared_t(step, ks[0]), x_other=_released_crops(images, other, draws, step, ks, 4))
     return out
+
+
+def _released_crops(images, idx, draws, step, ks, stream):
+    """The images ``idx`` as the released loader gives them: ``images`` cropped already (a tensor), or each image
+    resized (a list) and cropped by ``RandomCrop`` at a random window (the run's window draws)."""
+    if isinstance(images, torch.Tensor):
+        return images[idx]
+    crops = []
+    for k, i in zip(ks, idx.tolist()):
+        top, left = draws.window(step, k, images[i].shape[1] - 16, images[i].shape[2] - 16, stream)
+        crops.append(images[i][:, top:top + 16, left:left + 16])
+    return torch.stack(crops)
 
 
 @pytest.fixture(scope="module")
@@ -334,9 +349,11 @@ def test_the_sampler_is_the_pipelines_own_or_the_released_one(sd_root, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("clip_sample", [False, True], ids=["no_clip", "clip_sample"])
-def test_official_text2image_step_equals_released_loss(sd_root, tmp_path, monkeypatch, clip_sample):
-    """The engine's step against the released step with the released draws; DDIM class images with 20 steps."""
+@pytest.mark.parametrize("clip_sample, random_crop", [(False, False), (True, False), (False, True)],
+                         ids=["no_clip", "clip_sample", "random_crop"])
+def test_official_text2image_step_equals_released_loss(sd_root, tmp_path, monkeypatch, clip_sample, random_crop):
+    """The engine's step against the released step with the released draws; DDIM class images with 20 steps; with
+    images that are not square, the released random crops (of the instance images and of the hf-MSE target)."""
     import json
     import shutil
 
@@ -344,8 +361,11 @@ def test_official_text2image_step_equals_released_loss(sd_root, tmp_path, monkey
     shutil.copytree(sd_root / "sd", model)
     sched_file = model / "scheduler" / "scheduler_config.json"
     sched_file.write_text(json.dumps({**json.loads(sched_file.read_text()), "clip_sample": clip_sample}))
+    imgs = sd_root / "imgs"
+    if random_crop:  # wide and tall images: the released loader's RandomCrop has room to move
+        imgs = write_images(tmp_path / "imgs", 0, sizes=[(16, 24), (21, 16), (16, 19), (30, 16)])
     cfg = resolve(load_config(tiny_config(
-        tmp_path, model, sd_root / "imgs", loss__mode="official", train__batch_size=3,
+        tmp_path, model, imgs, loss__mode="official", train__batch_size=3,
         data__instance_prompt="a sks dog", data__class_prompt="a dog", data__num_class_images=3,
         data__class_dir=str(tmp_path / "class"), sample__num=2, sample__num_inference_steps=None)), "sd",
         down_factor=4)
@@ -370,7 +390,9 @@ def test_official_text2image_step_equals_released_loss(sd_root, tmp_path, monkey
     unet = bundle.unet.train()
     # a step whose shared t leaves x0 predictions outside [-1, 1] (the clip_sample branch clips them)
     step = next(s for s in range(100) if draws.shared_t(s, 0) > 600)
-    released = _released_draws(bundle.vae, draws, images, load_images(cfg.data.class_dir, 16), step, [0, 1, 2])
+    resized = [read_image(f, shorter=16, range01=False) for f in list_images(imgs)] if random_crop else images
+    assert cfg.data.random_crop and isinstance(method.batches.instances, RandomCrops) == random_crop
+    released = _released_draws(bundle.vae, draws, resized, load_images(cfg.data.class_dir, 16), step, [0, 1, 2])
     logs, grads = _engine_step(method, unet, step, [0, 1, 2])
     assert {"instance", "prior", "image", "hf", "hfmse"} <= set(logs)
     sched = DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")  # the released noise_scheduler

@@ -49,6 +49,7 @@ class DataConfig(Section):
     resolution: int | None = Field(None, ge=2, description="training resolution in pixels, divisible by the model's down-sampling factor; None = the model's own image size (the denoiser's sample_size times the VAE's down-sampling: 512 on SD-1.5), 256 where it has none")
     random_flip: bool | None = Field(None, description="random horizontal flips; None = the mode's default: true (dsfast); official: true (unconditional), false (text-to-image), as released")
     center_crop: bool = Field(True, description="centre crop after scaling the shorter side (else the top-left square)")
+    random_crop: bool | None = Field(None, description="a fresh random R x R window of each image for every sample (diffusers' scripts without --center_crop), encoded by the VAE at each step instead of cached; overrides center_crop where an image is not square. None = the mode's default: false (dsfast); official: false (unconditional), true (text-to-image), as released")
 
 
 class TrainConfig(Section):
@@ -316,6 +317,7 @@ def resolve(cfg: RunConfig, family: str, *, world: int = 1, default_resolution: 
                                 (train, "max_grad_norm", 0.0 if official else 1.0),
                                 (train, "ema_warmup", not official),
                                 (data, "random_flip", released["random_flip"] if official else True),
+                                (data, "random_crop", released["random_crop"] if official else False),
                                 (train, "mixed_precision", released["mixed_precision"] if official else "no"),
                                 (train, "final_raw", official),
                                 (sample, "scheduler", released["sampler"] if official else "pipeline"),
@@ -392,12 +394,12 @@ def check_resolution(resolution: int, down_factor: int, key: str = "data.resolut
 # what the released code trains with, where dsfast's defaults differ: guided-diffusion's unconditional training
 # (Adam, no weight decay, random flips; the README command: --use_fp16 True, --batch_size 3 per GPU; it draws no
 # samples, so the sample grids keep dsfast's sampler) and Text-to-Image/train_domainstudio.py (AdamW 1e-2, no
-# --hflip, no --mixed_precision in the README command, --train_batch_size 4 per GPU, class images and saved
+# --hflip, random crops (no --center_crop), no --mixed_precision in the README command, --train_batch_size 4 per GPU, class images and saved
 # pipelines with DDIM and --save_infer_steps 20)
-RELEASED = {families.UNCONDITIONAL: dict(weight_decay=0.0, random_flip=True, mixed_precision="fp16", batch_per_gpu=3,
-                                         sampler="pipeline", sample_steps=50),
-            families.TEXT2IMAGE: dict(weight_decay=1e-2, random_flip=False, mixed_precision="no", batch_per_gpu=4,
-                                      sampler="ddim", sample_steps=20)}
+RELEASED = {families.UNCONDITIONAL: dict(weight_decay=0.0, random_flip=True, random_crop=False, mixed_precision="fp16",
+                                         batch_per_gpu=3, sampler="pipeline", sample_steps=50),
+            families.TEXT2IMAGE: dict(weight_decay=1e-2, random_flip=False, random_crop=True, mixed_precision="no",
+                                      batch_per_gpu=4, sampler="ddim", sample_steps=20)}
 
 
 def official_differences(cfg: RunConfig, kind: str) -> list[str]:
@@ -409,9 +411,9 @@ def official_differences(cfg: RunConfig, kind: str) -> list[str]:
     out = ["data order (dsfast draws each sample from one shuffled sequence of the images over the global batch; "
            "the released loaders shuffle per rank" + (", each rank its shard of the images, and drop the last "
                                                       "partial batch)" if kind == families.UNCONDITIONAL else ")")]
-    if kind == families.TEXT2IMAGE:
-        out.append("crop (the released script crops at random, no --center_crop; dsfast crops each image once, "
-                   "before caching its latents: data.center_crop)")
+    if cfg.data.random_crop != released["random_crop"]:
+        out.append(f"crop (data.random_crop={str(cfg.data.random_crop).lower()}; the released script crops "
+                   + ("at random, no --center_crop)" if released["random_crop"] else "the centre)"))
     if t.mixed_precision != released["mixed_precision"]:
         out.append(f"precision (train.mixed_precision={t.mixed_precision}; released: {released['mixed_precision']})")
     if t.micro_batch_size != released["batch_per_gpu"]:

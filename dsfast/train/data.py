@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from dsfast.images import IMAGE_EXTENSIONS, ImageFolderError, image_sizes, list_images, load_folder, square_crop
+from dsfast.images import IMAGE_EXTENSIONS, ImageFolderError, image_sizes, list_images, load_folder, read_image, square_crop
 
 from .errors import DataError
 
-__all__ = ["Captions", "DataError", "Draws", "LatentBatches", "count_images", "generator", "image_geometry",
-           "instance_prompts", "load_images", "read_captions", "to_device"]
+__all__ = ["CachedImages", "Captions", "DataError", "Draws", "LatentBatches", "RandomCrops", "count_images", "generator",
+           "image_geometry", "instance_prompts", "load_images", "random_crops_matter", "read_captions", "to_device"]
 
 
 def load_images(folder: str | Path, resolution: int, *, channels: int = 3, center_crop: bool = True,
@@ -225,6 +225,11 @@ class Draws:
         sample k (the released code's ``np.random.choice(n, size, replace=False)``), in drawn order."""
         return torch.randperm(n, generator=generator(self.seed, 31337, step, k))[:size]
 
+    def window(self, step: int, k: int, rows: int, cols: int, stream: int = 0) -> tuple[int, int]:
+        """``(top, left)`` of global sample k's random crop: uniform in ``[0, rows] x [0, cols]``."""
+        g = generator(self.seed, 8191 + stream, step, k)
+        return int(torch.randint(0, rows + 1, (), generator=g)), int(torch.randint(0, cols + 1, (), generator=g))
+
     def shared_t(self, step: int, k: int) -> int:
         """One timestep for the micro-batch starting at global sample k (the released text-to-image pairwise branch)."""
         return int(torch.randint(0, self.num_timesteps, (), generator=generator(self.seed, 99991, step, k)))
@@ -254,39 +259,109 @@ def _with_mirror(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.stack([images, images.flip(-1)]).to(device)
 
 
+def _rows(cached, flip, i):
+    """Rows ``[flip, i]`` of cached ``(2, N, ...)`` latents, or of each of ``(mean, std)``."""
+    return tuple(c[flip, i] for c in cached) if isinstance(cached, tuple) else cached[flip, i]
+
+
+class CachedImages:
+    """Images cropped once (:func:`load_images`), their latents encoded once: the pixels, the latents and the
+    :func:`image_geometry` rows, each ``(2, N, ...)`` (as given and mirrored) on the device. Latents given as
+    ``(mean, std)`` (loss.mode=official) are sampled afresh each step by :class:`LatentBatches`."""
+
+    def __init__(self, images: torch.Tensor, latents, geometry: torch.Tensor, device: torch.device):
+        self.pixels, self.latents, self.geometry = _with_mirror(images, device), latents, geometry.to(device)
+        self.latent_shape = tuple(_mean(latents).shape[2:])
+
+    def __len__(self) -> int:
+        return self.pixels.shape[1]
+
+    def crop(self, i, flip, draws: Draws, step: int, ks, stream: int):
+        """``(pixels (m, C, R, R), geometry (m, 4))`` of the samples ``ks`` showing images ``i`` (``flip``: mirrored)."""
+        return self.pixels[flip, i], self.geometry[flip, i]
+
+    def encode(self, x0, i, flip):
+        return _rows(self.latents, flip, i)
+
+
+class RandomCrops:
+    """Images cropped at random afresh for every sample (``data.random_crop``, as diffusers' training scripts
+    without ``--center_crop``): each image with its shorter side scaled to R, on the device; a sample's R x R
+    window is a draw of ``(seed, step, k)`` (:meth:`Draws.window`), mirrored with the sample, and its latents are
+    encoded then by ``encode`` (a batch of pixels -> latents, or their ``(mean, std)``)."""
+
+    def __init__(self, folder: str | Path, resolution: int, encode: Callable, device: torch.device, *,
+                 channels: int = 3, what: str = "data.instance_dir"):
+        try:
+            files = list_images(folder, what)
+            self.sizes = image_sizes(files)
+            self.images = [read_image(f, channels=channels, shorter=resolution, range01=False).to(device)
+                           for f in files]
+        except ImageFolderError as exc:
+            raise DataError(str(exc)) from None
+        self.resolution, self.encode_fn, self.device = resolution, encode, device
+        self.latent_shape = tuple(_mean(encode(self.images[0][None, :, :resolution, :resolution])).shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def crop(self, i, flip, draws: Draws, step: int, ks, stream: int):
+        r, pixels, rows = self.resolution, [], []
+        for k, idx, f in zip(ks, i.tolist(), flip.tolist()):
+            image = self.images[idx]
+            nh, nw = image.shape[1:]
+            top, left = draws.window(step, k, nh - r, nw - r, stream)
+            window = image[:, top:top + r, left:left + r]
+            pixels.append(window.flip(-1) if f else window)
+            rows.append((*self.sizes[idx], top, nw - r - left if f else left))
+        return torch.stack(pixels), torch.tensor(rows, dtype=torch.long).to(self.device)
+
+    def encode(self, x0, i, flip):
+        return self.encode_fn(x0)
+
+
+def random_crops_matter(folder: str | Path, resolution: int, what: str) -> bool:
+    """Whether a random crop of some image of ``folder`` can differ from its centre crop (not all are square)."""
+    try:
+        sizes = image_sizes(list_images(folder, what))
+    except ImageFolderError as exc:
+        raise DataError(str(exc)) from None
+    return any(square_crop(h, w, resolution)[:2] != (resolution, resolution) for h, w in sizes)
+
+
 class LatentBatches:
-    """Micro-batches of the cached encoded images (VAE latents; unet2d: the pixels): ``{z, x0 (pixels), t, noise, i,
-    flip}`` (``i``: the dataset index of each sample, which picks its caption; a mirrored sample keeps its image's
-    index; ``flip``: 1 where mirrored) and, with class latents, ``{zc, noise_c, t_c, j, flip_c}`` (a class sample
-    per instance sample, its class image's index and flip; dsfast shares the instance's timestep,
-    ``t_c`` is the class sample's own draw, for loss.mode=official). Latents are ``(2, N, ...)`` (the images
-    as given and mirrored, see :func:`_with_mirror`) on ``device``; given as ``(mean, std)`` (official) a latent
-    is sampled afresh each step, mean + std·n with n a draw of its own stream."""
+    """Micro-batches of the instance (and class) images (:class:`CachedImages` or :class:`RandomCrops`):
+    ``{z, x0 (pixels), t, noise, i, flip, geometry}`` (``i``: the dataset index of each sample, which picks its
+    caption; a mirrored sample keeps its image's index; ``flip``: 1 where mirrored; ``geometry``: its image's
+    original size and crop, :func:`image_geometry`) and, with class images, ``{zc, noise_c, t_c, j, flip_c,
+    geometry_c}`` (a class sample per instance sample; dsfast shares the instance's timestep, ``t_c`` is the class
+    sample's own draw, for loss.mode=official). Latents given as ``(mean, std)`` (official) are sampled afresh
+    each step, mean + std·n with n a draw of its own stream."""
 
-    def __init__(self, images: torch.Tensor, latents, draws: Draws, device: torch.device, class_latents=None):
-        self.images, self.latents, self.class_latents = _with_mirror(images, device), latents, class_latents
-        self.draws, self.device = draws, device
+    def __init__(self, instances, draws: Draws, device: torch.device, classes=None):
+        self.instances, self.classes, self.draws, self.device = instances, classes, draws, device
+        self.latent_shape = instances.latent_shape
 
-    @property
-    def latent_shape(self):
-        return tuple(_mean(self.latents).shape[2:])
-
-    def _latent(self, cached, flip, i, step: int, ks, stream: int) -> torch.Tensor:
-        if not isinstance(cached, tuple):
-            return cached[flip, i]
-        mean, std = cached
+    def _latent(self, latents, step: int, ks, stream: int) -> torch.Tensor:
+        if not isinstance(latents, tuple):
+            return latents
+        mean, std = latents
         n = torch.stack([self.draws.draw(step, k, self.latent_shape, stream=stream)[2] for k in ks])
-        return mean[flip, i] + std[flip, i] * to_device(n, self.device)
+        return mean + std * to_device(n, self.device)
+
+    def _samples(self, images, step: int, ks, stream: int):
+        """``(index, flip, t, noise, pixels, latents, geometry)`` of the samples ``ks`` of one image set."""
+        i, flip, t, noise = (to_device(x, self.device)
+                             for x in self.draws.batch(step, ks, len(images), self.latent_shape, stream))
+        x0, geometry = images.crop(i, flip, self.draws, step, ks, stream)
+        return i, flip, t, noise, x0, self._latent(images.encode(x0, i, flip), step, ks, stream + 2), geometry
 
     def __call__(self, step: int, ks) -> dict:
-        d, shape = self.draws, self.latent_shape
-        i, flip, t, noise = (to_device(x, self.device) for x in d.batch(step, ks, self.images.shape[1], shape))
-        mb = {"z": self._latent(self.latents, flip, i, step, ks, 2), "x0": self.images[flip, i], "t": t,
-              "noise": noise, "i": i, "flip": flip}
-        if self.class_latents is not None:
-            n_class = _mean(self.class_latents).shape[1]
-            j, cflip, tc, nc = (to_device(x, self.device) for x in d.batch(step, ks, n_class, shape, stream=1))
-            mb.update(zc=self._latent(self.class_latents, cflip, j, step, ks, 3), noise_c=nc, t_c=tc, j=j, flip_c=cflip)
+        i, flip, t, noise, x0, z, geometry = self._samples(self.instances, step, ks, 0)
+        mb = {"z": z, "x0": x0, "t": t, "noise": noise, "i": i, "flip": flip, "geometry": geometry}
+        if self.classes is not None:
+            j, flip_c, t_c, noise_c, _, zc, geometry_c = self._samples(self.classes, step, ks, 1)
+            mb.update(zc=zc, noise_c=noise_c, t_c=t_c, j=j, flip_c=flip_c, geometry_c=geometry_c)
         return mb
 
 

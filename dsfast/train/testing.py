@@ -40,15 +40,18 @@ from transformers import (
 from .distributed import EXTENSIONS_DIR
 
 
-def write_images(folder, n: int, size: int = 16, seed: int = 0, mode: str = "RGB") -> Path:
+def write_images(folder, n: int, size: int = 16, seed: int = 0, mode: str = "RGB",
+                 sizes: list[tuple[int, int]] | None = None) -> Path:
+    """``n`` images of ``size`` x ``size`` (or one per ``(H, W)`` of ``sizes``) as ``<folder>/img_<k>.png``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for i in range(n):
+    sizes = sizes or [(size, size)] * n
+    for i, (h, w) in enumerate(sizes):
         ch = 3 if mode == "RGB" else 1
         base = rng.integers(0, 256, size=(1, 1, ch))
-        yy, xx = np.mgrid[0:size, 0:size]
-        img = (base + 7 * (xx[..., None] * (i + 1)) + 5 * yy[..., None] + rng.integers(0, 40, (size, size, ch))) % 256
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = (base + 7 * (xx[..., None] * (i + 1)) + 5 * yy[..., None] + rng.integers(0, 40, (h, w, ch))) % 256
         img = img.astype(np.uint8)
         Image.fromarray(img[..., 0] if ch == 1 else img, mode).save(folder / f"img_{i:03d}.png")
     return folder

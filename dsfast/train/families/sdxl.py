@@ -4,6 +4,8 @@ second), DDPM ε-prediction. The SDXL VAE overflows in float16: it stays in floa
 another (e.g. an fp16-safe one), which then runs in the training precision."""
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from diffusers import StableDiffusionXLPipeline
 
@@ -38,6 +40,10 @@ class SDXL(Family):
     def _resolution(self, pipe) -> int:
         return self.options.resolution or pipe.default_sample_size * pipe.vae_scale_factor
 
+    @cached_property
+    def _target_size(self) -> int:
+        return self._resolution(self._encoder())
+
     @torch.no_grad()
     def encode_prompts(self, prompts):
         """As the pipeline conditions its UNet when it generates at the training resolution R: size/crop ids
@@ -54,7 +60,7 @@ class SDXL(Family):
     def image_conditioning(self, geometry):
         """SDXL's micro-conditioning of a training image, as diffusers' SDXL training scripts compute it: its
         original ``(H, W)``, the top-left corner of its crop in the resized image, and the target ``(R, R)``."""
-        r = self._resolution(self._encoder())
+        r = self._target_size
         target = geometry.new_tensor([r, r]).expand(*geometry.shape[:-1], 2)
         return {"time_ids": torch.cat([geometry, target], -1).float().to(self.device)}
 

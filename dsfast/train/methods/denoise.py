@@ -15,6 +15,7 @@ learns sigma; ``instance`` otherwise) (+ λ_prior · class MSE: ``dsfast.losses.
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -24,7 +25,7 @@ from pydantic import Field
 from dsfast.losses import PriorPreservationLoss
 
 from .. import distributed as D
-from ..data import LatentBatches, image_geometry, instance_prompts, load_images
+from ..data import CachedImages, LatentBatches, RandomCrops, image_geometry, instance_prompts, load_images, random_crops_matter
 from ..errors import ConfigError, DataError
 from ..families import TEXT2IMAGE, UNCONDITIONAL
 from ..families.base import cat, expand, take
@@ -91,29 +92,38 @@ class DenoisingMethod(Method):
             own = sum(p != data.instance_prompt for p in captions)
             print(f"dsfast: data.captions={data.captions}: {own} of {len(captions)} images train with their own "
                   f"caption, the others with data.instance_prompt ({len(distinct)} distinct prompts)", flush=True)
-        # per image, the conditioning of its size and crop (SDXL's), as given and mirrored: (2, N, ...) each
-        self.image_cond = self.family.image_conditioning(
-            image_geometry(data.instance_dir, data.resolution, center_crop=data.center_crop).to(device))
-        self.class_image_cond = {}
-        latents = self.encode(images)
-        class_latents = None
+        instances = self.image_set(data.instance_dir, images, data, "data.instance_dir")
+        classes = None
         if self.needs(loss).class_images:
             generate_images(lambda: pretrained_pipeline(bundle, device, DTYPES[sample.precision]), data.class_dir,
                             data.num_class_images, prompt=data.class_prompt, seed=draws.seed * 1_000_003,
                             num_inference_steps=sample.num_inference_steps, guidance_scale=sample.guidance_scale,
                             resolution=data.resolution, what="data.class_dir")
             cimgs = load_images(data.class_dir, data.resolution, center_crop=data.center_crop, what="data.class_dir")
-            class_latents = self.encode(cimgs)
-            self.class_image_cond = self.family.image_conditioning(
-                image_geometry(data.class_dir, data.resolution, center_crop=data.center_crop, what="data.class_dir")
-                .to(device))
-        self.batches = LatentBatches(images, latents, draws, device, class_latents)
-        self.prior = PriorPreservationLoss(loss.prior) if loss.prior > 0 and class_latents is not None else None
+            classes = self.image_set(data.class_dir, cimgs, data, "data.class_dir")
+        self.batches = LatentBatches(instances, draws, device, classes)
+        self.prior = PriorPreservationLoss(loss.prior) if loss.prior > 0 and classes is not None else None
+
+    def image_set(self, folder, images, data, what):
+        """The images of ``folder`` as the draws take them: cropped at random for each sample (``data.random_crop``,
+        where some image is not square) or cropped once (``images``) with their latents cached."""
+        if data.random_crop and random_crops_matter(folder, data.resolution, what):
+            # one image per encoder call: the encoder's activations at R stay those of one image
+            return RandomCrops(folder, data.resolution, functools.partial(self.encode_batch, batch=1), self.device,
+                               channels=images.shape[1], what=what)
+        geometry = image_geometry(folder, data.resolution, center_crop=data.center_crop, what=what)
+        return CachedImages(images, self.encode(images), geometry, self.device)
+
+    def encode_batch(self, x, batch: int = 8):
+        """What the model diffuses, from a batch of pixels (VAE latent means, ``batch`` images per encoder call;
+        unet2d: the pixels)."""
+        return self.family.encode(x, batch)
 
     def encode(self, images):
-        """Cached latents ``(2, N, ...)`` of the images and of their mirror images (the latent means), on the
-        training device."""
-        return torch.stack([self.family.encode(x) for x in (images, images.flip(-1))])
+        """:meth:`encode_batch` of the images and of their mirror images, stacked ``(2, N, ...)`` (each part of a
+        tuple)."""
+        both = [self.encode_batch(x) for x in (images, images.flip(-1))]
+        return tuple(torch.stack(p) for p in zip(*both)) if isinstance(both[0], tuple) else torch.stack(both)
 
     def class_t(self, mb):
         """The timesteps of the class samples: their instance sample's (one noise level per pair)."""
@@ -128,14 +138,12 @@ class DenoisingMethod(Method):
         conditioning for all; with each image's own size/crop conditioning (its mirror's where mirrored)."""
         i = mb["i"]
         cond = take(self.emb_prompts, self.prompt_rows[i]) if prompt is None else expand(prompt, i.shape[0])
-        return {**cond, **{k: v[mb["flip"], i] for k, v in self.image_cond.items()}}
+        return {**cond, **self.family.image_conditioning(mb["geometry"])}
 
     def class_cond(self, mb) -> dict:
         """The conditioning of the micro-batch's class samples: the class prompt, with each class image's own
         size/crop conditioning."""
-        j = mb["j"]
-        return {**expand(self.emb_class, j.shape[0]),
-                **{k: v[mb["flip_c"], j] for k, v in self.class_image_cond.items()}}
+        return {**expand(self.emb_class, mb["j"].shape[0]), **self.family.image_conditioning(mb["geometry_c"])}
 
     def denoise(self, model, mb):
         """``(MicroOut, z_t, instance output, class z_t, class output)``; the class parts are None without them.

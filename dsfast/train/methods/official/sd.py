@@ -47,16 +47,15 @@ class ReleasedDraws:
 
     def __init__(self, *, data, **kw):
         super().__init__(data=data, **kw)
-        prompts = [data.instance_prompt] + ([data.class_prompt] if self.batches.class_latents is not None else [])
+        prompts = [data.instance_prompt] + ([data.class_prompt] if self.batches.classes is not None else [])
         length = max(self.family.prompt_length(p) for p in prompts)
         self.emb_prompts = {k: v[:, :length] for k, v in self.emb_prompts.items()}
         if self.emb_class is not None:
             self.emb_class = {k: v[:, :length] for k, v in self.emb_class.items()}
 
-    def encode(self, images):
-        """``(mean, std)`` of the posterior, each ``(2, N, ...)``: a latent is sampled afresh each step."""
-        both = [self.family.encode(x, std=True) for x in (images, images.flip(-1))]
-        return tuple(torch.stack(part) for part in zip(*both))
+    def encode_batch(self, x, batch: int = 8):
+        """``(mean, std)`` of the posterior: a latent is sampled afresh each step."""
+        return self.family.encode(x, batch, std=True)
 
     def class_t(self, mb):
         return mb["t_c"]  # the class sample's own draw
@@ -78,17 +77,18 @@ class OfficialDomainStudioSD(ReleasedDraws, DomainStudio):
             raise ConfigError("loss.mode=official on a text-to-image model uses loss.source=class_prompt (the "
                               f"released code); got {loss.source!r}")
 
-    def __init__(self, *, images, **kw):
-        super().__init__(images=images, **kw)
+    def __init__(self, **kw):
+        super().__init__(**kw)
         self.has_global = False  # every term is local to the micro-batch
-        self.images = images.to(self.device)  # the hf-MSE target: a random batch of them
         self.pairwise = OfficialPairwise(self.loss)
 
     def micro_batch(self, step, ks):
         mb = super().micro_batch(step, ks)
         mb["t_shared"] = torch.full((len(ks),), self.draws.shared_t(step, ks[0]), dtype=torch.long, device=self.device)
-        other = self.draws.other_batch(step, ks[0], self.images.shape[0], len(ks))
-        mb["x_other"] = self.images[to_device(other, self.device)]
+        # the hf-MSE target: a random batch of the images, unmirrored (cropped at random again with data.random_crop)
+        images = self.batches.instances
+        other = to_device(self.draws.other_batch(step, ks[0], len(images), len(ks)), self.device)
+        mb["x_other"] = images.crop(other, torch.zeros_like(other), self.draws, step, ks, stream=4)[0]
         return mb
 
     def forward(self, model, mb, need_source):
