@@ -43,16 +43,17 @@ def assets(tmp_path_factory):
     unconditional_run_inputs(root / "u")
     sd_run_inputs(root / "sd")
     write_images(root / "sd" / "class", 4, size=16, seed=1)  # class images given: none generated on meta
+    write_images(root / "wide", 4, sizes=[(16, 24), (20, 16), (16, 16), (16, 18)])  # for random crops
     for name, build in BUILDERS.items():
         build(root / name / "model")
     return root
 
 
-def _config(root, name, **over):
+def _config(root, name, images=None, **over):
     """The tiny config of pipeline ``name`` (unet2d, sd or a :data:`BUILDERS` key); the text-to-image ones train on
-    sd's images, with sd's class images."""
+    sd's images (or the folder ``images`` of ``root``), with sd's class images."""
     folder = root / ("u" if name == "unet2d" else name)
-    images = root / ("u" if name == "unet2d" else "sd") / "imgs"
+    images = root / images if images else root / ("u" if name == "unet2d" else "sd") / "imgs"
     if name != "unet2d":
         over = {**PROMPTS, "data__class_dir": str(root / "sd" / "class"), **over}
     info = describe(str(folder / "model"))
@@ -103,6 +104,10 @@ CASES = {
     "t2i_domainstudio_lora_off_pixel": ("sd", dict(loss__source="lora_off", loss__space="pixel",
                                                            model__lora_rank=4)),
     "t2i_domainstudio_official": ("sd", dict(loss__mode="official")),
+    # random crops of images that are not square: windows cut and encoded on the device at each step
+    "t2i_domainstudio_official_random_crop": ("sd", dict(loss__mode="official", images="wide")),
+    "sdxl_dreambooth_prior_random_crop": ("sdxl", dict(method="dreambooth", loss__prior=1.0, images="wide",
+                                                       data__random_crop=True)),
 }
 # every method on the other families, full and LoRA, with each source side of DomainStudio
 for _name in BUILDERS:

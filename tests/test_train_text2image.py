@@ -11,6 +11,7 @@ from dsfast.train.testing import (
     sd_run_inputs,
     subprocess_env,
     tiny_config,
+    write_images,
 )
 
 pytestmark = pytest.mark.slow
@@ -50,9 +51,12 @@ def test_dreambooth_prior_preservation(assets, tmp_path):
 
 
 @pytest.mark.drift
-def test_finetune(assets, tmp_path):
-    _, m = _train(assets, tmp_path, "method=finetune")
+def test_finetune_random_crop(assets, tmp_path):
+    """Also the engine's path of data.random_crop: images that are not square, cropped afresh at each step."""
+    wide = write_images(tmp_path / "wide", 0, sizes=[(16, 24), (20, 16), (16, 19), (16, 16)])
+    _, m = _train(assets, tmp_path, "method=finetune", "data.random_crop=true", f"data.instance_dir={wide}")
     assert "instance" in m[-1] and not {"prior", "image", "hf", "hfmse"} & set(m[-1])
+    assert all(r["loss"] == r["loss"] for r in m)
 
 
 @pytest.mark.drift

@@ -265,20 +265,25 @@ def _rows(cached, flip, i):
 
 
 class CachedImages:
-    """Images cropped once (:func:`load_images`), their latents encoded once: the pixels, the latents and the
-    :func:`image_geometry` rows, each ``(2, N, ...)`` (as given and mirrored) on the device. Latents given as
-    ``(mean, std)`` (loss.mode=official) are sampled afresh each step by :class:`LatentBatches`."""
+    """Images cropped once (:func:`load_images`), their latents encoded once: the pixels (unless ``keep_pixels`` is
+    False: class images), the latents and the :func:`image_geometry` rows, each ``(2, N, ...)`` (as given and
+    mirrored) on the device. Latents given as ``(mean, std)`` (loss.mode=official) are sampled afresh each step by
+    :class:`LatentBatches`."""
 
-    def __init__(self, images: torch.Tensor, latents, geometry: torch.Tensor, device: torch.device):
-        self.pixels, self.latents, self.geometry = _with_mirror(images, device), latents, geometry.to(device)
+    def __init__(self, images: torch.Tensor, latents, geometry: torch.Tensor, device: torch.device, *,
+                 keep_pixels: bool = True):
+        self.pixels = _with_mirror(images, device) if keep_pixels else None
+        self.latents, self.geometry, self.device = latents, geometry.to(device), device
         self.latent_shape = tuple(_mean(latents).shape[2:])
 
     def __len__(self) -> int:
-        return self.pixels.shape[1]
+        return self.geometry.shape[1]
 
     def crop(self, i, flip, draws: Draws, step: int, ks, stream: int):
-        """``(pixels (m, C, R, R), geometry (m, 4))`` of the samples ``ks`` showing images ``i`` (``flip``: mirrored)."""
-        return self.pixels[flip, i], self.geometry[flip, i]
+        """``(pixels (m, C, R, R), geometry (m, 4))`` on the device of the samples ``ks`` showing images ``i``
+        (``flip``: mirrored; both CPU tensors, as :meth:`Draws.batch` draws them)."""
+        i, flip = to_device(i, self.device), to_device(flip, self.device)
+        return None if self.pixels is None else self.pixels[flip, i], self.geometry[flip, i]
 
     def encode(self, x0, i, flip):
         return _rows(self.latents, flip, i)
@@ -286,21 +291,21 @@ class CachedImages:
 
 class RandomCrops:
     """Images cropped at random afresh for every sample (``data.random_crop``, as diffusers' training scripts
-    without ``--center_crop``): each image with its shorter side scaled to R, on the device; a sample's R x R
-    window is a draw of ``(seed, step, k)`` (:meth:`Draws.window`), mirrored with the sample, and its latents are
-    encoded then by ``encode`` (a batch of pixels -> latents, or their ``(mean, std)``)."""
+    without ``--center_crop``): each image with its shorter side scaled to R, in host memory; a sample's R x R
+    window is a draw of ``(seed, step, k)`` (:meth:`Draws.window`), mirrored with the sample, moved to the device,
+    and its latents are encoded then by ``encode`` (a batch of pixels -> latents, or their ``(mean, std)``)."""
 
     def __init__(self, folder: str | Path, resolution: int, encode: Callable, device: torch.device, *,
                  channels: int = 3, what: str = "data.instance_dir"):
         try:
             files = list_images(folder, what)
             self.sizes = image_sizes(files)
-            self.images = [read_image(f, channels=channels, shorter=resolution, range01=False).to(device)
-                           for f in files]
+            self.images = [read_image(f, channels=channels, shorter=resolution, range01=False) for f in files]
         except ImageFolderError as exc:
             raise DataError(str(exc)) from None
         self.resolution, self.encode_fn, self.device = resolution, encode, device
-        self.latent_shape = tuple(_mean(encode(self.images[0][None, :, :resolution, :resolution])).shape[1:])
+        probe = to_device(self.images[0][None, :, :resolution, :resolution].contiguous(), device)
+        self.latent_shape = tuple(_mean(encode(probe)).shape[1:])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -314,7 +319,7 @@ class RandomCrops:
             window = image[:, top:top + r, left:left + r]
             pixels.append(window.flip(-1) if f else window)
             rows.append((*self.sizes[idx], top, nw - r - left if f else left))
-        return torch.stack(pixels), torch.tensor(rows, dtype=torch.long).to(self.device)
+        return to_device(torch.stack(pixels), self.device), to_device(torch.tensor(rows, dtype=torch.long), self.device)
 
     def encode(self, x0, i, flip):
         return self.encode_fn(x0)
@@ -351,9 +356,9 @@ class LatentBatches:
 
     def _samples(self, images, step: int, ks, stream: int):
         """``(index, flip, t, noise, pixels, latents, geometry)`` of the samples ``ks`` of one image set."""
-        i, flip, t, noise = (to_device(x, self.device)
-                             for x in self.draws.batch(step, ks, len(images), self.latent_shape, stream))
-        x0, geometry = images.crop(i, flip, self.draws, step, ks, stream)
+        drawn = self.draws.batch(step, ks, len(images), self.latent_shape, stream)
+        x0, geometry = images.crop(*drawn[:2], self.draws, step, ks, stream)
+        i, flip, t, noise = (to_device(x, self.device) for x in drawn)
         return i, flip, t, noise, x0, self._latent(images.encode(x0, i, flip), step, ks, stream + 2), geometry
 
     def __call__(self, step: int, ks) -> dict:

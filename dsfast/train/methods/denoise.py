@@ -100,19 +100,20 @@ class DenoisingMethod(Method):
                             num_inference_steps=sample.num_inference_steps, guidance_scale=sample.guidance_scale,
                             resolution=data.resolution, what="data.class_dir")
             cimgs = load_images(data.class_dir, data.resolution, center_crop=data.center_crop, what="data.class_dir")
-            classes = self.image_set(data.class_dir, cimgs, data, "data.class_dir")
+            classes = self.image_set(data.class_dir, cimgs, data, "data.class_dir", keep_pixels=False)
         self.batches = LatentBatches(instances, draws, device, classes)
         self.prior = PriorPreservationLoss(loss.prior) if loss.prior > 0 and classes is not None else None
 
-    def image_set(self, folder, images, data, what):
+    def image_set(self, folder, images, data, what, keep_pixels=True):
         """The images of ``folder`` as the draws take them: cropped at random for each sample (``data.random_crop``,
-        where some image is not square) or cropped once (``images``) with their latents cached."""
+        where some image is not square) or cropped once (``images``) with their latents cached, and their pixels
+        where ``keep_pixels`` (the losses read the instance images' pixels, not the class images')."""
         if data.random_crop and random_crops_matter(folder, data.resolution, what):
             # one image per encoder call: the encoder's activations at R stay those of one image
             return RandomCrops(folder, data.resolution, functools.partial(self.encode_batch, batch=1), self.device,
                                channels=images.shape[1], what=what)
         geometry = image_geometry(folder, data.resolution, center_crop=data.center_crop, what=what)
-        return CachedImages(images, self.encode(images), geometry, self.device)
+        return CachedImages(images, self.encode(images), geometry, self.device, keep_pixels=keep_pixels)
 
     def encode_batch(self, x, batch: int = 8):
         """What the model diffuses, from a batch of pixels (VAE latent means, ``batch`` images per encoder call;

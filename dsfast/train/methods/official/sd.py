@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ...data import instance_prompts, to_device
+from ...data import instance_prompts
 from ...diffusion import predicted_x0
 from ...errors import ConfigError
 from ...families import TEXT2IMAGE
@@ -87,7 +87,7 @@ class OfficialDomainStudioSD(ReleasedDraws, DomainStudio):
         mb["t_shared"] = torch.full((len(ks),), self.draws.shared_t(step, ks[0]), dtype=torch.long, device=self.device)
         # the hf-MSE target: a random batch of the images, unmirrored (cropped at random again with data.random_crop)
         images = self.batches.instances
-        other = to_device(self.draws.other_batch(step, ks[0], len(images), len(ks)), self.device)
+        other = self.draws.other_batch(step, ks[0], len(images), len(ks))
         mb["x_other"] = images.crop(other, torch.zeros_like(other), self.draws, step, ks, stream=4)[0]
         return mb
 
