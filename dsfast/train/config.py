@@ -394,8 +394,8 @@ def check_resolution(resolution: int, down_factor: int, key: str = "data.resolut
 # what the released code trains with, where dsfast's defaults differ: guided-diffusion's unconditional training
 # (Adam, no weight decay, random flips; the README command: --use_fp16 True, --batch_size 3 per GPU; it draws no
 # samples, so the sample grids keep dsfast's sampler) and Text-to-Image/train_domainstudio.py (AdamW 1e-2, no
-# --hflip, random crops (no --center_crop), no --mixed_precision in the README command, --train_batch_size 4 per GPU, class images and saved
-# pipelines with DDIM and --save_infer_steps 20)
+# --hflip, random crops (no --center_crop), no --mixed_precision in the README command, --train_batch_size 4 per
+# GPU, class images and saved pipelines with DDIM and --save_infer_steps 20)
 RELEASED = {families.UNCONDITIONAL: dict(weight_decay=0.0, random_flip=True, random_crop=False, mixed_precision="fp16",
                                          batch_per_gpu=3, sampler="pipeline", sample_steps=50),
             families.TEXT2IMAGE: dict(weight_decay=1e-2, random_flip=False, random_crop=True, mixed_precision="no",

@@ -86,8 +86,9 @@ def parser() -> ArgumentParser:
     a("--prior_loss_weight", type=float, default=None, help="lambda_prior (default 1.0 with prior preservation)")
     a("--num_class_images", type=non_negative_int, help="class images to have in --class_data_dir")
     a("--resolution", type=int, help="training resolution in pixels")
-    a("--center_crop", action="store_true", help="centre-crop the images (dsfast's default; diffusers crops at random without this flag: "
-                                         "add data.random_crop=true for that)")
+    a("--center_crop", action="store_true",
+      help="centre-crop the images (dsfast's default either way; diffusers crops at random without this flag: add "
+           "data.random_crop=true for that)")
     a("--train_batch_size", type=positive_int, help="instance images per device and forward")
     a("--gradient_accumulation_steps", type=positive_int, default=1, help="forwards per optimizer step")
     a("--learning_rate", type=float, help="AdamW learning rate")
