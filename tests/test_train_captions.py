@@ -308,8 +308,8 @@ def test_sdxl_samples_are_conditioned_on_their_own_images_size_and_crop(pipeline
     the frozen source's call with the class prompt."""
     inst = write_images(tmp_path / "inst", 0, sizes=[(20, 36), (37, 16), (16, 27), (16, 16)])
     classes = write_images(tmp_path / "class", 0, sizes=[(16, 25), (30, 16)], seed=1)
-    method, bundle, draws, _ = _method(pipelines("sdxl"), inst, classes, tmp_path, data__class_prompt="a dog",
-                                       loss__source="frozen", loss__prior=1.0, loss__space="latent")
+    method, bundle, _, _ = _method(pipelines("sdxl"), inst, classes, tmp_path, data__class_prompt="a dog",
+                                   loss__source="frozen", loss__prior=1.0, loss__space="latent")
     own = method.family.image_conditioning(image_geometry(inst, 16))["time_ids"]
     own_c = method.family.image_conditioning(image_geometry(classes, 16))["time_ids"]
     assert not torch.equal(own[0, 0], own[1, 0]) and not torch.equal(own_c[0, 0], own_c[1, 0])  # crops not centred

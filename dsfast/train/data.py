@@ -40,12 +40,8 @@ def image_geometry(folder: str | Path, resolution: int, *, center_crop: bool = T
     top, crop left)``, the crop in the resized image (SDXL's size and crop conditioning), for the images as
     given (0) and mirrored (1: the crop's left offset measured from the mirrored image's left edge). Reads the
     files' headers only."""
-    try:
-        sizes = image_sizes(list_images(folder, what))
-    except ImageFolderError as exc:
-        raise DataError(str(exc)) from None
     rows = []
-    for h, w in sizes:
+    for h, w in _sizes(folder, what):
         nh, nw, top, left = square_crop(h, w, resolution, center_crop)
         rows.append([(h, w, top, left), (h, w, top, nw - resolution - left)])
     return torch.tensor(rows, dtype=torch.long).permute(1, 0, 2).contiguous()
@@ -327,11 +323,15 @@ class RandomCrops:
 
 def random_crops_matter(folder: str | Path, resolution: int, what: str) -> bool:
     """Whether a random crop of some image of ``folder`` can differ from its centre crop (not all are square)."""
+    return any(square_crop(h, w, resolution)[:2] != (resolution, resolution) for h, w in _sizes(folder, what))
+
+
+def _sizes(folder: str | Path, what: str) -> list[tuple[int, int]]:
+    """``(H, W)`` of each image of ``folder`` (headers only); a bad folder or file is a :class:`DataError`."""
     try:
-        sizes = image_sizes(list_images(folder, what))
+        return image_sizes(list_images(folder, what))
     except ImageFolderError as exc:
         raise DataError(str(exc)) from None
-    return any(square_crop(h, w, resolution)[:2] != (resolution, resolution) for h, w in sizes)
 
 
 class LatentBatches:

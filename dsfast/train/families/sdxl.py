@@ -37,12 +37,11 @@ class SDXL(Family):
                                          tokenizer=p["tokenizer"], tokenizer_2=p["tokenizer_2"], unet=self.model,
                                          scheduler=p["scheduler"])
 
-    def _resolution(self, pipe) -> int:
-        return self.options.resolution or pipe.default_sample_size * pipe.vae_scale_factor
-
     @cached_property
     def _target_size(self) -> int:
-        return self._resolution(self._encoder())
+        """R: the training resolution, or the pipeline's default size."""
+        pipe = self._encoder()
+        return self.options.resolution or pipe.default_sample_size * pipe.vae_scale_factor
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
@@ -51,7 +50,7 @@ class SDXL(Family):
         pipe = self._encoder()
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
-        r = self._resolution(pipe)
+        r = self._target_size
         ids = pipe._get_add_time_ids((r, r), (0, 0), (r, r), dtype=torch.float32,
                                      text_encoder_projection_dim=self.parts["text_encoder_2"].config.projection_dim)
         return {"encoder_hidden_states": embeds.float(), "text_embeds": pooled.float(),
